@@ -1,0 +1,174 @@
+"""``blackbox-proxy``: the command line. Every user error is one line on stderr and exit 1.
+
+Commands:
+    generate      proxy-tuned generation against an OpenAI-compatible endpoint
+    serve-model   serve a local Hugging Face causal LM with OpenAI's API (logprobs included)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+from .errors import ProxyTuningError
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+class _Group(click.Group):
+    """Turns library errors into one-line messages instead of tracebacks."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ProxyTuningError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="blackbox-proxy")
+def main() -> None:
+    """Proxy-tune a hosted LLM you can only reach through an OpenAI-style API.
+
+    Small local models steer it: an expert (a small model after tuning) and its anti-expert
+    (the same small model before tuning). Their log-probability difference is added to the
+    hosted model's top-k logprobs at every position (Liu et al. 2024).
+    """
+
+
+@main.command()
+@click.option("--base-url", envvar="OPENAI_BASE_URL", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 [env OPENAI_BASE_URL]")
+@click.option("--api-key", envvar="OPENAI_API_KEY", help="API key of the hosted API [env OPENAI_API_KEY]; never logged")
+@click.option("--model", required=True, help="hosted model name")
+@click.option("--mode", type=click.Choice(["completions", "chat-prefix", "chat"]), default="completions", show_default=True,
+              help="how the API continues a partial answer")
+@click.option("--expert", required=True, help="expert: local HF model folder or name (the tuned small model)")
+@click.option("--anti-expert", required=True, help="anti-expert: the same small model before tuning")
+@click.option("--prompt", required=True, help="prompt text (sent as the user message in chat modes)")
+@click.option("--alpha", type=float, default=1.0, show_default=True, help="strength of the expert/anti-expert offset")
+@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=20, show_default=True, help="candidates per position asked of the API")
+@click.option("--seed", type=int, default=None, help="seed for sampling")
+@click.option("--stop", multiple=True, help="stop string (repeatable)")
+@click.option("--hosted-tokenizer", default=None,
+              help="hosted tokenizer if known: tiktoken:o200k_base, an OpenAI model name, or an HF tokenizer folder")
+@click.option("--dialect", type=click.Choice(["openai", "vllm", "deepseek", "mistral"]), default=None,
+              help="server dialect for chat-prefix (detected when left out)")
+@click.option("--strategy", type=click.Choice(["per-step"]), default="per-step", show_default=True)
+@click.option("--expert-render", type=click.Choice(["auto", "chat", "raw"]), default="auto", show_default=True,
+              help="expert prompt rendering: chat template or raw text")
+@click.option("--anti-expert-render", type=click.Choice(["auto", "chat", "raw"]), default="auto", show_default=True)
+@click.option("--device", default=None, help="torch device for the small models (default: cuda, mps, else cpu)")
+@click.option("--json", "as_json", is_flag=True, help="print text, usage and trace as one JSON object")
+@click.option("-v", "--verbose", count=True, help="log progress (-vv for debug)")
+def generate(**o: Any) -> None:
+    """Generate proxy-tuned text, one hosted API call per token.
+
+    \b
+    Example:
+      blackbox-proxy generate --base-url http://127.0.0.1:8000/v1 --model tiny \\
+        --expert ./expert --anti-expert ./base --prompt "Question: 2+3?" --max-tokens 16
+    """
+    _setup_logging(o["verbose"])
+    from .tuner import ProxyTuner
+
+    with ProxyTuner(
+        base_url=o["base_url"],
+        api_key=o["api_key"],
+        model=o["model"],
+        mode=o["mode"],
+        expert=o["expert"],
+        anti_expert=o["anti_expert"],
+        hosted_tokenizer=o["hosted_tokenizer"],
+        top_k=o["top_k"],
+        dialect=o["dialect"],
+        device=o["device"],
+        expert_render=o["expert_render"],
+        anti_expert_render=o["anti_expert_render"],
+        check_hosted=True,
+    ) as tuner:
+        result = tuner.generate(
+            o["prompt"],
+            max_tokens=o["max_tokens"],
+            alpha=o["alpha"],
+            temperature=o["temperature"],
+            top_p=o["top_p"],
+            seed=o["seed"],
+            stop=list(o["stop"]) or None,
+            strategy=o["strategy"],
+        )
+    if o["as_json"]:
+        click.echo(json.dumps(result.to_dict(), ensure_ascii=False))
+    else:
+        click.echo(result.text)
+        u = result.usage
+        click.echo(
+            f"[{u.generated_tokens} tokens, {u.api_calls} API calls, {u.prompt_tokens}+{u.completion_tokens} billed tokens, "
+            f"{u.api_seconds:.2f} s API, {u.scoring_seconds:.2f} s scoring, finish={result.finish_reason}]",
+            err=True,
+        )
+
+
+@main.command("serve-model")
+@click.argument("model")
+@click.option("--host", default="127.0.0.1", show_default=True, help="bind address (loopback unless told otherwise)")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--name", default=None, help="model name clients use (default: the folder name)")
+@click.option("--max-top-logprobs", type=int, default=20, show_default=True, help="cap on logprobs/top_logprobs")
+@click.option("--max-tokens-limit", type=int, default=4096, show_default=True, help="cap on max_tokens per request")
+@click.option("--device", default=None, help="torch device (default: cuda, mps, else cpu)")
+@click.option("-v", "--verbose", count=True)
+def serve_model(model: str, host: str, port: int, name: str | None, max_top_logprobs: int,
+                max_tokens_limit: int, device: str | None, verbose: int) -> None:
+    """Serve a local Hugging Face causal LM with OpenAI's API, logprobs included.
+
+    \b
+    Example:
+      blackbox-proxy serve-model ./my-model --port 8000
+      curl http://127.0.0.1:8000/v1/models
+    """
+    _setup_logging(verbose)
+    import socket
+
+    import uvicorn
+
+    from .errors import ConfigurationError, ModelLoadError
+    from .server import ModelRunner, create_app
+
+    if max_top_logprobs < 0:
+        raise ConfigurationError(f"--max-top-logprobs must be >= 0, got {max_top_logprobs}")
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ConfigurationError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port") from None
+    try:
+        runner = ModelRunner.from_pretrained(model, name=name, device=device)
+    except ProxyTuningError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load {model!r} ({type(exc).__name__}); pass a local Hugging Face model folder") from exc
+    app = create_app(runner, max_top_logprobs=max_top_logprobs, max_tokens_limit=max_tokens_limit)
+    click.echo(f"serving {runner.name} at http://{host}:{port}/v1 (Ctrl-C stops)", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning" if verbose == 0 else "info")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

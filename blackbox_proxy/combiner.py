@@ -1,0 +1,98 @@
+"""Proxy-tuning arithmetic over one position's candidates (pure: no I/O, explicit generator).
+
+Liu et al. 2024, eq. (1), restricted to the candidate set C the hosted API returned
+(DESIGN.md §2.1)::
+
+    delta(v) = log P_E(v | s) - log P_A(v | s)
+    score(v) = log p_L(v | s) + alpha * delta(v)
+    p^(v)    = softmax_C(score / T), then top-p, or argmax when T = 0
+
+Example (known answer)::
+
+    >>> import torch
+    >>> s = proxy_scores(torch.tensor([-0.1, -2.4]), torch.tensor([-3.0, 0.5]), alpha=1.0)
+    >>> [round(x, 2) for x in s.tolist()]
+    [-3.1, -1.9]
+    >>> tuned_distribution(s, temperature=0.0).tolist()
+    [0.0, 1.0]
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import ConfigurationError
+
+
+def validate_alpha(alpha: float) -> float:
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise ConfigurationError(f"alpha must be a finite number, got {alpha!r}")
+    return float(alpha)
+
+
+def validate_temperature(temperature: float) -> float:
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ConfigurationError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    return float(temperature)
+
+
+def validate_top_p(top_p: float) -> float:
+    if not isinstance(top_p, (int, float)) or not (0 < top_p <= 1):
+        raise ConfigurationError(f"top_p must be in (0, 1], got {top_p!r}")
+    return float(top_p)
+
+
+def proxy_scores(hosted_logprobs: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
+    """score = hosted_logprobs + alpha * delta, shapes ``[C]``. Inputs are not modified.
+
+    An infinite delta (a model gave probability 0) is kept: the candidate's score is +-inf.
+    """
+    if hosted_logprobs.shape != delta.shape:
+        raise ValueError(f"shapes differ: hosted {tuple(hosted_logprobs.shape)} vs delta {tuple(delta.shape)}")
+    if alpha == 0:  # 0 * inf would be nan
+        return hosted_logprobs.double().clone()
+    return hosted_logprobs.double() + alpha * delta.double()
+
+
+def tuned_distribution(scores: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+    """p^ over the candidates, shape ``[C]``: softmax(scores / T), nucleus-truncated to ``top_p``.
+
+    ``temperature == 0`` gives a one-hot argmax (ties go to the lowest index, i.e. the
+    candidate the hosted model ranks highest).
+    """
+    if scores.ndim != 1 or scores.numel() == 0:
+        raise ValueError(f"scores must be a non-empty 1-D tensor, got shape {tuple(scores.shape)}")
+    validate_temperature(temperature)
+    validate_top_p(top_p)
+    scores = scores.double()
+    if temperature == 0 or not torch.isfinite(scores).any():
+        probs = torch.zeros_like(scores)
+        finite = torch.where(torch.isnan(scores), torch.full_like(scores, -math.inf), scores)
+        probs[int(torch.argmax(finite))] = 1.0
+        return probs
+    probs = torch.softmax(scores / temperature, dim=-1)
+    if top_p < 1.0:
+        probs = top_p_filter(probs, top_p)
+    return probs
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely entries whose mass reaches ``top_p``; renormalise."""
+    order = torch.argsort(probs, descending=True, stable=True)
+    sorted_probs = probs[order]
+    before = torch.cumsum(sorted_probs, 0) - sorted_probs  # mass strictly before each entry
+    keep_sorted = before < top_p
+    keep_sorted[0] = True
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    keep[order[keep_sorted]] = True
+    out = torch.where(keep, probs, torch.zeros_like(probs))
+    return out / out.sum()
+
+
+def choose(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """Draw one index from ``probs`` (shape ``[C]``) with the given generator."""
+    if float(probs.max()) >= 1.0:
+        return int(torch.argmax(probs))
+    return int(torch.multinomial(probs.float(), 1, generator=generator))

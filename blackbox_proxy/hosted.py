@@ -1,0 +1,584 @@
+"""The hosted model behind an OpenAI-compatible API: the only module that knows HTTP shapes.
+
+Three modes (DESIGN.md §2.4):
+
+- ``completions``: ``/v1/completions`` with a raw text prompt (or hosted token ids) and
+  ``logprobs=k``. OpenAI legacy models, vLLM, llama.cpp, TGI and this project's server.
+- ``chat-prefix``: chat completions that continue a partial assistant message. Dialects: vLLM
+  (``continue_final_message``, also this project's server), DeepSeek and Mistral
+  (``prefix: true`` on the assistant message).
+- ``chat``: plain chat completions. The API cannot continue a partial answer, so only the first
+  generated position can be tuned.
+
+Responses become typed :class:`~blackbox_proxy.types.HostedResult` values. What real servers
+send is normalised here: ``bytes`` missing or null (bytes derived from the token text, with
+OpenAI's ``bytes:\\xNN`` and DeepSeek's ``\\xNN`` strings decoded), fewer top logprobs than
+asked, the sampled token outside the top-k, duplicate entries, the -9999 sentinel, U+FFFD
+placeholders for partial characters, ``token_id:N`` strings, and end-of-text tokens.
+
+Retries live here too, and only here (the SDK's own retries are turned off): connection errors,
+timeouts and 408/409/429/5xx are retried with jittered exponential backoff, ``retry-after`` is
+honoured, and attempts and total waiting are capped (numbers in ``_constants.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlparse
+
+from . import _constants as C
+from ._logging import register_secret
+from .errors import (
+    ConfigurationError,
+    HostedAPIError,
+    HostedAuthenticationError,
+    HostedBadRequestError,
+    HostedConnectionError,
+    HostedModelNotFoundError,
+    HostedRateLimitError,
+    HostedResponseError,
+)
+from .types import MODES, Candidate, HostedPosition, HostedRequest, HostedResult, HostedUsage
+from .vocab import Vocabulary
+
+logger = logging.getLogger(__name__)
+
+DIALECTS = ("openai", "vllm", "deepseek", "mistral")
+_HEX_ESCAPES = re.compile(r"^(?:\\x[0-9a-fA-F]{2})+$")
+_ESCAPE = re.compile(r"\\x([0-9a-fA-F]{2})")
+_TOKEN_ID = re.compile(r"^token_id:(\d+)$")
+_REPLACEMENT = "\ufffd"
+
+
+# ----- conversion of token strings --------------------------------------------------------------
+
+
+def decode_token_text(text: str) -> bytes:
+    """Bytes of a token string as APIs print it.
+
+    >>> decode_token_text("bytes:\\\\xe2\\\\x82")
+    b'\\xe2\\x82'
+    >>> decode_token_text(" caf")
+    b' caf'
+    """
+    if text.startswith("bytes:"):
+        rest = text[len("bytes:") :]
+        out = bytearray()
+        pos = 0
+        for match in _ESCAPE.finditer(rest):
+            out += rest[pos : match.start()].encode("utf-8")
+            out.append(int(match.group(1), 16))
+            pos = match.end()
+        out += rest[pos:].encode("utf-8")
+        return bytes(out)
+    if _HEX_ESCAPES.match(text):
+        return bytes(int(h, 16) for h in _ESCAPE.findall(text))
+    return text.encode("utf-8")
+
+
+def normalise_base_url(base_url: str) -> str:
+    """Add ``/v1`` to a bare host URL (``http://127.0.0.1:8000`` -> ``.../v1``)."""
+    url = base_url.rstrip("/")
+    parsed = urlparse(url)
+    if not parsed.scheme or not parsed.netloc:
+        raise ConfigurationError(f"base URL must look like http://host:port/v1, got {base_url!r}")
+    if parsed.path in ("", "/"):
+        url += "/v1"
+    return url
+
+
+class _PositionBuilder:
+    """Collects one position's entries; merges duplicates; drops what cannot be used."""
+
+    def __init__(self, parser: "ResponseParser") -> None:
+        self.parser = parser
+        self.by_key: dict[tuple[bytes, bool], Candidate] = {}
+        self.dropped = 0
+
+    def add(self, text: str, raw_bytes: Sequence[int] | None, logprob: float | None) -> Candidate | None:
+        cand = self.parser.candidate(text, raw_bytes, logprob)
+        if cand is None:
+            self.dropped += 1
+            return None
+        key = (cand.data, cand.is_end)
+        old = self.by_key.get(key)
+        if old is None:
+            self.by_key[key] = cand
+        elif abs(old.logprob - cand.logprob) > 1e-9:
+            # Two different hosted tokens with the same bytes: the text event has both masses.
+            merged = float(math_logaddexp(old.logprob, cand.logprob))
+            self.by_key[key] = Candidate(old.text, old.data, merged, old.token_id, old.is_end)
+        return cand
+
+    def finish(self, sampled: Candidate | None) -> HostedPosition:
+        if sampled is not None:
+            key = (sampled.data, sampled.is_end)
+            if key in self.by_key:
+                sampled = self.by_key[key]
+            else:
+                self.by_key[key] = sampled
+        ordered = sorted(self.by_key.values(), key=lambda c: -c.logprob)
+        return HostedPosition(candidates=tuple(ordered), sampled=sampled, dropped=self.dropped)
+
+
+def math_logaddexp(a: float, b: float) -> float:
+    hi, lo = max(a, b), min(a, b)
+    return hi + math.log1p(math.exp(lo - hi))
+
+
+class ResponseParser:
+    """Turns SDK response objects into :class:`HostedResult` values."""
+
+    def __init__(self, vocab: Vocabulary | None = None) -> None:
+        self.vocab = vocab
+
+    def _is_end_text(self, text: str) -> bool:
+        if self.vocab is not None and self.vocab.id_for_special(text) is not None:
+            return self.vocab.is_end_text(text)
+        return text in C.END_TOKEN_STRINGS
+
+    def candidate(self, text: str, raw_bytes: Sequence[int] | None, logprob: float | None) -> Candidate | None:
+        if logprob is None or not math.isfinite(logprob) or logprob <= C.LOGPROB_SENTINEL:
+            return None
+        logprob = min(0.0, float(logprob))
+        vocab = self.vocab
+        token_id: int | None = None
+        match = _TOKEN_ID.match(text)
+        if match and vocab is not None:
+            token_id = int(match.group(1))
+            if not 0 <= token_id < vocab.size:
+                return None
+            data = vocab.token_bytes[token_id]
+            if data is None:
+                if token_id in vocab.end_ids:
+                    return Candidate(vocab.special_text.get(token_id, text), b"", logprob, token_id, True)
+                return None
+            return Candidate(data.decode("utf-8", "replace"), data, logprob, token_id, False)
+        if self._is_end_text(text):
+            end_id = vocab.id_for_special(text) if vocab is not None else None
+            return Candidate(text, b"", logprob, end_id, True)
+        if vocab is not None and vocab.id_for_special(text) is not None:
+            return None  # a special token that does not end the text: no bytes to align
+        if raw_bytes is not None:
+            data = bytes(raw_bytes)
+            if data == _REPLACEMENT.encode() and text == _REPLACEMENT:
+                return None  # vLLM's placeholder for a partial character: true bytes unknown
+        else:
+            if _REPLACEMENT in text:
+                return None
+            data = decode_token_text(text)
+        if not data:
+            return None
+        if vocab is not None:
+            ids = vocab.ids_for_bytes(data)
+            token_id = ids[0] if len(ids) == 1 else None
+        return Candidate(text, data, logprob, token_id, False)
+
+    def _end_placeholder(self, text: str, logprob: float | None) -> Candidate | None:
+        if logprob is None or not math.isfinite(logprob) or logprob <= C.LOGPROB_SENTINEL:
+            return None
+        return Candidate(text, b"", min(0.0, float(logprob)), None, True)
+
+    def completion(self, response: Any, index: int = 0) -> HostedResult:
+        choice = response.choices[index]
+        finish = getattr(choice, "finish_reason", None)
+        lp = getattr(choice, "logprobs", None)
+        tokens = list(getattr(lp, "tokens", None) or []) if lp is not None else []
+        if not tokens:
+            if finish == "stop" and not choice.text:
+                return HostedResult(choice.text or "", (), finish, _usage(response))
+            raise HostedResponseError(
+                "the hosted API returned no logprobs; it must support `logprobs` on /v1/completions "
+                "(use --mode chat-prefix or chat if it only has chat logprobs)"
+            )
+        token_logprobs = list(lp.token_logprobs or [None] * len(tokens))
+        tops = list(lp.top_logprobs or [None] * len(tokens))
+        positions = []
+        for i, tok in enumerate(tokens):
+            builder = _PositionBuilder(self)
+            for text, value in (tops[i] or {}).items():
+                builder.add(text, None, value)
+            sampled = self.candidate(tok, None, token_logprobs[i])
+            if sampled is None and tok == "" and finish == "stop" and i == len(tokens) - 1:
+                sampled = self._end_placeholder(tok, token_logprobs[i])
+            positions.append(builder.finish(sampled))
+        return HostedResult(choice.text or "", tuple(positions), finish, _usage(response))
+
+    def chat(self, response: Any, index: int = 0) -> HostedResult:
+        choice = response.choices[index]
+        finish = getattr(choice, "finish_reason", None)
+        text = getattr(choice.message, "content", None) or ""
+        lp = getattr(choice, "logprobs", None)
+        content = list(getattr(lp, "content", None) or []) if lp is not None else []
+        if not content:
+            if finish == "stop" and not text:
+                return HostedResult("", (), finish, _usage(response))
+            raise HostedResponseError(
+                "the hosted API returned no logprobs in its chat answer; it must support "
+                "`logprobs` and `top_logprobs` on /v1/chat/completions"
+            )
+        positions = []
+        for i, entry in enumerate(content):
+            builder = _PositionBuilder(self)
+            for top in entry.top_logprobs or []:
+                builder.add(top.token, top.bytes, top.logprob)
+            sampled = self.candidate(entry.token, entry.bytes, entry.logprob)
+            if sampled is None and entry.token == "" and finish == "stop" and i == len(content) - 1:
+                sampled = self._end_placeholder(entry.token, entry.logprob)
+            positions.append(builder.finish(sampled))
+        return HostedResult(text, tuple(positions), finish, _usage(response))
+
+
+def _usage(response: Any) -> HostedUsage:
+    usage = getattr(response, "usage", None)
+    if usage is None:
+        return HostedUsage()
+    return HostedUsage(int(usage.prompt_tokens or 0), int(usage.completion_tokens or 0))
+
+
+# ----- errors and retries ----------------------------------------------------------------------
+
+
+def _one_line(text: str, secret: str | None) -> str:
+    text = " ".join(str(text).split())
+    if secret:
+        text = text.replace(secret, "***")
+    return text[:400]
+
+
+def _server_message(exc: Any) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+        if body.get("message"):
+            return str(body["message"])
+    return str(getattr(exc, "message", None) or exc)
+
+
+def retry_delay(exc: BaseException, attempt: int, rng: random.Random) -> float | None:
+    """Seconds to wait before retrying after ``exc`` (attempt 1, 2...), or None: do not retry."""
+    import openai
+
+    if isinstance(exc, (openai.APIConnectionError,)):  # includes APITimeoutError
+        pass
+    elif isinstance(exc, openai.APIStatusError):
+        if exc.status_code not in C.RETRYABLE_STATUS:
+            return None
+        header = None
+        try:
+            header = exc.response.headers.get("retry-after")
+        except AttributeError:
+            header = None
+        if header:
+            try:
+                return min(C.MAX_RETRY_DELAY * 4, max(0.0, float(header)))
+            except ValueError:
+                pass
+    else:
+        return None
+    base = min(C.MAX_RETRY_DELAY, C.INITIAL_RETRY_DELAY * 2 ** (attempt - 1))
+    return base * (1 + C.RETRY_JITTER * (2 * rng.random() - 1))
+
+
+class _HostedBase:
+    """Configuration, request building, parsing and error mapping shared by both clients."""
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        mode: str = "completions",
+        dialect: str | None = None,
+        hosted_vocab: Vocabulary | None = None,
+        timeout: float = C.DEFAULT_TIMEOUT,
+        max_retries: int = C.MAX_RETRIES,
+        token_prompts: bool | None = None,
+        extra_body: dict[str, Any] | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ConfigurationError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        if dialect is not None and dialect not in DIALECTS:
+            raise ConfigurationError(f"dialect must be one of {', '.join(DIALECTS)}; got {dialect!r}")
+        if not model:
+            raise ConfigurationError("no hosted model name: pass --model NAME")
+        if max_retries < 0:
+            raise ConfigurationError(f"max_retries must be >= 0, got {max_retries}")
+        self.model = model
+        self.base_url = normalise_base_url(base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1")
+        self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or "no-key"
+        register_secret(self._api_key)
+        self.mode = mode
+        self.dialect = dialect
+        self.vocab = hosted_vocab
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.extra_body = dict(extra_body or {})
+        self.parser = ResponseParser(hosted_vocab)
+        self._token_prompts = token_prompts
+        self._checked = False
+        self._rng = random.Random()
+
+    def __repr__(self) -> str:  # never shows the key
+        return f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r}, mode={self.mode!r})"
+
+    @property
+    def token_prompts(self) -> bool:
+        """Send hosted token ids as the completions prompt (exact continuation, no re-tokenising)."""
+        if self._token_prompts is not None:
+            return self._token_prompts
+        return self.mode == "completions" and self.vocab is not None and self.dialect in ("vllm", "openai")
+
+    def _detect_dialect(self, owners: set[str]) -> None:
+        if self.dialect is not None:
+            return
+        host = urlparse(self.base_url).netloc
+        if "deepseek" in host:
+            self.dialect = "deepseek"
+        elif "mistral" in host:
+            self.dialect = "mistral"
+        elif owners & {"vllm", "blackbox-proxy"}:
+            self.dialect = "vllm"
+        elif "openai.com" in host:
+            self.dialect = "openai"
+
+    def _after_models(self, models: Any) -> None:
+        ids, owners = set(), set()
+        for m in getattr(models, "data", None) or []:
+            ids.add(getattr(m, "id", None))
+            owners.add(str(getattr(m, "owned_by", "") or ""))
+        self._detect_dialect(owners)
+        if ids and self.model not in ids:
+            shown = ", ".join(sorted(str(i) for i in ids)[:10])
+            raise HostedModelNotFoundError(
+                f"the hosted API at {self.base_url} does not serve model {self.model!r}; "
+                f"it serves: {shown}. Pass one of them with --model",
+                status_code=404,
+            )
+        self._checked = True
+
+    def build(self, request: HostedRequest) -> tuple[str, dict[str, Any]]:
+        """(endpoint, keyword arguments for the SDK call) for a request."""
+        if request.mode != self.mode:
+            raise ConfigurationError(f"request mode {request.mode!r} does not match client mode {self.mode!r}")
+        if request.top_k < 0:
+            raise ConfigurationError(f"top_k must be >= 0, got {request.top_k}")
+        extra = dict(self.extra_body)
+        common: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "n": request.n,
+        }
+        if request.seed is not None:
+            common["seed"] = request.seed
+        if self.mode == "completions":
+            prompt = list(request.prompt) if isinstance(request.prompt, tuple) else request.prompt
+            if prompt is None or prompt == "" or prompt == []:
+                raise ConfigurationError("completions mode needs a non-empty prompt")
+            kwargs = dict(common, prompt=prompt, logprobs=request.top_k)
+            endpoint = "completions"
+        else:
+            messages: list[dict[str, Any]] = [{"role": r, "content": c} for r, c in request.messages]
+            if not messages:
+                raise ConfigurationError("chat modes need at least one message")
+            if request.assistant_prefix:
+                if self.mode != "chat-prefix":
+                    raise ConfigurationError("only chat-prefix mode can continue a partial assistant answer")
+                dialect = self.dialect or "vllm"
+                if dialect in ("deepseek", "mistral"):
+                    messages.append({"role": "assistant", "content": request.assistant_prefix, "prefix": True})
+                else:
+                    messages.append({"role": "assistant", "content": request.assistant_prefix})
+                    extra.update(continue_final_message=True, add_generation_prompt=False)
+            kwargs = dict(common, messages=messages, logprobs=True, top_logprobs=request.top_k)
+            endpoint = "chat"
+        if extra:
+            kwargs["extra_body"] = extra
+        return endpoint, kwargs
+
+    def parse(self, endpoint: str, response: Any, index: int = 0) -> HostedResult:
+        if endpoint == "completions":
+            return self.parser.completion(response, index)
+        return self.parser.chat(response, index)
+
+    def translate(self, exc: BaseException) -> HostedAPIError:
+        """Map an SDK exception to this library's error tree, with a message that says the fix."""
+        import openai
+
+        key = self._api_key
+        where = f"the hosted API at {self.base_url}"
+        if isinstance(exc, openai.APITimeoutError):
+            return HostedConnectionError(
+                f"{where} did not answer within {self.timeout:g} s; check that it is up, or raise the timeout"
+            )
+        if isinstance(exc, openai.APIConnectionError):
+            cause = exc.__cause__ or exc
+            return HostedConnectionError(
+                f"cannot reach {where} ({_one_line(type(cause).__name__ + ': ' + str(cause), key)}); "
+                "check --base-url (or OPENAI_BASE_URL) and that the server is running"
+            )
+        if isinstance(exc, openai.APIStatusError):
+            status = exc.status_code
+            message = _one_line(_server_message(exc), key)
+            if status in (401, 403):
+                return HostedAuthenticationError(
+                    f"{where} rejected the API key ({status}: {message}); pass --api-key or set OPENAI_API_KEY",
+                    status_code=status,
+                )
+            if status == 404:
+                return HostedModelNotFoundError(
+                    f"{where} answered 404 for model {self.model!r} ({message}); check --model, and --mode "
+                    f"(this server may not have the {'/v1/completions' if self.mode == 'completions' else '/v1/chat/completions'} endpoint)",
+                    status_code=status,
+                )
+            if status == 429:
+                return HostedRateLimitError(
+                    f"{where} kept rate-limiting after {self.max_retries} retries ({message}); lower the request rate or retry later",
+                    status_code=status,
+                )
+            if status in (400, 422):
+                hint = ""
+                if "logprob" in message.lower():
+                    hint = "; lower --top-k to what this server allows"
+                return HostedBadRequestError(f"{where} refused the request ({status}: {message}){hint}", status_code=status)
+            return HostedAPIError(f"{where} failed ({status}: {message}); retry later", status_code=status)
+        return HostedAPIError(f"{where} failed: {_one_line(str(exc), key)}")
+
+
+class HostedClient(_HostedBase):
+    """Synchronous client (``openai.OpenAI``). See the module docstring for the modes.
+
+    Example::
+
+        client = HostedClient(base_url="http://127.0.0.1:8000/v1", model="tiny", mode="completions")
+        result = client.complete(HostedRequest(mode="completions", prompt="Hello", max_tokens=1, top_k=5))
+        result.positions[0].candidates[0].data
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        import openai
+
+        self._client = openai.OpenAI(
+            base_url=self.base_url, api_key=self._api_key, timeout=self.timeout, max_retries=0
+        )
+
+    def _with_retries(self, fn: Any) -> Any:
+        import openai
+
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except openai.OpenAIError as exc:
+                attempt += 1
+                delay = retry_delay(exc, attempt, self._rng)
+                waited = time.monotonic() - started
+                if delay is None or attempt > self.max_retries or waited + delay > C.MAX_TOTAL_RETRY_WAIT:
+                    raise self.translate(exc) from None
+                logger.info("hosted API call failed (%s); retry %d in %.2f s", type(exc).__name__, attempt, delay)
+                time.sleep(delay)
+
+    def check(self) -> None:
+        """Ask ``/v1/models`` once: fail fast on a bad URL, key or model name; detect the dialect."""
+        if self._checked:
+            return
+        import openai
+
+        try:
+            models = self._with_retries(lambda: self._client.models.list())
+        except HostedModelNotFoundError:
+            self._checked = True  # no /v1/models on this host: nothing to check
+            self._detect_dialect(set())
+            return
+        except HostedAPIError as exc:
+            if isinstance(exc, (HostedConnectionError, HostedAuthenticationError)):
+                raise
+            self._checked = True
+            return
+        except openai.OpenAIError as exc:  # pragma: no cover - translated above
+            raise self.translate(exc) from None
+        self._after_models(models)
+
+    def complete(self, request: HostedRequest) -> list[HostedResult]:
+        """One API call; one :class:`HostedResult` per choice (``request.n`` of them)."""
+        self.check()
+        endpoint, kwargs = self.build(request)
+        create = self._client.completions.create if endpoint == "completions" else self._client.chat.completions.create
+        response = self._with_retries(lambda: create(**kwargs))
+        return [self.parse(endpoint, response, i) for i in range(len(response.choices))]
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class AsyncHostedClient(_HostedBase):
+    """Asynchronous twin of :class:`HostedClient` (``openai.AsyncOpenAI``)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        import openai
+
+        self._client = openai.AsyncOpenAI(
+            base_url=self.base_url, api_key=self._api_key, timeout=self.timeout, max_retries=0
+        )
+
+    async def _with_retries(self, fn: Any) -> Any:
+        import asyncio
+
+        import openai
+
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                return await fn()
+            except openai.OpenAIError as exc:
+                attempt += 1
+                delay = retry_delay(exc, attempt, self._rng)
+                waited = time.monotonic() - started
+                if delay is None or attempt > self.max_retries or waited + delay > C.MAX_TOTAL_RETRY_WAIT:
+                    raise self.translate(exc) from None
+                logger.info("hosted API call failed (%s); retry %d in %.2f s", type(exc).__name__, attempt, delay)
+                await asyncio.sleep(delay)
+
+    async def check(self) -> None:
+        if self._checked:
+            return
+        try:
+            models = await self._with_retries(lambda: self._client.models.list())
+        except HostedModelNotFoundError:
+            self._checked = True
+            self._detect_dialect(set())
+            return
+        except HostedAPIError as exc:
+            if isinstance(exc, (HostedConnectionError, HostedAuthenticationError)):
+                raise
+            self._checked = True
+            return
+        self._after_models(models)
+
+    async def complete(self, request: HostedRequest) -> list[HostedResult]:
+        await self.check()
+        endpoint, kwargs = self.build(request)
+        create = self._client.completions.create if endpoint == "completions" else self._client.chat.completions.create
+        response = await self._with_retries(lambda: create(**kwargs))
+        return [self.parse(endpoint, response, i) for i in range(len(response.choices))]
+
+    async def close(self) -> None:
+        await self._client.close()

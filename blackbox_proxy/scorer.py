@@ -1,0 +1,335 @@
+"""Small local models (expert and anti-expert) that give next-token log-probabilities.
+
+A :class:`Scorer` wraps one Hugging Face causal LM, its tokenizer and its prompt rendering. A
+:class:`ScorerSession` is one generation with that model: it keeps the KV cache of everything
+stable so far (prompt + committed continuation tokens), extends it as text is appended, rolls it
+back when re-tokenisation changes an earlier token, and scores *all* candidate paths of a
+position in one forward pass.
+
+The batched scoring is tree attention (as in SpecInfer/Medusa): the candidate paths share the
+cached context and often their first tokens, so they are laid out as the nodes of a trie in one
+sequence of length N, each node attending to the cache and to its own ancestors only, with
+position ids set to its depth. One forward, batch size 1, no copy of the cache; afterwards the N
+new cache entries are cropped. A one-time self-check compares this against plain sequential
+forwards; models whose attention ignores custom 4D masks fall back to one forward per path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from .errors import ConfigurationError, ModelLoadError
+from .vocab import Vocabulary, vocabulary_from_hf
+
+logger = logging.getLogger(__name__)
+
+Path_ = tuple[int, ...]
+
+
+def select_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else CUDA when available, else MPS, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _new_cache() -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def _cache_length(cache: Any) -> int:
+    return int(cache.get_seq_length()) if cache is not None else 0
+
+
+class CachedContext:
+    """A token context held in a model's KV cache, with the log-probs of the next token.
+
+    ``extend_to(ids)`` makes the cache hold exactly ``ids`` (reusing the longest common prefix,
+    cropping the rest) and returns log P(next | ids) as a float32 tensor of shape ``[V]``.
+    ``tree(paths)`` returns log P(next | ids + path) for every prefix of every path, in one
+    forward (see the module docstring).
+    """
+
+    def __init__(self, model: Any, *, forward_context: Any = contextlib.nullcontext) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self._forward_context = forward_context
+        self.ids: list[int] = []
+        self.cache: Any = None
+        self.last_logprobs: torch.Tensor | None = None
+        self.tree_ok: bool | None = None  # set by the caller's self-check
+
+    def _forward(self, input_ids: Sequence[int], **kwargs: Any) -> torch.Tensor:
+        ids = torch.tensor([list(input_ids)], dtype=torch.long, device=self.device)
+        with torch.inference_mode(), self._forward_context():
+            out = self.model(input_ids=ids, cache=self.cache, use_cache=True, **kwargs)
+        self.cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        return out.logits[0].float()
+
+    def reset(self) -> None:
+        self.ids, self.cache, self.last_logprobs = [], None, None
+
+    def extend_to(self, ids: Sequence[int]) -> torch.Tensor:
+        ids = list(ids)
+        if not ids:
+            raise ConfigurationError("a model context needs at least one token; pass a non-empty prompt")
+        common = 0
+        for a, b in zip(self.ids, ids):
+            if a != b:
+                break
+            common += 1
+        if common == len(ids) == len(self.ids) and self.last_logprobs is not None:
+            return self.last_logprobs
+        # Need the logits after ids[-1]: keep at most len(ids)-1 cached tokens and feed the rest.
+        keep = min(common, len(ids) - 1)
+        if self.cache is None or keep == 0:
+            self.cache = _new_cache()
+            keep = 0
+        elif keep < _cache_length(self.cache):
+            self.cache.crop(keep - _cache_length(self.cache))
+        logits = self._forward(ids[keep:])
+        self.ids = ids
+        self.last_logprobs = torch.log_softmax(logits[-1], dim=-1)
+        return self.last_logprobs
+
+    def tree(self, paths: Sequence[Path_]) -> dict[Path_, torch.Tensor]:
+        """log P(next | context + p) for ``p`` = () and every prefix of every path."""
+        if self.last_logprobs is None:
+            raise RuntimeError("extend_to() must run before tree()")
+        nodes: dict[Path_, int] = {}
+        for path in paths:
+            for depth in range(1, len(path) + 1):
+                prefix = tuple(path[:depth])
+                if prefix not in nodes:
+                    nodes[prefix] = len(nodes)
+        out: dict[Path_, torch.Tensor] = {(): self.last_logprobs}
+        if not nodes:
+            return out
+        if self.tree_ok is False:
+            return self._sequential(list(nodes), out)
+        order = list(nodes)  # insertion order puts every parent before its children
+        n_ctx = len(self.ids)
+        n = len(order)
+        dtype = next(self.model.parameters()).dtype
+        mask = torch.full((1, 1, n, n_ctx + n), torch.finfo(dtype).min, dtype=dtype, device=self.device)
+        mask[..., :n_ctx] = 0
+        for i, node in enumerate(order):
+            for depth in range(1, len(node) + 1):
+                mask[0, 0, i, n_ctx + nodes[node[:depth]]] = 0
+        position_ids = torch.tensor([[n_ctx + len(node) - 1 for node in order]], device=self.device)
+        try:
+            logits = self._forward([node[-1] for node in order], attention_mask=mask, position_ids=position_ids)
+        finally:
+            extra = _cache_length(self.cache) - n_ctx
+            if extra > 0:
+                self.cache.crop(-extra)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        for node, i in nodes.items():
+            out[node] = logprobs[i]
+        return out
+
+    def _sequential(self, order: list[Path_], out: dict[Path_, torch.Tensor]) -> dict[Path_, torch.Tensor]:
+        """Slow exact fallback: one forward per leaf path."""
+        n_ctx = len(self.ids)
+        leaves = [p for p in order if not any(q[: len(p)] == p and len(q) > len(p) for q in order)]
+        for leaf in leaves:
+            try:
+                logits = self._forward(list(leaf))
+            finally:
+                self.cache.crop(-(_cache_length(self.cache) - n_ctx))
+            logprobs = torch.log_softmax(logits, dim=-1)
+            for depth in range(1, len(leaf) + 1):
+                out.setdefault(leaf[:depth], logprobs[depth - 1])
+        return out
+
+
+class Scorer:
+    """One small causal LM with its tokenizer, vocabulary and prompt rendering.
+
+    Args:
+        model: a Hugging Face ``PreTrainedModel`` for causal LM (or a peft model).
+        tokenizer: its fast tokenizer.
+        render: ``"chat"`` (the tokenizer's chat template), ``"raw"`` (the prompt text as is) or
+            ``"auto"`` (chat when the tokenizer has a template).
+        name: shown in messages and traces.
+        adapter: ``None`` (plain model), ``True``/``False`` (a peft model with its adapter on or
+            off; one model object can then serve as both expert and anti-expert).
+
+    Example::
+
+        expert = Scorer.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
+        session = expert.session(expert.prompt_ids(prompt="2+2="))
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        render: str = "auto",
+        name: str | None = None,
+        adapter: bool | None = None,
+        vocabulary: Vocabulary | None = None,
+        lock: threading.Lock | None = None,
+    ) -> None:
+        if render not in ("auto", "chat", "raw"):
+            raise ConfigurationError(f"render must be 'auto', 'chat' or 'raw', got {render!r}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name or str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if render == "chat" and not has_template:
+            raise ConfigurationError(f"{self.name} has no chat template; use render='raw'")
+        self.render = ("chat" if has_template else "raw") if render == "auto" else render
+        self.adapter = adapter
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        extra_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+        self.vocab = vocabulary or vocabulary_from_hf(tokenizer, end_ids=extra_eos, name=self.name)
+        self.lock = lock or threading.Lock()
+        self.device = next(model.parameters()).device
+        self.max_length = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+        self._tree_ok: bool | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        device: str | None = None,
+        dtype: Any = None,
+        render: str = "auto",
+        name: str | None = None,
+    ) -> "Scorer":
+        """Load a Hugging Face causal LM and tokenizer (local folder or offline cache)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        target = select_device(device)
+        if dtype is None:
+            dtype = torch.float32 if target.type == "cpu" else "auto"
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
+            raise ModelLoadError(
+                f"cannot load {name_or_path!r} as a causal LM ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                "pass a local model folder or a Hugging Face name available offline"
+            ) from exc
+        return cls(model.to(target), tokenizer, render=render, name=name or str(name_or_path))
+
+    # ----- prompts -----------------------------------------------------------------------------
+    def prompt_ids(self, *, prompt: str | None = None, messages: Sequence[dict[str, str]] | None = None) -> list[int]:
+        """Token ids of the rendered prompt (the continuation is appended after these)."""
+        if self.render == "chat":
+            if messages is None:
+                messages = [{"role": "user", "content": prompt or ""}]
+            text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+            ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        else:
+            if prompt is None:
+                raise ConfigurationError(
+                    f"{self.name} renders raw text (no chat template): pass prompt=TEXT, not messages"
+                )
+            ids = list(self.tokenizer.encode(prompt, add_special_tokens=True))
+        if not ids:
+            raise ConfigurationError(f"the prompt renders to no tokens for {self.name}; pass a non-empty prompt")
+        if self.max_length and len(ids) >= self.max_length:
+            raise ConfigurationError(
+                f"the prompt is {len(ids)} tokens for {self.name}, whose context is {self.max_length}; shorten it"
+            )
+        return ids
+
+    # ----- forward helpers ----------------------------------------------------------------------
+    def forward_context(self) -> Any:
+        if self.adapter is False:
+            return self.model.disable_adapter()
+        return contextlib.nullcontext()
+
+    def session(self, prompt_ids: Sequence[int]) -> "ScorerSession":
+        return ScorerSession(self, prompt_ids)
+
+    def check_tree_attention(self) -> bool:
+        """Compare tree-attention scoring with sequential forwards once; cache the verdict."""
+        if self._tree_ok is not None:
+            return self._tree_ok
+        probe = [i for i in self.vocab.sorted_ids[:6]]
+        ctx_ids, a, b, c = probe[:3], probe[3], probe[4], probe[5]
+        with self.lock:
+            ctx = CachedContext(self.model, forward_context=self.forward_context)
+            ctx.extend_to(ctx_ids)
+            ctx.tree_ok = True
+            fast = ctx.tree([(a, c), (b,)])
+            worst = 0.0
+            for path in [(a,), (a, c), (b,)]:
+                ref = CachedContext(self.model, forward_context=self.forward_context)
+                slow = ref.extend_to(ctx_ids + list(path))
+                worst = max(worst, float((fast[path] - slow).abs().max()))
+        tolerance = 1e-3 if next(self.model.parameters()).dtype == torch.float32 else 5e-2
+        self._tree_ok = worst < tolerance
+        if not self._tree_ok:
+            logger.warning(
+                "%s ignores custom attention masks (max error %.2g); scoring one path per forward",
+                self.name,
+                worst,
+            )
+        return self._tree_ok
+
+
+class ScorerSession:
+    """One generation's KV-cached context in one :class:`Scorer`.
+
+    ``distributions(continuation_ids, paths)`` makes the context prompt + continuation_ids and
+    returns log P(next | context + prefix) for the root and every prefix of every path.
+    """
+
+    def __init__(self, scorer: Scorer, prompt_ids: Sequence[int]) -> None:
+        self.scorer = scorer
+        self.prompt_ids = list(prompt_ids)
+        self.context = CachedContext(scorer.model, forward_context=scorer.forward_context)
+        self.forwards = 0
+
+    def distributions(self, continuation_ids: Sequence[int], paths: Sequence[Path_] = ()) -> dict[Path_, torch.Tensor]:
+        scorer = self.scorer
+        ids = self.prompt_ids + list(continuation_ids)
+        longest = len(ids) + max((len(p) for p in paths), default=0)
+        if scorer.max_length and longest > scorer.max_length:
+            raise ConfigurationError(
+                f"the text is {longest} tokens for {scorer.name}, whose context is {scorer.max_length}; "
+                "lower max_tokens or shorten the prompt"
+            )
+        tree_ok = scorer.check_tree_attention() if paths else True
+        with scorer.lock:
+            self.context.tree_ok = tree_ok
+            before = self.context.ids
+            self.context.extend_to(ids)
+            if self.context.ids is not before:
+                self.forwards += 1
+            result = self.context.tree(paths)
+            if paths:
+                self.forwards += 1
+            return result
+
+    def close(self) -> None:
+        self.context.reset()
+
+
+@contextlib.contextmanager
+def sessions(*pairs: tuple[Scorer, Sequence[int]]) -> Iterator[list[ScorerSession]]:
+    opened = [scorer.session(ids) for scorer, ids in pairs]
+    try:
+        yield opened
+    finally:
+        for s in opened:
+            s.close()

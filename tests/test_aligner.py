@@ -1,0 +1,136 @@
+"""The byte aligner against a slow brute-force reference, and its exactness on one tokenizer.
+
+The reference computes the same quantity as DESIGN.md §2.2 defines it, the slow obvious way:
+a full forward (no cache, no tree) per path prefix, linear scans of the whole vocabulary
+instead of sorted ranges, and its own search for minimal hosted extensions.
+"""
+
+import math
+import random
+
+import pytest
+import torch
+
+from blackbox_proxy import Candidate
+from blackbox_proxy.aligner import Aligner
+from blackbox_proxy.vocab import split_utf8, vocabulary_from_hf
+
+
+def _probs(model, ids):
+    with torch.no_grad():
+        return torch.softmax(model(torch.tensor([list(ids)])).logits[0, -1].double(), -1)
+
+
+def reference_logprob(model, tok, vocab, prompt_ids, continuation, cand, hosted_bytes, backoff):
+    """log P_M(b | s) by brute force."""
+
+    def canonical(data):
+        valid, tail = split_utf8(data)
+        return list(tok.encode(valid.decode(), add_special_tokens=False)) if valid else [], tail
+
+    ids, tail = canonical(continuation)
+    keep = max(0, len(ids) - backoff)
+    ctx = list(prompt_ids) + ids[:keep]
+    pending = b"".join(vocab.token_bytes[i] for i in ids[keep:]) + tail
+
+    def path_logp(path):
+        return sum(math.log(_probs(model, ctx + list(path[:d]))[t]) for d, t in enumerate(path))
+
+    def starts(prefix, dist):
+        return sum(float(dist[w]) for w in range(len(vocab.token_bytes))
+                   if vocab.token_bytes[w] is not None and vocab.token_bytes[w].startswith(prefix))
+
+    def cover(data, exts):
+        t, tail_ = canonical(data)
+        path, rem = (t[:-1], vocab.token_bytes[t[-1]] + tail_) if t else ([], tail_)
+        dist = _probs(model, ctx + path)
+        final = starts(rem, dist) - sum(starts(rem + e, dist) for e in exts)
+        return path_logp(path) + (math.log(final) if final > 0 else -math.inf)
+
+    if cand.is_end:
+        t, tail_ = canonical(pending)
+        path = t + [vocab.byte_token(b) for b in tail_]
+        dist = _probs(model, ctx + path)
+        num = path_logp(path) + math.log(sum(float(dist[e]) for e in vocab.end_ids))
+    else:
+        b = cand.data
+        longer = [h for h in hosted_bytes if h and h.startswith(b) and h != b] if hosted_bytes else []
+        minimal = [h for h in set(longer) if not any(g != h and h.startswith(g) for g in longer)]
+        num = cover(pending + b, [h[len(b):] for h in minimal])
+    den = cover(pending, []) if pending else 0.0
+    return min(0.0, max(math.log(1e-12), num - den))
+
+
+CONTEXTS = [
+    b"",
+    "The café costs 1".encode(),
+    "naïve 日本".encode(),
+    "emoji ".encode() + "🙂".encode()[:2],  # ends inside a character
+    "Question: what is 12 + 30? Answer: 4".encode(),
+]
+
+
+@pytest.mark.parametrize("continuation", CONTEXTS)
+@pytest.mark.parametrize("backoff", [1, 2])
+def test_cross_tokenizer_matches_brute_force(tok_a, tok_b, scorers_b, continuation, backoff):
+    """Hosted tokenizer = tok_a, small tokenizer = tok_b (different merges, split digits)."""
+    expert = scorers_b[0]
+    hosted = vocabulary_from_hf(tok_a)
+    small = expert.vocab
+    rng = random.Random(len(continuation) * 7 + backoff)
+    pool = [i for i, b in enumerate(hosted.token_bytes) if b]
+    chosen = rng.sample(pool, 40) + [hosted.ids_for_bytes(b" ")[0], hosted.ids_for_bytes(b"t")[0], hosted.ids_for_bytes(b"\xf0")[0]]
+    candidates = [Candidate(hosted.token_bytes[i].decode("utf-8", "replace"), hosted.token_bytes[i], -1.0, i) for i in chosen]
+    candidates.append(Candidate("<|endoftext|>", b"", -2.0, None, True))
+    aligner = Aligner(small, hosted, backoff=backoff)
+    prompt_ids = expert.prompt_ids(prompt="A café: ")
+    session = expert.session(prompt_ids)
+    plan = aligner.plan(continuation, candidates)
+    fast = aligner.evaluate(plan, session.distributions(plan.kept_ids, plan.paths))
+    for cand, got in zip(candidates, fast):
+        want = reference_logprob(expert.model, tok_b, small, prompt_ids, continuation, cand, hosted.token_bytes, backoff)
+        assert math.exp(got) == pytest.approx(math.exp(want), rel=1e-3, abs=1e-7), (cand.data, got, want)
+
+
+def test_unknown_hosted_vocabulary_uses_prefix_cover(tok_b, scorers_b):
+    """Without the hosted vocabulary, ' t' also counts ' the', ' them'...: a larger probability."""
+    expert = scorers_b[0]
+    session = expert.session(expert.prompt_ids(prompt="Hello"))
+    cand = [Candidate(" t", b" t", -1.0)]
+    with_vocab = Aligner(expert.vocab, expert.vocab, backoff=1)
+    without = Aligner(expert.vocab, None, backoff=1)
+    cont = b"There are many words here:"
+    p1 = with_vocab.plan(cont, cand)
+    p2 = without.plan(cont, cand)
+    lp_with = with_vocab.evaluate(p1, session.distributions(p1.kept_ids, p1.paths))[0]
+    lp_without = without.evaluate(p2, session.distributions(p2.kept_ids, p2.paths))[0]
+    assert lp_without > lp_with
+    assert "unknown" in without.description
+
+
+def test_same_tokenizer_recovers_token_probabilities_exactly(tok_a, scorers_a):
+    """One shared tokenizer, stable boundary (backoff 0): aligned P_M(v) = P_M(v) for every v
+    whose bytes tokenise to v itself (DESIGN.md §2.2 step 3)."""
+    expert = scorers_a[0]
+    vocab = expert.vocab
+    aligner = Aligner(vocab, vocab, backoff=0)
+    prompt_ids = expert.prompt_ids(prompt="The quick brown")
+    continuation = " fox jumps".encode()
+    cands, exact_ids = [], []
+    for i, b in enumerate(vocab.token_bytes):
+        if b and vocab.encode_bytes(b) == [i]:
+            cands.append(Candidate("", b, -1.0, i))
+            exact_ids.append(i)
+    assert len(exact_ids) > 0.9 * sum(1 for b in vocab.token_bytes if b)
+    cands.append(Candidate("<|endoftext|>", b"", -1.0, None, True))
+    session = expert.session(prompt_ids)
+    plan = aligner.plan(continuation, cands)
+    got = aligner.evaluate(plan, session.distributions(plan.kept_ids, plan.paths))
+    with torch.no_grad():
+        truth = torch.log_softmax(
+            expert.model(torch.tensor([prompt_ids + vocab.encode_text(" fox jumps")])).logits[0, -1].double(), -1
+        )
+    for i, lp in zip(exact_ids, got):
+        assert lp == pytest.approx(float(truth[i]), abs=2e-4)
+    end_truth = float(torch.logsumexp(truth[sorted(vocab.end_ids)], 0))
+    assert got[-1] == pytest.approx(end_truth, abs=2e-4)
