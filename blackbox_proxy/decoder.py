@@ -209,6 +209,7 @@ class PerStepDecoder:
                     score=float(scores[i]),
                     prob=float(probs[i]),
                     is_end=c.is_end,
+                    token_id=c.token_id,
                 )
                 for i, c in enumerate(candidates)
             ),

@@ -99,7 +99,7 @@ class _PositionBuilder:
 
     def __init__(self, parser: "ResponseParser") -> None:
         self.parser = parser
-        self.by_key: dict[tuple[bytes, bool], Candidate] = {}
+        self.by_key: dict[tuple, Candidate] = {}
         self.dropped = 0
 
     def add(self, text: str, raw_bytes: Sequence[int] | None, logprob: float | None) -> Candidate | None:
@@ -107,7 +107,7 @@ class _PositionBuilder:
         if cand is None:
             self.dropped += 1
             return None
-        key = (cand.data, cand.is_end)
+        key = _key(cand)
         old = self.by_key.get(key)
         if old is None:
             self.by_key[key] = cand
@@ -119,13 +119,18 @@ class _PositionBuilder:
 
     def finish(self, sampled: Candidate | None) -> HostedPosition:
         if sampled is not None:
-            key = (sampled.data, sampled.is_end)
+            key = _key(sampled)
             if key in self.by_key:
                 sampled = self.by_key[key]
             else:
                 self.by_key[key] = sampled
         ordered = sorted(self.by_key.values(), key=lambda c: -c.logprob)
         return HostedPosition(candidates=tuple(ordered), sampled=sampled, dropped=self.dropped)
+
+
+def _key(cand: Candidate) -> tuple:
+    """Entries with the same key are the same event: same bytes, or the same end token."""
+    return ("end", cand.text) if cand.is_end else ("bytes", cand.data)
 
 
 def math_logaddexp(a: float, b: float) -> float:

@@ -162,14 +162,14 @@ class ModelRunner:
             top: tuple[tuple[int, float], ...] = ()
             if top_k > 0:
                 values, indices = torch.topk(logprobs, min(top_k, logprobs.shape[0]))
-                top = tuple((int(i), float(v)) for v, i in zip(values, indices))
-            out.append(Sampled(token, float(logprobs[token]), top))
+                top = tuple((int(i), _finite(float(v))) for v, i in zip(values, indices))
+            out.append(Sampled(token, _finite(float(logprobs[token])), top))
             if token in self.vocab.end_ids:
                 finish = "stop"
                 break
             text_ids.append(token)
             if stop:
-                text = self.vocab.bytes_of(text_ids).decode("utf-8", errors="ignore")
+                text = self.vocab.bytes_of(text_ids).decode("utf-8", errors="replace")
                 if any(s and s in text for s in stop):
                     finish = "stop"
                     break
@@ -198,6 +198,11 @@ class ModelRunner:
             probs = torch.where(mask, probs, torch.zeros_like(probs))
             probs = probs / probs.sum()
         return int(torch.multinomial(probs.float(), 1, generator=generator))
+
+
+def _finite(logprob: float) -> float:
+    """JSON has no -inf: impossible tokens get OpenAI's -9999 sentinel."""
+    return logprob if math.isfinite(logprob) else -9999.0
 
 
 # ----- HTTP ------------------------------------------------------------------------------------

@@ -90,6 +90,7 @@ class CandidateTrace:
     score: float
     prob: float
     is_end: bool = False
+    token_id: int | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,80 @@
+"""The command line: JSON output equals the library call; errors are one line and exit 1;
+``serve-model`` runs as a real subprocess on loopback and stops cleanly."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+from click.testing import CliRunner
+
+from blackbox_proxy import ProxyTuner, Scorer
+from blackbox_proxy.cli import main
+from blackbox_proxy.server import free_port
+
+
+def test_generate_json_equals_library(server_a, saved_a):
+    args = ["generate", "--base-url", server_a.base_url, "--model", "tiny", "--expert", str(saved_a["E"]),
+            "--anti-expert", str(saved_a["A"]), "--prompt", "The quick brown", "--max-tokens", "6",
+            "--hosted-tokenizer", str(saved_a["L"]), "--top-k", "50", "--json"]
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.stdout)
+    assert set(data) >= {"text", "usage", "trace", "finish_reason", "settings"}
+    assert data["usage"]["api_calls"] == len(data["trace"]) == 6
+    step = data["trace"][0]
+    assert {"hosted_logprob", "delta", "prob"} <= set(step["candidates"][0])
+    lib = ProxyTuner(base_url=server_a.base_url, model="tiny", hosted_tokenizer=str(saved_a["L"]), top_k=50,
+                     expert=Scorer.from_pretrained(str(saved_a["E"])), anti_expert=Scorer.from_pretrained(str(saved_a["A"])))
+    assert lib.generate("The quick brown", max_tokens=6).text == data["text"]
+
+
+def test_generate_plain_output_and_usage_line(server_a, saved_a):
+    args = ["generate", "--base-url", server_a.base_url, "--model", "tiny", "--expert", str(saved_a["E"]),
+            "--anti-expert", str(saved_a["A"]), "--prompt", "Hi", "--max-tokens", "3"]
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code == 0, out.output
+    assert "3 API calls" in out.stderr
+
+
+def test_cli_errors_are_one_line(saved_a):
+    port = free_port()
+    args = ["generate", "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "tiny", "--expert",
+            str(saved_a["E"]), "--anti-expert", str(saved_a["A"]), "--prompt", "Hi", "--api-key", "sk-cli-secret-999"]
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot reach")
+    assert "sk-cli-secret-999" not in out.output
+
+
+def test_serve_model_subprocess(saved_a):
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "blackbox_proxy.cli", "serve-model", str(saved_a["L"]),
+                             "--port", str(port), "--name", "tiny-l"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).json()
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stderr.read().decode()
+                assert time.monotonic() < deadline, "server did not come up"
+                time.sleep(0.3)
+        assert models["data"][0]["id"] == "tiny-l"
+        # a second server on the same port: clean one-line error
+        busy = subprocess.run([sys.executable, "-m", "blackbox_proxy.cli", "serve-model", str(saved_a["L"]),
+                               "--port", str(port)], env=env, capture_output=True, text=True, timeout=120)
+        assert busy.returncode == 1
+        assert busy.stderr.strip().startswith("error: cannot listen on") and "--port" in busy.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))  # the port is free again: the server stopped

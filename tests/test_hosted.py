@@ -1,0 +1,171 @@
+"""What real servers send, normalised: known answers on hand-written response JSON.
+
+These build SDK response objects from JSON as servers print it (OpenAI legacy completions,
+OpenAI chat, vLLM, DeepSeek, llama.cpp quirks) and check the typed result. No transport is
+mocked: HTTP is covered by the loopback tests.
+"""
+
+import math
+
+import openai
+import pytest
+from openai.types import Completion
+from openai.types.chat import ChatCompletion
+
+from blackbox_proxy import ConfigurationError, HostedRequest, HostedResponseError
+from blackbox_proxy.hosted import HostedClient, ResponseParser, decode_token_text, normalise_base_url, retry_delay
+from blackbox_proxy.vocab import vocabulary_from_hf
+
+
+def completion(tokens, token_logprobs, top_logprobs, text=None, finish="length"):
+    return Completion.model_validate({
+        "id": "c", "object": "text_completion", "created": 0, "model": "m",
+        "choices": [{"index": 0, "text": text if text is not None else "".join(tokens), "finish_reason": finish,
+                     "logprobs": {"tokens": tokens, "token_logprobs": token_logprobs,
+                                  "top_logprobs": top_logprobs, "text_offset": [0] * len(tokens)}}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": len(tokens), "total_tokens": 7 + len(tokens)},
+    })
+
+
+def chat(content, text="x", finish="length"):
+    return ChatCompletion.model_validate({
+        "id": "c", "object": "chat.completion", "created": 0, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                     "logprobs": {"content": content}}],
+    })
+
+
+def test_decode_token_text():
+    assert decode_token_text("bytes:\\xe2\\x82") == b"\xe2\x82"
+    assert decode_token_text("bytes: \\xe2") == b" \xe2"
+    assert decode_token_text("\\xf0\\x9f\\x8c") == b"\xf0\x9f\x8c"  # DeepSeek style
+    assert decode_token_text(" café") == " café".encode()
+    assert decode_token_text("\\n") == b"\\n"  # a literal backslash-n token is text
+
+
+def test_completions_position_normalisation():
+    parser = ResponseParser()
+    resp = completion(
+        tokens=[" the"],
+        token_logprobs=[-0.5],
+        top_logprobs=[{" the": -0.5, " a": -1.5, "bytes:\\xe2\\x82": -3.0, " b": -9999.0, "<|endoftext|>": -4.0}],
+    )
+    result = parser.completion(resp)
+    (pos,) = result.positions
+    assert [c.data for c in pos.candidates] == [b" the", b" a", b"\xe2\x82", b""]
+    assert pos.candidates[-1].is_end and pos.candidates[-1].text == "<|endoftext|>"
+    assert pos.dropped == 1  # the -9999 sentinel
+    assert pos.sampled.data == b" the"
+    assert result.usage.prompt_tokens == 7 and result.usage.completion_tokens == 1
+
+
+def test_sampled_token_outside_top_k_and_fewer_entries_than_asked():
+    parser = ResponseParser()
+    result = parser.completion(completion([" zebra"], [-7.25], [{" the": -0.5}]))
+    pos = result.positions[0]
+    assert [c.data for c in pos.candidates] == [b" the", b" zebra"]
+    assert pos.sampled.logprob == -7.25
+
+
+def test_chat_bytes_null_duplicates_and_placeholders():
+    parser = ResponseParser()
+    top = [
+        {"token": "Hi", "logprob": -0.1, "bytes": [72, 105]},
+        {"token": "Hi", "logprob": -0.1, "bytes": [72, 105]},  # the same entry twice (k+1 style)
+        {"token": " x", "logprob": -2.0, "bytes": None},  # llama.cpp: bytes always null
+        {"token": "\ufffd", "logprob": -3.0, "bytes": [239, 191, 189]},  # vLLM partial char
+        {"token": "\\xf0\\x9f", "logprob": -4.0, "bytes": [240, 159]},
+    ]
+    result = parser.chat(chat([{"token": "Hi", "logprob": -0.1, "bytes": [72, 105], "top_logprobs": top}]))
+    pos = result.positions[0]
+    assert [(c.data, c.logprob) for c in pos.candidates] == [(b"Hi", -0.1), (b" x", -2.0), (b"\xf0\x9f", -4.0)]
+    assert pos.dropped == 1
+
+
+def test_same_bytes_from_different_tokens_are_merged():
+    parser = ResponseParser()
+    top = [{"token": "a", "logprob": math.log(0.3), "bytes": [97]}, {"token": "a", "logprob": math.log(0.2), "bytes": [97]}]
+    pos = parser.chat(chat([{"token": "a", "logprob": math.log(0.3), "bytes": [97], "top_logprobs": top}])).positions[0]
+    assert len(pos.candidates) == 1
+    assert math.exp(pos.candidates[0].logprob) == pytest.approx(0.5)
+
+
+def test_end_of_text_without_logprobs_and_missing_logprobs():
+    parser = ResponseParser()
+    empty = Completion.model_validate({
+        "id": "c", "object": "text_completion", "created": 0, "model": "m",
+        "choices": [{"index": 0, "text": "", "finish_reason": "stop", "logprobs": None}],
+    })
+    assert parser.completion(empty).positions == ()
+    missing = Completion.model_validate({
+        "id": "c", "object": "text_completion", "created": 0, "model": "m",
+        "choices": [{"index": 0, "text": "abc", "finish_reason": "length", "logprobs": None}],
+    })
+    with pytest.raises(HostedResponseError, match="returned no logprobs"):
+        parser.completion(missing)
+
+
+def test_token_ids_and_special_tokens_with_a_known_vocabulary(tok_a):
+    vocab = vocabulary_from_hf(tok_a)
+    parser = ResponseParser(vocab)
+    the = vocab.ids_for_bytes(b" the")[0]
+    resp = completion(
+        [f"token_id:{the}"], [-0.2],
+        [{f"token_id:{the}": -0.2, "token_id:0": -1.0, "<|im_start|>": -2.0, " the": -0.2, "<|im_end|>": -3.0}],
+    )
+    pos = parser.completion(resp).positions[0]
+    assert pos.candidates[0].token_id == the and pos.candidates[0].data == b" the"
+    ends = [c for c in pos.candidates if c.is_end]
+    assert {c.token_id for c in ends} == {0, 2}  # <|endoftext|>, <|im_end|>
+    assert pos.dropped == 1  # <|im_start|>: special, not an end
+
+
+def test_request_building_per_mode_and_dialect():
+    base = dict(base_url="http://127.0.0.1:1/v1", model="m", max_retries=0)
+    comp = HostedClient(**base, mode="completions")
+    endpoint, kwargs = comp.build(HostedRequest(mode="completions", prompt="Hi", max_tokens=1, top_k=5))
+    assert endpoint == "completions" and kwargs["logprobs"] == 5 and kwargs["prompt"] == "Hi"
+    vllm = HostedClient(**base, mode="chat-prefix", dialect="vllm")
+    _, kwargs = vllm.build(HostedRequest(mode="chat-prefix", messages=(("user", "Q"),), assistant_prefix="A:", max_tokens=1, top_k=3))
+    assert kwargs["messages"][-1] == {"role": "assistant", "content": "A:"}
+    assert kwargs["extra_body"] == {"continue_final_message": True, "add_generation_prompt": False}
+    assert kwargs["logprobs"] is True and kwargs["top_logprobs"] == 3
+    deepseek = HostedClient(**base, mode="chat-prefix", dialect="deepseek")
+    _, kwargs = deepseek.build(HostedRequest(mode="chat-prefix", messages=(("user", "Q"),), assistant_prefix="A:", max_tokens=1, top_k=3))
+    assert kwargs["messages"][-1] == {"role": "assistant", "content": "A:", "prefix": True}
+    assert "extra_body" not in kwargs
+    plain = HostedClient(**base, mode="chat")
+    with pytest.raises(ConfigurationError, match="only chat-prefix mode can continue"):
+        plain.build(HostedRequest(mode="chat", messages=(("user", "Q"),), assistant_prefix="A:", max_tokens=1, top_k=3))
+
+
+def test_base_url_and_key_handling(monkeypatch):
+    assert normalise_base_url("http://127.0.0.1:8000") == "http://127.0.0.1:8000/v1"
+    assert normalise_base_url("https://api.example.com/v1/") == "https://api.example.com/v1"
+    with pytest.raises(ConfigurationError, match="base URL must look like"):
+        normalise_base_url("localhost:8000")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://10.0.0.1:9/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env-secret-123")
+    client = HostedClient(model="m")
+    assert client.base_url == "http://10.0.0.1:9/v1"
+    assert "sk-env-secret-123" not in repr(client)
+
+
+def test_retry_policy():
+    import random
+
+    import httpx
+
+    rng = random.Random(0)
+    request = httpx.Request("POST", "http://x/v1/completions")
+
+    def status(code, headers=None):
+        response = httpx.Response(code, headers=headers or {}, request=request)
+        return openai.APIStatusError("x", response=response, body=None)
+
+    assert retry_delay(status(429, {"retry-after": "2"}), 1, rng) == 2.0
+    assert 0.3 < retry_delay(status(503), 1, rng) < 0.7
+    assert 1.4 < retry_delay(status(500), 3, rng) < 2.6
+    assert retry_delay(status(400), 1, rng) is None
+    assert retry_delay(status(401), 1, rng) is None
+    assert retry_delay(openai.APIConnectionError(request=request), 1, rng) is not None

@@ -1,0 +1,145 @@
+"""The project's model server over real HTTP on 127.0.0.1, with the openai SDK and httpx."""
+
+import math
+
+import httpx
+import openai
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def sdk(server_a):
+    client = openai.OpenAI(base_url=server_a.base_url, api_key="test", max_retries=0)
+    yield client
+    client.close()
+
+
+def true_logprobs(model, ids):
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
+
+
+def test_models_endpoint(sdk):
+    models = sdk.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    assert models.data[0].owned_by == "blackbox-proxy"
+
+
+def test_completions_logprobs_shape_and_values(sdk, tok_a, models_a):
+    prompt = "The quick brown"
+    resp = sdk.completions.create(model="tiny", prompt=prompt, max_tokens=3, logprobs=5, temperature=0)
+    choice = resp.choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 3
+    assert all(len(top) == 5 for top in lp.top_logprobs)
+    truth = true_logprobs(models_a[0], tok_a.encode(prompt))
+    top_values = sorted(lp.top_logprobs[0].values(), reverse=True)
+    assert top_values == pytest.approx(torch.topk(truth, 5).values.tolist(), abs=1e-4)
+    # greedy: the sampled token is the top-1 and its logprob is reported
+    assert lp.token_logprobs[0] == pytest.approx(top_values[0], abs=1e-6)
+    assert resp.usage.prompt_tokens == len(tok_a.encode(prompt)) and resp.usage.completion_tokens == 3
+
+
+def test_chat_logprobs_have_bytes(sdk):
+    resp = sdk.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, logprobs=True, top_logprobs=3,
+        temperature=0,
+    )
+    content = resp.choices[0].logprobs.content
+    assert content and all(len(c.top_logprobs) == 3 for c in content)
+    for entry in content:
+        for top in entry.top_logprobs:
+            assert top.bytes is None or isinstance(top.bytes, list)
+    text_bytes = b"".join(bytes(c.bytes or []) for c in content)
+    assert text_bytes.decode("utf-8", "replace") == resp.choices[0].message.content or resp.choices[0].finish_reason == "stop"
+
+
+def test_token_id_prompt_equals_text_prompt(sdk, tok_a):
+    a = sdk.completions.create(model="tiny", prompt="A café in", max_tokens=5, temperature=0, logprobs=2)
+    b = sdk.completions.create(model="tiny", prompt=tok_a.encode("A café in"), max_tokens=5, temperature=0, logprobs=2)
+    assert a.choices[0].text == b.choices[0].text
+    assert a.choices[0].logprobs.token_logprobs == pytest.approx(b.choices[0].logprobs.token_logprobs, abs=1e-5)
+
+
+def test_seed_temperature_and_stop(sdk):
+    kw = dict(model="tiny", prompt="The quick brown", max_tokens=12, temperature=1.0)
+    first = sdk.completions.create(seed=7, **kw).choices[0].text
+    assert sdk.completions.create(seed=7, **kw).choices[0].text == first
+    others = {sdk.completions.create(seed=s, **kw).choices[0].text for s in range(8, 14)}
+    assert len(others | {first}) > 1
+    greedy = sdk.completions.create(model="tiny", prompt="The quick brown", max_tokens=12, temperature=0).choices[0].text
+    stop = greedy[3:5]
+    stopped = sdk.completions.create(model="tiny", prompt="The quick brown", max_tokens=12, temperature=0, stop=[stop])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == greedy[: greedy.find(stop)]
+
+
+def test_n_choices(sdk):
+    resp = sdk.completions.create(model="tiny", prompt="Hi", max_tokens=4, temperature=1.0, n=3, seed=1)
+    assert [c.index for c in resp.choices] == [0, 1, 2]
+
+
+def test_continue_final_message(server_a, tok_a, models_a):
+    prefix = "The quick"
+    resp = httpx.post(f"{server_a.base_url}/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": "Go"}, {"role": "assistant", "content": prefix}],
+        "continue_final_message": True, "add_generation_prompt": False, "max_tokens": 1, "temperature": 0,
+        "logprobs": True, "top_logprobs": 1,
+    })
+    assert resp.status_code == 200, resp.text
+    rendered = "<|im_start|>user\nGo<|im_end|>\n<|im_start|>assistant\n" + prefix
+    truth = true_logprobs(models_a[0], tok_a.encode(rendered))
+    top = resp.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"][0]
+    assert top["logprob"] == pytest.approx(float(truth.max()), abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "path, body, status, fragment",
+    [
+        ("completions", {"model": "nope", "prompt": "x"}, 404, "does not exist"),
+        ("completions", {"model": "tiny", "prompt": "x", "logprobs": 5000}, 400, "logprobs must be at most"),
+        ("chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                              "top_logprobs": 5000}, 400, "top_logprobs must be at most"),
+        ("completions", {"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature must be >= 0"),
+        ("completions", {"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens must be >= 1"),
+        ("completions", {"model": "tiny", "prompt": ""}, 400, "prompt is empty"),
+        ("completions", {"model": "tiny", "prompt": [1, 99999]}, 400, "token ids must be integers"),
+        ("completions", {"model": "tiny", "prompt": "x", "stream": True}, 400, "stream"),
+        ("chat/completions", {"model": "tiny", "messages": []}, 400, "messages must be"),
+    ],
+)
+def test_errors_have_openai_shape(server_a, path, body, status, fragment):
+    resp = httpx.post(f"{server_a.base_url}/{path}", json=body)
+    assert resp.status_code == status
+    error = resp.json()["error"]
+    assert fragment in error["message"] and error["type"]
+
+
+def test_invalid_json_is_a_clean_400(server_a):
+    resp = httpx.post(f"{server_a.base_url}/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert resp.status_code == 400
+    assert "not valid JSON" in resp.json()["error"]["message"]
+
+
+def test_end_token_is_reported_and_not_in_text(tok_a, models_a):
+    """Force the model to end at once: the end token is the last logprobs entry, text is empty."""
+    from blackbox_proxy.server import ModelRunner, ServerThread, create_app
+
+    runner = ModelRunner(models_a[0], tok_a, name="tiny")
+    runner.vocab.end_ids  # noqa: B018
+    original = runner.context.extend_to
+
+    def ending(ids):
+        out = original(ids).clone()
+        out[:] = -math.inf
+        out[0] = 0.0
+        return out
+
+    runner.context.extend_to = ending
+    with ServerThread(create_app(runner)) as server:
+        resp = httpx.post(f"{server.base_url}/completions", json={"model": "tiny", "prompt": "x", "logprobs": 2,
+                                                                   "max_tokens": 5, "temperature": 0}).json()
+    choice = resp["choices"][0]
+    assert choice["text"] == "" and choice["finish_reason"] == "stop"
+    assert choice["logprobs"]["tokens"] == ["<|endoftext|>"]
