@@ -57,7 +57,9 @@ def main() -> None:
 @click.option("--model", required=True, help="hosted model name")
 @click.option("--mode", type=click.Choice(["completions", "chat-prefix", "chat"]), default="completions", show_default=True,
               help="how the API continues a partial answer")
-@click.option("--expert", required=True, help="expert: local HF model folder or name (the tuned small model)")
+@click.option("--expert", default=None, help="expert: local HF model folder or name (the tuned small model)")
+@click.option("--expert-adapter", default=None, type=click.Path(exists=True, file_okay=False),
+              help="instead of --expert: a LoRA adapter folder applied over --anti-expert (one model in memory)")
 @click.option("--anti-expert", required=True, help="anti-expert: the same small model before tuning")
 @click.option("--prompt", required=True, help="prompt text (sent as the user message in chat modes)")
 @click.option("--alpha", type=float, default=1.0, show_default=True, help="strength of the expert/anti-expert offset")
@@ -95,6 +97,7 @@ def generate(**o: Any) -> None:
         model=o["model"],
         mode=o["mode"],
         expert=o["expert"],
+        expert_adapter=o["expert_adapter"],
         anti_expert=o["anti_expert"],
         hosted_tokenizer=o["hosted_tokenizer"],
         top_k=o["top_k"],
@@ -168,6 +171,27 @@ def serve_model(model: str, host: str, port: int, name: str | None, max_top_logp
     app = create_app(runner, max_top_logprobs=max_top_logprobs, max_tokens_limit=max_tokens_limit)
     click.echo(f"serving {runner.name} at http://{host}:{port}/v1 (Ctrl-C stops)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning" if verbose == 0 else "info")
+
+
+@main.command()
+@click.option("--prompts", type=int, default=3, show_default=True, help="held-out problems to show")
+@click.option("--max-tokens", type=int, default=40, show_default=True)
+@click.option("--alpha", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=20, show_default=True)
+@click.option("--port", type=int, default=None, help="port for the hosted stand-in (default: a free one)")
+@click.option("-v", "--verbose", count=True)
+def demo(prompts: int, max_tokens: int, alpha: float, top_k: int, port: int | None, verbose: int) -> None:
+    """Proxy-tune a real hosted model on loopback, no API key: Gemma-3-270M (base) steered by
+    SmolLM2-135M-Instruct with and without an arithmetic LoRA adapter.
+
+    Prepares the models on first run (about 2 minutes), then prints hosted alone, expert alone
+    and proxy-tuned answers side by side.
+    """
+    _setup_logging(verbose)
+    from .demo import check_installed, run_demo
+
+    check_installed()
+    run_demo(prompts=prompts, max_tokens=max_tokens, alpha=alpha, port=port, top_k=top_k, echo=click.echo)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -52,6 +52,8 @@ class _TunerBase:
     Args:
         model: the hosted model's name.
         expert, anti_expert: local models (name/path or :class:`Scorer`) sharing one tokenizer.
+        expert_adapter: a LoRA adapter folder; the expert is then ``anti_expert`` with the adapter
+            on, sharing one model in memory with the anti-expert (adapter off).
         base_url, api_key: the OpenAI-compatible endpoint; default ``OPENAI_BASE_URL`` /
             ``OPENAI_API_KEY``. The key never appears in logs, traces or errors.
         mode: ``completions`` | ``chat-prefix`` | ``chat`` (see :mod:`blackbox_proxy.hosted`).
@@ -70,8 +72,9 @@ class _TunerBase:
         self,
         *,
         model: str,
-        expert: Any,
         anti_expert: Any,
+        expert: Any = None,
+        expert_adapter: str | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
         mode: str = "completions",
@@ -111,8 +114,18 @@ class _TunerBase:
         )
         if check_hosted:
             self._check_hosted()
-        self.expert = _load_scorer(expert, device=device, render=expert_render, role="expert")
-        self.anti_expert = _load_scorer(anti_expert, device=device, render=anti_expert_render, role="anti_expert")
+        if expert_adapter is not None:
+            if expert is not None:
+                raise ConfigurationError("pass either an expert model or an expert adapter (over the anti-expert), not both")
+            if not isinstance(anti_expert, str):
+                raise ConfigurationError("with an expert adapter, anti_expert must be the base model's name or path")
+            self.expert, self.anti_expert = Scorer.pair_from_adapter(anti_expert, expert_adapter, device=device,
+                                                                     render=anti_expert_render)
+        else:
+            if expert is None:
+                raise ConfigurationError("no expert: pass an expert model (--expert) or a LoRA adapter (--expert-adapter)")
+            self.expert = _load_scorer(expert, device=device, render=expert_render, role="expert")
+            self.anti_expert = _load_scorer(anti_expert, device=device, render=anti_expert_render, role="anti_expert")
         if not self.expert.vocab.same_as(self.anti_expert.vocab):
             raise TokenizerMismatchError(
                 f"expert {self.expert.name!r} and anti-expert {self.anti_expert.name!r} have different tokenizers "

@@ -56,3 +56,45 @@ def test_cache_extends_and_rolls_back(models_a):
 
 def test_scorer_self_check_accepts_tree_attention(scorers_a):
     assert scorers_a[0].check_tree_attention() is True
+
+
+def test_new_context_tokens_and_tree_in_one_forward(models_a):
+    """score(ids, paths) extends the cache and scores the trie together; then rolls back."""
+    model = models_a[1]
+    ctx = CachedContext(model)
+    ctx.extend_to([5, 6, 7])
+    seq = [5, 6, 7, 8, 9, 10]
+    paths = [(11, 12), (13,)]
+    got = ctx.score(seq, paths)
+    assert ctx.ids == seq and ctx.cache.get_seq_length() == len(seq)
+    for key in [(), (11,), (11, 12), (13,)]:
+        assert torch.allclose(got[key], full_logprobs(model, seq + list(key)), atol=1e-4), key
+    # a rollback in the same call: two tokens replaced, trie on top
+    changed = [5, 6, 7, 8, 20, 21]
+    got = ctx.score(changed, [(3,)])
+    for key in [(), (3,)]:
+        assert torch.allclose(got[key], full_logprobs(model, changed + list(key)), atol=1e-4)
+    # same context again: only the trie is computed
+    again = ctx.score(changed, [(4, 4)])
+    assert torch.allclose(again[(4, 4)], full_logprobs(model, changed + [4, 4]), atol=1e-4)
+
+
+def test_models_that_ignore_custom_masks_fall_back_to_exact_scoring(tok_a, models_a):
+    """A model whose attention ignores the 4D mask fails the self-check; scoring stays exact."""
+    import copy
+
+    from blackbox_proxy import Scorer
+
+    model = copy.deepcopy(models_a[1])
+    plain_forward = model.forward
+
+    def forward(*args, attention_mask=None, position_ids=None, **kwargs):
+        return plain_forward(*args, **kwargs)  # drops the tree mask and positions
+
+    model.forward = forward
+    scorer = Scorer(model, tok_a, render="raw", name="maskless")
+    assert scorer.check_tree_attention() is False
+    session = scorer.session([5, 6, 7])
+    got = session.distributions([8], [(9, 10), (11,)])
+    for key in [(), (9,), (9, 10), (11,)]:
+        assert torch.allclose(got[key], full_logprobs(models_a[1], [5, 6, 7, 8] + list(key)), atol=1e-4), key

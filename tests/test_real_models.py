@@ -1,0 +1,132 @@
+"""The embedded default with real models from PyPI, offline: SmolLM2-135M-Instruct (expert with
+the shipped LoRA adapter, anti-expert without) and Gemma-3-270M base (hosted, over HTTP).
+
+These take a few minutes the first time (conversion to the cache); CI runs them.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from blackbox_proxy import ProxyTuner, Scorer
+from blackbox_proxy.embedded import adapter_path, is_valid, prepare
+from blackbox_proxy.tasks import STOP, problems, score
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir():
+    return prepare("smollm2", progress=False)
+
+
+@pytest.fixture(scope="module")
+def gemma_dir():
+    return prepare("gemma3", progress=False)
+
+
+@pytest.fixture(scope="module")
+def pair(smollm2_dir):
+    return Scorer.pair_from_adapter(str(smollm2_dir), str(adapter_path()))
+
+
+@pytest.fixture(scope="module")
+def gemma_server(gemma_dir):
+    from blackbox_proxy.server import ModelRunner, ServerThread, create_app
+
+    runner = ModelRunner.from_pretrained(str(gemma_dir), name="gemma-3-270m")
+    with ServerThread(create_app(runner)) as server:
+        yield server, runner
+
+
+def test_smollm2_tokenizer_splits_digits(pair):
+    expert, anti = pair
+    tok = anti.tokenizer
+    assert tok.tokenize("Call 12345 at 3.14") == ["Call", "Ġ", "1", "2", "3", "4", "5", "Ġat", "Ġ", "3", ".", "1", "4"]
+    for text in ["Mia has 33 cards and buys 20 more.", "café 12€ naïve 日本 🙂", "x = 2024 * 7"]:
+        assert anti.vocab.bytes_of(anti.vocab.encode_text(text)) == text.encode()
+    assert anti.vocab.size == 49152 and anti.render == "chat"
+    assert {tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")} <= anti.vocab.end_ids
+    assert expert.model is anti.model  # one model in memory
+
+
+def test_gemma_vocabulary(gemma_server):
+    _, runner = gemma_server
+    vocab = runner.vocab
+    assert vocab.size == 262144
+    assert vocab.prompt_prefix_ids == (2,)  # <bos>
+    assert {1, 106} <= vocab.end_ids  # <eos>, <end_of_turn>
+    text = "The café costs 12€"
+    assert vocab.bytes_of(vocab.encode_text(text)) == text.encode()
+
+
+def test_adapter_pair_matches_separate_copies(smollm2_dir, pair):
+    """The toggled pair's offsets equal those of two independent models (merged copy vs base)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    expert, anti = pair
+    merged = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32), str(adapter_path())
+    ).merge_and_unload()
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    separate = (Scorer(merged, anti.tokenizer, vocabulary=anti.vocab), Scorer(base, anti.tokenizer, vocabulary=anti.vocab))
+    messages = problems("test", 1)[0].messages()
+    continuation = [int(i) for i in anti.vocab.encode_text("33 + 20 =")]
+    deltas = []
+    for e, a in (pair, separate):
+        de = e.session(e.prompt_ids(messages=messages)).distributions(continuation)[()]
+        da = a.session(a.prompt_ids(messages=messages)).distributions(continuation)[()]
+        deltas.append(de - da)
+    top = torch.topk(deltas[1].abs(), 50).indices
+    assert torch.allclose(deltas[0][top], deltas[1][top], atol=2e-3)
+    assert float(deltas[0].abs().max()) > 0.5  # the adapter matters
+
+
+def test_proxy_tuned_generation_over_http(gemma_server, gemma_dir, pair):
+    """Black-box per-step across tokenizers on real models: the hosted base model takes the
+    expert's answer format."""
+    server, _ = gemma_server
+    expert, anti = pair
+    tuner = ProxyTuner(base_url=server.base_url, model="gemma-3-270m", expert=expert, anti_expert=anti,
+                       hosted_tokenizer=str(gemma_dir), top_k=20, max_retries=0)
+    problem = problems("test", 2)[1]
+    result = tuner.generate(problem.hosted_prompt(), max_tokens=24, stop=STOP)
+    assert "hosted vocabulary" in result.settings["alignment"] and result.settings["token_prompts"]
+    assert result.usage.api_calls == len(result.trace)
+    assert score(result.text, problem)["formatted"], result.text
+    alone = tuner.client._client.completions.create(model="gemma-3-270m", prompt=problem.hosted_prompt(),
+                                                    max_tokens=24, temperature=0, stop=STOP).choices[0].text
+    assert not score(alone, problem)["formatted"]  # the format came from the expert
+
+
+def test_cache_detects_corruption_and_rebuilds(smollm2_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("BLACKBOX_PROXY_CACHE", str(tmp_path))
+    target = tmp_path / "models" / smollm2_dir.name
+    shutil.copytree(smollm2_dir, target)
+    assert is_valid(target, verify_hashes=True)
+    weights = target / "model.safetensors"
+    with weights.open("r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+    assert not is_valid(target)
+    assert prepare("smollm2", progress=False) == target
+    assert is_valid(target, verify_hashes=True)
+
+
+def test_demo_command_end_to_end():
+    """README command #1's last step: the demo runs and stops the server it started."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "blackbox_proxy.cli", "demo", "--prompts", "1", "--max-tokens", "16",
+                           "--port", str(port)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "hosted alone" in proc.stdout and "proxy-tuned" in proc.stdout and "API calls" in proc.stdout
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))  # freed: the demo stopped its server
