@@ -8,8 +8,10 @@ prompt plus continuation bytes s, and a hosted candidate v with bytes b:
    tokens, plus any incomplete UTF-8 tail).
 2. *Prefix cover.* P_cover(x) = P(M's next bytes start with x) ~= the product of the canonical
    tokens of x but the last, times the summed probability of every token whose bytes start with
-   the last token's bytes (one range of the sorted byte index; an incomplete UTF-8 tail joins
-   that last token). Then P_M(b | s) ~= P_cover(u + b) / P_cover(u).
+   the last token's bytes (one range of the sorted byte index). When x ends inside a UTF-8
+   character, two disjoint readings are summed: all complete tokens, then a token that starts
+   with the tail; or all but the last, then a token that starts with the last token's bytes
+   plus the tail. Then P_M(b | s) ~= P_cover(u + b) / P_cover(u).
 3. *Hosted-vocabulary correction.* "The next hosted token is v" excludes texts that continue
    into a longer hosted token. With the hosted vocabulary known, subtract the cover of every
    minimal hosted extension v' of v. Only extensions ending inside M's last token are
@@ -36,16 +38,22 @@ from .vocab import Vocabulary, split_utf8
 
 
 @dataclass(frozen=True)
-class Query:
-    """One probability to read off the model: P(path) x final.
-
-    ``final`` is either a prefix range (``remainder`` bytes, minus each of ``subtract``) or
-    exact end tokens (``end=True``). ``impossible`` marks text M cannot express (floor).
-    """
+class Term:
+    """P(the small model's next tokens are ``path``) x final, where final is the mass of the
+    tokens starting with ``remainder`` minus those starting with any of ``subtract`` (or the
+    mass of the end tokens, for end queries)."""
 
     path: tuple[int, ...]
     remainder: bytes = b""
     subtract: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
+class Query:
+    """One probability: the sum of its terms (disjoint events). ``end`` makes every term's
+    final the end tokens' mass; ``impossible`` marks text the model cannot express (floor)."""
+
+    terms: tuple[Term, ...] = ()
     end: bool = False
     impossible: bool = False
 
@@ -61,10 +69,8 @@ class Plan:
 
     @property
     def paths(self) -> list[tuple[int, ...]]:
-        out = [q.path for q in self.queries if q.path]
-        if self.denominator is not None and self.denominator.path:
-            out.append(self.denominator.path)
-        return out
+        queries = list(self.queries) + ([self.denominator] if self.denominator is not None else [])
+        return [t.path for q in queries for t in q.terms if t.path]
 
 
 class Aligner:
@@ -93,27 +99,38 @@ class Aligner:
     # ----- planning ---------------------------------------------------------------------------
     def split_context(self, continuation: bytes) -> tuple[tuple[int, ...], bytes]:
         """(kept ids, pending bytes) for a continuation (step 1)."""
-        valid, tail = split_utf8(continuation)
-        ids = self.small.encode_text(valid.decode("utf-8")) if valid else []
+        complete, tail = split_utf8(continuation)
+        ids = self.small.encode_complete(complete)
+        if ids is None:  # bytes the small vocabulary cannot express: keep nothing stable
+            return (), continuation
         keep = max(0, len(ids) - self.backoff)
         return tuple(ids[:keep]), self.small.bytes_of(ids[keep:]) + tail
 
     def cover_query(self, data: bytes, extensions: Sequence[bytes] = ()) -> Query:
-        """The query for P_cover(data), minus the covers of ``data + e`` for each extension e."""
-        valid, tail = split_utf8(data)
-        ids = self.small.encode_text(valid.decode("utf-8")) if valid else []
+        """P_cover(data), minus the covers of ``data + e`` for each extension e.
+
+        Complete text: canonical tokens but the last, then the range of the last token's bytes.
+        With an incomplete UTF-8 tail, two disjoint events are summed: all complete tokens
+        then a token starting with the tail, or all but the last then a token starting with
+        the last token's bytes plus the tail (the character may merge into it).
+        """
+        complete, tail = split_utf8(data)
+        ids = self.small.encode_complete(complete)
+        if ids is None:
+            return Query(impossible=True)
+        candidates: list[tuple[tuple[int, ...], bytes]] = []
+        if tail:
+            candidates.append((tuple(ids), tail))
         if ids:
-            path, remainder = tuple(ids[:-1]), (self.small.token_bytes[ids[-1]] or b"") + tail
-        else:
-            path, remainder = (), tail
-        subtract = tuple(remainder + e for e in extensions)
-        return Query(path=path, remainder=remainder, subtract=subtract)
+            candidates.append((tuple(ids[:-1]), (self.small.token_bytes[ids[-1]] or b"") + tail))
+        terms = tuple(Term(path, rem, tuple(rem + e for e in extensions)) for path, rem in candidates)
+        return Query(terms=terms)
 
     def end_query(self, pending: bytes) -> Query:
         ids = self.small.encode_bytes(pending)
         if ids is None or not self.small.end_ids:
-            return Query(path=(), end=True, impossible=True)
-        return Query(path=tuple(ids), end=True)
+            return Query(end=True, impossible=True)
+        return Query(terms=(Term(tuple(ids)),), end=True)
 
     def plan(self, continuation: bytes, candidates: Sequence[Candidate]) -> Plan:
         kept, pending = self.split_context(continuation)
@@ -133,6 +150,7 @@ class Aligner:
     def evaluate(self, plan: Plan, dists: Mapping[tuple[int, ...], torch.Tensor]) -> list[float]:
         """log P_M(b | s) for every candidate of ``plan`` from the model's distributions."""
         cumsums: dict[tuple[int, ...], torch.Tensor] = {}
+        ends = sorted(self.small.end_ids)
 
         def cumsum(path: tuple[int, ...]) -> torch.Tensor:
             if path not in cumsums:
@@ -142,27 +160,30 @@ class Aligner:
                 cumsums[path] = torch.cat([ordered.new_zeros(1), ordered.cumsum(0)])
             return cumsums[path]
 
-        def log_prob(query: Query) -> float:
-            if query.impossible:
-                return -math.inf
-            logp = 0.0
-            for depth, token in enumerate(query.path):
-                logp += float(dists[query.path[:depth]][token])
-            final_dist = dists[query.path]
-            if query.end:
-                ends = sorted(self.small.end_ids)
-                final = float(final_dist[ends].double().exp().sum())
-            elif query.remainder:
-                c = cumsum(query.path)
-                lo, hi = self.small.prefix_range(query.remainder)
+        def log_term(term: Term, end: bool) -> float:
+            logp = sum(float(dists[term.path[:depth]][token]) for depth, token in enumerate(term.path))
+            if end:
+                final = float(dists[term.path][ends].double().exp().sum())
+            elif term.remainder:
+                c = cumsum(term.path)
+                lo, hi = self.small.prefix_range(term.remainder)
                 final = float(c[hi] - c[lo])
-                for sub in query.subtract:
+                for sub in term.subtract:
                     s_lo, s_hi = self.small.prefix_range(sub)
                     if s_hi > s_lo:
                         final -= float(c[s_hi] - c[s_lo])
             else:
                 final = 1.0
             return logp + math.log(final) if final > 0 else -math.inf
+
+        def log_prob(query: Query) -> float:
+            if query.impossible or not query.terms:
+                return -math.inf
+            values = [log_term(t, query.end) for t in query.terms]
+            top = max(values)
+            if top == -math.inf:
+                return top
+            return top + math.log(sum(math.exp(v - top) for v in values))
 
         log_denominator = log_prob(plan.denominator) if plan.denominator is not None else 0.0
         floor = math.log(PROB_FLOOR)

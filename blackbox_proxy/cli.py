@@ -66,7 +66,7 @@ def main() -> None:
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--top-k", type=int, default=20, show_default=True, help="candidates per position asked of the API")
+@click.option("--top-k", type=int, default=None, help="candidates per position asked of the API [default: 20; 5 on OpenAI's /v1/completions]")
 @click.option("--seed", type=int, default=None, help="seed for sampling")
 @click.option("--stop", multiple=True, help="stop string (repeatable)")
 @click.option("--hosted-tokenizer", default=None,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from . import combiner
+from ._constants import PROB_FLOOR
 from .aligner import Aligner
 from .errors import HostedResponseError
 from .scorer import ScorerSession
@@ -54,14 +55,17 @@ class DecodeParams:
 
 
 def _same_vocab_logprobs(dist: torch.Tensor, candidates: Sequence[Candidate], vocab: Vocabulary) -> list[float]:
-    """log P_M(v) by token id (same-tokenizer fast path); end tokens without an id use M's ends."""
+    """log P_M(v) by token id (same-tokenizer fast path); end tokens without an id use M's ends.
+    Clamped at log(PROB_FLOOR) like the aligner, so a delta is never inf - inf."""
+    floor = math.log(PROB_FLOOR)
     out = []
     for cand in candidates:
         if cand.token_id is not None and cand.token_id < dist.shape[0]:
-            out.append(float(dist[cand.token_id]))
+            value = float(dist[cand.token_id])
         else:
             ends = sorted(i for i in vocab.end_ids if i < dist.shape[0])
-            out.append(float(torch.logsumexp(dist[ends], 0)) if ends else -math.inf)
+            value = float(torch.logsumexp(dist[ends], 0)) if ends else -math.inf
+        out.append(max(floor, value))
     return out
 
 
@@ -108,7 +112,8 @@ class PerStepDecoder:
         self.steps: list[StepTrace] = []
         self.usage = Usage()
         self.finish_reason: str | None = None
-        self._text_end = 0  # bytes of the continuation that form the final text (stop strings)
+        self.end_ids: tuple[int, ...] = ()  # hosted end ids, when the hosted vocabulary is known
+        self._end_hidden = False  # the API ended without logprobs: ask again with the end banned
 
     @property
     def done(self) -> bool:
@@ -123,6 +128,10 @@ class PerStepDecoder:
     def request(self) -> HostedRequest:
         p = self.params
         common = dict(mode=self.mode, max_tokens=1, top_k=p.top_k, temperature=0.0, top_p=1.0)
+        if self._end_hidden:
+            # OpenAI reports no logprobs when it samples the end; banning it for the draw (logit_bias
+            # does not change returned logprobs) brings the position back with the end among the top-k.
+            common["logit_bias"] = tuple((i, -100.0) for i in self.end_ids)
         if self.mode == "completions":
             if self.hosted_prompt_ids is not None and self.hosted_ids is not None:
                 return HostedRequest(prompt=tuple(self.hosted_prompt_ids + self.hosted_ids), **common)
@@ -174,8 +183,14 @@ class PerStepDecoder:
         )
         if not result.positions:
             # The server ended the text and reported no logprobs for that position.
+            if self.end_ids and not self._end_hidden:
+                self._end_hidden = True  # ask once more with the end tokens banned from the draw
+                return None
             self.finish_reason = "stop"
             return None
+        if self._end_hidden:
+            notes.append("the API ended without logprobs; re-asked with the end token banned from its draw")
+            self._end_hidden = False
         position = result.positions[0]
         if not position.candidates:
             raise HostedResponseError(
@@ -186,8 +201,10 @@ class PerStepDecoder:
         if excluded:
             notes.append(f"{excluded} candidate(s) ending inside a UTF-8 character excluded (text prompt)")
         if not candidates:
-            notes.append("every candidate ends inside a UTF-8 character; kept them (text may hold U+FFFD)")
-            candidates = list(position.candidates)
+            raise HostedResponseError(
+                "every candidate at this position ends inside a UTF-8 character, which a text prompt "
+                "cannot carry; pass --hosted-tokenizer so the client can send token-id prompts"
+            )
         lp_e, lp_a, alignment = self._small_logprobs(candidates)
         hosted = torch.tensor([c.logprob for c in candidates], dtype=torch.float64)
         delta = torch.tensor(lp_e, dtype=torch.float64) - torch.tensor(lp_a, dtype=torch.float64)

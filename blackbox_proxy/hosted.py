@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from . import _constants as C
-from ._logging import register_secret
+from ._logging import redact, register_secret
 from .errors import (
     ConfigurationError,
     HostedAPIError,
@@ -171,19 +171,15 @@ class ResponseParser:
             return Candidate(text, b"", logprob, end_id, True)
         if vocab is not None and vocab.id_for_special(text) is not None:
             return None  # a special token that does not end the text: no bytes to align
-        if raw_bytes is not None:
-            data = bytes(raw_bytes)
-            if data == _REPLACEMENT.encode() and text == _REPLACEMENT:
-                return None  # vLLM's placeholder for a partial character: true bytes unknown
-        else:
-            if _REPLACEMENT in text:
-                return None
-            data = decode_token_text(text)
+        data = bytes(raw_bytes) if raw_bytes is not None else decode_token_text(text)
+        if _REPLACEMENT in text and not (vocab is not None and vocab.ids_for_bytes(data)):
+            # A partial character printed as U+FFFD (vLLM fills `bytes` from that text too):
+            # the true bytes are unknown unless the hosted vocabulary has such a token.
+            return None
         if not data:
             return None
         if vocab is not None:
-            ids = vocab.ids_for_bytes(data)
-            token_id = ids[0] if len(ids) == 1 else None
+            token_id = vocab.canonical_id(data)
         return Candidate(text, data, logprob, token_id, False)
 
     def _end_placeholder(self, text: str, logprob: float | None) -> Candidate | None:
@@ -252,9 +248,12 @@ def _usage(response: Any) -> HostedUsage:
 
 
 def _one_line(text: str, secret: str | None) -> str:
-    text = " ".join(str(text).split())
+    """One line, at most 400 characters, with the secret masked in every spelling we know."""
+    text = str(text)
     if secret:
-        text = text.replace(secret, "***")
+        for form in {secret, repr(secret)[1:-1], repr(secret.encode())[2:-1]}:
+            text = text.replace(form, "***")
+    text = redact(" ".join(text.split()))
     return text[:400]
 
 
@@ -323,8 +322,14 @@ class _HostedBase:
             raise ConfigurationError(f"max_retries must be >= 0, got {max_retries}")
         self.model = model
         self.base_url = normalise_base_url(base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1")
-        self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or "no-key"
-        register_secret(self._api_key)
+        key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        key = (key or "").strip() or "no-key"
+        register_secret(key)
+        if any(ch.isspace() or not ch.isprintable() or not ch.isascii() for ch in key):
+            raise ConfigurationError(
+                "the API key holds spaces, control or non-ASCII characters; check --api-key / OPENAI_API_KEY"
+            )
+        self._api_key = key
         self.mode = mode
         self.dialect = dialect
         self.vocab = hosted_vocab
@@ -390,6 +395,10 @@ class _HostedBase:
         }
         if request.seed is not None:
             common["seed"] = request.seed
+        if request.logit_bias:
+            common["logit_bias"] = {str(token): bias for token, bias in request.logit_bias}
+        if self.dialect == "vllm":
+            extra.setdefault("skip_special_tokens", False)  # else end tokens print as ""
         if self.mode == "completions":
             prompt = list(request.prompt) if isinstance(request.prompt, tuple) else request.prompt
             if prompt is None or prompt == "" or prompt == []:
@@ -403,7 +412,12 @@ class _HostedBase:
             if request.assistant_prefix:
                 if self.mode != "chat-prefix":
                     raise ConfigurationError("only chat-prefix mode can continue a partial assistant answer")
-                dialect = self.dialect or "vllm"
+                dialect = self.dialect
+                if dialect not in ("vllm", "deepseek", "mistral"):
+                    raise ConfigurationError(
+                        f"cannot tell how {self.base_url} continues an assistant prefix (a server that ignores "
+                        "the request would silently start a new answer); pass --dialect vllm, deepseek or mistral"
+                    )
                 if dialect in ("deepseek", "mistral"):
                     messages.append({"role": "assistant", "content": request.assistant_prefix, "prefix": True})
                 else:
@@ -419,6 +433,24 @@ class _HostedBase:
         if endpoint == "completions":
             return self.parser.completion(response, index)
         return self.parser.chat(response, index)
+
+    def _retry_delay_or_raise(self, exc: BaseException, attempt: int, started: float) -> float:
+        """Seconds to wait before attempt ``attempt + 1``; raises the translated error when the
+        failure is not retryable or the attempt/total-wait caps are reached."""
+        delay = retry_delay(exc, attempt, self._rng)
+        waited = time.monotonic() - started
+        if delay is None or attempt > self.max_retries or waited + delay > C.MAX_TOTAL_RETRY_WAIT:
+            raise self.translate(exc) from None
+        logger.info("hosted API call failed (%s); retry %d in %.2f s", type(exc).__name__, attempt, delay)
+        return delay
+
+    def _after_models_error(self, exc: HostedAPIError) -> None:
+        """``/v1/models`` failed: connection and key errors are fatal; a host without the
+        endpoint (404) or with another failure there is checked by the first real call."""
+        if isinstance(exc, (HostedConnectionError, HostedAuthenticationError)):
+            raise exc
+        self._checked = True
+        self._detect_dialect(set())
 
     def translate(self, exc: BaseException) -> HostedAPIError:
         """Map an SDK exception to this library's error tree, with a message that says the fix."""
@@ -492,32 +524,17 @@ class HostedClient(_HostedBase):
                 return fn()
             except openai.OpenAIError as exc:
                 attempt += 1
-                delay = retry_delay(exc, attempt, self._rng)
-                waited = time.monotonic() - started
-                if delay is None or attempt > self.max_retries or waited + delay > C.MAX_TOTAL_RETRY_WAIT:
-                    raise self.translate(exc) from None
-                logger.info("hosted API call failed (%s); retry %d in %.2f s", type(exc).__name__, attempt, delay)
-                time.sleep(delay)
+                time.sleep(self._retry_delay_or_raise(exc, attempt, started))
 
     def check(self) -> None:
         """Ask ``/v1/models`` once: fail fast on a bad URL, key or model name; detect the dialect."""
         if self._checked:
             return
-        import openai
-
         try:
             models = self._with_retries(lambda: self._client.models.list())
-        except HostedModelNotFoundError:
-            self._checked = True  # no /v1/models on this host: nothing to check
-            self._detect_dialect(set())
-            return
         except HostedAPIError as exc:
-            if isinstance(exc, (HostedConnectionError, HostedAuthenticationError)):
-                raise
-            self._checked = True
+            self._after_models_error(exc)
             return
-        except openai.OpenAIError as exc:  # pragma: no cover - translated above
-            raise self.translate(exc) from None
         self._after_models(models)
 
     def complete(self, request: HostedRequest) -> list[HostedResult]:
@@ -555,26 +572,15 @@ class AsyncHostedClient(_HostedBase):
                 return await fn()
             except openai.OpenAIError as exc:
                 attempt += 1
-                delay = retry_delay(exc, attempt, self._rng)
-                waited = time.monotonic() - started
-                if delay is None or attempt > self.max_retries or waited + delay > C.MAX_TOTAL_RETRY_WAIT:
-                    raise self.translate(exc) from None
-                logger.info("hosted API call failed (%s); retry %d in %.2f s", type(exc).__name__, attempt, delay)
-                await asyncio.sleep(delay)
+                await asyncio.sleep(self._retry_delay_or_raise(exc, attempt, started))
 
     async def check(self) -> None:
         if self._checked:
             return
         try:
             models = await self._with_retries(lambda: self._client.models.list())
-        except HostedModelNotFoundError:
-            self._checked = True
-            self._detect_dialect(set())
-            return
         except HostedAPIError as exc:
-            if isinstance(exc, (HostedConnectionError, HostedAuthenticationError)):
-                raise
-            self._checked = True
+            self._after_models_error(exc)
             return
         self._after_models(models)
 

@@ -160,10 +160,12 @@ class CachedContext:
             kwargs = {"attention_mask": mask, "position_ids": torch.tensor([positions], device=self.device)}
         try:
             logits = self._forward(inputs, **kwargs)
-        finally:
-            extra = _cache_length(self.cache) - len(ids)
-            if extra > 0:
-                self.cache.crop(-extra)
+        except BaseException:
+            self.reset()  # the cache may hold part of this call: start clean next time
+            raise
+        extra = _cache_length(self.cache) - len(ids)
+        if extra > 0:
+            self.cache.crop(-extra)
         logprobs = torch.log_softmax(logits, dim=-1)
         if n_new:
             self.last_logprobs = logprobs[n_new - 1]
@@ -180,8 +182,10 @@ class CachedContext:
         for leaf in leaves:
             try:
                 logits = self._forward(list(leaf))
-            finally:
-                self.cache.crop(-(_cache_length(self.cache) - n_ctx))
+            except BaseException:
+                self.reset()
+                raise
+            self.cache.crop(-(_cache_length(self.cache) - n_ctx))
             logprobs = torch.log_softmax(logits, dim=-1)
             for depth in range(1, len(leaf) + 1):
                 out.setdefault(leaf[:depth], logprobs[depth - 1])
@@ -235,6 +239,11 @@ class Scorer:
         self.lock = lock or model_lock(model)
         self.device = next(model.parameters()).device
         self.max_length = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+        window = getattr(model.config, "sliding_window", None)
+        if getattr(model.config, "use_sliding_window", True) is False:
+            window = None
+        # Past this length the tree mask (which has no window) would let sliding layers see too far.
+        self.sliding_window: int | None = int(window) if window else None
         self._tree_ok: bool | None = None
 
     @classmethod
@@ -360,16 +369,22 @@ class Scorer:
             probe = list(self.vocab.sorted_ids[:6])
         ctx_ids, a, b, c = probe[:3], probe[3], probe[4], probe[5]
         with self.lock:
-            ctx = CachedContext(self.model, forward_context=self.forward_context)
-            ctx.extend_to(ctx_ids[:1])
-            ctx.tree_ok = True
-            fast = ctx.score(ctx_ids, [(a, c), (b,)])  # new context tokens and trie in one forward
-            worst = 0.0
-            for path in [(), (a,), (a, c), (b,)]:
-                ref = CachedContext(self.model, forward_context=self.forward_context)
-                slow = ref.extend_to(ctx_ids + list(path))
-                # Compare probabilities: a mask that is ignored moves them by far more than this.
-                worst = max(worst, float((fast[path].exp() - slow.exp()).abs().max()))
+            try:
+                ctx = CachedContext(self.model, forward_context=self.forward_context)
+                ctx.extend_to(ctx_ids[:1])
+                ctx.tree_ok = True
+                fast = ctx.score(ctx_ids, [(a, c), (b,)])  # new context tokens and trie in one forward
+                worst = 0.0
+                for path in [(), (a,), (a, c), (b,)]:
+                    ref = CachedContext(self.model, forward_context=self.forward_context)
+                    slow = ref.extend_to(ctx_ids + list(path))
+                    # Compare probabilities: a mask that is ignored moves them by far more than this.
+                    worst = max(worst, float((fast[path].exp() - slow.exp()).abs().max()))
+            except Exception as exc:  # noqa: BLE001 - e.g. flash-attention refuses 4D masks
+                logger.warning("%s cannot take a tree attention mask (%s); scoring one path per forward",
+                               self.name, type(exc).__name__)
+                self._tree_ok = False
+                return False
         tolerance = 2e-3 if next(self.model.parameters()).dtype == torch.float32 else 2e-2
         self._tree_ok = worst < tolerance
         if not self._tree_ok:
@@ -404,6 +419,8 @@ class ScorerSession:
                 "lower max_tokens or shorten the prompt"
             )
         tree_ok = scorer.check_tree_attention() if paths else True
+        if scorer.sliding_window and longest >= scorer.sliding_window:
+            tree_ok = False
         with scorer.lock:
             self.context.tree_ok = tree_ok
             result = self.context.score(ids, paths)

@@ -33,7 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from .scorer import CachedContext, select_device
+from .scorer import CachedContext, model_lock, select_device
 from .vocab import Vocabulary, vocabulary_from_hf
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class ModelRunner:
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         extra = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
         self.vocab: Vocabulary = vocabulary_from_hf(tokenizer, end_ids=extra, name=name)
-        self.lock = threading.Lock()
+        self.lock = model_lock(model)  # shared with any Scorer on the same model object
         self.context = CachedContext(model)
         self.max_length = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
 
@@ -145,20 +145,27 @@ class ModelRunner:
         stop: list[str],
         top_k: int,
         n: int = 1,
+        logit_bias: dict[int, float] | None = None,
     ) -> list[Generation]:
         generator = torch.Generator()
         generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
         with self.lock:
-            return [self._one(prompt_ids, max_tokens, temperature, top_p, stop, top_k, generator) for _ in range(n)]
+            return [self._one(prompt_ids, max_tokens, temperature, top_p, stop, top_k, generator, logit_bias or {})
+                    for _ in range(n)]
 
-    def _one(self, prompt_ids, max_tokens, temperature, top_p, stop, top_k, generator) -> Generation:
+    def _one(self, prompt_ids, max_tokens, temperature, top_p, stop, top_k, generator, logit_bias) -> Generation:
         ids = list(prompt_ids)
         out: list[Sampled] = []
         text_ids: list[int] = []
         finish = "length"
         logprobs = self.context.extend_to(ids)
         for _ in range(max_tokens):
-            token = self._draw(logprobs, temperature, top_p, generator)
+            biased = logprobs
+            if logit_bias:  # like OpenAI: biases the draw, not the reported logprobs
+                biased = logprobs.clone()
+                for token_id, bias in logit_bias.items():
+                    biased[token_id] += bias
+            token = self._draw(biased, temperature, top_p, generator)
             top: tuple[tuple[int, float], ...] = ()
             if top_k > 0:
                 values, indices = torch.topk(logprobs, min(top_k, logprobs.shape[0]))
@@ -281,11 +288,30 @@ def create_app(
         return {
             "max_tokens": max_tokens,
             "temperature": _number(body, "temperature", 1.0, float, 0.0, 2.0),
-            "top_p": _number(body, "top_p", 1.0, float, 0.0, 1.0) or 1.0,
+            "top_p": _number(body, "top_p", 1.0, float, 0.0, 1.0),
             "seed": _number(body, "seed", None, int),
             "stop": _as_list(body.get("stop")),
             "n": _number(body, "n", 1, int, 1, 16),
+            "logit_bias": _logit_bias(body.get("logit_bias")),
         }
+
+    def _logit_bias(value: Any) -> dict[int, float]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise APIError(400, "logit_bias must be an object mapping token ids to numbers", param="logit_bias")
+        out = {}
+        for key, bias in value.items():
+            try:
+                token = int(key)
+            except (TypeError, ValueError):
+                raise APIError(400, f"logit_bias key {key!r} is not a token id", param="logit_bias") from None
+            if not 0 <= token < runner.vocab.size or isinstance(bias, bool) or not isinstance(bias, (int, float)) \
+                    or not -100 <= bias <= 100:
+                raise APIError(400, f"logit_bias needs token ids in [0, {runner.vocab.size}) and values in "
+                                    "[-100, 100]", param="logit_bias")
+            out[token] = float(bias)
+        return out
 
     def _check_length(prompt_ids: list[int], max_tokens: int) -> int:
         if not prompt_ids:
@@ -346,7 +372,7 @@ def create_app(
             logprobs = None
             if k is not None:
                 tokens, token_logprobs, tops, offsets = [], [], [], []
-                offset = 0
+                offset = len(prompt) if isinstance(prompt, str) else 0
                 for s in gen.tokens:
                     text = _text(s.token_id, as_ids)
                     tokens.append(text)
@@ -358,7 +384,7 @@ def create_app(
                     tops.append(entry)
                     offsets.append(offset)
                     if s.token_id not in runner.vocab.end_ids:
-                        offset += len(runner.token_text(s.token_id))
+                        offset += len((runner.vocab.token_bytes[s.token_id] or b"").decode("utf-8", errors="replace"))
                 logprobs = {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
             choices.append({"index": index, "text": gen.text, "finish_reason": gen.finish_reason, "logprobs": logprobs})
         return JSONResponse({

@@ -60,7 +60,8 @@ class _TunerBase:
         hosted_tokenizer: the hosted model's tokenizer if known (``tiktoken:o200k_base``, an
             OpenAI model name, an HF tokenizer path, or a :class:`Vocabulary`). Enables exact
             token-id prompts, the extension correction, and the same-tokenizer fast path.
-        top_k: candidates per position asked of the API.
+        top_k: candidates per position asked of the API; by default 20, or 5 on OpenAI's
+            legacy completions endpoint (its cap).
         dialect: ``openai`` | ``vllm`` | ``deepseek`` | ``mistral`` (detected when left out).
         expert_render, anti_expert_render: ``auto`` | ``chat`` | ``raw`` prompt rendering.
         backoff: tokens dropped to reach a stable tokenisation boundary (aligner).
@@ -79,7 +80,7 @@ class _TunerBase:
         api_key: str | None = None,
         mode: str = "completions",
         hosted_tokenizer: Any = None,
-        top_k: int = C.DEFAULT_TOP_K,
+        top_k: int | None = None,
         dialect: str | None = None,
         device: str | None = None,
         expert_render: str = "auto",
@@ -92,7 +93,7 @@ class _TunerBase:
     ) -> None:
         if mode not in MODES:
             raise ConfigurationError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
             raise ConfigurationError(f"top_k must be an integer >= 1, got {top_k!r}")
         if backoff < 0:
             raise ConfigurationError(f"backoff must be >= 0, got {backoff}")
@@ -132,11 +133,7 @@ class _TunerBase:
                 f"({self.expert.vocab.size} vs {self.anti_expert.vocab.size} ids); use the same small model "
                 "before and after tuning"
             )
-        self.same_vocab = bool(
-            self.hosted_vocab is not None
-            and self.hosted_vocab.same_as(self.expert.vocab)
-            and self.hosted_vocab.unique_bytes
-        )
+        self.same_vocab = bool(self.hosted_vocab is not None and self.hosted_vocab.same_as(self.expert.vocab))
         self.aligner = Aligner(self.expert.vocab, self.hosted_vocab, backoff=backoff)
 
     def _check_hosted(self) -> None:
@@ -181,12 +178,16 @@ class _TunerBase:
         if self.mode == "completions" and prompt is None:
             raise ConfigurationError("completions mode takes a text prompt; pass prompt=TEXT or use a chat mode")
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        params = DecodeParams(alpha, temperature, top_p, max_tokens, self.top_k, stops, seed)
+        top_k = self.top_k
+        if top_k is None:
+            openai_legacy = self.mode == "completions" and self.client.dialect == "openai"
+            top_k = C.OPENAI_COMPLETIONS_MAX_LOGPROBS if openai_legacy else C.DEFAULT_TOP_K
+        params = DecodeParams(alpha, temperature, top_p, max_tokens, top_k, stops, seed)
         expert_session = self.expert.session(self.expert.prompt_ids(prompt=prompt, messages=messages))
         anti_session = self.anti_expert.session(self.anti_expert.prompt_ids(prompt=prompt, messages=messages))
         hosted_prompt_ids = None
         if self.mode == "completions" and self.client.token_prompts and self.hosted_vocab is not None:
-            hosted_prompt_ids = list(self.hosted_vocab.prompt_prefix_ids) + self.hosted_vocab.encode_text(prompt or "")
+            hosted_prompt_ids = self.hosted_vocab.encode_prompt(prompt or "")
         settings = {
             "strategy": strategy,
             "mode": self.mode,
@@ -194,7 +195,7 @@ class _TunerBase:
             "alpha": alpha,
             "temperature": temperature,
             "top_p": top_p,
-            "top_k": self.top_k,
+            "top_k": top_k,
             "max_tokens": max_tokens,
             "seed": seed,
             "expert": self.expert.name,
@@ -203,7 +204,7 @@ class _TunerBase:
             "alignment": "token ids (same tokenizer)" if self.same_vocab else self.aligner.description,
             "token_prompts": hosted_prompt_ids is not None,
         }
-        return PerStepDecoder(
+        decoder = PerStepDecoder(
             mode=self.mode,
             expert=expert_session,
             anti_expert=anti_session,
@@ -215,6 +216,9 @@ class _TunerBase:
             hosted_prompt_ids=hosted_prompt_ids,
             settings=settings,
         )
+        if self.hosted_vocab is not None:
+            decoder.end_ids = tuple(sorted(self.hosted_vocab.end_ids))
+        return decoder
 
 
 class ProxyTuner(_TunerBase):

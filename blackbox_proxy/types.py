@@ -76,6 +76,7 @@ class HostedRequest:
     top_p: float = 1.0
     seed: int | None = None
     n: int = 1
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)

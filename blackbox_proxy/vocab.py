@@ -54,21 +54,25 @@ def _unicode_to_byte() -> dict[str, int]:
 
 
 def split_utf8(data: bytes) -> tuple[bytes, bytes]:
-    """Split ``data`` into its longest valid UTF-8 prefix and an incomplete tail.
+    """Split ``data`` into what is complete and an incomplete UTF-8 sequence at its very end.
 
-    >>> split_utf8("é".encode()[:1] + b"")
+    Only a character cut off by the end of ``data`` is a tail (more bytes may complete it);
+    invalid bytes elsewhere stay in the complete part (see :meth:`Vocabulary.encode_bytes`).
+
+    >>> split_utf8("é".encode()[:1])
     (b'', b'\\xc3')
     >>> split_utf8(b"ab\\xe2\\x82")
     (b'ab', b'\\xe2\\x82')
+    >>> split_utf8(b"a\\xff b")
+    (b'a\\xff b', b'')
     """
-    try:
-        data.decode("utf-8")
-        return data, b""
-    except UnicodeDecodeError as exc:
-        if exc.reason == "unexpected end of data":
-            return data[: exc.start], data[exc.start :]
-        # Invalid in the middle: only the part before the first bad byte is text.
-        return data[: exc.start], data[exc.start :]
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 == 0x80:  # continuation byte: the lead is further back
+            continue
+        need = 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4 if byte >> 3 == 0b11110 else 1
+        return (data[:-back], data[-back:]) if need > back else (data, b"")
+    return data, b""
 
 
 def _upper_bound(prefix: bytes) -> bytes | None:
@@ -217,17 +221,59 @@ class Vocabulary:
         """The single-byte token for ``byte`` (byte-level BPE, ``<0xNN>`` pieces), if any."""
         return self._byte_tokens.get(byte)
 
+    def encode_complete(self, data: bytes) -> list[int] | None:
+        """Ids for bytes that hold no incomplete tail: canonical ids for each valid UTF-8 run,
+        single-byte tokens for invalid bytes. ``None`` if a byte has no token."""
+        ids: list[int] = []
+        pos = 0
+        while pos < len(data):
+            try:
+                ids += self.encode_text(data[pos:].decode("utf-8"))
+                break
+            except UnicodeDecodeError as exc:
+                if exc.start:
+                    ids += self.encode_text(data[pos : pos + exc.start].decode("utf-8"))
+                for byte in data[pos + exc.start : pos + exc.end]:
+                    token = self.byte_token(byte)
+                    if token is None:
+                        return None
+                    ids.append(token)
+                pos += exc.end
+        return ids
+
     def encode_bytes(self, data: bytes) -> list[int] | None:
-        """Ids whose bytes concatenate to ``data``: canonical ids for the valid UTF-8 part,
-        single-byte tokens for an incomplete tail. ``None`` if the tail has no byte tokens."""
-        valid, tail = split_utf8(data)
-        ids = self.encode_text(valid.decode("utf-8")) if valid else []
+        """Ids whose bytes concatenate to ``data`` exactly (an incomplete tail as byte tokens).
+        ``None`` if some byte has no token."""
+        complete, tail = split_utf8(data)
+        ids = self.encode_complete(complete)
+        if ids is None:
+            return None
         for byte in tail:
             token = self.byte_token(byte)
             if token is None:
                 return None
             ids.append(token)
         return ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Ids a server would give a text prompt: its prefix ids (e.g. <bos>), then the
+        tokenizer's own encoding (no round-trip fallback: this is what the model saw in training)."""
+        return list(self.prompt_prefix_ids) + list(self._encode(text))
+
+    @functools.lru_cache(maxsize=65536)
+    def canonical_id(self, data: bytes) -> int | None:
+        """The id a text with these bytes is encoded to when several ids share them (e.g. a
+        byte-fallback ``<0x0A>`` beside a literal newline piece); the only id otherwise."""
+        ids = self.ids_for_bytes(data)
+        if len(ids) <= 1:
+            return ids[0] if ids else None
+        try:
+            encoded = self._encode(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            encoded = []
+        if len(encoded) == 1 and encoded[0] in ids:
+            return encoded[0]
+        return ids[0]
 
     def same_as(self, other: "Vocabulary") -> bool:
         """True when both map every id to the same bytes (the same-tokenizer fast path)."""

@@ -22,11 +22,30 @@ def _probs(model, ids):
 
 
 def reference_logprob(model, tok, vocab, prompt_ids, continuation, cand, hosted_bytes, backoff):
-    """log P_M(b | s) by brute force."""
+    """log P_M(b | s) by brute force, written from DESIGN.md §2.2 without the library's code."""
+
+    def complete_and_tail(data):
+        for back in range(1, min(4, len(data)) + 1):
+            byte = data[-back]
+            if 0x80 <= byte < 0xC0:
+                continue
+            need = 2 if 0xC0 <= byte < 0xE0 else 3 if 0xE0 <= byte < 0xF0 else 4 if byte >= 0xF0 else 1
+            return (data[:-back], data[-back:]) if need > back else (data, b"")
+        return data, b""
 
     def canonical(data):
-        valid, tail = split_utf8(data)
-        return list(tok.encode(valid.decode(), add_special_tokens=False)) if valid else [], tail
+        """Valid runs encoded by the tokenizer, invalid bytes as single-byte tokens."""
+        complete, tail = complete_and_tail(data)
+        ids, run = [], ""
+        for ch in complete.decode("utf-8", errors="surrogateescape"):
+            if "\udc80" <= ch <= "\udcff":  # an invalid byte
+                ids += tok.encode(run, add_special_tokens=False) if run else []
+                run = ""
+                ids.append(vocab.byte_token(ord(ch) - 0xDC00))
+            else:
+                run += ch
+        ids += tok.encode(run, add_special_tokens=False) if run else []
+        return ids, tail
 
     ids, tail = canonical(continuation)
     keep = max(0, len(ids) - backoff)
@@ -42,10 +61,13 @@ def reference_logprob(model, tok, vocab, prompt_ids, continuation, cand, hosted_
 
     def cover(data, exts):
         t, tail_ = canonical(data)
-        path, rem = (t[:-1], vocab.token_bytes[t[-1]] + tail_) if t else ([], tail_)
-        dist = _probs(model, ctx + path)
-        final = starts(rem, dist) - sum(starts(rem + e, dist) for e in exts)
-        return path_logp(path) + (math.log(final) if final > 0 else -math.inf)
+        readings = ([(t, tail_)] if tail_ else []) + ([(t[:-1], vocab.token_bytes[t[-1]] + tail_)] if t else [])
+        total = 0.0
+        for path, rem in readings:
+            dist = _probs(model, ctx + list(path))
+            final = starts(rem, dist) - sum(starts(rem + e, dist) for e in exts)
+            total += math.exp(path_logp(path)) * max(final, 0.0)
+        return math.log(total) if total > 0 else -math.inf
 
     if cand.is_end:
         t, tail_ = canonical(pending)
@@ -59,6 +81,24 @@ def reference_logprob(model, tok, vocab, prompt_ids, continuation, cand, hosted_
         num = cover(pending + b, [h[len(b):] for h in minimal])
     den = cover(pending, []) if pending else 0.0
     return min(0.0, max(math.log(1e-12), num - den))
+
+
+def test_partial_character_known_answer():
+    """Hand-built vocabulary and distributions: pending ' caf', hosted candidate b'\\xc3'."""
+    from blackbox_proxy.vocab import Vocabulary
+
+    words = [b" caf", b" caf\xc3\xa9", b"\xc3", b"\xc3\xa9", b"\xa9", b" the", b"x"]
+    vocab = Vocabulary(words, encode=lambda s: {" caf": [0], " café": [1]}[s], end_ids=[])
+    aligner = Aligner(vocab, None, backoff=1)
+    plan = aligner.plan(" caf".encode(), [Candidate("", b"\xc3", -1.0)])
+    assert plan.kept_ids == () and plan.pending == b" caf"
+    root = torch.tensor([0.5, 0.2, 0.1, 0.1, 0.0, 0.1, 0.0]).log()   # after the context
+    after_caf = torch.tensor([0.0, 0.0, 0.3, 0.3, 0.0, 0.4, 0.0]).log()  # after " caf"
+    got = aligner.evaluate(plan, {(): root, (0,): after_caf})[0]
+    # P(" caf" then a token starting with \xc3) + P(a token starting with " caf\xc3")
+    numerator = 0.5 * (0.3 + 0.3) + 0.2
+    denominator = 0.5 + 0.2  # tokens starting with " caf"
+    assert math.exp(got) == pytest.approx(numerator / denominator)
 
 
 CONTEXTS = [

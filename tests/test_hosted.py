@@ -128,7 +128,8 @@ def test_request_building_per_mode_and_dialect():
     vllm = HostedClient(**base, mode="chat-prefix", dialect="vllm")
     _, kwargs = vllm.build(HostedRequest(mode="chat-prefix", messages=(("user", "Q"),), assistant_prefix="A:", max_tokens=1, top_k=3))
     assert kwargs["messages"][-1] == {"role": "assistant", "content": "A:"}
-    assert kwargs["extra_body"] == {"continue_final_message": True, "add_generation_prompt": False}
+    assert kwargs["extra_body"] == {"continue_final_message": True, "add_generation_prompt": False,
+                                    "skip_special_tokens": False}
     assert kwargs["logprobs"] is True and kwargs["top_logprobs"] == 3
     deepseek = HostedClient(**base, mode="chat-prefix", dialect="deepseek")
     _, kwargs = deepseek.build(HostedRequest(mode="chat-prefix", messages=(("user", "Q"),), assistant_prefix="A:", max_tokens=1, top_k=3))
@@ -169,3 +170,40 @@ def test_retry_policy():
     assert retry_delay(status(400), 1, rng) is None
     assert retry_delay(status(401), 1, rng) is None
     assert retry_delay(openai.APIConnectionError(request=request), 1, rng) is not None
+
+
+def test_vllm_lossy_partial_character_is_dropped():
+    """vLLM fills `bytes` from the U+FFFD text of a partial token: the true bytes are unknown."""
+    parser = ResponseParser()
+    top = [{"token": " the", "logprob": -0.5, "bytes": [32, 116, 104, 101]},
+           {"token": " \ufffd", "logprob": -1.0, "bytes": [32, 239, 191, 189]}]
+    pos = parser.chat(chat([{"token": " the", "logprob": -0.5, "bytes": [32, 116, 104, 101], "top_logprobs": top}])).positions[0]
+    assert [c.data for c in pos.candidates] == [b" the"] and pos.dropped == 1
+
+
+@pytest.mark.parametrize("key", [" sk-abc 123", "sk-\x00abc123", "sk-abc\u00e9123"])
+def test_bad_api_keys_are_refused_without_echo(key):
+    with pytest.raises(ConfigurationError) as info:
+        HostedClient(base_url="http://127.0.0.1:1/v1", model="m", api_key=key)
+    if key.strip():
+        assert "abc" not in str(info.value)
+
+
+def test_trailing_newline_in_key_is_stripped():
+    client = HostedClient(base_url="http://127.0.0.1:1/v1", model="m", api_key="sk-abc123\n".strip() + "\n")
+    assert client._api_key == "sk-abc123"
+
+
+def test_chat_prefix_needs_a_known_dialect():
+    client = HostedClient(base_url="http://127.0.0.1:1/v1", model="m", mode="chat-prefix", max_retries=0)
+    with pytest.raises(ConfigurationError, match="pass --dialect vllm, deepseek or mistral"):
+        client.build(HostedRequest(mode="chat-prefix", messages=(("user", "Q"),), assistant_prefix="A", max_tokens=1, top_k=2))
+    # the first step has no prefix yet: an ordinary chat request is fine
+    client.build(HostedRequest(mode="chat-prefix", messages=(("user", "Q"),), max_tokens=1, top_k=2))
+
+
+def test_logit_bias_and_vllm_extras_are_sent():
+    client = HostedClient(base_url="http://127.0.0.1:1/v1", model="m", dialect="vllm", max_retries=0)
+    _, kwargs = client.build(HostedRequest(mode="completions", prompt="x", max_tokens=1, top_k=2, logit_bias=((7, -100.0),)))
+    assert kwargs["logit_bias"] == {"7": -100.0}
+    assert kwargs["extra_body"]["skip_special_tokens"] is False

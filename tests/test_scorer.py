@@ -98,3 +98,23 @@ def test_models_that_ignore_custom_masks_fall_back_to_exact_scoring(tok_a, model
     got = session.distributions([8], [(9, 10), (11,)])
     for key in [(), (9,), (9, 10), (11,)]:
         assert torch.allclose(got[key], full_logprobs(models_a[1], [5, 6, 7, 8] + list(key)), atol=1e-4), key
+
+
+def test_sliding_window_models_fall_back_past_the_window(tok_a):
+    """A tree mask has no window: past it the scorer must use exact per-path forwards."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from blackbox_proxy import Scorer
+
+    config = MistralConfig(vocab_size=len(tok_a), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=6,
+                           max_position_embeddings=256, eos_token_id=0)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).eval()
+    scorer = Scorer(model, tok_a, render="raw", name="mistral-tiny")
+    assert scorer.sliding_window == 6
+    context = list(range(10, 22))
+    session = scorer.session(context[:3])
+    got = session.distributions(context[3:], [(30, 31), (32,)])
+    for key in [(), (30,), (30, 31), (32,)]:
+        assert torch.allclose(got[key], full_logprobs(model, context + list(key)), atol=1e-4), key

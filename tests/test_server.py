@@ -143,3 +143,21 @@ def test_end_token_is_reported_and_not_in_text(tok_a, models_a):
     choice = resp["choices"][0]
     assert choice["text"] == "" and choice["finish_reason"] == "stop"
     assert choice["logprobs"]["tokens"] == ["<|endoftext|>"]
+
+
+def test_logit_bias_moves_the_draw_not_the_logprobs(sdk):
+    plain = sdk.completions.create(model="tiny", prompt="The quick brown", max_tokens=1, temperature=0, logprobs=3)
+    top = plain.choices[0].logprobs.top_logprobs[0]
+    first = plain.choices[0].logprobs.tokens[0]
+    banned_id = sdk.completions.create(model="tiny", prompt="The quick brown", max_tokens=1, temperature=0,
+                                       logprobs=3, extra_body={"return_tokens_as_token_ids": True})
+    token_id = int(banned_id.choices[0].logprobs.tokens[0].split(":")[1])
+    biased = sdk.completions.create(model="tiny", prompt="The quick brown", max_tokens=1, temperature=0, logprobs=3,
+                                    logit_bias={str(token_id): -100})
+    assert biased.choices[0].logprobs.tokens[0] != first
+    assert biased.choices[0].logprobs.top_logprobs[0] == pytest.approx(top)
+
+
+def test_text_offset_starts_after_the_prompt(sdk):
+    resp = sdk.completions.create(model="tiny", prompt="Hello", max_tokens=2, temperature=0, logprobs=1)
+    assert resp.choices[0].logprobs.text_offset[0] == len("Hello")

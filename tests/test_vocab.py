@@ -18,6 +18,17 @@ def test_split_utf8():
     assert split_utf8(b"ab" + euro) == (b"ab" + euro, b"")
     assert split_utf8(b"ab" + euro[:2]) == (b"ab", euro[:2])
     assert split_utf8(euro[:1]) == (b"", euro[:1])
+    # an invalid byte in the middle is not a tail: only a character cut off at the end is
+    assert split_utf8(b"a\xff the dog") == (b"a\xff the dog", b"")
+    assert split_utf8(b"\xa9 x" + euro[:1]) == (b"\xa9 x", euro[:1])
+
+
+def test_invalid_bytes_in_the_middle_become_byte_tokens(tok_a):
+    vocab = vocabulary_from_hf(tok_a)
+    data = b"ab\xff the dog" + "é".encode()[:1]
+    ids = vocab.encode_bytes(data)
+    assert vocab.bytes_of(ids) == data
+    assert vocab.byte_token(0xFF) in ids
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -66,6 +77,15 @@ def _sentencepiece_tokenizer():
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>", pad_token="<pad>")
     return fast
+
+
+def test_canonical_id_resolves_byte_fallback_duplicates():
+    tok = _sentencepiece_tokenizer()
+    vocab = vocabulary_from_hf(tok)
+    # 'c' exists as a piece and as the byte-fallback <0x63>: the encoder's choice wins
+    assert set(vocab.ids_for_bytes(b"c")) == {tok.convert_tokens_to_ids("c"), tok.convert_tokens_to_ids("<0x63>")}
+    assert vocab.canonical_id(b"c") == tok.convert_tokens_to_ids("c")
+    assert not vocab.unique_bytes and vocab.same_as(vocabulary_from_hf(_sentencepiece_tokenizer()))
 
 
 def test_sentencepiece_style_bytes():

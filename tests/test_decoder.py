@@ -1,0 +1,64 @@
+"""The per-step decoder without I/O: hand-made API answers in, choices and requests out."""
+
+import pytest
+
+from blackbox_proxy import Candidate, HostedPosition, HostedResponseError, HostedResult
+from blackbox_proxy.aligner import Aligner
+from blackbox_proxy.decoder import DecodeParams, PerStepDecoder
+from blackbox_proxy.types import HostedUsage
+
+
+def decoder(scorers, *, token_prompts=True, **params):
+    expert, anti = scorers
+    ids = expert.prompt_ids(prompt="Hi")
+    return PerStepDecoder(
+        mode="completions", expert=expert.session(ids), anti_expert=anti.session(ids),
+        aligner=Aligner(expert.vocab, expert.vocab), params=DecodeParams(**params), same_vocab=True,
+        prompt="Hi", hosted_prompt_ids=ids if token_prompts else None,
+    )
+
+
+def position(*cands):
+    return HostedPosition(candidates=tuple(cands), sampled=cands[0])
+
+
+def test_hidden_end_of_text_is_asked_again_with_logit_bias(scorers_a):
+    vocab = scorers_a[0].vocab
+    the = vocab.ids_for_bytes(b" the")[0]
+    dec = decoder(scorers_a, max_tokens=3, top_k=3)
+    dec.end_ids = (0, 2)
+    assert dec.request().logit_bias == ()
+    dec.observe([HostedResult("", (), "stop", HostedUsage(5, 0))], 0.01)  # OpenAI: ended, no logprobs
+    assert not dec.done
+    assert dec.request().logit_bias == ((0, -100.0), (2, -100.0))
+    pos = position(Candidate("<|endoftext|>", b"", -0.1, 0, True), Candidate(" the", b" the", -2.5, the))
+    step = dec.observe([HostedResult(" the", (pos,), "length", HostedUsage(5, 1))], 0.01)
+    assert "banned" in step.notes[0]
+    assert dec.usage.api_calls == 2 and dec.request().logit_bias == ()
+    # without a hosted vocabulary (no end ids) an empty answer simply ends the text
+    plain = decoder(scorers_a, max_tokens=3, top_k=3)
+    plain.observe([HostedResult("", (), "stop", HostedUsage(5, 0))], 0.01)
+    assert plain.done and plain.result().finish_reason == "stop"
+
+
+def test_greedy_choice_and_end(scorers_a):
+    vocab = scorers_a[0].vocab
+    the = vocab.ids_for_bytes(b" the")[0]
+    dec = decoder(scorers_a, max_tokens=5, top_k=2, alpha=0.0)  # alpha 0: the hosted argmax
+    dec.observe([HostedResult("", (position(Candidate(" the", b" the", -0.2, the),
+                                            Candidate("<|endoftext|>", b"", -1.9, 0, True)),), "length", HostedUsage())], 0.0)
+    assert dec.continuation == b" the" and dec.hosted_ids == [the]
+    dec.observe([HostedResult("", (position(Candidate("<|endoftext|>", b"", -0.1, 0, True),
+                                            Candidate(" the", b" the", -3.0, the)),), "stop", HostedUsage())], 0.0)
+    assert dec.done and dec.result().finish_reason == "stop" and dec.result().text == " the"
+
+
+def test_text_prompt_cannot_continue_half_a_character(scorers_a):
+    dec = decoder(scorers_a, token_prompts=False, max_tokens=3, top_k=2)
+    partial = position(Candidate("bytes:\\xe2", b"\xe2", -0.1), Candidate("bytes:\\xf0", b"\xf0", -0.5))
+    with pytest.raises(HostedResponseError, match="--hosted-tokenizer"):
+        dec.observe([HostedResult("", (partial,), "length", HostedUsage())], 0.0)
+    dec = decoder(scorers_a, token_prompts=False, max_tokens=3, top_k=2, alpha=0.0)
+    mixed = position(Candidate("bytes:\\xe2", b"\xe2", -0.1), Candidate(" a", b" a", -2.0))
+    step = dec.observe([HostedResult("", (mixed,), "length", HostedUsage())], 0.0)
+    assert dec.continuation == b" a" and "excluded" in step.notes[0]
