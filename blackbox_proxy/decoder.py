@@ -69,6 +69,14 @@ def _same_vocab_logprobs(dist: torch.Tensor, candidates: Sequence[Candidate], vo
     return out
 
 
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 class PerStepDecoder:
     """State and logic of one per-step generation. See the module docstring.
 
@@ -121,9 +129,11 @@ class PerStepDecoder:
 
     # ----- requests ------------------------------------------------------------------------------
     def _sendable_text(self) -> tuple[str, bytes]:
-        """The continuation as text, and the incomplete UTF-8 tail that text cannot carry."""
-        valid, tail = split_utf8(self.continuation)
-        return valid.decode("utf-8"), tail
+        """The continuation as text, and the incomplete UTF-8 tail that text cannot carry.
+        (Text-prompt generations only ever hold valid UTF-8; a switch from token-id prompts
+        mid-way may leave invalid bytes, which are sent as U+FFFD.)"""
+        complete, tail = split_utf8(self.continuation)
+        return complete.decode("utf-8", errors="replace"), tail
 
     def request(self) -> HostedRequest:
         p = self.params
@@ -144,13 +154,13 @@ class PerStepDecoder:
     def _consistent(self, candidates: Sequence[Candidate]) -> tuple[list[Candidate], int]:
         """Candidates a text prompt can carry on from, and how many were excluded.
 
-        A text prompt cannot hold half a UTF-8 character, so with text prompts a candidate
-        that would leave the continuation ending inside a character is excluded (the others
-        are renormalised by the softmax). Token-id prompts keep every candidate.
+        A text prompt holds only valid UTF-8, so with text prompts a candidate that would leave
+        the continuation invalid (ending inside a character, or a stray continuation byte) is
+        excluded; the others are renormalised by the softmax. Token-id prompts keep every one.
         """
         if self.hosted_prompt_ids is not None and self.hosted_ids is not None:
             return list(candidates), 0
-        keep = [c for c in candidates if c.is_end or not split_utf8(self.continuation + c.data)[1]]
+        keep = [c for c in candidates if c.is_end or _is_utf8(self.continuation + c.data)]
         return keep, len(candidates) - len(keep)
 
     def _small_logprobs(self, candidates: Sequence[Candidate]) -> tuple[list[float], list[float], str]:

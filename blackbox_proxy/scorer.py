@@ -20,7 +20,7 @@ import contextlib
 import logging
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -72,25 +72,35 @@ class CachedContext:
 
     ``extend_to(ids)`` makes the cache hold exactly ``ids`` (reusing the longest common prefix,
     cropping the rest) and returns log P(next | ids) as a float32 tensor of shape ``[V]``.
-    ``tree(paths)`` returns log P(next | ids + path) for every prefix of every path, in one
-    forward (see the module docstring).
+    ``score(ids, paths)`` also returns log P(next | ids + path) for every prefix of every path,
+    in one forward (see the module docstring).
+
+    With ``rows > 1`` the same tokens run as a batch of identical rows that differ only by
+    ``forward_kwargs`` (e.g. peft's ``adapter_names``: expert and anti-expert in one forward);
+    :meth:`score_rows` then returns tensors of shape ``[rows, V]``.
     """
 
-    def __init__(self, model: Any, *, forward_context: Any = contextlib.nullcontext) -> None:
+    def __init__(self, model: Any, *, forward_context: Any = contextlib.nullcontext, rows: int = 1,
+                 forward_kwargs: dict[str, Any] | None = None) -> None:
         self.model = model
         self.device = next(model.parameters()).device
         self._forward_context = forward_context
+        self.rows = rows
+        self.forward_kwargs = dict(forward_kwargs or {})
         self.ids: list[int] = []
         self.cache: Any = None
-        self.last_logprobs: torch.Tensor | None = None
+        self.last_logprobs: torch.Tensor | None = None  # [rows, V]
         self.tree_ok: bool | None = None  # set by the caller's self-check
 
     def _forward(self, input_ids: Sequence[int], **kwargs: Any) -> torch.Tensor:
-        ids = torch.tensor([list(input_ids)], dtype=torch.long, device=self.device)
+        """logits ``[rows, len(input_ids), V]`` (float32)."""
+        ids = torch.tensor([list(input_ids)] * self.rows, dtype=torch.long, device=self.device)
+        if "position_ids" in kwargs:
+            kwargs["position_ids"] = kwargs["position_ids"].expand(self.rows, -1)
         with torch.inference_mode(), self._forward_context():
-            out = self.model(input_ids=ids, cache=self.cache, use_cache=True, **kwargs)
+            out = self.model(input_ids=ids, cache=self.cache, use_cache=True, **kwargs, **self.forward_kwargs)
         self.cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        return out.logits[0].float()
+        return out.logits.float()
 
     def reset(self) -> None:
         self.ids, self.cache, self.last_logprobs = [], None, None
@@ -105,11 +115,15 @@ class CachedContext:
         return self.score(self.ids, paths)
 
     def score(self, ids: Sequence[int], paths: Sequence[Path_] = ()) -> dict[Path_, torch.Tensor]:
+        """:meth:`score_rows` for one row: tensors of shape ``[V]``."""
+        return {key: value[0] for key, value in self.score_rows(ids, paths).items()}
+
+    def score_rows(self, ids: Sequence[int], paths: Sequence[Path_] = ()) -> dict[Path_, torch.Tensor]:
         """Make the cache hold ``ids`` and score the trie of ``paths`` on top, in ONE forward.
 
         The tokens the cache lacks and the trie nodes go in one sequence: the new tokens attend
         causally, each node attends to the whole context and its own ancestors. Returns
-        log P(next | ids + p) for ``p`` = () and every prefix of every path.
+        log P(next | ids + p), shape ``[rows, V]``, for ``p`` = () and every prefix of every path.
         """
         ids = list(ids)
         if not ids:
@@ -121,7 +135,7 @@ class CachedContext:
                 if prefix not in nodes:
                     nodes[prefix] = len(nodes)  # insertion order puts parents before children
         if self.tree_ok is False and nodes:
-            root = self.score(ids, ())
+            root = self.score_rows(ids, ())
             return self._sequential(list(nodes), dict(root))
         common = 0
         for a, b in zip(self.ids, ids):
@@ -168,11 +182,11 @@ class CachedContext:
             self.cache.crop(-extra)
         logprobs = torch.log_softmax(logits, dim=-1)
         if n_new:
-            self.last_logprobs = logprobs[n_new - 1]
+            self.last_logprobs = logprobs[:, n_new - 1]
         self.ids = ids
         out: dict[Path_, torch.Tensor] = {(): self.last_logprobs}
         for node, i in nodes.items():
-            out[node] = logprobs[n_new + i]
+            out[node] = logprobs[:, n_new + i]
         return out
 
     def _sequential(self, order: list[Path_], out: dict[Path_, torch.Tensor]) -> dict[Path_, torch.Tensor]:
@@ -188,7 +202,7 @@ class CachedContext:
             self.cache.crop(-(_cache_length(self.cache) - n_ctx))
             logprobs = torch.log_softmax(logits, dim=-1)
             for depth in range(1, len(leaf) + 1):
-                out.setdefault(leaf[:depth], logprobs[depth - 1])
+                out.setdefault(leaf[:depth], logprobs[:, depth - 1])
         return out
 
 
@@ -233,6 +247,11 @@ class Scorer:
             raise ConfigurationError(f"{self.name} has no chat template; use render='raw'")
         self.render = ("chat" if has_template else "raw") if render == "auto" else render
         self.adapter = adapter
+        self.adapter_name: str | None = None
+        if adapter is not None:
+            active = getattr(model, "active_adapter", None)
+            self.adapter_name = active if isinstance(active, str) else None
+        self._mixed_ok: bool | None = None
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         extra_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
         self.vocab = vocabulary or vocabulary_from_hf(tokenizer, end_ids=extra_eos, name=self.name)
@@ -396,6 +415,42 @@ class Scorer:
         return self._tree_ok
 
 
+def check_mixed_batch(expert: "Scorer", anti: "Scorer") -> bool:
+    """True when one peft forward with ``adapter_names=[adapter, "__base__"]`` gives what the
+    two toggled forwards give (checked once per pair on a short probe)."""
+    if expert._mixed_ok is not None:
+        return expert._mixed_ok
+    ok = False
+    if expert.model is anti.model and expert.adapter is True and anti.adapter is False and expert.adapter_name:
+        probe = expert.vocab.encode_text("The quick brown fox jumps over the lazy dog, twice.")[:5] or [0, 1]
+        with expert.lock:
+            try:
+                pair = CachedContext(expert.model, rows=2, forward_kwargs={"adapter_names": [expert.adapter_name, "__base__"]})
+                both = pair.score_rows(probe, ())[()]
+                one = CachedContext(expert.model, forward_context=expert.forward_context).extend_to(probe)
+                other = CachedContext(anti.model, forward_context=anti.forward_context).extend_to(probe)
+                worst = max(float((both[0].exp() - one.exp()).abs().max()), float((both[1].exp() - other.exp()).abs().max()))
+                ok = worst < (2e-3 if next(expert.model.parameters()).dtype == torch.float32 else 2e-2)
+            except Exception as exc:  # noqa: BLE001 - peft versions without mixed batches
+                logger.info("mixed adapter batch unavailable for %s (%s)", expert.name, type(exc).__name__)
+    expert._mixed_ok = ok
+    return ok
+
+
+def _check_lengths(scorer: "Scorer", ids: Sequence[int], paths: Sequence[Path_]) -> bool:
+    """Refuse texts longer than the model's context; tell whether the tree mask may be used."""
+    longest = len(ids) + max((len(p) for p in paths), default=0)
+    if scorer.max_length and longest > scorer.max_length:
+        raise ConfigurationError(
+            f"the text is {longest} tokens for {scorer.name}, whose context is {scorer.max_length}; "
+            "lower max_tokens or shorten the prompt"
+        )
+    tree_ok = scorer.check_tree_attention() if paths else True
+    if scorer.sliding_window and longest >= scorer.sliding_window:
+        tree_ok = False
+    return tree_ok
+
+
 class ScorerSession:
     """One generation's KV-cached context in one :class:`Scorer`.
 
@@ -410,18 +465,9 @@ class ScorerSession:
         self.forwards = 0
 
     def distributions(self, continuation_ids: Sequence[int], paths: Sequence[Path_] = ()) -> dict[Path_, torch.Tensor]:
-        scorer = self.scorer
         ids = self.prompt_ids + list(continuation_ids)
-        longest = len(ids) + max((len(p) for p in paths), default=0)
-        if scorer.max_length and longest > scorer.max_length:
-            raise ConfigurationError(
-                f"the text is {longest} tokens for {scorer.name}, whose context is {scorer.max_length}; "
-                "lower max_tokens or shorten the prompt"
-            )
-        tree_ok = scorer.check_tree_attention() if paths else True
-        if scorer.sliding_window and longest >= scorer.sliding_window:
-            tree_ok = False
-        with scorer.lock:
+        tree_ok = _check_lengths(self.scorer, ids, paths)
+        with self.scorer.lock:
             self.context.tree_ok = tree_ok
             result = self.context.score(ids, paths)
             self.forwards += 1
@@ -431,11 +477,57 @@ class ScorerSession:
         self.context.reset()
 
 
-@contextlib.contextmanager
-def sessions(*pairs: tuple[Scorer, Sequence[int]]) -> Iterator[list[ScorerSession]]:
-    opened = [scorer.session(ids) for scorer, ids in pairs]
-    try:
-        yield opened
-    finally:
-        for s in opened:
-            s.close()
+class _SharedPair:
+    """Expert and anti-expert of ONE peft model scored as a batch of two rows (adapter on, off):
+    one forward per step instead of two. Each call computes both rows; the partner's identical
+    call is then served from memory."""
+
+    def __init__(self, expert: Scorer, anti: Scorer, prompt_ids: Sequence[int]) -> None:
+        self.expert = expert
+        self.prompt_ids = list(prompt_ids)
+        self.context = CachedContext(expert.model, rows=2,
+                                     forward_kwargs={"adapter_names": [expert.adapter_name, "__base__"]})
+        self._key: tuple | None = None
+        self._rows: dict[Path_, torch.Tensor] = {}
+        self.forwards = 0
+
+    def rows(self, continuation_ids: Sequence[int], paths: Sequence[Path_]) -> dict[Path_, torch.Tensor]:
+        key = (tuple(continuation_ids), tuple(paths))
+        if key != self._key:
+            ids = self.prompt_ids + list(continuation_ids)
+            tree_ok = _check_lengths(self.expert, ids, paths)
+            with self.expert.lock:
+                self.context.tree_ok = tree_ok
+                self._rows = self.context.score_rows(ids, paths)
+            self._key = key
+            self.forwards += 1
+        return self._rows
+
+
+class PairedSession:
+    """A :class:`ScorerSession` look-alike for one row of a :class:`_SharedPair`."""
+
+    def __init__(self, shared: _SharedPair, scorer: Scorer, row: int) -> None:
+        self.shared = shared
+        self.scorer = scorer
+        self.row = row
+        self.prompt_ids = shared.prompt_ids
+
+    @property
+    def forwards(self) -> int:
+        return self.shared.forwards
+
+    def distributions(self, continuation_ids: Sequence[int], paths: Sequence[Path_] = ()) -> dict[Path_, torch.Tensor]:
+        return {key: value[self.row] for key, value in self.shared.rows(continuation_ids, paths).items()}
+
+    def close(self) -> None:
+        self.shared.context.reset()
+
+
+def open_sessions(expert: Scorer, expert_ids: Sequence[int], anti: Scorer, anti_ids: Sequence[int]) -> tuple[Any, Any]:
+    """Sessions for the expert and anti-expert: one batched pair when they are the same peft
+    model with the adapter on/off and see the same prompt tokens, else two plain sessions."""
+    if list(expert_ids) == list(anti_ids) and check_mixed_batch(expert, anti):
+        shared = _SharedPair(expert, anti, expert_ids)
+        return PairedSession(shared, expert, 0), PairedSession(shared, anti, 1)
+    return expert.session(expert_ids), anti.session(anti_ids)

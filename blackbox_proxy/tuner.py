@@ -20,7 +20,7 @@ from .combiner import validate_alpha, validate_temperature, validate_top_p
 from .decoder import DecodeParams, PerStepDecoder
 from .errors import ConfigurationError, ModeNotSupportedError, TokenizerMismatchError
 from .hosted import AsyncHostedClient, HostedClient
-from .scorer import Scorer
+from .scorer import Scorer, open_sessions
 from .types import MODES, GenerationResult
 from .vocab import Vocabulary, load_hosted_vocabulary
 
@@ -183,8 +183,10 @@ class _TunerBase:
             openai_legacy = self.mode == "completions" and self.client.dialect == "openai"
             top_k = C.OPENAI_COMPLETIONS_MAX_LOGPROBS if openai_legacy else C.DEFAULT_TOP_K
         params = DecodeParams(alpha, temperature, top_p, max_tokens, top_k, stops, seed)
-        expert_session = self.expert.session(self.expert.prompt_ids(prompt=prompt, messages=messages))
-        anti_session = self.anti_expert.session(self.anti_expert.prompt_ids(prompt=prompt, messages=messages))
+        expert_session, anti_session = open_sessions(
+            self.expert, self.expert.prompt_ids(prompt=prompt, messages=messages),
+            self.anti_expert, self.anti_expert.prompt_ids(prompt=prompt, messages=messages),
+        )
         hosted_prompt_ids = None
         if self.mode == "completions" and self.client.token_prompts and self.hosted_vocab is not None:
             hosted_prompt_ids = self.hosted_vocab.encode_prompt(prompt or "")

@@ -34,6 +34,7 @@ def test_adapter_pair_equals_two_copies(server_a, tok_a, adapter_setup):
     copies = ProxyTuner(base_url=server_a.base_url, model="tiny", hosted_tokenizer=tok_a, top_k=30, max_retries=0,
                         expert=Scorer(merged, tok_a, render="raw"), anti_expert=Scorer(base, tok_a, render="raw"))
     a = pair.generate("A café in Zürich", max_tokens=8)
+    assert pair.expert._mixed_ok is True  # scored as one batch of two rows (adapter on, off)
     b = copies.generate("A café in Zürich", max_tokens=8)
     assert a.text == b.text
     deltas = []

@@ -9,6 +9,7 @@ import sys
 import time
 
 import httpx
+import pytest
 from click.testing import CliRunner
 
 from blackbox_proxy import ProxyTuner, Scorer
@@ -76,5 +77,5 @@ def test_serve_model_subprocess(saved_a):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", port))  # the port is free again: the server stopped
+    with socket.socket() as sock, pytest.raises(ConnectionRefusedError):
+        sock.connect(("127.0.0.1", port))  # nobody listens any more: the server was stopped

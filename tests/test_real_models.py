@@ -131,5 +131,5 @@ def test_demo_command_end_to_end():
                            "--port", str(port)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "hosted alone" in proc.stdout and "proxy-tuned" in proc.stdout and "API calls" in proc.stdout
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", port))  # freed: the demo stopped its server
+    with socket.socket() as sock, pytest.raises(ConnectionRefusedError):
+        sock.connect(("127.0.0.1", port))  # nobody listens any more: the server was stopped
