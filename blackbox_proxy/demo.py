@@ -111,6 +111,7 @@ def run_demo(*, prompts: int = 3, max_tokens: int = 40, alpha: float = 1.0, port
 
     if prompts < 1:
         raise ConfigurationError(f"--prompts must be >= 1, got {prompts}")
+    _quiet_libraries()
     gemma = prepare("gemma3")
     prepare("smollm2")
     echo(f"starting the hosted stand-in: {HOSTED_NAME} (base) behind blackbox-proxy serve-model on 127.0.0.1 …")
@@ -144,6 +145,17 @@ def run_demo(*, prompts: int = 3, max_tokens: int = 40, alpha: float = 1.0, port
          f"{total.api_seconds:.1f} s waiting for the API, {total.scoring_seconds:.1f} s scoring locally")
     echo("✓ = correct '#### N' answer line.  The server was stopped.")
     return rows
+
+
+def _quiet_libraries() -> None:
+    """The demo's output is the comparison: no per-load progress bars or deprecation chatter
+    from transformers/peft (the first-run conversion keeps its own progress bar)."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
 
 
 def check_installed() -> None:

@@ -399,6 +399,9 @@ class _HostedBase:
             common["logit_bias"] = {str(token): bias for token, bias in request.logit_bias}
         if self.dialect == "vllm":
             extra.setdefault("skip_special_tokens", False)  # else end tokens print as ""
+            if self.vocab is not None:
+                # "token_id:N" strings: exact hosted ids, no lossy bytes for partial characters
+                extra.setdefault("return_tokens_as_token_ids", True)
         if self.mode == "completions":
             prompt = list(request.prompt) if isinstance(request.prompt, tuple) else request.prompt
             if prompt is None or prompt == "" or prompt == []:

@@ -207,3 +207,12 @@ def test_logit_bias_and_vllm_extras_are_sent():
     _, kwargs = client.build(HostedRequest(mode="completions", prompt="x", max_tokens=1, top_k=2, logit_bias=((7, -100.0),)))
     assert kwargs["logit_bias"] == {"7": -100.0}
     assert kwargs["extra_body"]["skip_special_tokens"] is False
+    assert "return_tokens_as_token_ids" not in kwargs["extra_body"]  # no hosted vocabulary to read ids with
+
+
+def test_token_ids_are_requested_when_the_vocabulary_is_known(tok_a):
+    client = HostedClient(base_url="http://127.0.0.1:1/v1", model="m", dialect="vllm", max_retries=0,
+                          hosted_vocab=vocabulary_from_hf(tok_a))
+    _, kwargs = client.build(HostedRequest(mode="completions", prompt=(5, 6), max_tokens=1, top_k=2))
+    assert kwargs["extra_body"]["return_tokens_as_token_ids"] is True and kwargs["prompt"] == [5, 6]
+    assert client.token_prompts
