@@ -130,7 +130,9 @@ def run_demo(*, prompts: int = 3, max_tokens: int = 40, alpha: float = 1.0, port
                 tuned = tuner.generate(problem.hosted_prompt(), max_tokens=max_tokens, alpha=alpha, stop=STOP)
                 row = Row(problem.question, problem.answer, hosted, alone, tuned.text, tuned.usage)
                 rows.append(row)
-                mark = lambda text: "✓" if score(text, problem)["strict"] else "✗"  # noqa: E731
+                def mark(text: str, problem=problem) -> str:
+                    return "✓" if score(text, problem)["strict"] else "✗"
+
                 echo(f"[{i}/{prompts}] {problem.question}  (answer {problem.answer})")
                 echo(f"  hosted alone   {mark(hosted)} │ {one_line(hosted)}")
                 echo(f"  expert alone   {mark(alone)} │ {one_line(alone)}")

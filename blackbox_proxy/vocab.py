@@ -132,6 +132,8 @@ class Vocabulary:
         self.unique_bytes = all(len(ids) == 1 for ids in self._by_bytes.values())
         self._byte_tokens = {b[0]: ids[0] for b, ids in self._by_bytes.items() if len(b) == 1}
         self._roundtrip_warned = False
+        self._extensions: dict[bytes, tuple[bytes, ...]] = {}
+        self._canonical: dict[bytes, int] = {}
 
     # ----- lookups -------------------------------------------------------------------------
     def ids_for_bytes(self, data: bytes) -> tuple[int, ...]:
@@ -156,7 +158,6 @@ class Vocabulary:
         lo, hi = self.prefix_range(prefix)
         return self.sorted_ids[lo:hi]
 
-    @functools.lru_cache(maxsize=65536)
     def minimal_extensions(self, data: bytes) -> tuple[bytes, ...]:
         """Byte strings of the tokens that strictly extend ``data`` with no token in between.
 
@@ -164,6 +165,9 @@ class Vocabulary:
         events "the text starts with e" for these e are disjoint, and together they cover every
         longer token that starts with ``data`` (DESIGN.md §2.2 step 3).
         """
+        cached = self._extensions.get(data)
+        if cached is not None:
+            return cached
         sorted_bytes = self._unique_sorted
         lo = bisect.bisect_left(sorted_bytes, data)
         upper = _upper_bound(data)
@@ -178,7 +182,8 @@ class Vocabulary:
             out.append(token)
             skip = _upper_bound(token)
             i = hi if skip is None else bisect.bisect_left(sorted_bytes, skip, i + 1, hi)
-        return tuple(out)
+        result = self._extensions[data] = tuple(out)  # at most one entry per byte string asked
+        return result
 
     # ----- encoding ------------------------------------------------------------------------
     def encode_text(self, text: str) -> list[int]:
@@ -260,20 +265,21 @@ class Vocabulary:
         tokenizer's own encoding (no round-trip fallback: this is what the model saw in training)."""
         return list(self.prompt_prefix_ids) + list(self._encode(text))
 
-    @functools.lru_cache(maxsize=65536)
     def canonical_id(self, data: bytes) -> int | None:
         """The id a text with these bytes is encoded to when several ids share them (e.g. a
         byte-fallback ``<0x0A>`` beside a literal newline piece); the only id otherwise."""
         ids = self.ids_for_bytes(data)
         if len(ids) <= 1:
             return ids[0] if ids else None
+        if data in self._canonical:
+            return self._canonical[data]
         try:
             encoded = self._encode(data.decode("utf-8"))
         except UnicodeDecodeError:
             encoded = []
-        if len(encoded) == 1 and encoded[0] in ids:
-            return encoded[0]
-        return ids[0]
+        choice = encoded[0] if len(encoded) == 1 and encoded[0] in ids else ids[0]
+        self._canonical[data] = choice
+        return choice
 
     def same_as(self, other: "Vocabulary") -> bool:
         """True when both map every id to the same bytes (the same-tokenizer fast path)."""

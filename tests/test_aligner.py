@@ -13,7 +13,7 @@ import torch
 
 from blackbox_proxy import Candidate
 from blackbox_proxy.aligner import Aligner
-from blackbox_proxy.vocab import split_utf8, vocabulary_from_hf
+from blackbox_proxy.vocab import vocabulary_from_hf
 
 
 def _probs(model, ids):

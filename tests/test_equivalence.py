@@ -26,8 +26,8 @@ def white_box_greedy(models, prompt_ids, alpha, n):
     for _ in range(n):
         x = torch.tensor([ids])
         with torch.no_grad():
-            logp = lambda m: torch.log_softmax(m(x).logits[0, -1].double(), -1)  # noqa: E731
-            scores = logp(large) + alpha * (logp(expert) - logp(anti))
+            lp_l, lp_e, lp_a = (torch.log_softmax(m(x).logits[0, -1].double(), -1) for m in (large, expert, anti))
+            scores = lp_l + alpha * (lp_e - lp_a)
             scores[IM_START] = -torch.inf
             token = int(torch.argmax(scores))
         out.append(token)
