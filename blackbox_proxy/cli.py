@@ -73,7 +73,9 @@ def main() -> None:
               help="hosted tokenizer if known: tiktoken:o200k_base, an OpenAI model name, or an HF tokenizer folder")
 @click.option("--dialect", type=click.Choice(["openai", "vllm", "deepseek", "mistral"]), default=None,
               help="server dialect for chat-prefix (detected when left out)")
-@click.option("--strategy", type=click.Choice(["per-step"]), default="per-step", show_default=True)
+@click.option("--strategy", type=click.Choice(["per-step", "speculative"]), default="per-step", show_default=True,
+              help="per-step: one API call per token; speculative: API-drawn chunks accepted or resampled")
+@click.option("--chunk", type=int, default=None, help="speculative: tokens per API call [default: adaptive, 4-32]")
 @click.option("--expert-render", type=click.Choice(["auto", "chat", "raw"]), default="auto", show_default=True,
               help="expert prompt rendering: chat template or raw text")
 @click.option("--anti-expert-render", type=click.Choice(["auto", "chat", "raw"]), default="auto", show_default=True)
@@ -81,7 +83,7 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="print text, usage and trace as one JSON object")
 @click.option("-v", "--verbose", count=True, help="log progress (-vv for debug)")
 def generate(**o: Any) -> None:
-    """Generate proxy-tuned text, one hosted API call per token.
+    """Generate proxy-tuned text (per-step: one API call per token; speculative: per chunk).
 
     \b
     Example:
@@ -116,14 +118,16 @@ def generate(**o: Any) -> None:
             seed=o["seed"],
             stop=list(o["stop"]) or None,
             strategy=o["strategy"],
+            chunk=o["chunk"],
         )
     if o["as_json"]:
         click.echo(json.dumps(result.to_dict(), ensure_ascii=False))
     else:
         click.echo(result.text)
         u = result.usage
+        accepted = f", {u.acceptance_rate:.0%} of drafts accepted" if u.acceptance_rate is not None else ""
         click.echo(
-            f"[{u.generated_tokens} tokens, {u.api_calls} API calls, {u.prompt_tokens}+{u.completion_tokens} billed tokens, "
+            f"[{u.generated_tokens} tokens, {u.api_calls} API calls{accepted}, {u.prompt_tokens}+{u.completion_tokens} billed tokens, "
             f"{u.api_seconds:.2f} s API, {u.scoring_seconds:.2f} s scoring, finish={result.finish_reason}]",
             err=True,
         )

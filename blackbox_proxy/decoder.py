@@ -1,9 +1,13 @@
-"""The per-step decoding strategy: one hosted API call per generated token (DESIGN.md §2.3).
+"""Decoding strategies' shared state, and the per-step strategy (DESIGN.md §2.3).
 
-:class:`PerStepDecoder` holds one generation's state and all of its logic, and does no I/O: the
-sync and async tuners ask it for the next :class:`HostedRequest`, send it themselves, and hand
-the answer back to :meth:`PerStepDecoder.observe`, which scores the candidates with the expert
-and anti-expert, combines, draws and appends. At each step:
+A decoder holds one generation's state and all of its logic, and does no I/O: the sync and
+async tuners ask it for the next :class:`HostedRequest`, send it themselves, and hand the answer
+back to ``observe``. :class:`DecoderBase` has what every strategy shares (requests, scoring the
+candidates of one or many positions with the expert and anti-expert, appending tokens, stop
+strings, usage); :class:`PerStepDecoder` is the per-step strategy. The speculative strategy
+lives in ``speculative.py``.
+
+Per-step, at each step:
 
 1. the API returns the top-k candidates C (plus the sampled token) with hosted logprobs;
 2. each small model gives log P_M(v | s) for every v in C: directly by token id when it shares
@@ -11,7 +15,7 @@ and anti-expert, combines, draws and appends. At each step:
 3. p^ = softmax_C(logprob_L + alpha * (logprob_E - logprob_A)) / T, top-p, or argmax at T = 0;
 4. the chosen token's bytes are appended; end-of-text, a stop string or ``max_tokens`` ends it.
 
-Hosted requests are made at temperature 0 (the sampled token is then the top-1, already among
+Per-step requests are made at temperature 0 (the sampled token is then the top-1, already among
 the candidates): per-step decoding needs the candidates' logprobs, not the server's draw.
 """
 
@@ -28,11 +32,11 @@ from . import combiner
 from ._constants import PROB_FLOOR
 from .aligner import Aligner
 from .errors import HostedResponseError
-from .scorer import ScorerSession
 from .types import (
     Candidate,
     CandidateTrace,
     GenerationResult,
+    HostedPosition,
     HostedRequest,
     HostedResult,
     StepTrace,
@@ -52,21 +56,21 @@ class DecodeParams:
     top_k: int = 20
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    chunk: int | None = None  # speculative: fixed chunk length, None = adaptive
 
 
 def _same_vocab_logprobs(dist: torch.Tensor, candidates: Sequence[Candidate], vocab: Vocabulary) -> list[float]:
     """log P_M(v) by token id (same-tokenizer fast path); end tokens without an id use M's ends.
     Clamped at log(PROB_FLOOR) like the aligner, so a delta is never inf - inf."""
     floor = math.log(PROB_FLOOR)
-    out = []
-    for cand in candidates:
-        if cand.token_id is not None and cand.token_id < dist.shape[0]:
-            value = float(dist[cand.token_id])
-        else:
-            ends = sorted(i for i in vocab.end_ids if i < dist.shape[0])
-            value = float(torch.logsumexp(dist[ends], 0)) if ends else -math.inf
-        out.append(max(floor, value))
-    return out
+    size = dist.shape[0]
+    known = [c.token_id is not None and c.token_id < size for c in candidates]
+    values = dist[[c.token_id if k else 0 for c, k in zip(candidates, known)]].double().tolist()
+    if not all(known):
+        ends = sorted(i for i in vocab.end_ids if i < size)
+        end_value = float(torch.logsumexp(dist[ends], 0)) if ends else -math.inf
+        values = [v if k else end_value for v, k in zip(values, known)]
+    return [max(floor, v) for v in values]
 
 
 def _is_utf8(data: bytes) -> bool:
@@ -77,8 +81,8 @@ def _is_utf8(data: bytes) -> bool:
     return True
 
 
-class PerStepDecoder:
-    """State and logic of one per-step generation. See the module docstring.
+class DecoderBase:
+    """State shared by the strategies. See the module docstring.
 
     Args:
         mode: the hosted mode (``completions``, ``chat-prefix`` or ``chat``).
@@ -93,8 +97,8 @@ class PerStepDecoder:
         self,
         *,
         mode: str,
-        expert: ScorerSession,
-        anti_expert: ScorerSession,
+        expert: object,
+        anti_expert: object,
         aligner: Aligner,
         params: DecodeParams,
         same_vocab: bool = False,
@@ -117,6 +121,7 @@ class PerStepDecoder:
         self.generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
         self.continuation = b""
         self.hosted_ids: list[int] | None = []  # None once a chosen token has no known id
+        self.generated = 0
         self.steps: list[StepTrace] = []
         self.usage = Usage()
         self.finish_reason: str | None = None
@@ -127,6 +132,11 @@ class PerStepDecoder:
     def done(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def token_prompts(self) -> bool:
+        """Requests carry hosted token ids (exact continuation, any bytes)."""
+        return self.hosted_prompt_ids is not None and self.hosted_ids is not None
+
     # ----- requests ------------------------------------------------------------------------------
     def _sendable_text(self) -> tuple[str, bytes]:
         """The continuation as text, and the incomplete UTF-8 tail that text cannot carry.
@@ -135,73 +145,127 @@ class PerStepDecoder:
         complete, tail = split_utf8(self.continuation)
         return complete.decode("utf-8", errors="replace"), tail
 
-    def request(self) -> HostedRequest:
-        p = self.params
-        common = dict(mode=self.mode, max_tokens=1, top_k=p.top_k, temperature=0.0, top_p=1.0)
+    def _request(self, *, max_tokens: int, temperature: float, seed: int | None = None) -> HostedRequest:
+        common = dict(mode=self.mode, max_tokens=max_tokens, top_k=self.params.top_k, temperature=temperature,
+                      top_p=1.0, seed=seed)
         if self._end_hidden:
             # OpenAI reports no logprobs when it samples the end; banning it for the draw (logit_bias
             # does not change returned logprobs) brings the position back with the end among the top-k.
             common["logit_bias"] = tuple((i, -100.0) for i in self.end_ids)
         if self.mode == "completions":
-            if self.hosted_prompt_ids is not None and self.hosted_ids is not None:
+            if self.token_prompts:
                 return HostedRequest(prompt=tuple(self.hosted_prompt_ids + self.hosted_ids), **common)
             text, _ = self._sendable_text()
             return HostedRequest(prompt=(self.prompt or "") + text, **common)
         text, _ = self._sendable_text()
         return HostedRequest(messages=self.messages, assistant_prefix=text, **common)
 
-    # ----- one step ---------------------------------------------------------------------------
-    def _consistent(self, candidates: Sequence[Candidate]) -> tuple[list[Candidate], int]:
-        """Candidates a text prompt can carry on from, and how many were excluded.
-
-        A text prompt holds only valid UTF-8, so with text prompts a candidate that would leave
-        the continuation invalid (ending inside a character, or a stray continuation byte) is
-        excluded; the others are renormalised by the softmax. Token-id prompts keep every one.
-        """
-        if self.hosted_prompt_ids is not None and self.hosted_ids is not None:
-            return list(candidates), 0
-        keep = [c for c in candidates if c.is_end or _is_utf8(self.continuation + c.data)]
-        return keep, len(candidates) - len(keep)
-
-    def _small_logprobs(self, candidates: Sequence[Candidate]) -> tuple[list[float], list[float], str]:
-        ids_known = self.hosted_ids is not None and all(c.token_id is not None or c.is_end for c in candidates)
-        if self.same_vocab and ids_known:
-            vocab = self.aligner.small
-            dist_e = self.expert.distributions(self.hosted_ids)[()]
-            dist_a = self.anti_expert.distributions(self.hosted_ids)[()]
-            return (
-                _same_vocab_logprobs(dist_e, candidates, vocab),
-                _same_vocab_logprobs(dist_a, candidates, vocab),
-                "token ids (same tokenizer)",
-            )
-        plan = self.aligner.plan(self.continuation, candidates)
-        dists_e = self.expert.distributions(plan.kept_ids, plan.paths)
-        dists_a = self.anti_expert.distributions(plan.kept_ids, plan.paths)
-        return self.aligner.evaluate(plan, dists_e), self.aligner.evaluate(plan, dists_a), self.aligner.description
-
-    def observe(self, results: Sequence[HostedResult], api_seconds: float) -> StepTrace | None:
-        """Consume the API's answer to :meth:`request`: score, choose, append."""
-        started = time.perf_counter()
-        result = results[0]
-        p = self.params
-        notes: list[str] = []
+    def _count_call(self, result: HostedResult, api_seconds: float) -> None:
         self.usage = self.usage + Usage(
             api_calls=1,
             prompt_tokens=result.usage.prompt_tokens,
             completion_tokens=result.usage.completion_tokens,
             api_seconds=api_seconds,
         )
-        if not result.positions:
-            # The server ended the text and reported no logprobs for that position.
-            if self.end_ids and not self._end_hidden:
-                self._end_hidden = True  # ask once more with the end tokens banned from the draw
-                return None
+
+    def _ended_without_logprobs(self) -> bool:
+        """The API ended and reported nothing for that position. With the hosted end ids known,
+        ask once more with them banned from the draw (True: not done yet); else the text ends."""
+        if self.end_ids and not self._end_hidden:
+            self._end_hidden = True
+            return True
+        self.finish_reason = "stop"
+        return False
+
+    # ----- scoring ---------------------------------------------------------------------------
+    def _consistent(self, candidates: Sequence[Candidate], before: bytes | None = None) -> tuple[list[Candidate], int]:
+        """Candidates a text prompt can carry on from, and how many were excluded.
+
+        A text prompt holds only valid UTF-8, so with text prompts a candidate that would leave
+        the continuation invalid (ending inside a character, or a stray continuation byte) is
+        excluded; the others are renormalised by the softmax. Token-id prompts keep every one.
+        """
+        if self.token_prompts:
+            return list(candidates), 0
+        base = self.continuation if before is None else before
+        keep = [c for c in candidates if c.is_end or _is_utf8(base + c.data)]
+        return keep, len(candidates) - len(keep)
+
+    def _score_positions(
+        self, items: Sequence[tuple[bytes, list[int] | None, Sequence[Candidate]]]
+    ) -> tuple[list[tuple[list[float], list[float]]], str]:
+        """log P_E and log P_A of every candidate of several positions, in one batched forward
+        per model. Each item: (continuation bytes before the position, hosted ids before it or
+        None, candidates). Returns per position (expert logprobs, anti-expert logprobs), and
+        the alignment used."""
+        ids_known = all(h is not None and all(c.token_id is not None or c.is_end for c in cands)
+                        for _, h, cands in items)
+        if self.same_vocab and ids_known:
+            groups = [(list(h), ()) for _, h, _ in items]
+            dists_e = self.expert.distributions_groups(groups)
+            dists_a = self.anti_expert.distributions_groups(groups)
+            vocab = self.aligner.small
+            out = [(_same_vocab_logprobs(de[()], cands, vocab), _same_vocab_logprobs(da[()], cands, vocab))
+                   for de, da, (_, _, cands) in zip(dists_e, dists_a, items)]
+            return out, "token ids (same tokenizer)"
+        plans = [self.aligner.plan(cont, cands) for cont, _, cands in items]
+        groups = [(plan.kept_ids, plan.paths) for plan in plans]
+        dists_e = self.expert.distributions_groups(groups)
+        dists_a = self.anti_expert.distributions_groups(groups)
+        out = [(self.aligner.evaluate(plan, de), self.aligner.evaluate(plan, da))
+               for plan, de, da in zip(plans, dists_e, dists_a)]
+        return out, self.aligner.description
+
+    # ----- appending -------------------------------------------------------------------------
+    def _append(self, chosen: Candidate) -> None:
+        if chosen.is_end:
             self.finish_reason = "stop"
-            return None
-        if self._end_hidden:
-            notes.append("the API ended without logprobs; re-asked with the end token banned from its draw")
-            self._end_hidden = False
-        position = result.positions[0]
+            return
+        self.continuation += chosen.data
+        self.generated += 1
+        if self.hosted_ids is not None:
+            if chosen.token_id is None:
+                self.hosted_ids = None
+            else:
+                self.hosted_ids.append(chosen.token_id)
+        if self.params.stop:
+            text = self.continuation.decode("utf-8", errors="replace")
+            hits = [text.find(s) for s in self.params.stop if s and s in text]
+            if hits:
+                self.continuation = text[: min(hits)].encode("utf-8")
+                self.finish_reason = "stop"
+                return
+        if self.generated >= self.params.max_tokens:
+            self.finish_reason = "length"
+        elif self.mode == "chat":
+            self.finish_reason = "length"
+
+    def _step_trace(self, candidates: Sequence[Candidate], lp_e: Sequence[float], lp_a: Sequence[float],
+                    scores: torch.Tensor, probs: torch.Tensor, index: int, alignment: str, api_seconds: float,
+                    scoring_seconds: float, dropped: int, notes: Sequence[str]) -> StepTrace:
+        delta = [e - a for e, a in zip(lp_e, lp_a)]
+        return StepTrace(
+            index=len(self.steps),
+            candidates=tuple(
+                CandidateTrace(
+                    text=c.text, hosted_logprob=c.logprob, expert_logprob=lp_e[i], anti_expert_logprob=lp_a[i],
+                    delta=delta[i], score=float(scores[i]), prob=float(probs[i]), is_end=c.is_end, token_id=c.token_id,
+                )
+                for i, c in enumerate(candidates)
+            ),
+            chosen=index,
+            chosen_text=candidates[index].text,
+            alignment=alignment,
+            api_seconds=api_seconds,
+            scoring_seconds=scoring_seconds,
+            dropped=dropped,
+            notes=tuple(notes),
+        )
+
+    def _choose_per_step(self, position: HostedPosition, api_seconds: float, notes: list[str],
+                         temperature: float, top_p: float) -> StepTrace:
+        """Score one position's candidates and draw from the renormalised tuned distribution."""
+        started = time.perf_counter()
         if not position.candidates:
             raise HostedResponseError(
                 "the hosted API returned no usable top logprobs at this position; "
@@ -215,64 +279,21 @@ class PerStepDecoder:
                 "every candidate at this position ends inside a UTF-8 character, which a text prompt "
                 "cannot carry; pass --hosted-tokenizer so the client can send token-id prompts"
             )
-        lp_e, lp_a, alignment = self._small_logprobs(candidates)
+        [(lp_e, lp_a)], alignment = self._score_positions(
+            [(self.continuation, list(self.hosted_ids) if self.hosted_ids is not None else None, candidates)]
+        )
         hosted = torch.tensor([c.logprob for c in candidates], dtype=torch.float64)
         delta = torch.tensor(lp_e, dtype=torch.float64) - torch.tensor(lp_a, dtype=torch.float64)
-        scores = combiner.proxy_scores(hosted, delta, p.alpha)
-        probs = combiner.tuned_distribution(scores, p.temperature, p.top_p)
+        scores = combiner.proxy_scores(hosted, delta, self.params.alpha)
+        probs = combiner.tuned_distribution(scores, temperature, top_p)
         index = combiner.choose(probs, self.generator)
-        chosen = candidates[index]
         scoring = time.perf_counter() - started
-        self.usage = self.usage + Usage(scoring_seconds=scoring, generated_tokens=0 if chosen.is_end else 1)
-        trace = StepTrace(
-            index=len(self.steps),
-            candidates=tuple(
-                CandidateTrace(
-                    text=c.text,
-                    hosted_logprob=c.logprob,
-                    expert_logprob=lp_e[i],
-                    anti_expert_logprob=lp_a[i],
-                    delta=float(delta[i]),
-                    score=float(scores[i]),
-                    prob=float(probs[i]),
-                    is_end=c.is_end,
-                    token_id=c.token_id,
-                )
-                for i, c in enumerate(candidates)
-            ),
-            chosen=index,
-            chosen_text=chosen.text,
-            alignment=alignment,
-            api_seconds=api_seconds,
-            scoring_seconds=scoring,
-            dropped=position.dropped,
-            notes=tuple(notes),
-        )
+        self.usage = self.usage + Usage(scoring_seconds=scoring, generated_tokens=0 if candidates[index].is_end else 1)
+        trace = self._step_trace(candidates, lp_e, lp_a, scores, probs, index, alignment, api_seconds, scoring,
+                                 position.dropped, notes)
         self.steps.append(trace)
-        self._append(chosen)
+        self._append(candidates[index])
         return trace
-
-    def _append(self, chosen: Candidate) -> None:
-        if chosen.is_end:
-            self.finish_reason = "stop"
-            return
-        self.continuation += chosen.data
-        if self.hosted_ids is not None:
-            if chosen.token_id is None:
-                self.hosted_ids = None
-            else:
-                self.hosted_ids.append(chosen.token_id)
-        if self.params.stop:
-            text = self.continuation.decode("utf-8", errors="ignore")
-            hits = [text.find(s) for s in self.params.stop if s and s in text]
-            if hits:
-                self.continuation = text[: min(hits)].encode("utf-8")
-                self.finish_reason = "stop"
-                return
-        if len(self.steps) >= self.params.max_tokens:
-            self.finish_reason = "length"
-        elif self.mode == "chat":
-            self.finish_reason = "length"
 
     def result(self) -> GenerationResult:
         return GenerationResult(
@@ -282,3 +303,24 @@ class PerStepDecoder:
             trace=tuple(self.steps),
             settings=self.settings,
         )
+
+
+class PerStepDecoder(DecoderBase):
+    """One hosted API call per generated token. See the module docstring."""
+
+    def request(self) -> HostedRequest:
+        return self._request(max_tokens=1, temperature=0.0)
+
+    def observe(self, results: Sequence[HostedResult], api_seconds: float) -> StepTrace | None:
+        """Consume the API's answer to :meth:`request`: score, choose, append."""
+        result = results[0]
+        self._count_call(result, api_seconds)
+        if not result.positions:
+            self._ended_without_logprobs()
+            return None
+        notes: list[str] = []
+        if self._end_hidden:
+            notes.append("the API ended without logprobs; re-asked with the end token banned from its draw")
+            self._end_hidden = False
+        return self._choose_per_step(result.positions[0], api_seconds, notes, self.params.temperature,
+                                     self.params.top_p)

@@ -120,77 +120,109 @@ class CachedContext:
 
     def score_rows(self, ids: Sequence[int], paths: Sequence[Path_] = ()) -> dict[Path_, torch.Tensor]:
         """Make the cache hold ``ids`` and score the trie of ``paths`` on top, in ONE forward.
+        Returns log P(next | ids + p), shape ``[rows, V]``, for ``p`` = () and every prefix of
+        every path. (:meth:`score_groups` with one group anchored at the end.)"""
+        return self.score_groups(ids, [(len(ids), paths)])[0]
 
-        The tokens the cache lacks and the trie nodes go in one sequence: the new tokens attend
-        causally, each node attends to the whole context and its own ancestors. Returns
-        log P(next | ids + p), shape ``[rows, V]``, for ``p`` = () and every prefix of every path.
+    def score_groups(
+        self, ids: Sequence[int], groups: Sequence[tuple[int, Sequence[Path_]]]
+    ) -> list[dict[Path_, torch.Tensor]]:
+        """Make the cache hold ``ids`` and score several tries, each rooted at a prefix of it.
+
+        ``groups`` is a list of ``(anchor, paths)``: the paths of a group continue
+        ``ids[:anchor]`` (1 <= anchor <= len(ids)). Everything goes in ONE forward: the tokens
+        the cache lacks attend causally; each trie node attends to ``ids[:anchor]`` and to its
+        own ancestors, at position ``anchor + depth - 1``. For each group, returns
+        log P(next | ids[:anchor] + p), shape ``[rows, V]``, for ``p`` = () and every prefix of
+        every path. This is how all positions of a speculative chunk are scored at once.
         """
         ids = list(ids)
         if not ids:
             raise ConfigurationError("a model context needs at least one token; pass a non-empty prompt")
-        nodes: dict[Path_, int] = {}
-        for path in paths:
-            for depth in range(1, len(path) + 1):
-                prefix = tuple(path[:depth])
-                if prefix not in nodes:
-                    nodes[prefix] = len(nodes)  # insertion order puts parents before children
+        if any(not 1 <= anchor <= len(ids) for anchor, _ in groups):
+            raise ValueError(f"anchors must lie in [1, {len(ids)}], got {[a for a, _ in groups]}")
+        nodes: dict[tuple[int, Path_], int] = {}  # (group, path prefix) -> index
+        for g, (_, paths) in enumerate(groups):
+            for path in paths:
+                for depth in range(1, len(path) + 1):
+                    key = (g, tuple(path[:depth]))
+                    if key not in nodes:
+                        nodes[key] = len(nodes)  # insertion order puts parents before children
         if self.tree_ok is False and nodes:
-            root = self.score_rows(ids, ())
-            return self._sequential(list(nodes), dict(root))
+            return self._sequential_groups(ids, groups)
         common = 0
         for a, b in zip(self.ids, ids):
             if a != b:
                 break
             common += 1
         fresh = common == len(ids) == len(self.ids) and self.last_logprobs is not None
-        if fresh and not nodes:
-            return {(): self.last_logprobs}
-        # Keep at most len(ids)-1 cached tokens unless the root is already known.
-        keep = len(ids) if fresh else min(common, len(ids) - 1)
+        first_anchor = min((anchor for anchor, _ in groups), default=len(ids))
+        if fresh and first_anchor == len(ids):
+            keep = len(ids)  # the root is known; only trie nodes (if any) to compute
+            if not nodes:
+                return [{(): self.last_logprobs} for _ in groups]
+        else:
+            # Recompute from the earliest position whose output a group needs.
+            keep = min(common, first_anchor - 1, len(ids) - 1)
         if self.cache is None or keep == 0:
             self.cache, keep = _new_cache(), 0
         elif keep < _cache_length(self.cache):
             self.cache.crop(keep - _cache_length(self.cache))
         new = ids[keep:]
         order = list(nodes)
-        n_new, n_nodes = len(new), len(order)
-        inputs = new + [node[-1] for node in order]
+        n_new, n_nodes, n_ctx = len(new), len(order), len(ids)
+        inputs = new + [path[-1] for _, path in order]
         kwargs: dict[str, Any] = {}
         if n_nodes:
-            n_ctx = len(ids)
-            total = keep + n_new + n_nodes
             dtype = next(self.model.parameters()).dtype
-            mask = torch.full((1, 1, n_new + n_nodes, total), torch.finfo(dtype).min, dtype=dtype, device=self.device)
+            low = torch.finfo(dtype).min
+            mask = torch.full((1, 1, n_new + n_nodes, keep + n_new + n_nodes), low, dtype=dtype, device=self.device)
             mask[0, 0, :, :keep] = 0
             if n_new:
                 mask[0, 0, :n_new, keep:n_ctx] = torch.triu(
-                    torch.full((n_new, n_new), torch.finfo(dtype).min, dtype=dtype, device=self.device), diagonal=1
+                    torch.full((n_new, n_new), low, dtype=dtype, device=self.device), diagonal=1
                 )
-                mask[0, 0, n_new:, keep:n_ctx] = 0
-            for i, node in enumerate(order):
-                for depth in range(1, len(node) + 1):
-                    mask[0, 0, n_new + i, n_ctx + nodes[node[:depth]]] = 0
-            positions = list(range(keep, n_ctx)) + [n_ctx + len(node) - 1 for node in order]
+            for i, (g, path) in enumerate(order):
+                row = n_new + i
+                mask[0, 0, row, : groups[g][0]] = 0
+                for depth in range(1, len(path) + 1):
+                    mask[0, 0, row, n_ctx + nodes[(g, path[:depth])]] = 0
+            positions = list(range(keep, n_ctx)) + [groups[g][0] + len(path) - 1 for g, path in order]
             kwargs = {"attention_mask": mask, "position_ids": torch.tensor([positions], device=self.device)}
         try:
             logits = self._forward(inputs, **kwargs)
         except BaseException:
             self.reset()  # the cache may hold part of this call: start clean next time
             raise
-        extra = _cache_length(self.cache) - len(ids)
+        extra = _cache_length(self.cache) - n_ctx
         if extra > 0:
             self.cache.crop(-extra)
         logprobs = torch.log_softmax(logits, dim=-1)
         if n_new:
             self.last_logprobs = logprobs[:, n_new - 1]
         self.ids = ids
-        out: dict[Path_, torch.Tensor] = {(): self.last_logprobs}
-        for node, i in nodes.items():
-            out[node] = logprobs[:, n_new + i]
+        out: list[dict[Path_, torch.Tensor]] = []
+        for anchor, _ in groups:
+            root = self.last_logprobs if anchor == n_ctx else logprobs[:, anchor - 1 - keep]
+            out.append({(): root})
+        for (g, path), i in nodes.items():
+            out[g][path] = logprobs[:, n_new + i]
+        return out
+
+    def _sequential_groups(
+        self, ids: list[int], groups: Sequence[tuple[int, Sequence[Path_]]]
+    ) -> list[dict[Path_, torch.Tensor]]:
+        """Slow exact fallback: per group, its context then one forward per leaf path."""
+        out = []
+        for anchor, paths in groups:
+            root = self.score_groups(ids[:anchor], [(anchor, ())])[0]
+            order = list(dict.fromkeys(tuple(p[:d]) for p in paths for d in range(1, len(p) + 1)))
+            out.append(self._sequential(order, dict(root)))
+        self.score_groups(ids, [(len(ids), ())])
         return out
 
     def _sequential(self, order: list[Path_], out: dict[Path_, torch.Tensor]) -> dict[Path_, torch.Tensor]:
-        """Slow exact fallback: one forward per leaf path."""
+        """One forward per leaf path on top of the current context."""
         n_ctx = len(self.ids)
         leaves = [p for p in order if not any(q[: len(p)] == p and len(q) > len(p) for q in order)]
         for leaf in leaves:
@@ -437,9 +469,29 @@ def check_mixed_batch(expert: "Scorer", anti: "Scorer") -> bool:
     return ok
 
 
-def _check_lengths(scorer: "Scorer", ids: Sequence[int], paths: Sequence[Path_]) -> bool:
+def _score_groups(
+    scorer: "Scorer", context: CachedContext, prompt_ids: list[int],
+    groups: Sequence[tuple[Sequence[int], Sequence[Path_]]],
+) -> list[dict[Path_, torch.Tensor]]:
+    """Score ``(continuation_ids, paths)`` groups on ``context``: one forward when every
+    continuation is a prefix of the longest, else one call per group."""
+    longest = max((list(c) for c, _ in groups), key=len)
+    nested = all(list(c) == longest[: len(c)] for c, _ in groups)
+    if not nested:
+        return [r for c, paths in groups for r in _score_groups(scorer, context, prompt_ids, [(c, paths)])]
+    ids = prompt_ids + longest
+    all_paths = [p for _, paths in groups for p in paths]
+    deepest = max((len(prompt_ids) + len(c) + len(p) for c, paths in groups for p in paths), default=len(ids))
+    tree_ok = _check_lengths(scorer, ids, all_paths, longest=max(deepest, len(ids)))
+    with scorer.lock:
+        context.tree_ok = tree_ok
+        return context.score_groups(ids, [(len(prompt_ids) + len(c), list(paths)) for c, paths in groups])
+
+
+def _check_lengths(scorer: "Scorer", ids: Sequence[int], paths: Sequence[Path_], longest: int | None = None) -> bool:
     """Refuse texts longer than the model's context; tell whether the tree mask may be used."""
-    longest = len(ids) + max((len(p) for p in paths), default=0)
+    if longest is None:
+        longest = len(ids) + max((len(p) for p in paths), default=0)
     if scorer.max_length and longest > scorer.max_length:
         raise ConfigurationError(
             f"the text is {longest} tokens for {scorer.name}, whose context is {scorer.max_length}; "
@@ -465,13 +517,15 @@ class ScorerSession:
         self.forwards = 0
 
     def distributions(self, continuation_ids: Sequence[int], paths: Sequence[Path_] = ()) -> dict[Path_, torch.Tensor]:
-        ids = self.prompt_ids + list(continuation_ids)
-        tree_ok = _check_lengths(self.scorer, ids, paths)
-        with self.scorer.lock:
-            self.context.tree_ok = tree_ok
-            result = self.context.score(ids, paths)
-            self.forwards += 1
-            return result
+        return self.distributions_groups([(continuation_ids, paths)])[0]
+
+    def distributions_groups(
+        self, groups: Sequence[tuple[Sequence[int], Sequence[Path_]]]
+    ) -> list[dict[Path_, torch.Tensor]]:
+        """:meth:`distributions` for several continuations at once (one forward when each is a
+        prefix of the longest, e.g. the positions of a speculative chunk)."""
+        self.forwards += 1
+        return [{k: v[0] for k, v in d.items()} for d in _score_groups(self.scorer, self.context, self.prompt_ids, groups)]
 
     def close(self) -> None:
         self.context.reset()
@@ -488,17 +542,13 @@ class _SharedPair:
         self.context = CachedContext(expert.model, rows=2,
                                      forward_kwargs={"adapter_names": [expert.adapter_name, "__base__"]})
         self._key: tuple | None = None
-        self._rows: dict[Path_, torch.Tensor] = {}
+        self._rows: list[dict[Path_, torch.Tensor]] = []
         self.forwards = 0
 
-    def rows(self, continuation_ids: Sequence[int], paths: Sequence[Path_]) -> dict[Path_, torch.Tensor]:
-        key = (tuple(continuation_ids), tuple(paths))
+    def rows(self, groups: Sequence[tuple[Sequence[int], Sequence[Path_]]]) -> list[dict[Path_, torch.Tensor]]:
+        key = tuple((tuple(c), tuple(p)) for c, p in groups)
         if key != self._key:
-            ids = self.prompt_ids + list(continuation_ids)
-            tree_ok = _check_lengths(self.expert, ids, paths)
-            with self.expert.lock:
-                self.context.tree_ok = tree_ok
-                self._rows = self.context.score_rows(ids, paths)
+            self._rows = _score_groups(self.expert, self.context, self.prompt_ids, groups)
             self._key = key
             self.forwards += 1
         return self._rows
@@ -518,7 +568,12 @@ class PairedSession:
         return self.shared.forwards
 
     def distributions(self, continuation_ids: Sequence[int], paths: Sequence[Path_] = ()) -> dict[Path_, torch.Tensor]:
-        return {key: value[self.row] for key, value in self.shared.rows(continuation_ids, paths).items()}
+        return self.distributions_groups([(continuation_ids, paths)])[0]
+
+    def distributions_groups(
+        self, groups: Sequence[tuple[Sequence[int], Sequence[Path_]]]
+    ) -> list[dict[Path_, torch.Tensor]]:
+        return [{k: v[self.row] for k, v in d.items()} for d in self.shared.rows(groups)]
 
     def close(self) -> None:
         self.shared.context.reset()

@@ -17,14 +17,15 @@ from typing import Any
 from . import _constants as C
 from .aligner import Aligner
 from .combiner import validate_alpha, validate_temperature, validate_top_p
-from .decoder import DecodeParams, PerStepDecoder
+from .decoder import DecodeParams, DecoderBase, PerStepDecoder
+from .speculative import SpeculativeDecoder
 from .errors import ConfigurationError, ModeNotSupportedError, TokenizerMismatchError
 from .hosted import AsyncHostedClient, HostedClient
 from .scorer import Scorer, open_sessions
 from .types import MODES, GenerationResult
 from .vocab import Vocabulary, load_hosted_vocabulary
 
-STRATEGIES = ("per-step",)
+STRATEGIES = ("per-step", "speculative")
 
 
 def _load_scorer(spec: Any, *, device: str | None, render: str, role: str) -> Scorer:
@@ -151,7 +152,8 @@ class _TunerBase:
         seed: int | None,
         stop: str | Sequence[str] | None,
         strategy: str,
-    ) -> PerStepDecoder:
+        chunk: int | None = None,
+    ) -> DecoderBase:
         if strategy not in STRATEGIES:
             raise ConfigurationError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
         alpha = validate_alpha(alpha)
@@ -169,6 +171,20 @@ class _TunerBase:
             raise ConfigurationError("the prompt is empty; pass some text")
         if messages is not None and not any(str(m.get("content", "")).strip() for m in messages):
             raise ConfigurationError("the messages are empty; pass some text")
+        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+            raise ConfigurationError(f"chunk must be an integer >= 1 (or left out for adaptive), got {chunk!r}")
+        if strategy == "speculative":
+            if self.mode == "chat":
+                raise ModeNotSupportedError(
+                    "the speculative strategy continues the text chunk by chunk, which chat mode cannot do: "
+                    "use --mode completions or --mode chat-prefix"
+                )
+            if temperature not in (0.0, 1.0) or top_p != 1.0:
+                raise ConfigurationError(
+                    f"the speculative strategy samples the tuned distribution at temperature 1 (or greedy at 0) "
+                    f"with top_p 1; got temperature={temperature:g}, top_p={top_p:g}: use --strategy per-step "
+                    "for other settings"
+                )
         if self.mode == "chat" and max_tokens > 1:
             raise ModeNotSupportedError(
                 "chat mode cannot continue a partial answer, so proxy tuning applies to the first token only: "
@@ -182,7 +198,7 @@ class _TunerBase:
         if top_k is None:
             openai_legacy = self.mode == "completions" and self.client.dialect == "openai"
             top_k = C.OPENAI_COMPLETIONS_MAX_LOGPROBS if openai_legacy else C.DEFAULT_TOP_K
-        params = DecodeParams(alpha, temperature, top_p, max_tokens, top_k, stops, seed)
+        params = DecodeParams(alpha, temperature, top_p, max_tokens, top_k, stops, seed, chunk)
         expert_session, anti_session = open_sessions(
             self.expert, self.expert.prompt_ids(prompt=prompt, messages=messages),
             self.anti_expert, self.anti_expert.prompt_ids(prompt=prompt, messages=messages),
@@ -205,8 +221,10 @@ class _TunerBase:
             "hosted_tokenizer": self.hosted_vocab.name if self.hosted_vocab else None,
             "alignment": "token ids (same tokenizer)" if self.same_vocab else self.aligner.description,
             "token_prompts": hosted_prompt_ids is not None,
+            "chunk": (chunk or "adaptive") if strategy == "speculative" else None,
         }
-        decoder = PerStepDecoder(
+        decoder_class = SpeculativeDecoder if strategy == "speculative" else PerStepDecoder
+        decoder = decoder_class(
             mode=self.mode,
             expert=expert_session,
             anti_expert=anti_session,
@@ -251,12 +269,19 @@ class ProxyTuner(_TunerBase):
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         strategy: str = "per-step",
+        chunk: int | None = None,
     ) -> GenerationResult:
-        """Generate proxy-tuned text: one hosted API call per token (``per-step``)."""
+        """Generate proxy-tuned text.
+
+        ``strategy="per-step"``: one hosted API call per token, choosing among the top-k.
+        ``strategy="speculative"``: the API drafts chunks of ``chunk`` tokens (adaptive when
+        left out) that are accepted or resampled to follow the full proxy-tuned distribution
+        (temperature 1) or its greedy path (temperature 0).
+        """
         self.client.check()
         decoder = self._decoder(
             prompt=prompt, messages=messages, max_tokens=max_tokens, alpha=alpha,
-            temperature=temperature, top_p=top_p, seed=seed, stop=stop, strategy=strategy,
+            temperature=temperature, top_p=top_p, seed=seed, stop=stop, strategy=strategy, chunk=chunk,
         )
         try:
             while not decoder.done:
@@ -302,12 +327,14 @@ class AsyncProxyTuner(_TunerBase):
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         strategy: str = "per-step",
+        chunk: int | None = None,
     ) -> GenerationResult:
+        """See :meth:`ProxyTuner.generate`."""
         await self.client.check()
         decoder = await asyncio.to_thread(
             self._decoder,
             prompt=prompt, messages=messages, max_tokens=max_tokens, alpha=alpha,
-            temperature=temperature, top_p=top_p, seed=seed, stop=stop, strategy=strategy,
+            temperature=temperature, top_p=top_p, seed=seed, stop=stop, strategy=strategy, chunk=chunk,
         )
         try:
             while not decoder.done:

@@ -110,8 +110,34 @@ class StepTrace:
 
 
 @dataclass(frozen=True)
+class ChunkTrace:
+    """One speculative chunk: what the API drew, how much was accepted, what replaced the rest.
+
+    ``drawn`` are the drafted tokens' texts, in order; ``accept_probs`` min(1, w(y)/Z) at each
+    position examined; ``accepted`` how many drafts were kept; ``rejected_at`` the index of the
+    first rejected draft (None if none); ``replacement`` the token drawn there from the residual
+    (or the tuned argmax, greedy); ``log_z`` and ``tail`` the normaliser of each examined
+    position and how its unseen tail was weighted.
+    """
+
+    index: int
+    drawn: tuple[str, ...]
+    accept_probs: tuple[float, ...]
+    accepted: int
+    rejected_at: int | None
+    replacement: str | None
+    log_z: tuple[float, ...]
+    tail: tuple[str, ...]
+    alignment: str
+    api_seconds: float
+    scoring_seconds: float
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Usage:
-    """Totals of one generation."""
+    """Totals of one generation. ``draft_tokens``/``accepted_drafts``: speculative drafts
+    examined and accepted."""
 
     api_calls: int = 0
     prompt_tokens: int = 0
@@ -119,9 +145,19 @@ class Usage:
     generated_tokens: int = 0
     api_seconds: float = 0.0
     scoring_seconds: float = 0.0
+    draft_tokens: int = 0
+    accepted_drafts: int = 0
 
     def __add__(self, other: "Usage") -> "Usage":
         return Usage(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+    @property
+    def calls_per_token(self) -> float:
+        return self.api_calls / max(1, self.generated_tokens)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_drafts / self.draft_tokens if self.draft_tokens else None
 
 
 @dataclass(frozen=True)
@@ -133,7 +169,11 @@ class GenerationResult:
     usage: Usage
     trace: tuple[StepTrace, ...] = field(default=())
     settings: dict[str, Any] = field(default_factory=dict)
+    chunks: tuple[ChunkTrace, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (what ``blackbox-proxy generate --json`` prints)."""
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["usage"]["calls_per_token"] = self.usage.calls_per_token
+        out["usage"]["acceptance_rate"] = self.usage.acceptance_rate
+        return out

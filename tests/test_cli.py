@@ -79,3 +79,16 @@ def test_serve_model_subprocess(saved_a):
         proc.wait(timeout=30)
     with socket.socket() as sock, pytest.raises(ConnectionRefusedError):
         sock.connect(("127.0.0.1", port))  # nobody listens any more: the server was stopped
+
+
+def test_generate_speculative_json(server_a, saved_a):
+    args = ["generate", "--base-url", server_a.base_url, "--model", "tiny", "--expert", str(saved_a["E"]),
+            "--anti-expert", str(saved_a["A"]), "--prompt", "The quick brown", "--max-tokens", "10",
+            "--hosted-tokenizer", str(saved_a["L"]), "--strategy", "speculative", "--chunk", "4",
+            "--temperature", "1", "--seed", "3", "--json"]
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.stdout)
+    assert data["settings"]["strategy"] == "speculative" and data["settings"]["chunk"] == 4
+    assert data["chunks"] and {"drawn", "accepted", "rejected_at", "replacement", "accept_probs"} <= set(data["chunks"][0])
+    assert 0 <= data["usage"]["acceptance_rate"] <= 1 and data["usage"]["calls_per_token"] > 0

@@ -118,3 +118,27 @@ def test_sliding_window_models_fall_back_past_the_window(tok_a):
     got = session.distributions(context[3:], [(30, 31), (32,)])
     for key in [(), (30,), (30, 31), (32,)]:
         assert torch.allclose(got[key], full_logprobs(model, context + list(key)), atol=1e-4), key
+
+
+def test_tries_rooted_at_several_prefixes_in_one_forward(models_a):
+    """score_groups: every position of a chunk, each with its own candidate trie, at once."""
+    model = models_a[1]
+    ctx = CachedContext(model)
+    ctx.extend_to([5, 6])
+    seq = [5, 6, 7, 8, 9, 10]
+    groups = [(3, [(11, 12), (13,)]), (5, [(11,)]), (6, [(14, 15)]), (4, [])]
+    got = ctx.score_groups(seq, groups)
+    assert ctx.ids == seq and ctx.cache.get_seq_length() == len(seq)
+    for (anchor, paths), result in zip(groups, got):
+        keys = {()} | {p[:d] for p in paths for d in range(1, len(p) + 1)}
+        assert set(result) == keys
+        for key in keys:
+            want = full_logprobs(model, seq[:anchor] + list(key))
+            assert torch.allclose(result[key][0], want, atol=1e-4), (anchor, key)
+    # the slow fallback gives the same numbers
+    slow = CachedContext(model)
+    slow.tree_ok = False
+    for (anchor, paths), result in zip(groups, slow.score_groups(seq, groups)):
+        for key, value in result.items():
+            assert torch.allclose(value, got[groups.index((anchor, paths))][key], atol=1e-4)
+    assert slow.ids == seq

@@ -1,0 +1,265 @@
+"""Speculative resampling: known answers on hand-built numbers, a statistical test of the
+drawn distribution against exact proxy tuning, and end-to-end runs over loopback HTTP."""
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from blackbox_proxy import ConfigurationError, ModeNotSupportedError, ProxyTuner
+from blackbox_proxy import speculative as spec
+from blackbox_proxy.aligner import Aligner
+from blackbox_proxy.decoder import DecodeParams
+from blackbox_proxy.speculative import PositionScore, SpeculativeDecoder, walk_greedy, walk_sampled
+from blackbox_proxy.types import Candidate, HostedPosition, HostedResult, HostedUsage
+
+LOG = math.log
+
+
+def row(p, delta, draft, lp_small=None):
+    lp = torch.tensor([LOG(x) for x in p], dtype=torch.float64)
+    d = torch.tensor(delta, dtype=torch.float64)
+    small = torch.full_like(lp, -50.0) if lp_small is None else torch.tensor(lp_small, dtype=torch.float64)
+    return PositionScore(lp, d, small + d, small, draft)
+
+
+def test_normaliser_acceptance_and_residual_known_answers():
+    # p_L = (.5, .3, .2), w = (1, 2, .5): Z = 1.2, target = (.4167, .5, .0833)
+    p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    log_w = torch.tensor([0.0, LOG(2), LOG(0.5)], dtype=torch.float64)
+    log_z = spec.log_normaliser(p.log(), log_w, 0.0)
+    assert math.exp(log_z) == pytest.approx(1.2)
+    assert [spec.accept_probability(float(x), log_z) for x in log_w] == pytest.approx([1 / 1.2, 1.0, 0.5 / 1.2])
+    # residual ∝ p max(0, w/Z - 1): only the second candidate is under-drafted
+    assert spec.residual_distribution(p.log(), log_w, log_z).tolist() == pytest.approx([0.0, 1.0, 0.0])
+    # a tail of 0.2 outside C weighted 3: Z = .5 + .6 + .2*3 over covered (.5, .3) only
+    log_z_tail = spec.log_normaliser(p[:2].log(), log_w[:2], LOG(3))
+    assert math.exp(log_z_tail) == pytest.approx(0.5 + 0.6 + 0.2 * 3)
+
+
+def test_tail_weight_estimate():
+    lp_e = torch.tensor([LOG(0.5), LOG(0.3)])  # expert leaves 0.2 outside C
+    lp_a = torch.tensor([LOG(0.7), LOG(0.2)])  # anti-expert leaves 0.1
+    value, how = spec.tail_log_weight(lp_e, lp_a, 1.0)
+    assert math.exp(value) == pytest.approx(2.0) and "outside the candidates" in how
+    value, _ = spec.tail_log_weight(lp_e, lp_a, 0.5)
+    assert math.exp(value) == pytest.approx(2.0 ** 0.5)
+    full = torch.tensor([LOG(0.999), LOG(0.0005)])
+    assert spec.tail_log_weight(full, lp_a, 1.0)[0] == 0.0  # a ratio of tiny numbers is not trusted
+
+
+def test_rejects_at_position_3():
+    """Drafts with w/Z >= 1 are always accepted; a draft the expert rules out (delta = -inf) is
+    always rejected, and the residual puts everything on the under-drafted candidate."""
+    gen = torch.Generator().manual_seed(0)
+    sure = row([0.6, 0.4], [LOG(2), 0.0], 0)  # w(draft)=2 > Z=1.6: accept prob 1
+    ruled_out = row([0.6, 0.4], [-math.inf, LOG(3)], 0)  # draft impossible under the target
+    walk = walk_sampled([sure, sure, sure, ruled_out, sure], 1.0, gen)
+    assert walk.accepted == 3 and walk.rejected_at == 3 and walk.replacement == 1
+    assert walk.accept_probs == pytest.approx([1.0, 1.0, 1.0, 0.0])
+    assert len(walk.log_z) == 4  # positions after the rejection are not examined
+    # +inf weight on the draft: the target lives there, accepted
+    walk = walk_sampled([row([0.9, 0.1], [math.inf, 0.0], 0)], 1.0, gen)
+    assert walk.rejected_at is None and walk.accepted == 1
+    # +inf weight elsewhere: the draft is rejected and the residual picks the +inf candidate
+    walk = walk_sampled([row([0.9, 0.1], [0.0, math.inf], 0)], 1.0, gen)
+    assert walk.rejected_at == 0 and walk.replacement == 1
+
+
+def test_greedy_walk():
+    agree = row([0.7, 0.3], [0.0, 0.0], 0)
+    flips = row([0.6, 0.4], [0.0, 1.0], 0)  # tuned argmax is candidate 1
+    walk = walk_greedy([agree, agree, flips, agree], 1.0)
+    assert (walk.accepted, walk.rejected_at, walk.replacement) == (2, 2, 1)
+    assert walk_greedy([agree, agree], 1.0).rejected_at is None
+
+
+# ----- statistical test: draws vs exact proxy tuning ------------------------------------------------
+
+LIVE = None  # set per test from the tokenizer
+
+
+def concentrated(model, live, seed):
+    """Give ``model`` a biased head: all mass on the ``live`` tokens (others at -30)."""
+    torch.manual_seed(seed)
+    old = model.lm_head
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old.weight * 0.3)
+        head.bias.fill_(-30.0)
+        head.bias[live] = 0.0
+    model.lm_head = head
+    return model
+
+
+class MemoSession:
+    """A scorer session over a real model, memoised by context (the statistical test repeats
+    the same few contexts ten thousand times)."""
+
+    def __init__(self, model, prompt_ids):
+        self.model, self.prompt_ids, self.memo = model, list(prompt_ids), {}
+
+    def logprobs(self, ids):
+        key = tuple(ids)
+        if key not in self.memo:
+            with torch.no_grad():
+                out = self.model(torch.tensor([list(key)])).logits[0, -1].double()
+            self.memo[key] = torch.log_softmax(out, -1)
+        return self.memo[key]
+
+    def distributions_groups(self, groups):
+        return [{(): self.logprobs(self.prompt_ids + list(c))} for c, _ in groups]
+
+    def close(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def concentrated_models(tok_a):
+    from tiny import tiny_llama
+
+    vocab_ids = [tok_a.convert_tokens_to_ids(t) for t in ["a", "b", "c", "d", "e", "f"]]
+    models = [concentrated(tiny_llama(tok_a, s, hidden=32), vocab_ids, s) for s in (10, 11, 12)]
+    return models, vocab_ids
+
+
+def run_draws(tok_a, models, n, seed0, alpha=1.0):
+    from blackbox_proxy.vocab import vocabulary_from_hf
+
+    large, expert, anti = models
+    vocab = vocabulary_from_hf(tok_a)
+    prompt = tok_a.encode("The quick brown")
+    hosted, e, a = MemoSession(large, []), MemoSession(expert, prompt), MemoSession(anti, prompt)
+    gen = torch.Generator().manual_seed(seed0)
+    memo = {}
+
+    def position_candidates(ids):
+        key = tuple(ids)
+        if key not in memo:
+            lp = hosted.logprobs(ids)
+            cands = tuple(Candidate("", vocab.token_bytes[t], float(lp[t]), t) for t in range(len(vocab.token_bytes))
+                          if vocab.token_bytes[t])
+            memo[key] = (lp.exp().float(), cands, {c.token_id: c for c in cands})
+        return memo[key]
+
+    firsts = []
+    for i in range(n):
+        dec = SpeculativeDecoder(mode="completions", expert=e, anti_expert=a, aligner=Aligner(vocab, vocab),
+                                 params=DecodeParams(alpha=alpha, temperature=1.0, max_tokens=2, top_k=400,
+                                                     chunk=2, seed=seed0 + i),
+                                 same_vocab=True, prompt="x", hosted_prompt_ids=prompt)
+        while not dec.done:
+            req = dec.request()
+            ids = list(req.prompt)
+            positions = []
+            for _ in range(req.max_tokens):
+                probs, cands, by_id = position_candidates(ids)
+                token = int(torch.multinomial(probs, 1, generator=gen))
+                positions.append(HostedPosition(candidates=cands, sampled=by_id[token]))
+                ids.append(token)
+            dec.observe([HostedResult("", tuple(positions), "length", HostedUsage())], 0.0)
+        firsts.append(tuple(dec.hosted_ids[:2]))
+    return firsts, (hosted, e, a)
+
+
+def exact_joint(sessions, prompt, live, alpha=1.0):
+    hosted, e, a = sessions
+    table = {}
+    lp1 = hosted.logprobs(prompt) + alpha * (e.logprobs(prompt) - a.logprobs(prompt))
+    p1 = torch.softmax(lp1, 0)
+    for x in live:
+        ctx = prompt + [x]
+        p2 = torch.softmax(hosted.logprobs(ctx) + alpha * (e.logprobs(ctx) - a.logprobs(ctx)), 0)
+        for y in live:
+            table[(x, y)] = float(p1[x] * p2[y])
+    return table
+
+
+def chi2_pvalue(firsts, table):
+    counts = Counter(firsts)
+    n = len(firsts)
+    cells = sorted(table, key=lambda k: -table[k])
+    observed, expected, rest_o, rest_e = [], [], 0, 0.0
+    for cell in cells:
+        if table[cell] * n >= 5:
+            observed.append(counts.get(cell, 0))
+            expected.append(table[cell] * n)
+        else:
+            rest_o += counts.get(cell, 0)
+            rest_e += table[cell] * n
+    observed.append(rest_o + sum(c for k, c in counts.items() if k not in table))
+    expected.append(max(rest_e, 1e-9))
+    expected = [x * n / sum(expected) for x in expected]
+    return chisquare(observed, expected).pvalue
+
+
+def test_speculative_draws_match_exact_proxy_tuning(tok_a, concentrated_models, monkeypatch):
+    models, live = concentrated_models
+    prompt = tok_a.encode("The quick brown")
+    firsts, sessions = run_draws(tok_a, models, 10_000, seed0=1)
+    table = exact_joint(sessions, prompt, live)
+    assert sum(table.values()) > 0.999  # all mass on the live tokens
+    p_right = chi2_pvalue(firsts, table)
+    print(f"speculative joint of the first two tokens vs exact proxy tuning: chi-square p = {p_right:.3f}")
+    assert p_right > 0.01
+    # the hosted model alone is a different distribution: the test can tell them apart
+    plain = exact_joint(sessions, prompt, live, alpha=0.0)
+    assert chi2_pvalue(firsts, plain) < 1e-6
+    # a deliberately wrong acceptance rule (forgetting the normaliser Z) fails the same test
+    monkeypatch.setattr(spec, "accept_probability", lambda log_w, log_z: min(1.0, math.exp(min(0.0, log_w))))
+    wrong, _ = run_draws(tok_a, models, 10_000, seed0=1)
+    p_wrong = chi2_pvalue(wrong, table)
+    print(f"with the acceptance rule missing Z: p = {p_wrong:.2g}")
+    assert p_wrong < 0.01
+
+
+# ----- end to end over loopback HTTP -------------------------------------------------------------
+
+
+def make(server, scorers, **kw):
+    args = dict(base_url=server.base_url, model="tiny", expert=scorers[0], anti_expert=scorers[1], max_retries=0)
+    args.update(kw)
+    return ProxyTuner(**args)
+
+
+@pytest.mark.parametrize("which", ["same", "cross"])
+def test_greedy_speculative_equals_per_step_greedy(server_a, tok_a, scorers_a, scorers_b, which):
+    scorers = scorers_a if which == "same" else scorers_b
+    t = make(server_a, scorers, top_k=20, hosted_tokenizer=tok_a)
+    for prompt in ["The quick brown", "A café in Zürich sells", "Numbers: 1 2"]:
+        per_step = t.generate(prompt, max_tokens=16)
+        spec_result = t.generate(prompt, max_tokens=16, strategy="speculative")
+        assert spec_result.text == per_step.text
+        assert spec_result.usage.api_calls < per_step.usage.api_calls
+        assert spec_result.chunks and spec_result.usage.draft_tokens >= spec_result.usage.accepted_drafts
+
+
+def test_seeded_speculative_sampling_repeats(server_a, tok_a, scorers_b):
+    t = make(server_a, scorers_b, top_k=10, hosted_tokenizer=tok_a)
+    a = t.generate("A café in", max_tokens=12, temperature=1.0, seed=4, strategy="speculative")
+    b = t.generate("A café in", max_tokens=12, temperature=1.0, seed=4, strategy="speculative", chunk=None)
+    assert a.text == b.text
+    assert a.usage.acceptance_rate is not None and 0 <= a.usage.acceptance_rate <= 1
+    chunk = a.chunks[0]
+    assert len(chunk.accept_probs) == chunk.accepted + (chunk.rejected_at is not None)
+    assert all(0 <= p <= 1 for p in chunk.accept_probs)
+    texts = {t.generate("A café in", max_tokens=12, temperature=1.0, seed=s, strategy="speculative").text
+             for s in range(4)}
+    assert len(texts) > 1
+
+
+def test_fixed_chunk_and_refusals(server_a, tok_a, scorers_a):
+    t = make(server_a, scorers_a, top_k=10, hosted_tokenizer=tok_a)
+    r = t.generate("The quick brown", max_tokens=9, strategy="speculative", chunk=3)
+    assert all(len(c.drawn) <= 3 for c in r.chunks)
+    with pytest.raises(ConfigurationError, match="temperature 1 .* use --strategy per-step"):
+        t.generate("Hi", temperature=0.7, strategy="speculative")
+    with pytest.raises(ConfigurationError, match="top_p"):
+        t.generate("Hi", temperature=1.0, top_p=0.9, strategy="speculative")
+    with pytest.raises(ConfigurationError, match="chunk must be an integer >= 1"):
+        t.generate("Hi", strategy="speculative", chunk=0)
+    chat = make(server_a, scorers_a, mode="chat", top_k=10)
+    with pytest.raises(ModeNotSupportedError, match="chat mode cannot"):
+        chat.generate("Hi", max_tokens=1, strategy="speculative")
