@@ -78,7 +78,6 @@ def test_greedy_walk():
 
 # ----- statistical test: draws vs exact proxy tuning ------------------------------------------------
 
-LIVE = None  # set per test from the tokenizer
 
 
 def concentrated(model, live, seed):
@@ -263,3 +262,27 @@ def test_fixed_chunk_and_refusals(server_a, tok_a, scorers_a):
     chat = make(server_a, scorers_a, mode="chat", top_k=10)
     with pytest.raises(ModeNotSupportedError, match="chat mode cannot"):
         chat.generate("Hi", max_tokens=1, strategy="speculative")
+
+
+def test_adaptive_chunk_follows_the_acceptance_rate():
+    assert spec.adaptive_chunk(0, 0) == 8  # prior: 3 of 4 accepted
+    assert spec.adaptive_chunk(45, 50) == 18  # a = 48/54 with the prior: 2 / (1 - a) = 18
+    assert spec.adaptive_chunk(2, 20) == 4  # low acceptance: the floor
+    assert spec.adaptive_chunk(500, 500) == 32  # everything accepted: the ceiling
+
+
+def test_async_speculative_equals_sync(server_a, tok_a, scorers_b):
+    import asyncio
+
+    from blackbox_proxy import AsyncProxyTuner
+
+    kw = dict(top_k=10, hosted_tokenizer=tok_a)
+    sync = make(server_a, scorers_b, **kw).generate("A café in", max_tokens=10, temperature=1.0, seed=7,
+                                                     strategy="speculative")
+
+    async def run():
+        async with AsyncProxyTuner(base_url=server_a.base_url, model="tiny", expert=scorers_b[0],
+                                   anti_expert=scorers_b[1], max_retries=0, **kw) as tuner:
+            return await tuner.generate("A café in", max_tokens=10, temperature=1.0, seed=7, strategy="speculative")
+
+    assert asyncio.run(run()).text == sync.text
