@@ -2,6 +2,7 @@
 
 Commands:
     generate      proxy-tuned generation against an OpenAI-compatible endpoint
+    batch         many prompts from JSONL, resumable, results appended as they finish
     serve-model   serve a local Hugging Face causal LM with OpenAI's API (logprobs included)
 """
 
@@ -14,6 +15,7 @@ from typing import Any
 
 import click
 
+from . import _constants as C
 from .errors import ProxyTuningError
 
 
@@ -51,35 +53,77 @@ def main() -> None:
     """
 
 
+def _tuner_options(fn: Any) -> Any:
+    """Options that build the tuner (hosted API, small models), shared by generate and batch."""
+    options = [
+        click.option("--base-url", envvar="OPENAI_BASE_URL",
+                     help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 [env OPENAI_BASE_URL]"),
+        click.option("--api-key", envvar="OPENAI_API_KEY",
+                     help="API key of the hosted API [env OPENAI_API_KEY, preferred: a flag shows in `ps`]; never logged"),
+        click.option("--model", required=True, help="hosted model name"),
+        click.option("--mode", type=click.Choice(["completions", "chat-prefix", "chat"]), default="completions",
+                     show_default=True, help="how the API continues a partial answer"),
+        click.option("--expert", default=None, help="expert: local HF model folder or name (the tuned small model)"),
+        click.option("--expert-adapter", default=None, type=click.Path(exists=True, file_okay=False),
+                     help="instead of --expert: a LoRA adapter folder applied over --anti-expert (one model in memory)"),
+        click.option("--anti-expert", required=True, help="anti-expert: the same small model before tuning"),
+        click.option("--top-k", type=click.IntRange(min=1), default=None,
+                     help="candidates per position asked of the API [default: 20; 5 on OpenAI's /v1/completions]"),
+        click.option("--hosted-tokenizer", default=None,
+                     help="hosted tokenizer if known: tiktoken:o200k_base, an OpenAI model name, or an HF tokenizer folder"),
+        click.option("--dialect", type=click.Choice(["openai", "vllm", "deepseek", "mistral"]), default=None,
+                     help="server dialect for chat-prefix (detected when left out)"),
+        click.option("--expert-render", type=click.Choice(["auto", "chat", "raw"]), default="auto", show_default=True,
+                     help="expert prompt rendering: chat template or raw text"),
+        click.option("--anti-expert-render", type=click.Choice(["auto", "chat", "raw"]), default="auto",
+                     show_default=True),
+        click.option("--device", default=None, help="torch device for the small models (default: cuda, mps, else cpu)"),
+        click.option("--cache", "cache", default=None, type=click.Path(dir_okay=False),
+                     help="SQLite response cache: identical API requests are answered from it, not paid twice"),
+        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=C.DEFAULT_TIMEOUT,
+                     show_default=True, help="seconds per API request"),
+        click.option("--max-retries", type=click.IntRange(min=0), default=C.MAX_RETRIES, show_default=True,
+                     help="retries of a failed API request (429/5xx/timeouts/connection errors)"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _generation_options(fn: Any) -> Any:
+    """Decoding options shared by generate and batch (a batch line's own fields override them)."""
+    options = [
+        click.option("--alpha", type=float, default=1.0, show_default=True, help="strength of the expert/anti-expert offset"),
+        click.option("--max-tokens", type=int, default=64, show_default=True),
+        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy"),
+        click.option("--top-p", type=float, default=1.0, show_default=True),
+        click.option("--seed", type=int, default=None, help="seed for sampling"),
+        click.option("--stop", multiple=True, help="stop string (repeatable)"),
+        click.option("--strategy", type=click.Choice(["per-step", "speculative"]), default="per-step", show_default=True,
+                     help="per-step: one API call per token; speculative: API-drawn chunks accepted or resampled"),
+        click.option("--chunk", type=int, default=None, help="speculative: tokens per API call [default: adaptive, 4-32]"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _tuner_kwargs(o: dict[str, Any]) -> dict[str, Any]:
+    keys = ("base_url", "api_key", "model", "mode", "expert", "expert_adapter", "anti_expert", "top_k",
+            "hosted_tokenizer", "dialect", "device", "expert_render", "anti_expert_render", "cache", "timeout",
+            "max_retries")
+    return {k: o[k] for k in keys}
+
+
+def _generation_kwargs(o: dict[str, Any]) -> dict[str, Any]:
+    return {"max_tokens": o["max_tokens"], "alpha": o["alpha"], "temperature": o["temperature"], "top_p": o["top_p"],
+            "seed": o["seed"], "stop": list(o["stop"]) or None, "strategy": o["strategy"], "chunk": o["chunk"]}
+
+
 @main.command()
-@click.option("--base-url", envvar="OPENAI_BASE_URL", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 [env OPENAI_BASE_URL]")
-@click.option("--api-key", envvar="OPENAI_API_KEY", help="API key of the hosted API [env OPENAI_API_KEY]; never logged")
-@click.option("--model", required=True, help="hosted model name")
-@click.option("--mode", type=click.Choice(["completions", "chat-prefix", "chat"]), default="completions", show_default=True,
-              help="how the API continues a partial answer")
-@click.option("--expert", default=None, help="expert: local HF model folder or name (the tuned small model)")
-@click.option("--expert-adapter", default=None, type=click.Path(exists=True, file_okay=False),
-              help="instead of --expert: a LoRA adapter folder applied over --anti-expert (one model in memory)")
-@click.option("--anti-expert", required=True, help="anti-expert: the same small model before tuning")
+@_tuner_options
 @click.option("--prompt", required=True, help="prompt text (sent as the user message in chat modes)")
-@click.option("--alpha", type=float, default=1.0, show_default=True, help="strength of the expert/anti-expert offset")
-@click.option("--max-tokens", type=int, default=64, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--top-k", type=int, default=None, help="candidates per position asked of the API [default: 20; 5 on OpenAI's /v1/completions]")
-@click.option("--seed", type=int, default=None, help="seed for sampling")
-@click.option("--stop", multiple=True, help="stop string (repeatable)")
-@click.option("--hosted-tokenizer", default=None,
-              help="hosted tokenizer if known: tiktoken:o200k_base, an OpenAI model name, or an HF tokenizer folder")
-@click.option("--dialect", type=click.Choice(["openai", "vllm", "deepseek", "mistral"]), default=None,
-              help="server dialect for chat-prefix (detected when left out)")
-@click.option("--strategy", type=click.Choice(["per-step", "speculative"]), default="per-step", show_default=True,
-              help="per-step: one API call per token; speculative: API-drawn chunks accepted or resampled")
-@click.option("--chunk", type=int, default=None, help="speculative: tokens per API call [default: adaptive, 4-32]")
-@click.option("--expert-render", type=click.Choice(["auto", "chat", "raw"]), default="auto", show_default=True,
-              help="expert prompt rendering: chat template or raw text")
-@click.option("--anti-expert-render", type=click.Choice(["auto", "chat", "raw"]), default="auto", show_default=True)
-@click.option("--device", default=None, help="torch device for the small models (default: cuda, mps, else cpu)")
+@_generation_options
 @click.option("--json", "as_json", is_flag=True, help="print text, usage and trace as one JSON object")
 @click.option("-v", "--verbose", count=True, help="log progress (-vv for debug)")
 def generate(**o: Any) -> None:
@@ -93,33 +137,8 @@ def generate(**o: Any) -> None:
     _setup_logging(o["verbose"])
     from .tuner import ProxyTuner
 
-    with ProxyTuner(
-        base_url=o["base_url"],
-        api_key=o["api_key"],
-        model=o["model"],
-        mode=o["mode"],
-        expert=o["expert"],
-        expert_adapter=o["expert_adapter"],
-        anti_expert=o["anti_expert"],
-        hosted_tokenizer=o["hosted_tokenizer"],
-        top_k=o["top_k"],
-        dialect=o["dialect"],
-        device=o["device"],
-        expert_render=o["expert_render"],
-        anti_expert_render=o["anti_expert_render"],
-        check_hosted=True,
-    ) as tuner:
-        result = tuner.generate(
-            o["prompt"],
-            max_tokens=o["max_tokens"],
-            alpha=o["alpha"],
-            temperature=o["temperature"],
-            top_p=o["top_p"],
-            seed=o["seed"],
-            stop=list(o["stop"]) or None,
-            strategy=o["strategy"],
-            chunk=o["chunk"],
-        )
+    with ProxyTuner(**_tuner_kwargs(o), check_hosted=True) as tuner:
+        result = tuner.generate(o["prompt"], **_generation_kwargs(o))
     if o["as_json"]:
         click.echo(json.dumps(result.to_dict(), ensure_ascii=False))
     else:
@@ -133,17 +152,67 @@ def generate(**o: Any) -> None:
         )
 
 
+@main.command()
+@_tuner_options
+@click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False),
+              help='JSONL, one prompt per line: {"id": ..., "prompt": ...} or {"id": ..., "messages": [...]}')
+@click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False),
+              help="JSONL results, appended as prompts finish; ids already there are skipped (resume)")
+@click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True,
+              help="prompts in flight at once")
+@click.option("--on-error", type=click.Choice(["stop", "skip"]), default="stop", show_default=True,
+              help="a malformed line or a failed prompt: stop the run, or report it and go on")
+@click.option("--trace", is_flag=True, help="write each result's settings and per-step trace too")
+@click.option("--no-progress", is_flag=True, help="no progress bar")
+@_generation_options
+@click.option("-v", "--verbose", count=True, help="log progress (-vv for debug)")
+def batch(**o: Any) -> None:
+    """Run many prompts from a JSONL file; re-running the same command resumes.
+
+    Each result is appended to --output (and flushed) as soon as it is done. After a crash or
+    Ctrl-C, the same command skips the ids already written and finishes the rest. A line's own
+    max_tokens/alpha/temperature/top_p/seed/stop/strategy/chunk override the options.
+
+    \b
+    Example:
+      blackbox-proxy batch --base-url http://127.0.0.1:8000/v1 --model tiny \\
+        --expert ./expert --anti-expert ./base --input prompts.jsonl --output results.jsonl
+    """
+    _setup_logging(o["verbose"])
+    from .batch import run_batch
+
+    summary = run_batch(
+        o["input_path"], o["output_path"], tuner=_tuner_kwargs(o), concurrency=o["concurrency"],
+        on_error=o["on_error"], progress=False if o["no_progress"] else None, trace=o["trace"],
+        **_generation_kwargs(o),
+    )
+    parts = [f"{summary.written} written", f"{summary.skipped_done} already done"]
+    if summary.bad_lines:
+        parts.append(f"{summary.bad_lines} malformed line(s) skipped")
+    if summary.failed:
+        parts.append(f"{summary.failed} failed (see {summary.errors_path}; run again to retry them)")
+    click.echo(f"[{summary.total} prompts: {', '.join(parts)}; results in {o['output_path']}]", err=True)
+    if summary.failed:
+        sys.exit(1)
+
+
 @main.command("serve-model")
 @click.argument("model")
 @click.option("--host", default="127.0.0.1", show_default=True, help="bind address (loopback unless told otherwise)")
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--name", default=None, help="model name clients use (default: the folder name)")
 @click.option("--max-top-logprobs", type=int, default=20, show_default=True, help="cap on logprobs/top_logprobs")
-@click.option("--max-tokens-limit", type=int, default=4096, show_default=True, help="cap on max_tokens per request")
+@click.option("--max-tokens-limit", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="cap on max_tokens per request")
+@click.option("--max-body-bytes", type=click.IntRange(min=1024), default=1 << 20, show_default=True,
+              help="larger request bodies get a 413")
+@click.option("--api-key", envvar="BLACKBOX_PROXY_SERVER_KEY", default=None,
+              help="require `Authorization: Bearer KEY` from clients (401 otherwise) [env BLACKBOX_PROXY_SERVER_KEY]")
 @click.option("--device", default=None, help="torch device (default: cuda, mps, else cpu)")
 @click.option("-v", "--verbose", count=True)
 def serve_model(model: str, host: str, port: int, name: str | None, max_top_logprobs: int,
-                max_tokens_limit: int, device: str | None, verbose: int) -> None:
+                max_tokens_limit: int, max_body_bytes: int, api_key: str | None, device: str | None,
+                verbose: int) -> None:
     """Serve a local Hugging Face causal LM with OpenAI's API, logprobs included.
 
     \b
@@ -172,7 +241,10 @@ def serve_model(model: str, host: str, port: int, name: str | None, max_top_logp
         raise
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot load {model!r} ({type(exc).__name__}); pass a local Hugging Face model folder") from exc
-    app = create_app(runner, max_top_logprobs=max_top_logprobs, max_tokens_limit=max_tokens_limit)
+    if api_key is not None and not api_key.strip():
+        raise ConfigurationError("--api-key is empty; pass a key, or leave the option out for an open server")
+    app = create_app(runner, max_top_logprobs=max_top_logprobs, max_tokens_limit=max_tokens_limit,
+                     api_key=api_key, max_body_bytes=max_body_bytes)
     click.echo(f"serving {runner.name} at http://{host}:{port}/v1 (Ctrl-C stops)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning" if verbose == 0 else "info")
 

@@ -18,11 +18,15 @@ placeholders for partial characters, ``token_id:N`` strings, and end-of-text tok
 
 Retries live here too, and only here (the SDK's own retries are turned off): connection errors,
 timeouts and 408/409/429/5xx are retried with jittered exponential backoff, ``retry-after`` is
-honoured, and attempts and total waiting are capped (numbers in ``_constants.py``).
+honoured, and attempts and total waiting are capped (numbers in ``_constants.py``). A 200
+whose logprobs are missing or truncated is asked again once, then reported. An optional
+:class:`~blackbox_proxy.cache.ResponseCache` answers identical requests without a call.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import math
 import os
@@ -45,6 +49,7 @@ from .errors import (
     HostedRateLimitError,
     HostedResponseError,
 )
+from .cache import ResponseCache
 from .types import MODES, Candidate, HostedPosition, HostedRequest, HostedResult, HostedUsage
 from .vocab import Vocabulary
 
@@ -187,7 +192,16 @@ class ResponseParser:
             return None
         return Candidate(text, b"", min(0.0, float(logprob)), None, True)
 
-    def completion(self, response: Any, index: int = 0) -> HostedResult:
+    @staticmethod
+    def _check_top(tops: Any, i: int, count: int, finish: str | None, want_top: bool) -> None:
+        """A position with no top logprobs although some were asked for: a truncated answer
+        (the last position of a finished answer is let through; some hosts leave it bare)."""
+        if want_top and not tops and not (finish == "stop" and i == count - 1):
+            raise HostedResponseError(
+                f"the hosted API's answer has no top logprobs at position {i + 1} of {count} (truncated answer)"
+            )
+
+    def completion(self, response: Any, index: int = 0, *, want_top: bool = False) -> HostedResult:
         choice = response.choices[index]
         finish = getattr(choice, "finish_reason", None)
         lp = getattr(choice, "logprobs", None)
@@ -202,7 +216,13 @@ class ResponseParser:
         token_logprobs = list(lp.token_logprobs or [None] * len(tokens))
         tops = list(lp.top_logprobs or [None] * len(tokens))
         positions = []
+        if len(tops) != len(tokens) or len(token_logprobs) != len(tokens):
+            raise HostedResponseError(
+                f"the hosted API's logprobs are truncated ({len(tokens)} tokens, {len(token_logprobs)} logprobs, "
+                f"{len(tops)} top-logprob entries)"
+            )
         for i, tok in enumerate(tokens):
+            self._check_top(tops[i], i, len(tokens), finish, want_top)
             builder = _PositionBuilder(self)
             for text, value in (tops[i] or {}).items():
                 builder.add(text, None, value)
@@ -212,7 +232,7 @@ class ResponseParser:
             positions.append(builder.finish(sampled))
         return HostedResult(choice.text or "", tuple(positions), finish, _usage(response))
 
-    def chat(self, response: Any, index: int = 0) -> HostedResult:
+    def chat(self, response: Any, index: int = 0, *, want_top: bool = False) -> HostedResult:
         choice = response.choices[index]
         finish = getattr(choice, "finish_reason", None)
         text = getattr(choice.message, "content", None) or ""
@@ -227,6 +247,7 @@ class ResponseParser:
             )
         positions = []
         for i, entry in enumerate(content):
+            self._check_top(entry.top_logprobs, i, len(content), finish, want_top)
             builder = _PositionBuilder(self)
             for top in entry.top_logprobs or []:
                 builder.add(top.token, top.bytes, top.logprob)
@@ -270,25 +291,35 @@ def _server_message(exc: Any) -> str:
     return str(getattr(exc, "message", None) or exc)
 
 
+def _header(exc: BaseException, name: str) -> str | None:
+    try:
+        return exc.response.headers.get(name)  # type: ignore[attr-defined]
+    except AttributeError:
+        return None
+
+
 def retry_delay(exc: BaseException, attempt: int, rng: random.Random) -> float | None:
-    """Seconds to wait before retrying after ``exc`` (attempt 1, 2...), or None: do not retry."""
+    """Seconds to wait before retrying after ``exc`` (attempt 1, 2...), or None: do not retry.
+
+    Retried: connection errors and timeouts, a 200 whose body is not valid JSON (cut off on the
+    way), and the statuses in ``RETRYABLE_STATUS``. The server's ``retry-after-ms`` or
+    ``retry-after`` (seconds) is honoured up to ``MAX_RETRY_AFTER``; otherwise jittered
+    exponential backoff.
+    """
     import openai
 
-    if isinstance(exc, (openai.APIConnectionError,)):  # includes APITimeoutError
+    if isinstance(exc, (openai.APIConnectionError, json.JSONDecodeError)):  # includes APITimeoutError
         pass
     elif isinstance(exc, openai.APIStatusError):
         if exc.status_code not in C.RETRYABLE_STATUS:
             return None
-        header = None
-        try:
-            header = exc.response.headers.get("retry-after")
-        except AttributeError:
-            header = None
-        if header:
-            try:
-                return min(C.MAX_RETRY_DELAY * 4, max(0.0, float(header)))
-            except ValueError:
-                pass
+        for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+            header = _header(exc, name)
+            if header:
+                try:
+                    return min(C.MAX_RETRY_AFTER, max(0.0, float(header) * scale))
+                except ValueError:
+                    pass  # an HTTP date: fall back to backoff
     else:
         return None
     base = min(C.MAX_RETRY_DELAY, C.INITIAL_RETRY_DELAY * 2 ** (attempt - 1))
@@ -311,6 +342,7 @@ class _HostedBase:
         max_retries: int = C.MAX_RETRIES,
         token_prompts: bool | None = None,
         extra_body: dict[str, Any] | None = None,
+        cache: "ResponseCache | str | os.PathLike | None" = None,
     ) -> None:
         if mode not in MODES:
             raise ConfigurationError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -340,6 +372,8 @@ class _HostedBase:
         self._token_prompts = token_prompts
         self._checked = False
         self._rng = random.Random()
+        self._own_cache = cache is not None and not isinstance(cache, ResponseCache)
+        self.cache: ResponseCache | None = ResponseCache(cache) if self._own_cache else cache
 
     def __repr__(self) -> str:  # never shows the key
         return f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r}, mode={self.mode!r})"
@@ -432,10 +466,46 @@ class _HostedBase:
             kwargs["extra_body"] = extra
         return endpoint, kwargs
 
-    def parse(self, endpoint: str, response: Any, index: int = 0) -> HostedResult:
+    def parse(self, endpoint: str, response: Any, index: int = 0, *, want_top: bool = False) -> HostedResult:
         if endpoint == "completions":
-            return self.parser.completion(response, index)
-        return self.parser.chat(response, index)
+            return self.parser.completion(response, index, want_top=want_top)
+        return self.parser.chat(response, index, want_top=want_top)
+
+    def parse_all(self, endpoint: str, response: Any, request: HostedRequest) -> list[HostedResult]:
+        """One result per choice; :class:`HostedResponseError` for an answer that is not
+        complete (missing choices, missing or truncated logprobs, an unexpected shape)."""
+        try:
+            choices = list(response.choices or [])
+            if len(choices) < request.n:
+                raise HostedResponseError(f"the hosted API returned {len(choices)} choices; {request.n} were asked")
+            return [self.parse(endpoint, response, i, want_top=request.top_k > 0) for i in range(len(choices))]
+        except (AttributeError, TypeError, KeyError, IndexError) as exc:
+            raise HostedResponseError(
+                f"the hosted API's answer does not have the OpenAI shape ({type(exc).__name__}: "
+                f"{_one_line(str(exc), self._api_key)[:120]})"
+            ) from None
+
+    def cache_key(self, endpoint: str, kwargs: dict[str, Any]) -> str | None:
+        """The response-cache key of a call: the URL, endpoint and request body; never the key."""
+        if self.cache is None:
+            return None
+        return self.cache.key(self.base_url, endpoint, kwargs)
+
+    @staticmethod
+    def from_cache(endpoint: str, body: str) -> Any:
+        """Rebuild the SDK response object stored by :meth:`ResponseCache.put`."""
+        from openai.types import Completion
+        from openai.types.chat import ChatCompletion
+
+        model = Completion if endpoint == "completions" else ChatCompletion
+        return model.construct(**json.loads(body))
+
+    def _bad_answer(self, exc: HostedResponseError, attempt: int) -> None:
+        """Ask again after an incomplete answer, ``MALFORMED_RESPONSE_RETRIES`` times, then fail."""
+        if attempt > C.MALFORMED_RESPONSE_RETRIES:
+            raise HostedResponseError(f"{exc}; asked {attempt} times: check that the server at "
+                                      f"{self.base_url} returns complete logprobs") from None
+        logger.warning("incomplete answer from the hosted API (%s); asking again", exc)
 
     def _retry_delay_or_raise(self, exc: BaseException, attempt: int, started: float) -> float:
         """Seconds to wait before attempt ``attempt + 1``; raises the translated error when the
@@ -461,6 +531,10 @@ class _HostedBase:
 
         key = self._api_key
         where = f"the hosted API at {self.base_url}"
+        if isinstance(exc, json.JSONDecodeError):
+            return HostedResponseError(
+                f"{where} kept answering with a body that is not valid JSON (cut off?); check the server and its proxies"
+            )
         if isinstance(exc, openai.APITimeoutError):
             return HostedConnectionError(
                 f"{where} did not answer within {self.timeout:g} s; check that it is up, or raise the timeout"
@@ -525,7 +599,7 @@ class HostedClient(_HostedBase):
         while True:
             try:
                 return fn()
-            except openai.OpenAIError as exc:
+            except (openai.OpenAIError, json.JSONDecodeError) as exc:
                 attempt += 1
                 time.sleep(self._retry_delay_or_raise(exc, attempt, started))
 
@@ -544,12 +618,28 @@ class HostedClient(_HostedBase):
         """One API call; one :class:`HostedResult` per choice (``request.n`` of them)."""
         self.check()
         endpoint, kwargs = self.build(request)
+        key = self.cache_key(endpoint, kwargs)
+        body = self.cache.get(key) if key else None
+        if body is not None:
+            return self.parse_all(endpoint, self.from_cache(endpoint, body), request)
         create = self._client.completions.create if endpoint == "completions" else self._client.chat.completions.create
-        response = self._with_retries(lambda: create(**kwargs))
-        return [self.parse(endpoint, response, i) for i in range(len(response.choices))]
+        attempt = 0
+        while True:
+            response = self._with_retries(lambda: create(**kwargs))
+            try:
+                results = self.parse_all(endpoint, response, request)
+                break
+            except HostedResponseError as exc:
+                attempt += 1
+                self._bad_answer(exc, attempt)
+        if key:
+            self.cache.put(key, response.model_dump_json())
+        return results
 
     def close(self) -> None:
         self._client.close()
+        if self._own_cache:
+            self.cache.close()
 
 
 class AsyncHostedClient(_HostedBase):
@@ -564,8 +654,6 @@ class AsyncHostedClient(_HostedBase):
         )
 
     async def _with_retries(self, fn: Any) -> Any:
-        import asyncio
-
         import openai
 
         started = time.monotonic()
@@ -573,7 +661,7 @@ class AsyncHostedClient(_HostedBase):
         while True:
             try:
                 return await fn()
-            except openai.OpenAIError as exc:
+            except (openai.OpenAIError, json.JSONDecodeError) as exc:
                 attempt += 1
                 await asyncio.sleep(self._retry_delay_or_raise(exc, attempt, started))
 
@@ -590,9 +678,25 @@ class AsyncHostedClient(_HostedBase):
     async def complete(self, request: HostedRequest) -> list[HostedResult]:
         await self.check()
         endpoint, kwargs = self.build(request)
+        key = self.cache_key(endpoint, kwargs)
+        body = await asyncio.to_thread(self.cache.get, key) if key else None
+        if body is not None:
+            return self.parse_all(endpoint, self.from_cache(endpoint, body), request)
         create = self._client.completions.create if endpoint == "completions" else self._client.chat.completions.create
-        response = await self._with_retries(lambda: create(**kwargs))
-        return [self.parse(endpoint, response, i) for i in range(len(response.choices))]
+        attempt = 0
+        while True:
+            response = await self._with_retries(lambda: create(**kwargs))
+            try:
+                results = self.parse_all(endpoint, response, request)
+                break
+            except HostedResponseError as exc:
+                attempt += 1
+                self._bad_answer(exc, attempt)
+        if key:
+            await asyncio.to_thread(self.cache.put, key, response.model_dump_json())
+        return results
 
     async def close(self) -> None:
         await self._client.close()
+        if self._own_cache:
+            self.cache.close()

@@ -20,6 +20,7 @@ Left out: streaming, ``echo``, ``best_of``, logit_bias, tools.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -33,6 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from ._logging import register_secret
 from .scorer import CachedContext, model_lock, select_device
 from .vocab import Vocabulary, vocabulary_from_hf
 
@@ -40,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOP_LOGPROBS = 20
 DEFAULT_MAX_TOKENS_LIMIT = 4096
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB of request JSON
 
 
 class APIError(Exception):
@@ -249,10 +252,48 @@ def create_app(
     *,
     max_top_logprobs: int = DEFAULT_MAX_TOP_LOGPROBS,
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> Any:
-    """A FastAPI app serving ``runner`` under OpenAI's routes."""
+    """A FastAPI app serving ``runner`` under OpenAI's routes.
+
+    ``api_key``: when set, every ``/v1`` route needs ``Authorization: Bearer <api_key>`` (401
+    otherwise). ``max_body_bytes``: larger request bodies get a 413. Every error is OpenAI's
+    error JSON with a 4xx status; an unexpected failure is a 500 with the exception's class
+    name only (the traceback goes to the server's log, never to the client).
+    """
+    import hmac
+
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
     app = FastAPI(title=f"blackbox-proxy model server ({runner.name})")
     created = int(time.time())
+    if api_key is not None:
+        api_key = api_key.strip()
+        if not api_key:
+            raise ValueError("api_key is empty; pass a real key or None for an open server")
+        register_secret(api_key)
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next: Any) -> Any:
+        if expected is not None and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "").strip().encode("utf-8", "replace")
+            if not hmac.compare_digest(given, expected):
+                err = APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>` with this "
+                                    "server's --api-key", type_="invalid_request_error", code="invalid_api_key")
+                return JSONResponse(err.body(), status_code=401, headers={"www-authenticate": "Bearer"})
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+            err = APIError(413, f"the request body is larger than this server's limit of {max_body_bytes} bytes")
+            return JSONResponse(err.body(), status_code=413)
+        return await call_next(request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = {404: "unknown route; this server has /v1/models, /v1/completions and /v1/chat/completions",
+                   405: "method not allowed on this route"}.get(exc.status_code, str(exc.detail))
+        return JSONResponse(APIError(exc.status_code, message).body(), status_code=exc.status_code)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -269,8 +310,13 @@ def create_app(
         return JSONResponse(err.body(), status_code=500)
 
     async def _json(request: Request) -> dict[str, Any]:
+        raw = b""
+        async for part in request.stream():  # bounded even without a content-length header
+            raw += part
+            if len(raw) > max_body_bytes:
+                raise APIError(413, f"the request body is larger than this server's limit of {max_body_bytes} bytes")
         try:
-            body = await request.json()
+            body = json.loads(raw)
         except Exception:  # noqa: BLE001
             raise APIError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):

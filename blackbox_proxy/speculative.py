@@ -52,6 +52,7 @@ from .types import Candidate, ChunkTrace, HostedRequest, HostedResult, Usage
 # A small model's mass outside C must be at least this for its tail ratio to be trusted.
 MIN_TAIL_MASS = 0.01
 # Adaptive chunk length: bounds, and the prior on the acceptance rate (3 of 4 drafts accepted).
+MAX_STALLED_CHUNKS = 8  # chunks in a row that add nothing before giving up
 MIN_CHUNK, MAX_CHUNK = 4, 32
 PRIOR_ACCEPTED, PRIOR_DRAFTS = 3.0, 4.0
 
@@ -155,6 +156,11 @@ def walk_sampled(positions: Sequence[PositionScore], alpha: float, generator: to
         if float(torch.rand((), generator=generator, dtype=torch.float64)) < a:
             continue
         mask = allowed[t] if allowed is not None else None
+        if mask is not None and not bool(mask.any()):
+            # A text prompt cannot end here (no candidate completes a UTF-8 character): stop at
+            # the rejection without a replacement; the caller cuts back to a whole character.
+            notes.append(f"position {t}: rejected, and no candidate ends on a whole UTF-8 character (text prompt)")
+            return Walk(t, t, None, tuple(probs), tuple(log_zs), tuple(tails), tuple(notes))
         residual = residual_distribution(pos.hosted_logprobs, log_w, log_z, mask)
         if residual is None:
             # Every known candidate already has at least its target mass: the missing mass is in
@@ -163,8 +169,10 @@ def walk_sampled(positions: Sequence[PositionScore], alpha: float, generator: to
             target = (pos.hosted_logprobs.double() + log_w).softmax(0)
             if mask is not None:
                 target = torch.where(mask, target, torch.zeros_like(target))
-                target = target / target.sum()
-            residual = target
+            total = float(target.sum())
+            residual = target / total if total > 0 and math.isfinite(total) else (
+                mask.double() if mask is not None else torch.ones_like(target)) / float(
+                mask.sum() if mask is not None else len(target))
         index = int(torch.multinomial(residual.float(), 1, generator=generator))
         return Walk(t, t, index, tuple(probs), tuple(log_zs), tuple(tails), tuple(notes))
     return Walk(len(positions), None, None, tuple(probs), tuple(log_zs), tuple(tails), tuple(notes))
@@ -172,15 +180,20 @@ def walk_sampled(positions: Sequence[PositionScore], alpha: float, generator: to
 
 def walk_greedy(positions: Sequence[PositionScore], alpha: float,
                 allowed: Sequence[torch.Tensor | None] | None = None) -> Walk:
-    """Accept the API's greedy drafts while they are the proxy-tuned argmax over C (over the
-    ``allowed`` candidates, if given)."""
+    """Accept the API's greedy drafts while they are the proxy-tuned argmax over C; the
+    replacement at the first mismatch is the argmax over the ``allowed`` candidates (those a
+    text prompt can end on), or none when no candidate is allowed there."""
     for t, pos in enumerate(positions):
         scores = pos.hosted_logprobs.double() + alpha * pos.delta.double()
-        if allowed is not None and allowed[t] is not None:
-            scores = torch.where(allowed[t], scores, torch.full_like(scores, -math.inf))
-        best = int(torch.argmax(scores))
-        if best != pos.draft:
-            return Walk(t, t, best, (1.0,) * t + (0.0,), (), (), ())
+        if int(torch.argmax(scores)) == pos.draft:
+            continue
+        mask = allowed[t] if allowed is not None else None
+        if mask is not None:
+            if not bool(mask.any()):
+                return Walk(t, t, None, (1.0,) * t + (0.0,), (), (), (
+                    f"position {t}: rejected, and no candidate ends on a whole UTF-8 character (text prompt)",))
+            scores = torch.where(mask, scores, torch.full_like(scores, -math.inf))
+        return Walk(t, t, int(torch.argmax(scores)), (1.0,) * t + (0.0,), (), (), ())
     return Walk(len(positions), None, None, (1.0,) * len(positions), (), (), ())
 
 
@@ -196,6 +209,7 @@ class SpeculativeDecoder(DecoderBase):
         self.chunk = self.params.chunk or adaptive_chunk(0, 0)
         self.chunks: list[ChunkTrace] = []
         self.greedy = self.params.temperature == 0
+        self._stalled = 0  # chunks in a row that added nothing
 
     def request(self) -> HostedRequest:
         if self._end_hidden:
@@ -269,7 +283,7 @@ class SpeculativeDecoder(DecoderBase):
         notes += list(walk.notes)
         chosen: list[Candidate] = [pos.sampled for pos in usable[: walk.accepted]]
         replacement = None
-        if walk.rejected_at is not None:
+        if walk.rejected_at is not None and walk.replacement is not None:
             replacement = usable[walk.rejected_at].candidates[walk.replacement]
             chosen.append(replacement)
         if not self.token_prompts:
@@ -287,6 +301,14 @@ class SpeculativeDecoder(DecoderBase):
         self.usage = self.usage + Usage(generated_tokens=self.generated - before_generated)
         if not chosen and not self.done:
             notes.append("nothing from this chunk could be kept; the next call starts from the same prefix")
+            self._stalled += 1
+            if self._stalled >= MAX_STALLED_CHUNKS:
+                raise HostedResponseError(
+                    f"{self._stalled} chunks in a row ended inside a UTF-8 character, which a text prompt cannot "
+                    "carry; pass --hosted-tokenizer so the client can send token-id prompts"
+                )
+        else:
+            self._stalled = 0
         if (not self.done and walk.rejected_at is None and result.finish_reason == "stop"
                 and len(usable) == len(positions)):
             # The API stopped after the last draft without reporting that position (OpenAI hides

@@ -28,6 +28,15 @@ from .vocab import Vocabulary, load_hosted_vocabulary
 STRATEGIES = ("per-step", "speculative")
 
 
+def _top_k_cap(mode: str, dialect: str | None) -> int | None:
+    """The most top logprobs a known host returns in ``mode`` (None: unknown, the server says)."""
+    if dialect == "openai":
+        return C.OPENAI_COMPLETIONS_MAX_LOGPROBS if mode == "completions" else C.OPENAI_CHAT_MAX_TOP_LOGPROBS
+    if dialect == "deepseek":
+        return C.OPENAI_CHAT_MAX_TOP_LOGPROBS
+    return None
+
+
 def _load_scorer(spec: Any, *, device: str | None, render: str, role: str) -> Scorer:
     if isinstance(spec, Scorer):
         return spec
@@ -66,6 +75,9 @@ class _TunerBase:
         dialect: ``openai`` | ``vllm`` | ``deepseek`` | ``mistral`` (detected when left out).
         expert_render, anti_expert_render: ``auto`` | ``chat`` | ``raw`` prompt rendering.
         backoff: tokens dropped to reach a stable tokenisation boundary (aligner).
+        timeout, max_retries: per-request timeout (s) and retries after the first attempt.
+        cache: a SQLite file (or :class:`~blackbox_proxy.cache.ResponseCache`) so identical
+            hosted requests are answered without paying again.
     """
 
     _client_class: type = HostedClient
@@ -91,6 +103,7 @@ class _TunerBase:
         max_retries: int = C.MAX_RETRIES,
         token_prompts: bool | None = None,
         check_hosted: bool = False,
+        cache: Any = None,
     ) -> None:
         if mode not in MODES:
             raise ConfigurationError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -113,6 +126,7 @@ class _TunerBase:
             timeout=timeout,
             max_retries=max_retries,
             token_prompts=token_prompts,
+            cache=cache,
         )
         if check_hosted:
             self._check_hosted()
@@ -140,20 +154,33 @@ class _TunerBase:
     def _check_hosted(self) -> None:
         """Reach the hosted API before loading models (sync tuner only)."""
 
-    def _decoder(
+    def top_k_for_mode(self) -> int:
+        """The k asked of the API: ``top_k`` if given, else the default for this host."""
+        if self.top_k is not None:
+            return self.top_k
+        openai_legacy = self.mode == "completions" and self.client.dialect == "openai"
+        return C.OPENAI_COMPLETIONS_MAX_LOGPROBS if openai_legacy else C.DEFAULT_TOP_K
+
+    def check_request(
         self,
         *,
         prompt: str | None,
-        messages: Sequence[dict[str, str]] | None,
-        max_tokens: int,
-        alpha: float,
-        temperature: float,
-        top_p: float,
-        seed: int | None,
-        stop: str | Sequence[str] | None,
-        strategy: str,
+        messages: Sequence[dict[str, str]] | None = None,
+        max_tokens: int = 64,
+        alpha: float = 1.0,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        strategy: str = "per-step",
         chunk: int | None = None,
-    ) -> DecoderBase:
+    ) -> DecodeParams:
+        """Validate one generation's arguments without calling the API; the error says what to fix.
+
+        Checks every rule :meth:`generate` applies: alpha finite, temperature >= 0, top_p in
+        (0, 1], max_tokens >= 1, k within the mode's range, a non-empty prompt that fits each small
+        model's context, a known strategy and what it supports in this mode.
+        """
         if strategy not in STRATEGIES:
             raise ConfigurationError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
         alpha = validate_alpha(alpha)
@@ -167,10 +194,16 @@ class _TunerBase:
             raise ConfigurationError("pass a prompt (text) or messages")
         if prompt is not None and messages is not None:
             raise ConfigurationError("pass either a prompt or messages, not both")
-        if prompt is not None and not prompt.strip():
+        if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
             raise ConfigurationError("the prompt is empty; pass some text")
-        if messages is not None and not any(str(m.get("content", "")).strip() for m in messages):
-            raise ConfigurationError("the messages are empty; pass some text")
+        if messages is not None:
+            _messages(None, messages)
+            if not any(str(m.get("content", "")).strip() for m in messages):
+                raise ConfigurationError("the messages are empty; pass some text")
+        if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, (list, tuple)) and all(isinstance(x, str) and x for x in stop)
+        ):
+            raise ConfigurationError(f"stop must be a string or a list of non-empty strings, got {stop!r}")
         if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
             raise ConfigurationError(f"chunk must be an integer >= 1 (or left out for adaptive), got {chunk!r}")
         if strategy == "speculative":
@@ -193,12 +226,36 @@ class _TunerBase:
             )
         if self.mode == "completions" and prompt is None:
             raise ConfigurationError("completions mode takes a text prompt; pass prompt=TEXT or use a chat mode")
+        top_k = self.top_k_for_mode()
+        cap = _top_k_cap(self.mode, self.client.dialect)
+        if cap is not None and top_k > cap:
+            raise ConfigurationError(
+                f"top_k {top_k} is above what {self.client.dialect} allows in {self.mode} mode ({cap}); pass --top-k {cap} or less"
+            )
+        for scorer in (self.expert, self.anti_expert):
+            scorer.prompt_ids(prompt=prompt, messages=messages)  # raises if it does not fit the context
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        top_k = self.top_k
-        if top_k is None:
-            openai_legacy = self.mode == "completions" and self.client.dialect == "openai"
-            top_k = C.OPENAI_COMPLETIONS_MAX_LOGPROBS if openai_legacy else C.DEFAULT_TOP_K
-        params = DecodeParams(alpha, temperature, top_p, max_tokens, top_k, stops, seed, chunk)
+        return DecodeParams(alpha, temperature, top_p, max_tokens, top_k, stops, seed, chunk)
+
+    def _decoder(
+        self,
+        *,
+        prompt: str | None,
+        messages: Sequence[dict[str, str]] | None,
+        max_tokens: int,
+        alpha: float,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stop: str | Sequence[str] | None,
+        strategy: str,
+        chunk: int | None = None,
+    ) -> DecoderBase:
+        params = self.check_request(
+            prompt=prompt, messages=messages, max_tokens=max_tokens, alpha=alpha, temperature=temperature,
+            top_p=top_p, seed=seed, stop=stop, strategy=strategy, chunk=chunk,
+        )
+        alpha, temperature, top_p, top_k = params.alpha, params.temperature, params.top_p, params.top_k
         expert_session, anti_session = open_sessions(
             self.expert, self.expert.prompt_ids(prompt=prompt, messages=messages),
             self.anti_expert, self.anti_expert.prompt_ids(prompt=prompt, messages=messages),

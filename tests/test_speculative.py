@@ -76,6 +76,36 @@ def test_greedy_walk():
     assert walk_greedy([agree, agree], 1.0).rejected_at is None
 
 
+def test_text_prompt_masks_only_the_replacement():
+    """With text prompts (``allowed``), drafts ending inside a character may be accepted (the
+    chunk is cut back to a whole character later); a replacement must end on a whole one, and
+    when none can, the walk stops at the rejection with no replacement."""
+    none = torch.tensor([False, False])
+    agree = row([0.7, 0.3], [0.0, 0.0], 0)
+    flips = row([0.6, 0.4], [0.0, 1.0], 0)
+    walk = walk_greedy([agree, flips], 1.0, [none, none])  # draft 0 at t=0 is the argmax: kept
+    assert (walk.accepted, walk.rejected_at, walk.replacement) == (1, 1, None)
+    walk = walk_greedy([agree, row([0.6, 0.4], [0.0, -1.0], 1)], 1.0, [none, torch.tensor([True, False])])
+    assert (walk.accepted, walk.rejected_at, walk.replacement) == (1, 1, 0)
+    gen = torch.Generator().manual_seed(0)
+    ruled_out = row([0.6, 0.4], [-math.inf, LOG(3)], 0)
+    walk = walk_sampled([ruled_out], 1.0, gen, [none])
+    assert (walk.accepted, walk.rejected_at, walk.replacement) == (0, 0, None) and "UTF-8" in walk.notes[0]
+    # every allowed candidate is over-drafted: the residual is empty; drawn from the masked target
+    over = row([0.5, 0.3, 0.2], [LOG(3), -math.inf, 0.0], 1)
+    walk = walk_sampled([over], 1.0, gen, [torch.tensor([False, False, True])])
+    assert walk.replacement == 2
+
+
+def test_text_prompts_with_byte_pieces_never_crash(server_a, tok_a, scorers_a):
+    """Random tiny models draw lone UTF-8 pieces; without a hosted tokenizer every chunk must
+    still end on a whole character (found by a batch run that crashed in the residual draw)."""
+    t = make(server_a, scorers_a, top_k=8)
+    for i in range(12):
+        result = t.generate(f"Question: {i}", max_tokens=6, temperature=1.0, seed=i, strategy="speculative")
+        assert "\ufffd" not in result.text  # the continuation is whole UTF-8
+
+
 # ----- statistical test: draws vs exact proxy tuning ------------------------------------------------
 
 

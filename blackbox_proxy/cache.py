@@ -1,0 +1,99 @@
+"""An optional response cache: identical hosted API requests are not paid for twice.
+
+A SQLite file maps a request (base URL, endpoint and the JSON body sent; never the API key) to
+the JSON answer. Only complete answers are stored. WAL journaling and a busy timeout make it safe
+for several processes and threads writing at once; a write that loses a race for the same key
+keeps the first answer.
+
+What it leaves out: expiry and size limits (delete the file to start over). A sampled request
+(temperature > 0) with no seed is stored too: asking it again replays the stored draw, which is
+what a resumed run wants.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigurationError
+
+SCHEMA_VERSION = 1
+_TABLE = "responses"
+
+
+class ResponseCache:
+    """A SQLite cache of hosted API answers, keyed by a hash of the request without secrets.
+
+    Example::
+
+        >>> import tempfile, os
+        >>> cache = ResponseCache(os.path.join(tempfile.mkdtemp(), "cache.sqlite"))
+        >>> key = cache.key("http://127.0.0.1:8000/v1", "completions", {"model": "m", "prompt": "Hi"})
+        >>> cache.get(key) is None
+        True
+        >>> cache.put(key, '{"id": "cmpl-1"}')
+        >>> cache.get(key)
+        '{"id": "cmpl-1"}'
+        >>> cache.close()
+    """
+
+    def __init__(self, path: str | os.PathLike, *, timeout: float = 60.0) -> None:
+        self.path = Path(path).expanduser()
+        if self.path.is_dir():
+            raise ConfigurationError(f"the cache path {self.path} is a folder; pass a file name such as {self.path / 'cache.sqlite'}")
+        if not self.path.parent.is_dir():
+            raise ConfigurationError(f"the cache's folder {self.path.parent} does not exist; create it or pick another --cache path")
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(
+                f"CREATE TABLE IF NOT EXISTS {_TABLE} (key TEXT PRIMARY KEY, body TEXT NOT NULL, created REAL NOT NULL)"
+            )
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            (version,) = self._db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise ConfigurationError(
+                f"{self.path} is not a usable response cache ({exc}); pass another --cache path or delete the file"
+            ) from None
+        if version != str(SCHEMA_VERSION):
+            raise ConfigurationError(
+                f"{self.path} is a response cache of another version ({version}); delete it or pass another --cache path"
+            )
+
+    @staticmethod
+    def key(base_url: str, endpoint: str, request: dict[str, Any]) -> str:
+        """SHA-256 of the canonical JSON of what is sent (the API key travels in a header and is
+        not part of it)."""
+        blob = json.dumps(
+            {"v": SCHEMA_VERSION, "base_url": base_url, "endpoint": endpoint, "request": request},
+            sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str,
+        )
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def get(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT body FROM {_TABLE} WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def put(self, key: str, body: str) -> None:
+        with self._lock:
+            self._db.execute(f"INSERT OR IGNORE INTO {_TABLE} VALUES (?, ?, ?)", (key, body, time.time()))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self._db.execute(f"SELECT COUNT(*) FROM {_TABLE}").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __repr__(self) -> str:
+        return f"ResponseCache({str(self.path)!r})"

@@ -1,0 +1,99 @@
+"""Fault injection in front of a real app: an ASGI wrapper that fails some requests on purpose.
+
+Used only to test the client's retries; the answers that do get through come from the real
+model server underneath.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections import Counter
+
+KINDS = ("429", "500", "timeout", "truncated")
+
+
+class FaultyApp:
+    """Fails a fraction ``rate`` of ``/v1/`` requests, each with a kind drawn from ``kinds``:
+
+    - ``429``: rate limited, with ``retry-after`` (seconds);
+    - ``500``: a server error;
+    - ``timeout``: waits ``hang`` seconds (longer than the client's timeout) before answering;
+    - ``truncated``: the real answer, cut in half (a 200 whose JSON does not parse);
+    - ``no-logprobs``: the real answer with every ``logprobs`` removed (a valid but useless 200);
+    - ``echo-key``: a 400 whose message repeats the request's Authorization header.
+    """
+
+    def __init__(self, app, *, rate: float, seed: int = 0, kinds=KINDS, hang: float = 2.0,
+                 retry_after: str = "0.05", paths=("/v1/completions", "/v1/chat/completions", "/v1/models")) -> None:
+        self.app = app
+        self.rate = rate
+        self.rng = random.Random(seed)
+        self.kinds = tuple(kinds)
+        self.hang = hang
+        self.retry_after = retry_after
+        self.paths = tuple(paths)
+        self.counts: Counter = Counter()
+        self.script: list[str] = []  # kinds to use first, in order, before drawing at random
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            return await self.app(scope, receive, send)
+        self.counts["requests"] += 1
+        if self.script:
+            kind = self.script.pop(0)
+        elif self.rng.random() < self.rate:
+            kind = self.rng.choice(self.kinds)
+        else:
+            kind = "ok"
+        self.counts[kind] += 1
+        if kind == "ok":
+            return await self.app(scope, receive, send)
+        if kind == "429":
+            return await _json(send, 429, {"error": {"message": "Rate limit reached", "type": "rate_limit"}},
+                               [(b"retry-after", self.retry_after.encode())])
+        if kind == "500":
+            return await _json(send, 500, {"error": {"message": "The server had an error", "type": "server_error"}})
+        if kind == "timeout":
+            await asyncio.sleep(self.hang)
+            return await _json(send, 504, {"error": {"message": "too late", "type": "server_error"}})
+        if kind == "echo-key":
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode()
+            return await _json(send, 400, {"error": {"message": f"bad request from {auth}", "type": "invalid"}})
+        status, headers, body = await _capture(self.app, scope, receive)
+        if kind == "truncated":
+            body = body[: len(body) // 2]
+        elif kind == "no-logprobs":
+            data = json.loads(body)
+            for choice in data.get("choices", []):
+                choice["logprobs"] = None
+            body = json.dumps(data).encode()
+        else:
+            raise ValueError(f"unknown fault kind {kind!r}")
+        headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def _json(send, status, obj, headers=()):
+    body = json.dumps(obj).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _capture(app, scope, receive):
+    """Run the real app and collect its whole answer."""
+    out = {"status": 500, "headers": [], "body": b""}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            out["status"], out["headers"] = message["status"], list(message.get("headers", []))
+        elif message["type"] == "http.response.body":
+            out["body"] += message.get("body", b"")
+
+    await app(scope, receive, send)
+    return out["status"], out["headers"], out["body"]
