@@ -217,8 +217,9 @@ def result_record(item: BatchItem, result: Any, *, trace: bool) -> dict[str, Any
         record.setdefault(key, value)
     if trace:
         record["settings"] = full["settings"]
-        record["steps"] = full["steps"]
-        record["chunks"] = full["chunks"]
+        record["trace"] = full["trace"]
+        if full["chunks"]:
+            record["chunks"] = full["chunks"]
     return record
 
 

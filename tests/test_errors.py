@@ -113,3 +113,51 @@ def test_prompt_longer_than_small_model_context(server_a, tok_a, models_a):
     small = Scorer(models_a[1], tok_a, render="raw", name="E")
     with pytest.raises(ConfigurationError, match="whose context is 512"):
         small.prompt_ids(prompt="word " * 2000)
+
+
+def test_k_outside_the_modes_range_for_a_known_host(server_a, scorers_a):
+    """OpenAI's caps are known: 5 on /v1/completions, 20 on chat; refused before any call."""
+    with pytest.raises(ConfigurationError) as info:
+        tuner(server_a, scorers_a, top_k=6, dialect="openai").generate("Hello", max_tokens=2)
+    assert "top_k 6 is above what openai allows in completions mode (5)" in one_line(info.value)
+    with pytest.raises(ConfigurationError) as info:
+        tuner(server_a, scorers_a, top_k=21, dialect="openai", mode="chat").generate("Hello", max_tokens=1)
+    assert "(20); pass --top-k 20 or less" in one_line(info.value)
+
+
+@pytest.mark.parametrize("stop", [5, ["ok", ""], [None]])
+def test_bad_stop(server_a, scorers_a, stop):
+    with pytest.raises(ConfigurationError, match="stop must be a string or a list of non-empty strings"):
+        tuner(server_a, scorers_a).generate("Hello", stop=stop)
+
+
+def test_generate_names_the_small_model_whose_context_is_too_short(server_a, scorers_a):
+    with pytest.raises(ConfigurationError) as info:
+        tuner(server_a, scorers_a).generate("word " * 2000, max_tokens=2)
+    assert "for E, whose context is 512; shorten it" in one_line(info.value)
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--alpha", "inf"], "alpha must be a finite number"),
+        (["--alpha", "nan"], "alpha must be a finite number"),
+        (["--temperature", "-0.5"], "temperature must be a finite number >= 0"),
+        (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--top-k", "0"], "--top-k"),
+        (["--strategy", "beam"], "--strategy"),
+        (["--prompt", "  "], "the prompt is empty"),
+    ],
+)
+def test_cli_validation_is_one_line(server_a, saved_a, args, fragment):
+    from click.testing import CliRunner
+
+    from blackbox_proxy.cli import main
+
+    base = ["generate", "--base-url", server_a.base_url, "--model", "tiny", "--expert", str(saved_a["E"]),
+            "--anti-expert", str(saved_a["A"]), "--prompt", "Hello", "--max-tokens", "2"]
+    result = CliRunner().invoke(main, base + args, env={"OPENAI_API_KEY": SECRET})
+    assert result.exit_code != 0
+    message = result.output.strip().splitlines()[-1]
+    assert fragment in message and SECRET not in result.output

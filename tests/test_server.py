@@ -1,11 +1,14 @@
 """The project's model server over real HTTP on 127.0.0.1, with the openai SDK and httpx."""
 
+import json
 import math
 
 import httpx
 import openai
 import pytest
 import torch
+
+from blackbox_proxy.server import ModelRunner, ServerThread, create_app
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +164,31 @@ def test_logit_bias_moves_the_draw_not_the_logprobs(sdk):
 def test_text_offset_starts_after_the_prompt(sdk):
     resp = sdk.completions.create(model="tiny", prompt="Hello", max_tokens=2, temperature=0, logprobs=1)
     assert resp.choices[0].logprobs.text_offset[0] == len("Hello")
+
+
+def test_api_key_body_limit_and_unknown_routes(tok_a, models_a):
+    key = "srv-key-0123456789"
+    runner = ModelRunner(models_a[0], tok_a, name="tiny")
+    with ServerThread(create_app(runner, api_key=key, max_body_bytes=4096)) as server:
+        body = {"model": "tiny", "prompt": "The", "max_tokens": 1}
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": key}):
+            resp = httpx.post(f"{server.base_url}/completions", json=body, headers=headers)
+            assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
+            assert key not in resp.text
+        good = {"authorization": f"Bearer {key}"}
+        assert httpx.post(f"{server.base_url}/completions", json=body, headers=good).status_code == 200
+        assert httpx.get(f"{server.base_url}/models").status_code == 401
+        assert httpx.get(f"http://127.0.0.1:{server.port}/health").status_code == 200  # liveness stays open
+        big = dict(body, prompt="word " * 2000)
+        resp = httpx.post(f"{server.base_url}/completions", json=big, headers=good)
+        assert resp.status_code == 413 and "4096 bytes" in resp.json()["error"]["message"]
+
+        def chunked():  # no content-length: the limit holds while reading
+            yield json.dumps(big).encode()
+
+        resp = httpx.post(f"{server.base_url}/completions", content=chunked(), headers=good)
+        assert resp.status_code == 413
+        resp = httpx.get(f"{server.base_url}/nowhere", headers=good)
+        assert resp.status_code == 404 and "/v1/completions" in resp.json()["error"]["message"]
+        resp = httpx.get(f"{server.base_url}/completions", headers=good)
+        assert resp.status_code == 405 and resp.json()["error"]["message"]
