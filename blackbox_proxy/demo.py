@@ -29,8 +29,9 @@ HOSTED_NAME = "gemma-3-270m"
 
 @contextlib.contextmanager
 def model_server(model_dir: Path, *, name: str, port: int | None = None, host: str = "127.0.0.1",
-                 startup_timeout: float = 300.0) -> Iterator[str]:
-    """Run ``blackbox-proxy serve-model`` in a child process; yield its base URL; stop it."""
+                 startup_timeout: float = 300.0, threads: int | None = None) -> Iterator[str]:
+    """Run ``blackbox-proxy serve-model`` in a child process; yield its base URL; stop it.
+    ``threads``: CPU threads for the child's torch (benchmarks give each process its own cores)."""
     import httpx
 
     if port is None:
@@ -42,6 +43,8 @@ def model_server(model_dir: Path, *, name: str, port: int | None = None, host: s
             except OSError as exc:
                 raise ConfigurationError(f"port {port} on {host} is in use ({exc.strerror}); pick another with --port") from None
     env = dict(os.environ, HF_HUB_OFFLINE="1")
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log = open(os.devnull, "w")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(
         [sys.executable, "-m", "blackbox_proxy.cli", "serve-model", str(model_dir), "--host", host,

@@ -67,6 +67,45 @@ def _cache_length(cache: Any) -> int:
     return int(cache.get_seq_length()) if cache is not None else 0
 
 
+class ForwardPlan:
+    """What one :meth:`CachedContext.score_groups` call feeds the model: the context ``ids``,
+    the ``keep`` cached tokens it reuses, the ``new`` tokens after them, then one input per trie
+    node. ``answer`` is set instead when no forward is needed."""
+
+    def __init__(self, ids: list[int], groups: Sequence[tuple[int, Sequence[Path_]]],
+                 nodes: dict[tuple[int, Path_], int], keep: int, new: list[int],
+                 answer: list[dict[Path_, torch.Tensor]] | None = None) -> None:
+        self.ids, self.groups, self.nodes, self.keep, self.new, self.answer = ids, groups, nodes, keep, new, answer
+        self.order = list(nodes)
+
+    @property
+    def inputs(self) -> list[int]:
+        return self.new + [path[-1] for _, path in self.order]
+
+    @property
+    def positions(self) -> list[int]:
+        """Position ids: the new tokens in order; a node at its anchor + depth - 1."""
+        return list(range(self.keep, len(self.ids))) + [self.groups[g][0] + len(path) - 1 for g, path in self.order]
+
+    def mask_rows(self, dtype: torch.dtype, device: Any) -> torch.Tensor:
+        """Additive attention mask ``[n_inputs, keep + n_inputs]`` (0 = may attend): the cached
+        prefix and earlier new tokens for new tokens; ``ids[:anchor]`` and its own ancestors for
+        a trie node."""
+        n_new, n_ctx, keep = len(self.new), len(self.ids), self.keep
+        n_in = n_new + len(self.order)
+        low = torch.finfo(dtype).min
+        mask = torch.full((n_in, keep + n_in), low, dtype=dtype, device=device)
+        mask[:, :keep] = 0
+        if n_new:
+            mask[:n_new, keep:n_ctx] = torch.triu(torch.full((n_new, n_new), low, dtype=dtype, device=device), diagonal=1)
+        for i, (g, path) in enumerate(self.order):
+            row = n_new + i
+            mask[row, : self.groups[g][0]] = 0
+            for depth in range(1, len(path) + 1):
+                mask[row, n_ctx + self.nodes[(g, path[:depth])]] = 0
+        return mask
+
+
 class CachedContext:
     """A token context held in a model's KV cache, with the log-probs of the next token.
 
@@ -136,6 +175,25 @@ class CachedContext:
         log P(next | ids[:anchor] + p), shape ``[rows, V]``, for ``p`` = () and every prefix of
         every path. This is how all positions of a speculative chunk are scored at once.
         """
+        plan = self.prepare(ids, groups)
+        if plan.answer is not None:
+            return plan.answer
+        kwargs: dict[str, Any] = {}
+        if plan.order:
+            dtype = next(self.model.parameters()).dtype
+            mask = plan.mask_rows(dtype, self.device)
+            kwargs = {"attention_mask": mask[None, None],
+                      "position_ids": torch.tensor([plan.positions], device=self.device)}
+        try:
+            logits = self._forward(plan.inputs, **kwargs)
+        except BaseException:
+            self.reset()  # the cache may hold part of this call: start clean next time
+            raise
+        return self.complete(plan, torch.log_softmax(logits, dim=-1))
+
+    def prepare(self, ids: Sequence[int], groups: Sequence[tuple[int, Sequence[Path_]]]) -> "ForwardPlan":
+        """Plan :meth:`score_groups`: crop the cache to the reusable prefix and lay out the new
+        tokens and trie nodes (or answer from memory when no forward is needed)."""
         ids = list(ids)
         if not ids:
             raise ConfigurationError("a model context needs at least one token; pass a non-empty prompt")
@@ -149,7 +207,7 @@ class CachedContext:
                     if key not in nodes:
                         nodes[key] = len(nodes)  # insertion order puts parents before children
         if self.tree_ok is False and nodes:
-            return self._sequential_groups(ids, groups)
+            return ForwardPlan(ids, groups, nodes, 0, [], answer=self._sequential_groups(ids, groups))
         common = 0
         for a, b in zip(self.ids, ids):
             if a != b:
@@ -160,7 +218,7 @@ class CachedContext:
         if fresh and first_anchor == len(ids):
             keep = len(ids)  # the root is known; only trie nodes (if any) to compute
             if not nodes:
-                return [{(): self.last_logprobs} for _ in groups]
+                return ForwardPlan(ids, groups, nodes, keep, [], answer=[{(): self.last_logprobs} for _ in groups])
         else:
             # Recompute from the earliest position whose output a group needs.
             keep = min(common, first_anchor - 1, len(ids) - 1)
@@ -168,44 +226,23 @@ class CachedContext:
             self.cache, keep = _new_cache(), 0
         elif keep < _cache_length(self.cache):
             self.cache.crop(keep - _cache_length(self.cache))
-        new = ids[keep:]
-        order = list(nodes)
-        n_new, n_nodes, n_ctx = len(new), len(order), len(ids)
-        inputs = new + [path[-1] for _, path in order]
-        kwargs: dict[str, Any] = {}
-        if n_nodes:
-            dtype = next(self.model.parameters()).dtype
-            low = torch.finfo(dtype).min
-            mask = torch.full((1, 1, n_new + n_nodes, keep + n_new + n_nodes), low, dtype=dtype, device=self.device)
-            mask[0, 0, :, :keep] = 0
-            if n_new:
-                mask[0, 0, :n_new, keep:n_ctx] = torch.triu(
-                    torch.full((n_new, n_new), low, dtype=dtype, device=self.device), diagonal=1
-                )
-            for i, (g, path) in enumerate(order):
-                row = n_new + i
-                mask[0, 0, row, : groups[g][0]] = 0
-                for depth in range(1, len(path) + 1):
-                    mask[0, 0, row, n_ctx + nodes[(g, path[:depth])]] = 0
-            positions = list(range(keep, n_ctx)) + [groups[g][0] + len(path) - 1 for g, path in order]
-            kwargs = {"attention_mask": mask, "position_ids": torch.tensor([positions], device=self.device)}
-        try:
-            logits = self._forward(inputs, **kwargs)
-        except BaseException:
-            self.reset()  # the cache may hold part of this call: start clean next time
-            raise
+        return ForwardPlan(ids, groups, nodes, keep, ids[keep:])
+
+    def complete(self, plan: "ForwardPlan", logprobs: torch.Tensor) -> list[dict[Path_, torch.Tensor]]:
+        """Finish :meth:`score_groups` from the forward's log-probs ``[rows, n_new + n_nodes, V]``:
+        drop the trie's cache entries, remember the context, and pick each group's outputs."""
+        n_new, n_ctx = len(plan.new), len(plan.ids)
         extra = _cache_length(self.cache) - n_ctx
         if extra > 0:
             self.cache.crop(-extra)
-        logprobs = torch.log_softmax(logits, dim=-1)
         if n_new:
             self.last_logprobs = logprobs[:, n_new - 1]
-        self.ids = ids
+        self.ids = plan.ids
         out: list[dict[Path_, torch.Tensor]] = []
-        for anchor, _ in groups:
-            root = self.last_logprobs if anchor == n_ctx else logprobs[:, anchor - 1 - keep]
+        for anchor, _ in plan.groups:
+            root = self.last_logprobs if anchor == n_ctx else logprobs[:, anchor - 1 - plan.keep]
             out.append({(): root})
-        for (g, path), i in nodes.items():
+        for (g, path), i in plan.nodes.items():
             out[g][path] = logprobs[:, n_new + i]
         return out
 
@@ -383,8 +420,8 @@ class Scorer:
             return self.model.disable_adapter()
         return contextlib.nullcontext()
 
-    def session(self, prompt_ids: Sequence[int]) -> "ScorerSession":
-        return ScorerSession(self, prompt_ids)
+    def session(self, prompt_ids: Sequence[int], *, batching: bool = False) -> "ScorerSession":
+        return ScorerSession(self, prompt_ids, batching=batching)
 
     def generate(
         self,
@@ -471,21 +508,31 @@ def check_mixed_batch(expert: "Scorer", anti: "Scorer") -> bool:
 
 def _score_groups(
     scorer: "Scorer", context: CachedContext, prompt_ids: list[int],
-    groups: Sequence[tuple[Sequence[int], Sequence[Path_]]],
+    groups: Sequence[tuple[Sequence[int], Sequence[Path_]]], batching: bool = False,
 ) -> list[dict[Path_, torch.Tensor]]:
     """Score ``(continuation_ids, paths)`` groups on ``context``: one forward when every
-    continuation is a prefix of the longest, else one call per group."""
+    continuation is a prefix of the longest, else one call per group. With ``batching`` the
+    forward goes through the model's :class:`~blackbox_proxy.batching.ScoringQueue`, shared with
+    concurrent generations."""
     longest = max((list(c) for c, _ in groups), key=len)
     nested = all(list(c) == longest[: len(c)] for c, _ in groups)
     if not nested:
-        return [r for c, paths in groups for r in _score_groups(scorer, context, prompt_ids, [(c, paths)])]
+        return [r for c, paths in groups for r in _score_groups(scorer, context, prompt_ids, [(c, paths)], batching)]
     ids = prompt_ids + longest
     all_paths = [p for _, paths in groups for p in paths]
     deepest = max((len(prompt_ids) + len(c) + len(p) for c, paths in groups for p in paths), default=len(ids))
     tree_ok = _check_lengths(scorer, ids, all_paths, longest=max(deepest, len(ids)))
+    anchored = [(len(prompt_ids) + len(c), list(paths)) for c, paths in groups]
+    if batching:
+        from .batching import model_queue
+
+        window_ok = not (scorer.sliding_window and max(deepest, len(ids)) >= scorer.sliding_window)
+        batchable = window_ok and scorer.check_tree_attention()
+        context.tree_ok = tree_ok
+        return model_queue(scorer.model, scorer.lock).score_groups(context, ids, anchored, batchable=batchable)
     with scorer.lock:
         context.tree_ok = tree_ok
-        return context.score_groups(ids, [(len(prompt_ids) + len(c), list(paths)) for c, paths in groups])
+        return context.score_groups(ids, anchored)
 
 
 def _check_lengths(scorer: "Scorer", ids: Sequence[int], paths: Sequence[Path_], longest: int | None = None) -> bool:
@@ -510,8 +557,9 @@ class ScorerSession:
     returns log P(next | context + prefix) for the root and every prefix of every path.
     """
 
-    def __init__(self, scorer: Scorer, prompt_ids: Sequence[int]) -> None:
+    def __init__(self, scorer: Scorer, prompt_ids: Sequence[int], *, batching: bool = False) -> None:
         self.scorer = scorer
+        self.batching = batching
         self.prompt_ids = list(prompt_ids)
         self.context = CachedContext(scorer.model, forward_context=scorer.forward_context)
         self.forwards = 0
@@ -525,7 +573,8 @@ class ScorerSession:
         """:meth:`distributions` for several continuations at once (one forward when each is a
         prefix of the longest, e.g. the positions of a speculative chunk)."""
         self.forwards += 1
-        return [{k: v[0] for k, v in d.items()} for d in _score_groups(self.scorer, self.context, self.prompt_ids, groups)]
+        return [{k: v[0] for k, v in d.items()}
+                for d in _score_groups(self.scorer, self.context, self.prompt_ids, groups, self.batching)]
 
     def close(self) -> None:
         self.context.reset()
@@ -536,8 +585,9 @@ class _SharedPair:
     one forward per step instead of two. Each call computes both rows; the partner's identical
     call is then served from memory."""
 
-    def __init__(self, expert: Scorer, anti: Scorer, prompt_ids: Sequence[int]) -> None:
+    def __init__(self, expert: Scorer, anti: Scorer, prompt_ids: Sequence[int], *, batching: bool = False) -> None:
         self.expert = expert
+        self.batching = batching
         self.prompt_ids = list(prompt_ids)
         self.context = CachedContext(expert.model, rows=2,
                                      forward_kwargs={"adapter_names": [expert.adapter_name, "__base__"]})
@@ -548,7 +598,7 @@ class _SharedPair:
     def rows(self, groups: Sequence[tuple[Sequence[int], Sequence[Path_]]]) -> list[dict[Path_, torch.Tensor]]:
         key = tuple((tuple(c), tuple(p)) for c, p in groups)
         if key != self._key:
-            self._rows = _score_groups(self.expert, self.context, self.prompt_ids, groups)
+            self._rows = _score_groups(self.expert, self.context, self.prompt_ids, groups, self.batching)
             self._key = key
             self.forwards += 1
         return self._rows
@@ -579,10 +629,12 @@ class PairedSession:
         self.shared.context.reset()
 
 
-def open_sessions(expert: Scorer, expert_ids: Sequence[int], anti: Scorer, anti_ids: Sequence[int]) -> tuple[Any, Any]:
+def open_sessions(expert: Scorer, expert_ids: Sequence[int], anti: Scorer, anti_ids: Sequence[int],
+                  *, batching: bool = False) -> tuple[Any, Any]:
     """Sessions for the expert and anti-expert: one batched pair when they are the same peft
-    model with the adapter on/off and see the same prompt tokens, else two plain sessions."""
+    model with the adapter on/off and see the same prompt tokens, else two plain sessions.
+    ``batching``: share forwards with concurrent generations (:mod:`blackbox_proxy.batching`)."""
     if list(expert_ids) == list(anti_ids) and check_mixed_batch(expert, anti):
-        shared = _SharedPair(expert, anti, expert_ids)
+        shared = _SharedPair(expert, anti, expert_ids, batching=batching)
         return PairedSession(shared, expert, 0), PairedSession(shared, anti, 1)
-    return expert.session(expert_ids), anti.session(anti_ids)
+    return expert.session(expert_ids, batching=batching), anti.session(anti_ids, batching=batching)

@@ -79,11 +79,12 @@ class Generation:
 class ModelRunner:
     """One local causal LM that generates with logprobs; requests are serialised by a lock.
 
-    The KV cache of the previous request is kept and reused up to the longest common prefix, so
-    per-step clients (each request = previous one + one token) cost one token of compute.
+    The KV caches of the last ``cache_slots`` contexts are kept; a request continues the one
+    sharing its longest prefix, so per-step clients (each request = previous one + one token) cost
+    one token of compute even when several clients interleave.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, name: str) -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, name: str, cache_slots: int = 8) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -91,7 +92,8 @@ class ModelRunner:
         extra = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
         self.vocab: Vocabulary = vocabulary_from_hf(tokenizer, end_ids=extra, name=name)
         self.lock = model_lock(model)  # shared with any Scorer on the same model object
-        self.context = CachedContext(model)
+        self.cache_slots = max(1, cache_slots)
+        self.contexts: list[CachedContext] = []  # most recently used last
         self.max_length = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
 
     @classmethod
@@ -161,7 +163,8 @@ class ModelRunner:
         out: list[Sampled] = []
         text_ids: list[int] = []
         finish = "length"
-        logprobs = self.context.extend_to(ids)
+        context = self._context_for(ids)
+        logprobs = self._extend(context, ids)
         for _ in range(max_tokens):
             biased = logprobs
             if logit_bias:  # like OpenAI: biases the draw, not the reported logprobs
@@ -185,13 +188,41 @@ class ModelRunner:
                     break
             ids.append(token)
             if len(out) < max_tokens:
-                logprobs = self.context.extend_to(ids)
+                logprobs = self._extend(context, ids)
         text = self.vocab.bytes_of(text_ids).decode("utf-8", errors="replace")
         if stop:
             hits = [text.find(s) for s in stop if s and s in text]
             if hits:
                 text = text[: min(hits)]
         return Generation(tuple(out), tuple(text_ids), text, finish)
+
+    def _context_for(self, ids: list[int]) -> CachedContext:
+        """A kept context that ``ids`` extends (the longest such), else a new slot while there is
+        room, else the one sharing the longest prefix (cropped). Clients that interleave thus keep
+        their own contexts instead of overwriting each other's."""
+        def shared(context: CachedContext) -> int:
+            n = 0
+            for a, b in zip(context.ids, ids):
+                if a != b:
+                    break
+                n += 1
+            return n
+
+        extended = [c for c in self.contexts if c.ids and shared(c) == len(c.ids)]
+        if extended:
+            best = max(extended, key=lambda c: len(c.ids))
+        elif len(self.contexts) < self.cache_slots:
+            best = CachedContext(self.model)
+        else:
+            best = max(self.contexts, key=shared)
+        if best in self.contexts:
+            self.contexts.remove(best)
+        self.contexts.append(best)
+        return best
+
+    @staticmethod
+    def _extend(context: CachedContext, ids: list[int]) -> torch.Tensor:
+        return context.extend_to(ids)
 
     @staticmethod
     def _draw(logprobs: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:

@@ -78,9 +78,12 @@ class _TunerBase:
         timeout, max_retries: per-request timeout (s) and retries after the first attempt.
         cache: a SQLite file (or :class:`~blackbox_proxy.cache.ResponseCache`) so identical
             hosted requests are answered without paying again.
+        batch_scoring: share the small models' forwards among concurrent generations
+            (:mod:`blackbox_proxy.batching`); on by default in the async tuner.
     """
 
     _client_class: type = HostedClient
+    batch_scoring = False  # share forwards with concurrent generations (async tuner)
 
     def __init__(
         self,
@@ -104,6 +107,7 @@ class _TunerBase:
         token_prompts: bool | None = None,
         check_hosted: bool = False,
         cache: Any = None,
+        batch_scoring: bool | None = None,
     ) -> None:
         if mode not in MODES:
             raise ConfigurationError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -113,6 +117,8 @@ class _TunerBase:
             raise ConfigurationError(f"backoff must be >= 0, got {backoff}")
         self.mode = mode
         self.top_k = top_k
+        if batch_scoring is not None:
+            self.batch_scoring = bool(batch_scoring)
         self.hosted_vocab: Vocabulary | None = (
             load_hosted_vocabulary(hosted_tokenizer) if hosted_tokenizer is not None else None
         )
@@ -259,6 +265,7 @@ class _TunerBase:
         expert_session, anti_session = open_sessions(
             self.expert, self.expert.prompt_ids(prompt=prompt, messages=messages),
             self.anti_expert, self.anti_expert.prompt_ids(prompt=prompt, messages=messages),
+            batching=self.batch_scoring,
         )
         hosted_prompt_ids = None
         if self.mode == "completions" and self.client.token_prompts and self.hosted_vocab is not None:
@@ -371,6 +378,7 @@ class AsyncProxyTuner(_TunerBase):
     """
 
     _client_class = AsyncHostedClient
+    batch_scoring = True
 
     async def generate(
         self,

@@ -131,15 +131,15 @@ def test_end_token_is_reported_and_not_in_text(tok_a, models_a):
 
     runner = ModelRunner(models_a[0], tok_a, name="tiny")
     runner.vocab.end_ids  # noqa: B018
-    original = runner.context.extend_to
+    original = runner._extend
 
-    def ending(ids):
-        out = original(ids).clone()
+    def ending(context, ids):
+        out = original(context, ids).clone()
         out[:] = -math.inf
         out[0] = 0.0
         return out
 
-    runner.context.extend_to = ending
+    runner._extend = ending
     with ServerThread(create_app(runner)) as server:
         resp = httpx.post(f"{server.base_url}/completions", json={"model": "tiny", "prompt": "x", "logprobs": 2,
                                                                    "max_tokens": 5, "temperature": 0}).json()
