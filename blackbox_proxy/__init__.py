@@ -32,8 +32,11 @@ from .types import (
     HostedRequest,
     HostedResult,
     StepTrace,
+    StreamEvent,
     Usage,
 )
+from .batch import arun_batch, run_batch
+from .cache import ResponseCache
 from .vocab import Vocabulary, load_hosted_vocabulary
 
 __version__ = "0.1.0"
@@ -62,6 +65,10 @@ __all__ = [
     "ProxyTuningError",
     "Scorer",
     "StepTrace",
+    "StreamEvent",
+    "ResponseCache",
+    "arun_batch",
+    "run_batch",
     "TokenizerMismatchError",
     "Usage",
     "Vocabulary",

@@ -3,11 +3,13 @@
 Commands:
     generate      proxy-tuned generation against an OpenAI-compatible endpoint
     batch         many prompts from JSONL, resumable, results appended as they finish
+    serve         the proxy-tuned model as an OpenAI-compatible server
     serve-model   serve a local Hugging Face causal LM with OpenAI's API (logprobs included)
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -53,12 +55,12 @@ def main() -> None:
     """
 
 
-def _tuner_options(fn: Any) -> Any:
-    """Options that build the tuner (hosted API, small models), shared by generate and batch."""
+def _tuner_options(fn: Any, *, hosted_key_flag: str = "--api-key") -> Any:
+    """Options that build the tuner (hosted API, small models), shared by generate, batch, serve."""
     options = [
         click.option("--base-url", envvar="OPENAI_BASE_URL",
                      help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 [env OPENAI_BASE_URL]"),
-        click.option("--api-key", envvar="OPENAI_API_KEY",
+        click.option(hosted_key_flag, "api_key", envvar="OPENAI_API_KEY",
                      help="API key of the hosted API [env OPENAI_API_KEY, preferred: a flag shows in `ps`]; never logged"),
         click.option("--model", required=True, help="hosted model name"),
         click.option("--mode", type=click.Choice(["completions", "chat-prefix", "chat"]), default="completions",
@@ -194,6 +196,104 @@ def batch(**o: Any) -> None:
     click.echo(f"[{summary.total} prompts: {', '.join(parts)}; results in {o['output_path']}]", err=True)
     if summary.failed:
         sys.exit(1)
+
+
+SERVE_KEYS = ("base_url", "model", "mode", "expert", "expert_adapter", "anti_expert", "top_k", "hosted_tokenizer",
+              "dialect", "expert_render", "anti_expert_render", "device", "cache", "timeout", "max_retries", "name",
+              "host", "port", "strategy", "alpha", "chunk", "max_tokens", "max_tokens_limit", "max_body_bytes")
+
+
+def _load_config(ctx: click.Context, _: Any, path: str | None) -> str | None:
+    """``--config FILE``: TOML whose keys are the option names; flags given on the command line win.
+    Keys are read at the top level or under a ``[serve]`` table; secrets stay in the environment."""
+    if not path:
+        return path
+    import tomllib
+
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path} ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise click.BadParameter(f"{path} is not valid TOML ({exc})") from None
+    data = data.get("serve", data)
+    values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    if "api_key" in values or "hosted_api_key" in values:
+        raise click.BadParameter(f"{path} holds an API key; keep keys in the environment "
+                                 "(OPENAI_API_KEY, BLACKBOX_PROXY_SERVER_KEY), not in files")
+    unknown = sorted(set(values) - set(SERVE_KEYS))
+    if unknown:
+        raise click.BadParameter(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(SERVE_KEYS)}")
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    return path
+
+
+@main.command()
+@click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True, expose_value=False,
+              help="TOML file with these settings (keys as option names, e.g. alpha = 1.5); flags win")
+@functools.partial(_tuner_options, hosted_key_flag="--hosted-api-key")
+@click.option("--name", default=None, help="model name clients use [default: MODEL-proxy-tuned]")
+@click.option("--host", default="127.0.0.1", show_default=True, help="bind address (loopback unless told otherwise)")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--api-key", "server_api_key", envvar="BLACKBOX_PROXY_SERVER_KEY", default=None,
+              help="require `Authorization: Bearer KEY` from clients [env BLACKBOX_PROXY_SERVER_KEY]")
+@click.option("--strategy", type=click.Choice(["per-step", "speculative"]), default="per-step", show_default=True,
+              help="default strategy (a request's extra field `strategy` overrides it)")
+@click.option("--alpha", type=float, default=1.0, show_default=True, help="default alpha (extra field `alpha`)")
+@click.option("--chunk", type=click.IntRange(1, 64), default=None, help="speculative chunk [default: adaptive]")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="max_tokens when a request gives none")
+@click.option("--max-tokens-limit", type=click.IntRange(min=1), default=4096, show_default=True)
+@click.option("--max-body-bytes", type=click.IntRange(min=1024), default=1 << 20, show_default=True)
+@click.option("-v", "--verbose", count=True)
+def serve(**o: Any) -> None:
+    """Serve the proxy-tuned model as an OpenAI-compatible API (completions, chat, streaming).
+
+    Any OpenAI client can then use the tuned model: point its base URL at this server and ask
+    for model NAME. Per request, the extra body fields alpha, strategy and chunk override the
+    defaults.
+
+    \b
+    Example:
+      OPENAI_API_KEY=sk-... blackbox-proxy serve --base-url https://api.example.com/v1 \\
+        --model base-model --expert ./tuned --anti-expert ./base --port 8080
+      curl http://127.0.0.1:8080/v1/completions -H 'content-type: application/json' \\
+        -d '{"model": "base-model-proxy-tuned", "prompt": "Hello", "max_tokens": 16}'
+    """
+    _setup_logging(o["verbose"])
+    import socket
+
+    import uvicorn
+
+    from .errors import ConfigurationError
+    from .hosted import HostedClient
+    from .serve import create_tuned_app
+    from .tuner import AsyncProxyTuner
+
+    server_key = o["server_api_key"]
+    if server_key is not None and not server_key.strip():
+        raise ConfigurationError("--api-key is empty; pass a key, or leave the option out for an open server")
+    with socket.socket() as sock:
+        try:
+            sock.bind((o["host"], o["port"]))
+        except OSError as exc:
+            raise ConfigurationError(f"cannot listen on {o['host']}:{o['port']} ({exc.strerror}); pick another --port") from None
+    kwargs = _tuner_kwargs(o)
+    # Reach the hosted API once before loading models: a bad URL, key or model fails here.
+    probe = HostedClient(model=kwargs["model"], base_url=kwargs["base_url"], api_key=kwargs["api_key"],
+                         mode=kwargs["mode"], dialect=kwargs["dialect"], timeout=kwargs["timeout"],
+                         max_retries=kwargs["max_retries"])
+    probe.check()
+    probe.close()
+    tuner = AsyncProxyTuner(**kwargs)
+    name = o["name"] or f"{o['model']}-proxy-tuned"
+    app = create_tuned_app(tuner, name=name, api_key=server_key, alpha=o["alpha"], strategy=o["strategy"],
+                           chunk=o["chunk"], default_max_tokens=o["max_tokens"],
+                           max_tokens_limit=o["max_tokens_limit"], max_body_bytes=o["max_body_bytes"])
+    click.echo(f"serving {name} (hosted {o['model']} at {tuner.client.base_url}, {o['strategy']}, alpha {o['alpha']:g}) "
+               f"at http://{o['host']}:{o['port']}/v1 (Ctrl-C stops)", err=True)
+    uvicorn.run(app, host=o["host"], port=o["port"], log_level="warning" if o["verbose"] == 0 else "info")
 
 
 @main.command("serve-model")

@@ -295,6 +295,14 @@ class DecoderBase:
         self._append(candidates[index])
         return trace
 
+    def stable_text(self) -> str:
+        """The text so far that can be shown and will not change: whole UTF-8 characters, less
+        a tail that could still turn out to begin a stop string (which would be cut off)."""
+        complete, _ = split_utf8(self.continuation)
+        text = complete.decode("utf-8", errors="replace")
+        hold = max((len(s) for s in self.params.stop), default=1) - 1
+        return text[: max(0, len(text) - hold)]
+
     def result(self) -> GenerationResult:
         return GenerationResult(
             text=self.continuation.decode("utf-8", errors="replace"),

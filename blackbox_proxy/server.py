@@ -278,27 +278,14 @@ def _number(body: dict, key: str, default: Any, kind: type, low: float | None = 
     return value
 
 
-def create_app(
-    runner: ModelRunner,
-    *,
-    max_top_logprobs: int = DEFAULT_MAX_TOP_LOGPROBS,
-    max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
-    api_key: str | None = None,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-) -> Any:
-    """A FastAPI app serving ``runner`` under OpenAI's routes.
-
-    ``api_key``: when set, every ``/v1`` route needs ``Authorization: Bearer <api_key>`` (401
-    otherwise). ``max_body_bytes``: larger request bodies get a 413. Every error is OpenAI's
-    error JSON with a 4xx status; an unexpected failure is a 500 with the exception's class
-    name only (the traceback goes to the server's log, never to the client).
-    """
+def install_openai_plumbing(app: Any, *, api_key: str | None, max_body_bytes: int) -> None:
+    """What every OpenAI-style app of this project shares: the optional bearer key on ``/v1``
+    routes (401), the body-size limit (413), and every error as OpenAI's error JSON (unknown
+    routes, bad JSON, :class:`APIError`, and a bare 500 without traceback for bugs)."""
     import hmac
 
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    app = FastAPI(title=f"blackbox-proxy model server ({runner.name})")
-    created = int(time.time())
     if api_key is not None:
         api_key = api_key.strip()
         if not api_key:
@@ -340,18 +327,44 @@ def create_app(
         err = APIError(500, f"internal error ({type(exc).__name__})", type_="server_error")
         return JSONResponse(err.body(), status_code=500)
 
+
+async def read_json(request: Request, max_body_bytes: int) -> dict[str, Any]:
+    """The request's JSON object, read within ``max_body_bytes`` (413) or a 400 that says why."""
+    raw = b""
+    async for part in request.stream():  # bounded even without a content-length header
+        raw += part
+        if len(raw) > max_body_bytes:
+            raise APIError(413, f"the request body is larger than this server's limit of {max_body_bytes} bytes")
+    try:
+        body = json.loads(raw)
+    except Exception:  # noqa: BLE001
+        raise APIError(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
+def create_app(
+    runner: ModelRunner,
+    *,
+    max_top_logprobs: int = DEFAULT_MAX_TOP_LOGPROBS,
+    max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> Any:
+    """A FastAPI app serving ``runner`` under OpenAI's routes.
+
+    ``api_key``: when set, every ``/v1`` route needs ``Authorization: Bearer <api_key>`` (401
+    otherwise). ``max_body_bytes``: larger request bodies get a 413. Every error is OpenAI's
+    error JSON with a 4xx status; an unexpected failure is a 500 with the exception's class
+    name only (the traceback goes to the server's log, never to the client).
+    """
+    app = FastAPI(title=f"blackbox-proxy model server ({runner.name})")
+    created = int(time.time())
+    install_openai_plumbing(app, api_key=api_key, max_body_bytes=max_body_bytes)
+
     async def _json(request: Request) -> dict[str, Any]:
-        raw = b""
-        async for part in request.stream():  # bounded even without a content-length header
-            raw += part
-            if len(raw) > max_body_bytes:
-                raise APIError(413, f"the request body is larger than this server's limit of {max_body_bytes} bytes")
-        try:
-            body = json.loads(raw)
-        except Exception:  # noqa: BLE001
-            raise APIError(400, "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
+        body = await read_json(request, max_body_bytes)
         if body.get("model") != runner.name:
             raise APIError(404, f"The model `{body.get('model')}` does not exist. This server serves `{runner.name}`.",
                            code="model_not_found", param="model")

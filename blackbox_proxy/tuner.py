@@ -10,8 +10,9 @@ the event loop stays free).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from . import _constants as C
@@ -22,7 +23,7 @@ from .speculative import SpeculativeDecoder
 from .errors import ConfigurationError, ModeNotSupportedError, TokenizerMismatchError
 from .hosted import AsyncHostedClient, HostedClient
 from .scorer import Scorer, open_sessions
-from .types import MODES, GenerationResult
+from .types import MODES, GenerationResult, StreamEvent
 from .vocab import Vocabulary, load_hosted_vocabulary
 
 STRATEGIES = ("per-step", "speculative")
@@ -379,6 +380,16 @@ class AsyncProxyTuner(_TunerBase):
 
     _client_class = AsyncHostedClient
     batch_scoring = True
+    _executor: Any = None
+
+    async def _in_thread(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        """Run local work in this tuner's threads (many, so concurrent generations can meet in
+        the scoring queue; the model lock keeps their forwards one at a time)."""
+        if self._executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="blackbox-proxy-scoring")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
     async def generate(
         self,
@@ -395,25 +406,66 @@ class AsyncProxyTuner(_TunerBase):
         chunk: int | None = None,
     ) -> GenerationResult:
         """See :meth:`ProxyTuner.generate`."""
+        last = None
+        async for event in self.stream(prompt, messages=messages, max_tokens=max_tokens, alpha=alpha,
+                                       temperature=temperature, top_p=top_p, seed=seed, stop=stop,
+                                       strategy=strategy, chunk=chunk):
+            last = event
+        assert last is not None and last.result is not None
+        return last.result
+
+    async def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[dict[str, str]] | None = None,
+        max_tokens: int = 64,
+        alpha: float = 1.0,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        strategy: str = "per-step",
+        chunk: int | None = None,
+    ) -> AsyncIterator[StreamEvent]:
+        """:meth:`generate`, as it happens: a :class:`StreamEvent` with the new text after every
+        API call that added some, and a last one carrying the :class:`GenerationResult`. The
+        pieces add up to the result's text.
+
+        Example::
+
+            async for event in tuner.stream("Hello", max_tokens=16):
+                print(event.text, end="", flush=True)
+        """
         await self.client.check()
-        decoder = await asyncio.to_thread(
+        decoder = await self._in_thread(
             self._decoder,
             prompt=prompt, messages=messages, max_tokens=max_tokens, alpha=alpha,
             temperature=temperature, top_p=top_p, seed=seed, stop=stop, strategy=strategy, chunk=chunk,
         )
+        shown = ""
         try:
             while not decoder.done:
                 request = decoder.request()
                 started = time.perf_counter()
                 results = await self.client.complete(request)
-                await asyncio.to_thread(decoder.observe, results, time.perf_counter() - started)
+                await self._in_thread(decoder.observe, results, time.perf_counter() - started)
+                text = decoder.stable_text()
+                if not decoder.done and len(text) > len(shown) and text.startswith(shown):
+                    yield StreamEvent(text[len(shown):])
+                    shown = text
         finally:
             decoder.expert.close()
             decoder.anti_expert.close()
-        return decoder.result()
+        result = decoder.result()
+        # The stable text never changes afterwards, so what was shown is a prefix of the result.
+        yield StreamEvent(result.text[len(shown):] if result.text.startswith(shown) else "", result)
 
     async def close(self) -> None:
         await self.client.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
 
     async def __aenter__(self) -> "AsyncProxyTuner":
         return self

@@ -177,3 +177,12 @@ class GenerationResult:
         out["usage"]["calls_per_token"] = self.usage.calls_per_token
         out["usage"]["acceptance_rate"] = self.usage.acceptance_rate
         return out
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """A piece of a streamed generation: ``text`` is new since the previous event (whole
+    characters, never taken back); the last event has ``result`` set."""
+
+    text: str
+    result: GenerationResult | None = None

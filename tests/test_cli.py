@@ -92,3 +92,47 @@ def test_generate_speculative_json(server_a, saved_a):
     assert data["settings"]["strategy"] == "speculative" and data["settings"]["chunk"] == 4
     assert data["chunks"] and {"drawn", "accepted", "rejected_at", "replacement", "accept_probs"} <= set(data["chunks"][0])
     assert 0 <= data["usage"]["acceptance_rate"] <= 1 and data["usage"]["calls_per_token"] > 0
+
+
+def test_serve_subprocess_with_a_config_file(tmp_path, server_a, saved_a):
+    """`blackbox-proxy serve --config FILE` as a real process; flags win over the file; the SDK
+    gets the library's answer; the process stops when told."""
+    import openai
+
+    port = free_port()
+    config = tmp_path / "serve.toml"
+    config.write_text(
+        f'[serve]\nbase-url = "{server_a.base_url}"\nmodel = "tiny"\nexpert = "{saved_a["E"]}"\n'
+        f'anti_expert = "{saved_a["A"]}"\nexpert_render = "raw"\nanti_expert_render = "raw"\ntop_k = 8\n'
+        f'alpha = 2.0\nport = 1\nname = "tiny-tuned"\n'
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", BLACKBOX_PROXY_SERVER_KEY="cfg-key-123456")
+    proc = subprocess.Popen([sys.executable, "-m", "blackbox_proxy.cli", "serve", "--config", str(config),
+                             "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.3)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="cfg-key-123456", max_retries=0)
+        resp = client.completions.create(model="tiny-tuned", prompt="The quick brown", max_tokens=6, temperature=0)
+        library = ProxyTuner(base_url=server_a.base_url, model="tiny", top_k=8, max_retries=0,
+                             expert=Scorer.from_pretrained(str(saved_a["E"]), render="raw"),
+                             anti_expert=Scorer.from_pretrained(str(saved_a["A"]), render="raw"))
+        assert resp.choices[0].text == library.generate("The quick brown", max_tokens=6, alpha=2.0).text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('model = "tiny"\nalpah = 2\n')
+    result = CliRunner().invoke(main, ["serve", "--config", str(bad), "--anti-expert", "x"])
+    assert result.exit_code == 2 and "unknown setting(s) alpah" in result.output
+    bad.write_text('model = "tiny"\napi_key = "sk-in-a-file"\n')
+    result = CliRunner().invoke(main, ["serve", "--config", str(bad), "--anti-expert", "x"])
+    assert result.exit_code == 2 and "keep keys in the environment" in result.output

@@ -1,0 +1,163 @@
+"""The tuned model served with OpenAI's API, used through the openai SDK over loopback: same text
+as the library call (streaming and not, completions and chat), per-request alpha, n, stop
+hold-back, concurrent clients, and the errors (unknown model, bad key, 400s, hosted failure 502)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+import pytest
+
+from blackbox_proxy import AsyncProxyTuner, ProxyTuner, Scorer
+from blackbox_proxy.serve import create_tuned_app
+from blackbox_proxy.server import ModelRunner, ServerThread, create_app
+
+from faults import FaultyApp
+
+KEY = "serve-key-5b1d0c7e"
+
+
+def start(tuner, **kw):
+    return ServerThread(create_tuned_app(tuner, name="tiny-tuned", api_key=KEY, **kw))
+
+
+@pytest.fixture(scope="module")
+def chat_scorers(tok_a, models_a):
+    return (Scorer(models_a[1], tok_a, render="chat", name="Ec"), Scorer(models_a[2], tok_a, render="chat", name="Ac"))
+
+
+@pytest.fixture(scope="module")
+def kw_completions(server_a, tok_a, scorers_a):
+    return dict(base_url=server_a.base_url, model="tiny", expert=scorers_a[0], anti_expert=scorers_a[1], top_k=8,
+                hosted_tokenizer=tok_a, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def served(kw_completions):
+    tuner = AsyncProxyTuner(**kw_completions)
+    with start(tuner) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def sdk(served):
+    client = openai.OpenAI(base_url=served.base_url, api_key=KEY, max_retries=0)
+    yield client
+    client.close()
+
+
+def streamed(stream):
+    text, finish = "", None
+    for event in stream:
+        for choice in event.choices:
+            text += getattr(choice, "text", None) or getattr(getattr(choice, "delta", None), "content", None) or ""
+            finish = choice.finish_reason or finish
+    return text, finish
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.9, seed=3),
+                                      dict(temperature=1.0, seed=5, strategy="speculative")])
+def test_completions_equal_the_library_streaming_or_not(sdk, kw_completions, sampling):
+    library = ProxyTuner(**kw_completions)
+    extra = {"strategy": sampling.pop("strategy")} if "strategy" in sampling else None
+    want = library.generate("The quick brown", max_tokens=10, **sampling, **(extra or {}))
+    resp = sdk.completions.create(model="tiny-tuned", prompt="The quick brown", max_tokens=10, extra_body=extra,
+                                  **sampling)
+    assert resp.choices[0].text == want.text and resp.choices[0].finish_reason == want.finish_reason
+    assert resp.usage.completion_tokens == want.usage.generated_tokens
+    proxy = resp.model_extra["proxy_usage"]
+    assert proxy["api_calls"] == want.usage.api_calls and proxy["hosted_prompt_tokens"] > 0
+    text, finish = streamed(sdk.completions.create(model="tiny-tuned", prompt="The quick brown", max_tokens=10,
+                                                   stream=True, extra_body=extra, **sampling))
+    assert (text, finish) == (want.text, want.finish_reason)
+
+
+def test_per_request_alpha_n_and_stop(sdk, kw_completions):
+    library = ProxyTuner(**kw_completions)
+    want = library.generate("A café in", max_tokens=8, alpha=2.0, temperature=0.0)
+    resp = sdk.completions.create(model="tiny-tuned", prompt="A café in", max_tokens=8, temperature=0,
+                                  extra_body={"alpha": 2.0})
+    assert resp.choices[0].text == want.text
+    seeded = [library.generate("A café in", max_tokens=6, temperature=1.0, seed=s).text for s in (7, 8)]
+    resp = sdk.completions.create(model="tiny-tuned", prompt="A café in", max_tokens=6, temperature=1.0, seed=7, n=2)
+    assert [c.text for c in resp.choices] == seeded
+    # a stop string: the stream never shows text that the stop later cuts off
+    full = library.generate("Numbers: 1 2", max_tokens=12, temperature=0.0).text
+    stop = full[4:6] if len(full) >= 6 else full[-2:]
+    want = library.generate("Numbers: 1 2", max_tokens=12, temperature=0.0, stop=[stop])
+    text, finish = streamed(sdk.completions.create(model="tiny-tuned", prompt="Numbers: 1 2", max_tokens=12,
+                                                   temperature=0, stop=[stop], stream=True))
+    assert text == want.text and stop not in text and finish == "stop"
+
+
+def test_chat_streaming_and_not_equal_the_library(server_a, tok_a, chat_scorers):
+    kw = dict(base_url=server_a.base_url, model="tiny", expert=chat_scorers[0], anti_expert=chat_scorers[1],
+              top_k=8, hosted_tokenizer=tok_a, max_retries=0, mode="chat-prefix")
+    messages = [{"role": "user", "content": "Tell me about a café"}]
+    want = ProxyTuner(**kw).generate(messages=messages, max_tokens=8, temperature=0.0)
+    with start(AsyncProxyTuner(**kw)) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0)
+        resp = client.chat.completions.create(model="tiny-tuned", messages=messages, max_tokens=8, temperature=0)
+        assert resp.choices[0].message.content == want.text and resp.choices[0].message.role == "assistant"
+        stream = client.chat.completions.create(model="tiny-tuned", messages=messages, max_tokens=8, temperature=0,
+                                                stream=True, stream_options={"include_usage": True})
+        chunks = list(stream)
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+        assert chunks[-1].usage.completion_tokens == want.usage.generated_tokens
+
+
+def test_concurrent_clients_get_what_sequential_ones_get(served, sdk):
+    prompts = ["The quick brown", "A café in Zürich", "Numbers: 1 2", "She said:", "There are many", "def add("]
+    want = [sdk.completions.create(model="tiny-tuned", prompt=p, max_tokens=8, temperature=0).choices[0].text
+            for p in prompts]
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=served.base_url, api_key=KEY, max_retries=0) as client:
+            answers = await asyncio.gather(*(client.completions.create(model="tiny-tuned", prompt=p, max_tokens=8,
+                                                                       temperature=0) for p in prompts))
+            return [a.choices[0].text for a in answers]
+
+    assert asyncio.run(main()) == want
+
+
+def test_errors(served, sdk):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        sdk.completions.create(model="gpt-4", prompt="Hi", max_tokens=2)
+    bad = openai.OpenAI(base_url=served.base_url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model="tiny-tuned", prompt="Hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="does not return logprobs"):
+        sdk.completions.create(model="tiny-tuned", prompt="Hi", max_tokens=2, logprobs=3)
+    with pytest.raises(openai.BadRequestError, match="serves /v1/completions only"):
+        sdk.chat.completions.create(model="tiny-tuned", messages=[{"role": "user", "content": "Hi"}])
+    with pytest.raises(openai.BadRequestError, match="alpha must be a number"):
+        sdk.completions.create(model="tiny-tuned", prompt="Hi", max_tokens=2, extra_body={"alpha": "strong"})
+    with pytest.raises(openai.BadRequestError, match="speculative strategy samples"):
+        sdk.completions.create(model="tiny-tuned", prompt="Hi", max_tokens=2, temperature=0.5,
+                               extra_body={"strategy": "speculative"})
+    with pytest.raises(openai.BadRequestError, match="the prompt is empty"):
+        sdk.completions.create(model="tiny-tuned", prompt="  ", max_tokens=2)
+
+
+def test_hosted_failure_is_a_502_with_the_reason(tok_a, models_a, scorers_a):
+    runner = ModelRunner(models_a[0], tok_a, name="tiny")
+    faulty = FaultyApp(create_app(runner, max_top_logprobs=len(tok_a)), rate=0.0,
+                       paths=("/v1/completions",))
+    with ServerThread(faulty) as hosted:
+        tuner = AsyncProxyTuner(base_url=hosted.base_url, model="tiny", expert=scorers_a[0],
+                                anti_expert=scorers_a[1], top_k=8, max_retries=0, api_key="sk-hosted-SECRET-123456")
+        with start(tuner) as server:
+            client = openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0)
+            faulty.script = ["500"]
+            with pytest.raises(openai.APIStatusError) as info:
+                client.completions.create(model="tiny-tuned", prompt="The quick", max_tokens=3, temperature=0)
+            assert info.value.status_code == 502
+            message = info.value.body["message"]
+            assert "the hosted API failed" in message and "The server had an error" in message
+            assert "SECRET" not in str(info.value.response.text)
+            faulty.script = ["ok", "500"]  # fails mid-stream: an error event, then the stream ends
+            with pytest.raises(openai.APIError, match="the hosted API failed"):
+                streamed(client.completions.create(model="tiny-tuned", prompt="The quick", max_tokens=3,
+                                                   temperature=0, stream=True))
