@@ -308,11 +308,13 @@ def serve(**o: Any) -> None:
               help="larger request bodies get a 413")
 @click.option("--api-key", envvar="BLACKBOX_PROXY_SERVER_KEY", default=None,
               help="require `Authorization: Bearer KEY` from clients (401 otherwise) [env BLACKBOX_PROXY_SERVER_KEY]")
+@click.option("--cache-slots", type=click.IntRange(min=1), default=32, show_default=True,
+              help="KV caches kept for interleaved clients (one per concurrent generation is ideal)")
 @click.option("--device", default=None, help="torch device (default: cuda, mps, else cpu)")
 @click.option("-v", "--verbose", count=True)
 def serve_model(model: str, host: str, port: int, name: str | None, max_top_logprobs: int,
-                max_tokens_limit: int, max_body_bytes: int, api_key: str | None, device: str | None,
-                verbose: int) -> None:
+                max_tokens_limit: int, max_body_bytes: int, api_key: str | None, cache_slots: int,
+                device: str | None, verbose: int) -> None:
     """Serve a local Hugging Face causal LM with OpenAI's API, logprobs included.
 
     \b
@@ -336,7 +338,7 @@ def serve_model(model: str, host: str, port: int, name: str | None, max_top_logp
         except OSError as exc:
             raise ConfigurationError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port") from None
     try:
-        runner = ModelRunner.from_pretrained(model, name=name, device=device)
+        runner = ModelRunner.from_pretrained(model, name=name, device=device, cache_slots=cache_slots)
     except ProxyTuningError:
         raise
     except Exception as exc:  # noqa: BLE001

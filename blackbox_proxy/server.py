@@ -84,7 +84,7 @@ class ModelRunner:
     one token of compute even when several clients interleave.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, name: str, cache_slots: int = 8) -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, name: str, cache_slots: int = 32) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -97,14 +97,15 @@ class ModelRunner:
         self.max_length = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
 
     @classmethod
-    def from_pretrained(cls, path: str, *, name: str | None = None, device: str | None = None) -> "ModelRunner":
+    def from_pretrained(cls, path: str, *, name: str | None = None, device: str | None = None,
+                        cache_slots: int = 32) -> "ModelRunner":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         target = select_device(device)
         dtype = torch.float32 if target.type == "cpu" else "auto"
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(target)
-        return cls(model, tokenizer, name=name or str(path).rstrip("/").split("/")[-1])
+        return cls(model, tokenizer, name=name or str(path).rstrip("/").split("/")[-1], cache_slots=cache_slots)
 
     # ----- text helpers --------------------------------------------------------------------------
     def token_text(self, token_id: int) -> str:
