@@ -1,0 +1,209 @@
+"""White-box proxy tuning: all three models local and sharing one vocabulary (Liu et al. 2024 §2).
+
+At every position, over the whole vocabulary,
+
+    scores = log p_L + alpha * (log p_E - log p_A),    p~ = softmax(scores / T)
+
+(the paper adds raw logits; log-softmax differs from them by a per-position constant, so the
+distribution is the same). This is the exact reference the black-box strategies approximate,
+and a mode users run when they do have the large model locally (``--strategy white-box --base``).
+
+Prompts are batched with left padding; each model keeps one KV cache for the batch and takes one
+token per row per step. Sampling draws every row from its own generator seeded with ``seed``, so
+a prompt's text does not depend on the other prompts of its batch. Vocabularies that differ only
+by padding rows of the output layer (a model padded to a multiple of 64, say) are cut to the
+shared tokenizer's size, as the paper's code did; different tokenizers are refused.
+
+What it leaves out: a small model whose template differs from the base's sees its own rendering
+(``render``), the base sees the raw prompt; no speculative or per-step machinery is involved.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from . import combiner
+from .errors import ConfigurationError, TokenizerMismatchError
+from .scorer import Scorer
+from .types import GenerationResult, Usage
+
+
+def _load(spec: Any, *, device: str | None, render: str, role: str) -> Scorer:
+    if isinstance(spec, Scorer):
+        return spec
+    if not isinstance(spec, str) or not spec:
+        raise ConfigurationError(f"{role} must be a model name/path or a Scorer, got {spec!r}")
+    return Scorer.from_pretrained(spec, device=device, render=render, name=spec)
+
+
+class _Batch:
+    """One model's KV cache over a left-padded batch of rows."""
+
+    def __init__(self, scorer: Scorer, rows: list[list[int]], size: int) -> None:
+        self.scorer = scorer
+        self.size = size
+        self.model = scorer.model
+        width = max(len(r) for r in rows)
+        self.pad = [width - len(r) for r in rows]
+        device = scorer.device
+        self.ids = torch.tensor([[0] * p + r for p, r in zip(self.pad, rows)], dtype=torch.long, device=device)
+        self.mask = torch.tensor([[0] * p + [1] * len(r) for p, r in zip(self.pad, rows)], dtype=torch.long,
+                                 device=device)
+        self.cache: Any = None
+
+    def _run(self, ids: torch.Tensor) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+        with torch.inference_mode(), self.scorer.forward_context():
+            out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions,
+                             cache=self.cache if self.cache is not None else DynamicCache(), use_cache=True)
+        self.cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        return torch.log_softmax(out.logits[:, -1, : self.size].float(), dim=-1)
+
+    def start(self) -> torch.Tensor:
+        """log P(next | prompt) per row, ``[rows, V]`` (the shared ids only)."""
+        return self._run(self.ids)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (``[rows]``); log P(next | ...)."""
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        return self._run(tokens[:, None])
+
+
+class WhiteBoxTuner:
+    """Exact proxy tuning with the base model local (same tokenizer as the small models).
+
+    Args:
+        base: the large model (name/path or :class:`Scorer`), rendered raw by default.
+        expert, anti_expert: the small models, or ``expert_adapter`` over ``anti_expert``.
+
+    Example::
+
+        tuner = WhiteBoxTuner(base="./base-7b", expert="./tuned-small", anti_expert="./small")
+        [result] = tuner.generate(["Question: 2+3?\\nAnswer:"], max_tokens=16)
+    """
+
+    def __init__(self, *, base: Any, anti_expert: Any, expert: Any = None, expert_adapter: str | None = None,
+                 device: str | None = None, base_render: str = "raw", expert_render: str = "auto",
+                 anti_expert_render: str = "auto") -> None:
+        self.base = _load(base, device=device, render=base_render, role="base")
+        if expert_adapter is not None:
+            if expert is not None:
+                raise ConfigurationError("pass either an expert model or an expert adapter (over the anti-expert), not both")
+            if not isinstance(anti_expert, str):
+                raise ConfigurationError("with an expert adapter, anti_expert must be the base model's name or path")
+            self.expert, self.anti_expert = Scorer.pair_from_adapter(anti_expert, expert_adapter, device=device,
+                                                                     render=anti_expert_render)
+        else:
+            if expert is None:
+                raise ConfigurationError("no expert: pass an expert model (--expert) or a LoRA adapter (--expert-adapter)")
+            self.expert = _load(expert, device=device, render=expert_render, role="expert")
+            self.anti_expert = _load(anti_expert, device=device, render=anti_expert_render, role="anti_expert")
+        for other in (self.expert, self.anti_expert):
+            if not self.base.vocab.same_as(other.vocab):
+                raise TokenizerMismatchError(
+                    f"the white-box strategy needs one tokenizer for all three models; {self.base.name!r} and "
+                    f"{other.name!r} differ ({self.base.vocab.size} vs {other.vocab.size} ids). Use a black-box "
+                    "strategy (--strategy per-step or speculative), which aligns different tokenizers through bytes"
+                )
+        self.vocab = self.base.vocab
+        self.size = self.vocab.size  # logits are cut to the tokenizer's ids (padding rows dropped)
+
+    # ----- exact distributions -------------------------------------------------------------------
+    def tuned_scores(self, lp_l: torch.Tensor, lp_e: torch.Tensor, lp_a: torch.Tensor, alpha: float) -> torch.Tensor:
+        """log p_L + alpha (log p_E - log p_A) over the shared ids, ``[..., V]``."""
+        return lp_l.double() + alpha * (lp_e.double() - lp_a.double())
+
+    def teacher_forced(self, prompt: str, continuation_ids: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        """log p_L, log p_E, log p_A of the next token at every position of ``continuation_ids``
+        (and one past its end) given ``prompt``: three tensors ``[len + 1, V]`` (one forward each)."""
+        out = []
+        for scorer in (self.base, self.expert, self.anti_expert):
+            prompt_ids = scorer.prompt_ids(prompt=prompt)
+            ids = torch.tensor([prompt_ids + list(continuation_ids)], device=scorer.device)
+            with torch.inference_mode(), scorer.forward_context():
+                logits = scorer.model(input_ids=ids).logits[0, len(prompt_ids) - 1:, : self.size].float()
+            out.append(torch.log_softmax(logits, dim=-1))
+        return tuple(out)
+
+    # ----- generation ----------------------------------------------------------------------------
+    def generate(self, prompts: str | Sequence[str], *, max_tokens: int = 64, alpha: float = 1.0,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None) -> list[GenerationResult]:
+        """Proxy-tuned text for each prompt (one batch); greedy at temperature 0."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+            raise ConfigurationError("pass one or more non-empty prompts")
+        alpha = combiner.validate_alpha(alpha)
+        temperature = combiner.validate_temperature(temperature)
+        top_p = combiner.validate_top_p(top_p)
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise ConfigurationError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        batches = [_Batch(s, [s.prompt_ids(prompt=p) for p in prompts], self.size)
+                   for s in (self.base, self.expert, self.anti_expert)]
+        for b in batches:
+            longest = b.ids.shape[1] + max_tokens
+            if b.scorer.max_length and longest > b.scorer.max_length:
+                raise ConfigurationError(f"prompt + max_tokens is {longest} tokens for {b.scorer.name}, whose context is "
+                                         f"{b.scorer.max_length}; lower max_tokens or shorten the prompt")
+        generators = []
+        for _ in prompts:
+            g = torch.Generator()
+            g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            generators.append(g)
+        rows = len(prompts)
+        tokens: list[list[int]] = [[] for _ in range(rows)]
+        finish: list[str | None] = [None] * rows
+        texts: list[str] = [""] * rows
+        lps = [b.start() for b in batches]
+        for _ in range(max_tokens):
+            scores = self.tuned_scores(*lps, alpha)
+            chosen = []
+            for r in range(rows):
+                if finish[r] is not None:
+                    chosen.append(0)
+                    continue
+                probs = combiner.tuned_distribution(scores[r], temperature, top_p)
+                token = combiner.choose(probs, generators[r])
+                chosen.append(token)
+                if token in self.vocab.end_ids:
+                    finish[r] = "stop"
+                    continue
+                tokens[r].append(token)
+                texts[r] = self.vocab.bytes_of(tokens[r]).decode("utf-8", errors="replace")
+                hits = [texts[r].find(s) for s in stops if s and s in texts[r]]
+                if hits:
+                    texts[r] = texts[r][: min(hits)]
+                    finish[r] = "stop"
+                elif len(tokens[r]) >= max_tokens:
+                    finish[r] = "length"
+            if all(f is not None for f in finish):
+                break
+            step = torch.tensor(chosen, dtype=torch.long)
+            lps = [b.step(step.to(b.scorer.device)) for b in batches]
+        settings = {"strategy": "white-box", "alpha": alpha, "temperature": temperature, "top_p": top_p,
+                    "max_tokens": max_tokens, "seed": seed, "base": self.base.name, "expert": self.expert.name,
+                    "anti_expert": self.anti_expert.name}
+        return [GenerationResult(text=texts[r], finish_reason=finish[r] or "length",
+                                 usage=Usage(generated_tokens=len(tokens[r])), trace=(), settings=settings)
+                for r in range(rows)]
+
+
+def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
+    """½ Σ |p − q| over the last axis (probabilities)."""
+    return 0.5 * float((p.double() - q.double()).abs().sum())
+
+
+def kl_divergence(q: torch.Tensor, p: torch.Tensor) -> float:
+    """KL(q || p) = Σ q log(q / p), with 0 log 0 = 0 (q's support inside p's)."""
+    q, p = q.double(), p.double()
+    mask = q > 0
+    if bool((p[mask] <= 0).any()):
+        return math.inf
+    return float((q[mask] * (q[mask].log() - p[mask].log())).sum())
