@@ -62,7 +62,7 @@ def _tuner_options(fn: Any, *, hosted_key_flag: str = "--api-key") -> Any:
                      help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 [env OPENAI_BASE_URL]"),
         click.option(hosted_key_flag, "api_key", envvar="OPENAI_API_KEY",
                      help="API key of the hosted API [env OPENAI_API_KEY, preferred: a flag shows in `ps`]; never logged"),
-        click.option("--model", required=True, help="hosted model name"),
+        click.option("--model", default=None, help="hosted model name (required except with --strategy white-box)"),
         click.option("--mode", type=click.Choice(["completions", "chat-prefix", "chat"]), default="completions",
                      show_default=True, help="how the API continues a partial answer"),
         click.option("--expert", default=None, help="expert: local HF model folder or name (the tuned small model)"),
@@ -101,8 +101,10 @@ def _generation_options(fn: Any) -> Any:
         click.option("--top-p", type=float, default=1.0, show_default=True),
         click.option("--seed", type=int, default=None, help="seed for sampling"),
         click.option("--stop", multiple=True, help="stop string (repeatable)"),
-        click.option("--strategy", type=click.Choice(["per-step", "speculative"]), default="per-step", show_default=True,
-                     help="per-step: one API call per token; speculative: API-drawn chunks accepted or resampled"),
+        click.option("--strategy", type=click.Choice(["per-step", "speculative", "white-box"]), default="per-step",
+                     show_default=True,
+                     help="per-step: one API call per token; speculative: API-drawn chunks accepted or resampled; "
+                          "white-box: exact, with the base model local (--base)"),
         click.option("--chunk", type=int, default=None, help="speculative: tokens per API call [default: adaptive, 4-32]"),
     ]
     for option in reversed(options):
@@ -124,6 +126,7 @@ def _generation_kwargs(o: dict[str, Any]) -> dict[str, Any]:
 
 @main.command()
 @_tuner_options
+@click.option("--base", default=None, help="white-box strategy: the large model, local (HF folder or name)")
 @click.option("--prompt", required=True, help="prompt text (sent as the user message in chat modes)")
 @_generation_options
 @click.option("--json", "as_json", is_flag=True, help="print text, usage and trace as one JSON object")
@@ -137,10 +140,29 @@ def generate(**o: Any) -> None:
         --expert ./expert --anti-expert ./base --prompt "Question: 2+3?" --max-tokens 16
     """
     _setup_logging(o["verbose"])
-    from .tuner import ProxyTuner
+    from .errors import ConfigurationError
 
-    with ProxyTuner(**_tuner_kwargs(o), check_hosted=True) as tuner:
-        result = tuner.generate(o["prompt"], **_generation_kwargs(o))
+    if o["strategy"] == "white-box":
+        from .whitebox import WhiteBoxTuner
+
+        if not o["base"]:
+            raise ConfigurationError("the white-box strategy needs the large model locally: pass --base MODEL")
+        white = WhiteBoxTuner(base=o["base"], expert=o["expert"], expert_adapter=o["expert_adapter"],
+                              anti_expert=o["anti_expert"], device=o["device"], expert_render=o["expert_render"],
+                              anti_expert_render=o["anti_expert_render"])
+        options = _generation_kwargs(o)
+        options.pop("strategy"), options.pop("chunk")
+        [result] = white.generate(o["prompt"], **options)
+    else:
+        from .tuner import ProxyTuner
+
+        if o["base"]:
+            raise ConfigurationError("--base is for --strategy white-box; black-box strategies reach the large model "
+                                     "through --base-url/--model")
+        if not o["model"]:
+            raise ConfigurationError("no hosted model name: pass --model NAME")
+        with ProxyTuner(**_tuner_kwargs(o), check_hosted=True) as tuner:
+            result = tuner.generate(o["prompt"], **_generation_kwargs(o))
     if o["as_json"]:
         click.echo(json.dumps(result.to_dict(), ensure_ascii=False))
     else:

@@ -77,3 +77,23 @@ def test_black_box_with_the_whole_vocabulary_equals_white_box(server_a, tok_a, m
                        top_k=len(tok_a), hosted_tokenizer=tok_a, max_retries=0)
     for prompt, w in zip(PROMPTS, white.generate(PROMPTS, max_tokens=10)):
         assert black.generate(prompt, max_tokens=10).text == w.text
+
+
+def test_cli_white_box(saved_a, tok_a):
+    from click.testing import CliRunner
+
+    from blackbox_proxy.cli import main
+
+    args = ["generate", "--strategy", "white-box", "--base", str(saved_a["L"]), "--expert", str(saved_a["E"]),
+            "--anti-expert", str(saved_a["A"]), "--expert-render", "raw", "--anti-expert-render", "raw",
+            "--prompt", "The quick brown", "--max-tokens", "8", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    import json
+
+    got = json.loads(result.stdout)
+    want = WhiteBoxTuner(base=str(saved_a["L"]), expert=str(saved_a["E"]), anti_expert=str(saved_a["A"]),
+                         expert_render="raw", anti_expert_render="raw").generate("The quick brown", max_tokens=8)[0]
+    assert got["text"] == want.text and got["settings"]["strategy"] == "white-box"
+    missing = CliRunner().invoke(main, args[:3] + args[5:])
+    assert missing.exit_code == 1 and "pass --base MODEL" in missing.output
