@@ -4,6 +4,7 @@ Commands:
     generate      proxy-tuned generation against an OpenAI-compatible endpoint
     batch         many prompts from JSONL, resumable, results appended as they finish
     serve         the proxy-tuned model as an OpenAI-compatible server
+    compare       fidelity of black-box vs exact proxy tuning (JSON, markdown, plots)
     serve-model   serve a local Hugging Face causal LM with OpenAI's API (logprobs included)
 """
 
@@ -316,6 +317,42 @@ def serve(**o: Any) -> None:
     click.echo(f"serving {name} (hosted {o['model']} at {tuner.client.base_url}, {o['strategy']}, alpha {o['alpha']:g}) "
                f"at http://{o['host']}:{o['port']}/v1 (Ctrl-C stops)", err=True)
     uvicorn.run(app, host=o["host"], port=o["port"], log_level="warning" if o["verbose"] == 0 else "info")
+
+
+@main.command()
+@click.option("--preset", type=click.Choice(["same-tokenizer", "cross-tokenizer"]), default="same-tokenizer",
+              show_default=True, help="which embedded setup to measure")
+@click.option("--prompts", type=click.IntRange(min=1), default=8, show_default=True, help="held-out problems")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=24, show_default=True)
+@click.option("--alpha", type=float, default=1.0, show_default=True)
+@click.option("--k-ref", type=click.IntRange(min=2), default=100, show_default=True,
+              help="cross-tokenizer: the k whose pipeline output is the reference")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="fidelity", show_default=True,
+              help="folder for fidelity.json, fidelity.md and the PNG plots")
+@click.option("--no-progress", is_flag=True)
+@click.option("-v", "--verbose", count=True)
+def compare(preset: str, prompts: int, max_tokens: int, alpha: float, k_ref: int, out_dir: str, no_progress: bool,
+            verbose: int) -> None:
+    """Measure black-box proxy tuning against exact (white-box) proxy tuning, per position.
+
+    For k in 1, 2, 5, 10, 20 and all: total variation, KL and top-1 agreement of the per-step
+    distribution, the floor (mass outside the top-k), and the TV of what the speculative
+    strategy draws. Writes OUT/fidelity.json, OUT/fidelity.md and PNG plots.
+    """
+    _setup_logging(verbose)
+    from .errors import ConfigurationError
+    from .fidelity import run_preset, write_report
+
+    alpha_ok = alpha == alpha and abs(alpha) != float("inf")
+    if not alpha_ok:
+        raise ConfigurationError(f"alpha must be a finite number, got {alpha!r}")
+    report = run_preset(preset, prompts=prompts, max_tokens=max_tokens, alpha=alpha, k_ref=k_ref,
+                        progress=False if no_progress else None)
+    paths = write_report(report, out_dir)
+    from .fidelity import markdown
+
+    click.echo(markdown(report))
+    click.echo("wrote " + ", ".join(str(p) for p in paths), err=True)
 
 
 @main.command("serve-model")

@@ -136,6 +136,16 @@ class WhiteBoxTuner:
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  stop: str | Sequence[str] | None = None) -> list[GenerationResult]:
         """Proxy-tuned text for each prompt (one batch); greedy at temperature 0."""
+        return self._generate(prompts, max_tokens=max_tokens, alpha=alpha, temperature=temperature, top_p=top_p,
+                              seed=seed, stop=stop)[0]
+
+    def generate_ids(self, prompts: Sequence[str], **kwargs: Any) -> list[list[int]]:
+        """The generated token ids per prompt (end token excluded); arguments as :meth:`generate`."""
+        return self._generate(prompts, **kwargs)[1]
+
+    def _generate(self, prompts: str | Sequence[str], *, max_tokens: int = 64, alpha: float = 1.0,
+                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                  stop: str | Sequence[str] | None = None) -> tuple[list[GenerationResult], list[list[int]]]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise ConfigurationError("pass one or more non-empty prompts")
@@ -190,9 +200,10 @@ class WhiteBoxTuner:
         settings = {"strategy": "white-box", "alpha": alpha, "temperature": temperature, "top_p": top_p,
                     "max_tokens": max_tokens, "seed": seed, "base": self.base.name, "expert": self.expert.name,
                     "anti_expert": self.anti_expert.name}
-        return [GenerationResult(text=texts[r], finish_reason=finish[r] or "length",
-                                 usage=Usage(generated_tokens=len(tokens[r])), trace=(), settings=settings)
-                for r in range(rows)]
+        results = [GenerationResult(text=texts[r], finish_reason=finish[r] or "length",
+                                    usage=Usage(generated_tokens=len(tokens[r])), trace=(), settings=settings)
+                   for r in range(rows)]
+        return results, tokens
 
 
 def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:

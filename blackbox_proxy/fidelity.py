@@ -1,0 +1,406 @@
+"""How close is black-box proxy tuning to exact proxy tuning? (``blackbox-proxy compare``)
+
+On teacher-forced text (a reference continuation: the white-box greedy output by default), at
+every position t and for every k, against the exact proxy-tuned distribution p~_t:
+
+- ``per_step``: the per-step strategy's distribution (the hosted top-k, offsets added,
+  renormalised over the k candidates), produced by the real pipeline (this project's model
+  server over HTTP, the client's parser, the scorers and the combiner): total variation,
+  KL(q || p~) (finite: q's support lies inside p~'s), and whether its argmax is p~'s;
+- ``floor``: the mass of p~ outside the k candidates, the least TV any method that only puts
+  mass on the top-k can reach;
+- ``speculative``: the TV of the distribution the speculative strategy actually draws from at
+  that position, computed exactly (:func:`speculative_distribution`): drafts from the full p_L,
+  accepted with min(1, w/Z^), otherwise replaced from the residual, with the strategy's own Z^
+  over the top-k plus the draft (tail weight estimated as in ``speculative.tail_log_weight``);
+- ``alignment``: the byte aligner's P_M(b | s) against the model's own token probability
+  for the top candidates whose bytes tokenise back to themselves, at positions whose context is
+  the canonical tokenisation of its text (same tokenizer only; elsewhere the two are different
+  quantities: the aligner reads the text, the model was fed other ids).
+
+Cross-tokenizer (the hosted model's tokenizer is not the small models'), no exact p~ exists: the
+reference is the same pipeline at the largest k asked for (``k_ref``), and every distribution is
+taken over those k_ref candidates (the hosted mass outside them is reported), which separates
+the cost of the top-k truncation from that of the alignment.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import combiner
+from .speculative import MIN_TAIL_MASS
+from .whitebox import kl_divergence, total_variation
+
+KS = (1, 2, 5, 10, 20, "all")
+
+
+def speculative_distribution(p_l: torch.Tensor, lp_e: torch.Tensor, lp_a: torch.Tensor, alpha: float,
+                             candidates: torch.Tensor) -> torch.Tensor:
+    """The distribution one speculative step draws from, exactly, shape ``[U]``.
+
+    ``p_l``: the hosted model's probabilities over the universe U (sums to 1); ``lp_e``,
+    ``lp_a``: the small models' log P of every u in U; ``candidates``: indices of the top-k
+    the API reports. A draft v ~ p_L is scored with candidates S_v = C ∪ {v}; it is accepted
+    with min(1, w(v)/Z_v), Z_v = Σ_{S_v} p_L w + (1 − Σ_{S_v} p_L) w_tail(S_v); on rejection the
+    output comes from the residual ∝ p_L(u) max(0, w(u)/Z_v − 1) over S_v (or, when that is
+    empty, from p_L w renormalised over S_v) — the rule of ``speculative.walk_sampled``.
+    """
+    p_l, lp_e, lp_a = p_l.double(), lp_e.double(), lp_a.double()
+    size = p_l.numel()
+    log_w = alpha * (lp_e - lp_a)
+    w = log_w.exp()
+    in_c = torch.zeros(size, dtype=torch.bool)
+    in_c[candidates] = True
+    c_idx = in_c.nonzero().flatten()
+    p_e, p_a = lp_e.exp(), lp_a.exp()
+    s_lw = float((p_l[c_idx] * w[c_idx]).sum())
+    cov, rest_e, rest_a = float(p_l[c_idx].sum()), 1 - float(p_e[c_idx].sum()), 1 - float(p_a[c_idx].sum())
+
+    def z_of(extra_lw: torch.Tensor, extra_l: torch.Tensor, extra_e: torch.Tensor, extra_a: torch.Tensor) -> torch.Tensor:
+        covered = cov + extra_l
+        re, ra = rest_e - extra_e, rest_a - extra_a
+        tail_log = torch.where((re < MIN_TAIL_MASS) | (ra < MIN_TAIL_MASS), torch.zeros_like(re),
+                               alpha * (re.clamp(min=1e-300).log() - ra.clamp(min=1e-300).log()))
+        uncovered = (1 - covered).clamp(min=0)
+        tail = torch.where(uncovered > 1e-12, uncovered * tail_log.exp(), torch.zeros_like(uncovered))
+        return s_lw + extra_lw + tail
+
+    zero = torch.zeros(1, dtype=torch.float64)
+    z_c = float(z_of(zero, zero, zero, zero)[0])
+    out = torch.zeros(size, dtype=torch.float64)
+    # drafts inside C: Z = Z_C, one shared residual over C
+    accept_c = torch.clamp(w[c_idx] / z_c, max=1.0)
+    accept_c = torch.where(torch.isinf(w[c_idx]), torch.ones_like(accept_c), accept_c)
+    out[c_idx] += p_l[c_idx] * accept_c
+    rejected = float((p_l[c_idx] * (1 - accept_c)).sum())
+    residual = p_l[c_idx] * torch.clamp(w[c_idx] / z_c - 1, min=0)
+    target_c = p_l[c_idx] * w[c_idx]
+    if rejected > 0:
+        out[c_idx] += rejected * (residual / residual.sum() if float(residual.sum()) > 0 else target_c / target_c.sum())
+    # drafts outside C: each its own Z_v; the residual lives on C (a rejected v has w(v) < Z_v)
+    o_idx = (~in_c).nonzero().flatten()
+    if o_idx.numel():
+        z_v = z_of(p_l[o_idx] * w[o_idx], p_l[o_idx], p_e[o_idx], p_a[o_idx])
+        accept = torch.clamp(w[o_idx] / z_v, max=1.0)
+        out[o_idx] += p_l[o_idx] * accept
+        reject = p_l[o_idx] * (1 - accept)  # [n_out]
+        excess = p_l[c_idx][None, :] * torch.clamp(w[c_idx][None, :] / z_v[:, None] - 1, min=0)  # [n_out, k]
+        total = excess.sum(1)
+        has = total > 0
+        share = torch.where(has[:, None], excess / total.clamp(min=1e-300)[:, None], torch.zeros_like(excess))
+        out[c_idx] += (reject[:, None] * share).sum(0)
+        # empty residual: p_L w renormalised over C ∪ {v}
+        fallback = ~has & (reject > 0)
+        if bool(fallback.any()):
+            denom = s_lw + p_l[o_idx][fallback] * w[o_idx][fallback]
+            r = reject[fallback]
+            out[c_idx] += (r[:, None] * target_c[None, :] / denom[:, None]).sum(0)
+            out[o_idx[fallback]] += r * p_l[o_idx][fallback] * w[o_idx][fallback] / denom
+    return out
+
+
+@dataclass
+class Totals:
+    """Per-k sums over positions (averaged in :meth:`summary`)."""
+
+    positions: int = 0
+    cut_texts: int = 0
+    per_k: dict[str, dict[str, float]] = field(default_factory=dict)
+    alignment_errors: list[float] = field(default_factory=list)
+    hosted_mass_outside_ref: list[float] = field(default_factory=list)
+
+    def add(self, k: str, **values: float) -> None:
+        row = self.per_k.setdefault(k, {})
+        for name, value in values.items():
+            row[name] = row.get(name, 0.0) + value
+
+    def summary(self) -> dict[str, Any]:
+        n = max(1, self.positions)
+        per_k = {k: {name: value / n for name, value in row.items()} for k, row in self.per_k.items()}
+        for row in per_k.values():
+            # below 1e-6 both are float noise and their ratio means nothing
+            row["per_step_tv_over_floor"] = row["per_step_tv"] / row["floor_tv"] if row["floor_tv"] > 1e-6 else None
+        out: dict[str, Any] = {"positions": self.positions, "cut_texts": self.cut_texts, "per_k": per_k}
+        if self.alignment_errors:
+            errs = sorted(self.alignment_errors)
+            out["alignment"] = {"candidates": len(errs), "mean_abs_prob_error": sum(errs) / len(errs),
+                                "p99_abs_prob_error": errs[min(len(errs) - 1, int(0.99 * len(errs)))],
+                                "max_abs_prob_error": errs[-1]}
+        if self.hosted_mass_outside_ref:
+            out["hosted_mass_outside_reference"] = sum(self.hosted_mass_outside_ref) / len(self.hosted_mass_outside_ref)
+        return out
+
+
+def _position(totals: Totals, ks: Sequence[Any], k_all: int, target: torch.Tensor, p_l: torch.Tensor,
+              lp_e: torch.Tensor, lp_a: torch.Tensor, order: torch.Tensor, hosted_lp: torch.Tensor,
+              delta: torch.Tensor, alpha: float) -> None:
+    """Metrics of one position. ``order``: universe indices of the API's candidates, best first;
+    ``hosted_lp``/``delta``: the pipeline's numbers for them (same order)."""
+    totals.positions += 1
+    best = int(torch.argmax(target))
+    for k in ks:
+        kk = k_all if k == "all" else min(int(k), k_all)
+        cand = order[:kk]
+        q = torch.zeros_like(target)
+        q[cand] = combiner.tuned_distribution(hosted_lp[:kk] + alpha * delta[:kk], 1.0, 1.0)
+        spec = speculative_distribution(p_l, lp_e, lp_a, alpha, cand)
+        totals.add(str(k), per_step_tv=total_variation(q, target), per_step_kl=kl_divergence(q, target),
+                   top1_agreement=float(int(torch.argmax(q)) == best),
+                   floor_tv=max(0.0, 1.0 - float(target[cand].sum())),
+                   speculative_tv=total_variation(spec, target))
+
+
+def run_same_tokenizer(white: Any, tuner: Any, prompts: Sequence[str], *, alpha: float, max_tokens: int,
+                       ks: Sequence[Any] = KS, references: Sequence[Sequence[int]] | None = None,
+                       alignment_candidates: int = 20, progress: bool | None = None) -> dict[str, Any]:
+    """Fidelity when the hosted model shares the small models' tokenizer (exact p~ exists).
+
+    ``white``: a :class:`~blackbox_proxy.whitebox.WhiteBoxTuner` over the base and the pair;
+    ``tuner``: a :class:`~blackbox_proxy.tuner.ProxyTuner` whose API serves that base and
+    allows ``top_k`` = the whole vocabulary. ``references``: token ids per prompt (default: the
+    white-box greedy continuation).
+    """
+    from tqdm.auto import tqdm
+
+    vocab = white.vocab
+    k_all = vocab.size
+    tuner.client.check()  # detect the dialect: token-id prompts and ids in the answers
+    if references is None:
+        references = white.generate_ids(prompts, max_tokens=max_tokens, alpha=alpha)
+    totals = Totals()
+    for prompt, ref in tqdm(list(zip(prompts, references)), desc="prompts", unit="prompt",
+                            disable=(not progress) if progress is not None else None):
+        lp_l, lp_e, lp_a = white.teacher_forced(prompt, ref)
+        decoder = tuner._decoder(prompt=prompt, messages=None, max_tokens=len(ref) + 1, alpha=alpha, temperature=0.0,
+                                 top_p=1.0, seed=0, stop=None, strategy="per-step")
+        try:
+            for t, token in enumerate(ref):
+                [result] = tuner.client.complete(decoder.request())
+                cands = [c for c in result.positions[0].candidates if c.token_id is not None and not c.is_end]
+                ends = [c for c in result.positions[0].candidates if c.is_end]
+                cands = sorted(cands + ends, key=lambda c: -c.logprob)
+                [(e, a)], _ = decoder._score_positions([(decoder.continuation, list(decoder.hosted_ids), cands)])
+                ids = [c.token_id if c.token_id is not None else min(vocab.end_ids) for c in cands]
+                order = torch.tensor(ids)
+                scores = white.tuned_scores(lp_l[t], lp_e[t], lp_a[t], alpha)
+                target = torch.softmax(scores, 0)
+                _position(totals, ks, len(cands), target, lp_l[t].double().exp(), lp_e[t], lp_a[t], order,
+                          torch.tensor([c.logprob for c in cands], dtype=torch.float64),
+                          torch.tensor(e, dtype=torch.float64) - torch.tensor(a, dtype=torch.float64), alpha)
+                if vocab.encode_bytes(decoder.continuation) == list(ref[:t]):  # the context is canonical too
+                    totals.alignment_errors.extend(
+                        _alignment_errors(decoder, cands[:alignment_candidates], lp_e[t], vocab))
+                chosen = next((c for c in cands if c.token_id == token), None)
+                if chosen is None:  # a token the API does not report (a special token): stop this text
+                    totals.cut_texts += 1
+                    break
+                decoder._append(chosen)
+        finally:
+            decoder.expert.close()
+            decoder.anti_expert.close()
+    out = totals.summary()
+    out["k_all"] = k_all
+    return out
+
+
+def _alignment_errors(decoder: Any, cands: Sequence[Any], exact_lp: torch.Tensor, vocab: Any) -> list[float]:
+    """|aligned P_E(b | s) − P_E(token)| for candidates that tokenise back to themselves (in
+    probability: a log difference is meaningless for tokens both give ~0)."""
+    aligner = decoder.aligner
+    canonical = [c for c in cands if not c.is_end and vocab.encode_bytes(c.data) == [c.token_id]]
+    if not canonical:
+        return []
+    plan = aligner.plan(decoder.continuation, canonical)
+    [dist] = decoder.expert.distributions_groups([(plan.kept_ids, plan.paths)])
+    aligned = aligner.evaluate(plan, dist)
+    return [abs(math.exp(float(x)) - math.exp(float(exact_lp[c.token_id]))) for x, c in zip(aligned, canonical)]
+
+
+def run_cross_tokenizer(tuner: Any, prompts: Sequence[str], *, alpha: float, max_tokens: int,
+                        ks: Sequence[Any] = (1, 2, 5, 10, 20), k_ref: int = 100,
+                        progress: bool | None = None) -> dict[str, Any]:
+    """Fidelity when the tokenizers differ: everything against the pipeline at k = ``k_ref``,
+    over those k_ref candidates, on the reference text the pipeline itself writes greedily at
+    k_ref (``tuner.top_k`` must be >= k_ref)."""
+    from tqdm.auto import tqdm
+
+    totals = Totals()
+    tuner.client.check()
+    for prompt in tqdm(list(prompts), desc="prompts", unit="prompt",
+                       disable=(not progress) if progress is not None else None):
+        decoder = tuner._decoder(prompt=prompt, messages=None, max_tokens=max_tokens, alpha=alpha, temperature=0.0,
+                                 top_p=1.0, seed=0, stop=None, strategy="per-step")
+        try:
+            while not decoder.done:
+                [result] = tuner.client.complete(decoder.request())
+                position = result.positions[0]
+                cands = sorted(position.candidates, key=lambda c: -c.logprob)[:k_ref]
+                cands, _ = decoder._consistent(cands)
+                if not cands:
+                    break
+                [(e, a)], _ = decoder._score_positions(
+                    [(decoder.continuation, list(decoder.hosted_ids) if decoder.hosted_ids is not None else None, cands)])
+                hosted = torch.tensor([c.logprob for c in cands], dtype=torch.float64)
+                lp_e = torch.tensor(e, dtype=torch.float64)
+                lp_a = torch.tensor(a, dtype=torch.float64)
+                covered = float(hosted.exp().sum())
+                totals.hosted_mass_outside_ref.append(max(0.0, 1.0 - covered))
+                p_l = hosted.exp() / covered
+                target = combiner.tuned_distribution(hosted + alpha * (lp_e - lp_a), 1.0, 1.0)
+                order = torch.arange(len(cands))
+                _position(totals, list(ks) + ["all"], len(cands), target, p_l, lp_e, lp_a, order, hosted,
+                          lp_e - lp_a, alpha)
+                decoder._append(cands[int(torch.argmax(target))])
+        finally:
+            decoder.expert.close()
+            decoder.anti_expert.close()
+    out = totals.summary()
+    out["per_k"][f"{k_ref} (reference)"] = out["per_k"].pop("all")
+    out["k_ref"] = k_ref
+    return out
+
+
+# ----- reports ------------------------------------------------------------------------------------
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Fidelity: {report.get('preset', 'custom')}", "",
+             f"{report.get('description', '')}", "",
+             "| k | per-step TV | per-step KL | top-1 agreement | floor TV | per-step TV / floor | speculative TV |",
+             "|---|---|---|---|---|---|---|"]
+    def num(x: float) -> str:
+        return f"{x:.4f}" if x >= 1e-3 or x == 0 else f"{x:.1e}"
+
+    for k, row in report["per_k"].items():
+        ratio = row.get("per_step_tv_over_floor")
+        lines.append(f"| {k} | {num(row['per_step_tv'])} | {num(row['per_step_kl'])} | {row['top1_agreement']:.2%} | "
+                     f"{num(row['floor_tv'])} | {'-' if ratio is None else f'{ratio:.3f}'} | "
+                     f"{num(row['speculative_tv'])} |")
+    lines.append("")
+    lines.append(f"{report['positions']} positions over {report.get('prompts', '?')} prompts.")
+    if "alignment" in report:
+        al = report["alignment"]
+        lines.append(f"Alignment alone ({al['candidates']} candidates that tokenise back to themselves, canonical "
+                     f"contexts): |aligned P − token P| mean {al['mean_abs_prob_error']:.2e}, "
+                     f"p99 {al['p99_abs_prob_error']:.2e}, max {al['max_abs_prob_error']:.2e}.")
+    if "hosted_mass_outside_reference" in report:
+        lines.append(f"Hosted probability mass outside the reference candidates, mean per position: "
+                     f"{report['hosted_mass_outside_reference']:.4f}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
+    """One PNG per metric vs k, the floor drawn on the TV plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(report["per_k"])
+    xs = range(len(keys))
+    rows = [report["per_k"][k] for k in keys]
+    paths = []
+    for metric, title in (("tv", "total variation vs exact"), ("per_step_kl", "KL(per-step || exact)"),
+                          ("top1_agreement", "top-1 agreement with exact")):
+        fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
+        if metric == "tv":
+            ax.plot(xs, [r["per_step_tv"] for r in rows], "o-", label="per-step")
+            ax.plot(xs, [r["speculative_tv"] for r in rows], "s-", label="speculative")
+            ax.plot(xs, [r["floor_tv"] for r in rows], "k--", label="floor (mass outside top-k)")
+            ax.set_yscale("symlog", linthresh=1e-3)
+            name = "fidelity_tv.png"
+        else:
+            ax.plot(xs, [r[metric] for r in rows], "o-")
+            name = f"fidelity_{metric}.png"
+        ax.set_xticks(list(xs), keys)
+        ax.set_xlabel("k (candidates per position)")
+        ax.set_title(f"{report.get('preset', '')}: {title}", fontsize=10)
+        ax.grid(alpha=0.3)
+        if metric == "tv":
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
+    """``fidelity.json``, ``fidelity.md`` and the PNGs in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fidelity.json").write_text(json.dumps(report, indent=1, default=_jsonable) + "\n")
+    (out / "fidelity.md").write_text(markdown(report))
+    return [out / "fidelity.json", out / "fidelity.md", *plot(report, out)]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return str(value)
+
+
+# ----- presets on the embedded models ---------------------------------------------------------
+
+PRESETS = ("same-tokenizer", "cross-tokenizer")
+
+
+def run_preset(preset: str, *, prompts: int = 8, max_tokens: int = 24, alpha: float = 1.0, k_ref: int = 100,
+               progress: bool | None = None) -> dict[str, Any]:
+    """Run a preset on the embedded models (installed by the demo's extras) and return the report.
+
+    ``same-tokenizer``: SmolLM2-135M-Instruct (adapter off) is the hosted model, behind this
+    project's server allowing k = its whole vocabulary; the expert is it with the arithmetic LoRA.
+    ``cross-tokenizer``: Gemma-3-270M (base) hosted, the same SmolLM2 pair; reference k = ``k_ref``.
+    Prompts: the first ``prompts`` held-out problems of :mod:`blackbox_proxy.tasks`.
+    """
+    from .demo import HOSTED_NAME, check_installed, load_pair
+    from .embedded import prepare
+    from .errors import ConfigurationError
+    from .scorer import Scorer
+    from .server import ModelRunner, ServerThread, create_app
+    from .tasks import problems
+    from .tuner import ProxyTuner
+    from .whitebox import WhiteBoxTuner
+
+    if preset not in PRESETS:
+        raise ConfigurationError(f"preset must be one of {', '.join(PRESETS)}; got {preset!r}")
+    check_installed()
+    texts = [p.hosted_prompt() for p in problems("test", prompts)]
+    expert, anti = load_pair()
+    if preset == "same-tokenizer":
+        path = prepare("smollm2")
+        base = Scorer(anti.model, anti.tokenizer, render="raw", adapter=False, name="SmolLM2-135M-Instruct (base)",
+                      vocabulary=anti.vocab)
+        runner = ModelRunner.from_pretrained(str(path), name="smollm2")
+        size = anti.vocab.size
+        with ServerThread(create_app(runner, max_top_logprobs=size)) as server:
+            tuner = ProxyTuner(base_url=server.base_url, model="smollm2", expert=expert, anti_expert=anti, top_k=size,
+                               hosted_tokenizer=str(path))
+            white = WhiteBoxTuner(base=base, expert=expert, anti_expert=anti)
+            report = run_same_tokenizer(white, tuner, texts, alpha=alpha, max_tokens=max_tokens, progress=progress)
+        description = ("Hosted SmolLM2-135M-Instruct (adapter off) on this project's server, k up to its whole "
+                       f"vocabulary ({size}); expert SmolLM2 + arithmetic LoRA, anti-expert SmolLM2; exact p~ from "
+                       "white-box; teacher-forced on the white-box greedy continuation.")
+    else:
+        gemma = prepare("gemma3")
+        runner = ModelRunner.from_pretrained(str(gemma), name=HOSTED_NAME)
+        with ServerThread(create_app(runner, max_top_logprobs=k_ref)) as server:
+            tuner = ProxyTuner(base_url=server.base_url, model=HOSTED_NAME, expert=expert, anti_expert=anti,
+                               top_k=k_ref, hosted_tokenizer=str(gemma))
+            report = run_cross_tokenizer(tuner, texts, alpha=alpha, max_tokens=max_tokens, k_ref=k_ref,
+                                         progress=progress)
+        description = (f"Hosted Gemma-3-270M (base) on this project's server; SmolLM2 pair aligned through bytes; "
+                       f"reference = the same pipeline at k = {k_ref}, over those candidates, on its own greedy text.")
+    report.update(preset=preset, prompts=prompts, max_tokens=max_tokens, alpha=alpha, description=description)
+    return report
