@@ -7,7 +7,7 @@ Input: one JSON object per line::
 
 ``id`` (a string or an integer, unique; the line number when left out) and ``prompt`` or
 ``messages`` are read; ``max_tokens``, ``alpha``, ``temperature``, ``top_p``, ``seed``, ``stop``,
-``strategy`` and ``chunk`` override the run's defaults for that line. Any other field is copied
+``strategy``, ``chunk`` and ``samples`` override the run's defaults for that line. Any other field is copied
 unchanged into the result (e.g. a reference answer).
 
 Output: one JSON object per finished prompt, appended and flushed to disk as soon as it
@@ -42,7 +42,7 @@ from .errors import ConfigurationError, ProxyTuningError
 logger = logging.getLogger(__name__)
 
 ON_ERROR = ("stop", "skip")
-OVERRIDES = ("max_tokens", "alpha", "temperature", "top_p", "seed", "stop", "strategy", "chunk")
+OVERRIDES = ("max_tokens", "alpha", "temperature", "top_p", "seed", "stop", "strategy", "chunk", "samples")
 _READ = ("id", "prompt", "messages") + OVERRIDES
 
 

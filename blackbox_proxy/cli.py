@@ -102,11 +102,13 @@ def _generation_options(fn: Any) -> Any:
         click.option("--top-p", type=float, default=1.0, show_default=True),
         click.option("--seed", type=int, default=None, help="seed for sampling"),
         click.option("--stop", multiple=True, help="stop string (repeatable)"),
-        click.option("--strategy", type=click.Choice(["per-step", "speculative", "white-box"]), default="per-step",
-                     show_default=True,
+        click.option("--strategy", type=click.Choice(["per-step", "speculative", "resample", "white-box"]),
+                     default="per-step", show_default=True,
                      help="per-step: one API call per token; speculative: API-drawn chunks accepted or resampled; "
-                          "white-box: exact, with the base model local (--base)"),
+                          "resample: whole answers reweighted (chat-only APIs); white-box: exact, base model local (--base)"),
         click.option("--chunk", type=int, default=None, help="speculative: tokens per API call [default: adaptive, 4-32]"),
+        click.option("--samples", type=click.IntRange(min=1), default=None,
+                     help="resample: whole answers drawn per prompt [default: 16]"),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -122,7 +124,8 @@ def _tuner_kwargs(o: dict[str, Any]) -> dict[str, Any]:
 
 def _generation_kwargs(o: dict[str, Any]) -> dict[str, Any]:
     return {"max_tokens": o["max_tokens"], "alpha": o["alpha"], "temperature": o["temperature"], "top_p": o["top_p"],
-            "seed": o["seed"], "stop": list(o["stop"]) or None, "strategy": o["strategy"], "chunk": o["chunk"]}
+            "seed": o["seed"], "stop": list(o["stop"]) or None, "strategy": o["strategy"], "chunk": o["chunk"],
+            "samples": o["samples"]}
 
 
 @main.command()
@@ -152,7 +155,7 @@ def generate(**o: Any) -> None:
                               anti_expert=o["anti_expert"], device=o["device"], expert_render=o["expert_render"],
                               anti_expert_render=o["anti_expert_render"])
         options = _generation_kwargs(o)
-        options.pop("strategy"), options.pop("chunk")
+        options.pop("strategy"), options.pop("chunk"), options.pop("samples")
         [result] = white.generate(o["prompt"], **options)
     else:
         from .tuner import ProxyTuner
@@ -170,6 +173,10 @@ def generate(**o: Any) -> None:
         click.echo(result.text)
         u = result.usage
         accepted = f", {u.acceptance_rate:.0%} of drafts accepted" if u.acceptance_rate is not None else ""
+        if result.ess is not None:
+            accepted += f", ESS {result.ess:.1f} of {len(result.samples)} samples"
+        for note in result.notes:
+            click.echo(f"note: {note}", err=True)
         click.echo(
             f"[{u.generated_tokens} tokens, {u.api_calls} API calls{accepted}, {u.prompt_tokens}+{u.completion_tokens} billed tokens, "
             f"{u.api_seconds:.2f} s API, {u.scoring_seconds:.2f} s scoring, finish={result.finish_reason}]",
@@ -261,8 +268,8 @@ def _load_config(ctx: click.Context, _: Any, path: str | None) -> str | None:
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
 @click.option("--api-key", "server_api_key", envvar="BLACKBOX_PROXY_SERVER_KEY", default=None,
               help="require `Authorization: Bearer KEY` from clients [env BLACKBOX_PROXY_SERVER_KEY]")
-@click.option("--strategy", type=click.Choice(["per-step", "speculative"]), default="per-step", show_default=True,
-              help="default strategy (a request's extra field `strategy` overrides it)")
+@click.option("--strategy", type=click.Choice(["per-step", "speculative", "resample"]), default="per-step",
+              show_default=True, help="default strategy (a request's extra field `strategy` overrides it)")
 @click.option("--alpha", type=float, default=1.0, show_default=True, help="default alpha (extra field `alpha`)")
 @click.option("--chunk", type=click.IntRange(1, 64), default=None, help="speculative chunk [default: adaptive]")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,

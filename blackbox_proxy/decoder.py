@@ -127,6 +127,7 @@ class DecoderBase:
         self.finish_reason: str | None = None
         self.end_ids: tuple[int, ...] = ()  # hosted end ids, when the hosted vocabulary is known
         self._end_hidden = False  # the API ended without logprobs: ask again with the end banned
+        self.whole_answers = False  # chat mode keeps one token unless a strategy appends whole answers
 
     @property
     def done(self) -> bool:
@@ -237,7 +238,7 @@ class DecoderBase:
                 return
         if self.generated >= self.params.max_tokens:
             self.finish_reason = "length"
-        elif self.mode == "chat":
+        elif self.mode == "chat" and not self.whole_answers:
             self.finish_reason = "length"
 
     def _step_trace(self, candidates: Sequence[Candidate], lp_e: Sequence[float], lp_a: Sequence[float],

@@ -6,8 +6,8 @@ anti-expert + strategy + alpha) without changing a line: point its base URL here
 Routes: ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``, with ``stream=true``
 (server-sent events, one event per piece of text as it is decided), ``max_tokens``,
 ``temperature`` (default 1, as OpenAI), ``top_p``, ``stop``, ``seed`` and ``n`` (up to 8, not
-with streaming). Extra body fields ``alpha``, ``strategy`` and ``chunk`` override the server's
-defaults per request. ``usage`` counts the prompt with the small models' tokenizer and the
+with streaming). Extra body fields ``alpha``, ``strategy``, ``chunk`` and ``samples`` override
+the server's defaults per request. ``usage`` counts the prompt with the small models' tokenizer and the
 generated tokens; ``proxy_usage`` adds what the hosted API billed (its prompt and completion
 tokens), the API calls made, and seconds spent waiting for it vs scoring locally.
 
@@ -17,7 +17,8 @@ scoring shares forwards through the scoring queue (:mod:`blackbox_proxy.batching
 Errors are OpenAI's error JSON: 400 for a request the tuned model cannot serve (with the reason),
 401 without the server's own ``api_key`` when one is set, 404 for another model name, and 502
 when the hosted API fails (its reason, never its key). Chat routes need a tuner in ``chat-prefix``
-mode (or ``chat`` for one-token answers); a ``completions``-mode tuner serves ``/v1/completions``.
+mode, or ``chat`` (one-token answers, or whole answers with ``strategy: resample``); a
+``completions``-mode tuner serves ``/v1/completions``.
 
 Left out: ``logprobs`` of the tuned distribution, ``echo``, ``best_of``, ``suffix``, tools.
 """
@@ -121,6 +122,7 @@ def create_tuned_app(
             "alpha": _number(body, "alpha", alpha, float),
             "strategy": request_strategy,
             "chunk": _number(body, "chunk", chunk, int, 1, 64),
+            "samples": _number(body, "samples", None, int, 1, 256),
         }
 
     def _n(body: dict[str, Any], stream: bool) -> int:

@@ -19,6 +19,7 @@ from . import _constants as C
 from .aligner import Aligner
 from .combiner import validate_alpha, validate_temperature, validate_top_p
 from .decoder import DecodeParams, DecoderBase, PerStepDecoder
+from .resample import ResampleDecoder
 from .speculative import SpeculativeDecoder
 from .errors import ConfigurationError, ModeNotSupportedError, TokenizerMismatchError
 from .hosted import AsyncHostedClient, HostedClient
@@ -26,7 +27,8 @@ from .scorer import Scorer, open_sessions
 from .types import MODES, GenerationResult, StreamEvent
 from .vocab import Vocabulary, load_hosted_vocabulary
 
-STRATEGIES = ("per-step", "speculative")
+STRATEGIES = ("per-step", "speculative", "resample")
+DEFAULT_SAMPLES = 16
 
 
 def _top_k_cap(mode: str, dialect: str | None) -> int | None:
@@ -181,6 +183,7 @@ class _TunerBase:
         stop: str | Sequence[str] | None = None,
         strategy: str = "per-step",
         chunk: int | None = None,
+        samples: int | None = None,
     ) -> DecodeParams:
         """Validate one generation's arguments without calling the API; the error says what to fix.
 
@@ -213,6 +216,16 @@ class _TunerBase:
             raise ConfigurationError(f"stop must be a string or a list of non-empty strings, got {stop!r}")
         if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
             raise ConfigurationError(f"chunk must be an integer >= 1 (or left out for adaptive), got {chunk!r}")
+        if samples is not None and (not isinstance(samples, int) or isinstance(samples, bool) or samples < 1):
+            raise ConfigurationError(f"samples must be an integer >= 1, got {samples!r}")
+        if samples is not None and strategy != "resample":
+            raise ConfigurationError("samples is for --strategy resample")
+        if strategy == "resample" and (temperature != 1.0 or top_p != 1.0):
+            raise ConfigurationError(
+                f"the resample strategy draws whole answers at temperature 1 with top_p 1 and reweights them to the "
+                f"proxy-tuned distribution; got temperature={temperature:g}, top_p={top_p:g}: pass temperature=1, "
+                "top_p=1 (or use --strategy per-step)"
+            )
         if strategy == "speculative":
             if self.mode == "chat":
                 raise ModeNotSupportedError(
@@ -225,11 +238,11 @@ class _TunerBase:
                     f"with top_p 1; got temperature={temperature:g}, top_p={top_p:g}: use --strategy per-step "
                     "for other settings"
                 )
-        if self.mode == "chat" and max_tokens > 1:
+        if self.mode == "chat" and max_tokens > 1 and strategy != "resample":
             raise ModeNotSupportedError(
-                "chat mode cannot continue a partial answer, so proxy tuning applies to the first token only: "
-                "use max_tokens=1 (one-token answers), or --mode completions / --mode chat-prefix "
-                "(a host that continues an assistant prefix) for longer answers"
+                "chat mode cannot continue a partial answer, so token-by-token proxy tuning applies to the first "
+                "token only: use --strategy resample (whole answers, reweighted), max_tokens=1 (one-token answers), "
+                "or --mode completions / --mode chat-prefix (a host that continues an assistant prefix)"
             )
         if self.mode == "completions" and prompt is None:
             raise ConfigurationError("completions mode takes a text prompt; pass prompt=TEXT or use a chat mode")
@@ -257,10 +270,11 @@ class _TunerBase:
         stop: str | Sequence[str] | None,
         strategy: str,
         chunk: int | None = None,
+        samples: int | None = None,
     ) -> DecoderBase:
         params = self.check_request(
             prompt=prompt, messages=messages, max_tokens=max_tokens, alpha=alpha, temperature=temperature,
-            top_p=top_p, seed=seed, stop=stop, strategy=strategy, chunk=chunk,
+            top_p=top_p, seed=seed, stop=stop, strategy=strategy, chunk=chunk, samples=samples,
         )
         alpha, temperature, top_p, top_k = params.alpha, params.temperature, params.top_p, params.top_k
         expert_session, anti_session = open_sessions(
@@ -287,9 +301,17 @@ class _TunerBase:
             "alignment": "token ids (same tokenizer)" if self.same_vocab else self.aligner.description,
             "token_prompts": hosted_prompt_ids is not None,
             "chunk": (chunk or "adaptive") if strategy == "speculative" else None,
+            "samples": (samples or DEFAULT_SAMPLES) if strategy == "resample" else None,
         }
-        decoder_class = SpeculativeDecoder if strategy == "speculative" else PerStepDecoder
+        extra: dict[str, Any] = {}
+        if strategy == "speculative":
+            decoder_class: type = SpeculativeDecoder
+        elif strategy == "resample":
+            decoder_class, extra = ResampleDecoder, {"samples": samples or DEFAULT_SAMPLES}
+        else:
+            decoder_class = PerStepDecoder
         decoder = decoder_class(
+            **extra,
             mode=self.mode,
             expert=expert_session,
             anti_expert=anti_session,
@@ -335,6 +357,7 @@ class ProxyTuner(_TunerBase):
         stop: str | Sequence[str] | None = None,
         strategy: str = "per-step",
         chunk: int | None = None,
+        samples: int | None = None,
     ) -> GenerationResult:
         """Generate proxy-tuned text.
 
@@ -342,11 +365,14 @@ class ProxyTuner(_TunerBase):
         ``strategy="speculative"``: the API drafts chunks of ``chunk`` tokens (adaptive when
         left out) that are accepted or resampled to follow the full proxy-tuned distribution
         (temperature 1) or its greedy path (temperature 0).
+        ``strategy="resample"``: ``samples`` whole answers (default 16) drawn by the API at
+        temperature 1, one picked by importance resampling; works in chat mode too.
         """
         self.client.check()
         decoder = self._decoder(
             prompt=prompt, messages=messages, max_tokens=max_tokens, alpha=alpha,
             temperature=temperature, top_p=top_p, seed=seed, stop=stop, strategy=strategy, chunk=chunk,
+            samples=samples,
         )
         try:
             while not decoder.done:
@@ -404,12 +430,13 @@ class AsyncProxyTuner(_TunerBase):
         stop: str | Sequence[str] | None = None,
         strategy: str = "per-step",
         chunk: int | None = None,
+        samples: int | None = None,
     ) -> GenerationResult:
         """See :meth:`ProxyTuner.generate`."""
         last = None
         async for event in self.stream(prompt, messages=messages, max_tokens=max_tokens, alpha=alpha,
                                        temperature=temperature, top_p=top_p, seed=seed, stop=stop,
-                                       strategy=strategy, chunk=chunk):
+                                       strategy=strategy, chunk=chunk, samples=samples):
             last = event
         assert last is not None and last.result is not None
         return last.result
@@ -427,6 +454,7 @@ class AsyncProxyTuner(_TunerBase):
         stop: str | Sequence[str] | None = None,
         strategy: str = "per-step",
         chunk: int | None = None,
+        samples: int | None = None,
     ) -> AsyncIterator[StreamEvent]:
         """:meth:`generate`, as it happens: a :class:`StreamEvent` with the new text after every
         API call that added some, and a last one carrying the :class:`GenerationResult`. The
@@ -442,6 +470,7 @@ class AsyncProxyTuner(_TunerBase):
             self._decoder,
             prompt=prompt, messages=messages, max_tokens=max_tokens, alpha=alpha,
             temperature=temperature, top_p=top_p, seed=seed, stop=stop, strategy=strategy, chunk=chunk,
+            samples=samples,
         )
         shown = ""
         try:

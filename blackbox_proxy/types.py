@@ -161,6 +161,19 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class SampleTrace:
+    """One of the resample strategy's answers: its SIR log weight and normalised weight."""
+
+    text: str
+    log_weight: float
+    weight: float
+    tokens: int
+    finish_reason: str | None
+    picked: bool
+    token_ids: tuple[int | None, ...] = ()  # hosted ids of the scored positions, when reported
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     """Proxy-tuned text with its usage and per-step trace."""
 
@@ -170,6 +183,9 @@ class GenerationResult:
     trace: tuple[StepTrace, ...] = field(default=())
     settings: dict[str, Any] = field(default_factory=dict)
     chunks: tuple[ChunkTrace, ...] = field(default=())
+    samples: tuple[SampleTrace, ...] = field(default=())  # resample strategy: every answer drawn
+    ess: float | None = None  # resample strategy: effective sample size of the answers
+    notes: tuple[str, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (what ``blackbox-proxy generate --json`` prints)."""

@@ -93,6 +93,7 @@ def test_chat_mode_refuses_more_than_one_token(server_a, scorers_a):
         tuner(server_a, scorers_a, mode="chat").generate("Hello", max_tokens=5)
     msg = one_line(info.value)
     assert "first token only" in msg and "--mode completions" in msg and "--mode chat-prefix" in msg
+    assert "--strategy resample" in msg
 
 
 def test_expert_and_anti_expert_must_share_a_tokenizer(server_a, scorers_a, scorers_b):

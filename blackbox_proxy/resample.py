@@ -1,0 +1,153 @@
+"""Sequence-level resampling: proxy tuning for APIs that cannot continue a partial answer.
+
+Chat-only APIs (OpenAI's chat models among them) return whole answers; token-by-token proxy
+tuning stops after the first token there. This strategy asks for ``n`` whole answers at
+temperature 1 and top_p 1 with top-k logprobs at every position (one call with ``n`` choices,
+several when the host caps ``n``), scores every position of every answer with the expert and
+anti-expert (one batched forward per answer per model), and picks one answer by
+sampling-importance-resampling (SIR; Rubin 1987) with a seeded generator.
+
+The target is the proxy-tuned sequence distribution p~(y) = Π_t p_L(y_t | y<t) w_t(y_t) / Z_t
+with w = (p_E / p_A)^alpha; answers are drawn from p_L, so answer i has importance weight
+
+    log W_i = Σ_t [ alpha · delta_t(y_t) − log Z_t ],
+
+Z_t estimated over the position's candidates with the tail weight of the speculative strategy
+(``speculative.tail_log_weight``; exact when k covers the vocabulary). SIR picks i with
+probability W_i / Σ W; as n grows the pick's distribution approaches p~. The effective sample
+size ESS = (Σ W)² / Σ W² says how many answers really count: when it is low the pick is little
+better than one sample, and the trace and a warning say so, with the remedies (more samples,
+shorter answers, a smaller alpha).
+
+Works in every mode: it only needs whole samples. Left out: exact rejection sampling (it needs a
+bound on W that top-k logprobs cannot give).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+
+from .decoder import DecoderBase
+from .errors import HostedResponseError
+from .speculative import log_normaliser, tail_log_weight
+from .types import GenerationResult, HostedRequest, HostedResult, SampleTrace, Usage
+
+logger = logging.getLogger(__name__)
+
+MAX_N_PER_CALL = 16  # choices asked per API call; more samples take several calls
+LOW_ESS_FRACTION = 0.1  # warn when ESS < max(LOW_ESS_MIN, this * n)
+LOW_ESS_MIN = 1.5
+
+
+def effective_sample_size(log_weights: torch.Tensor) -> float:
+    """(Σ W)² / Σ W², computed stably from log weights; in [1, n]."""
+    lw = log_weights.double()
+    return float(torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0)))
+
+
+def sequence_log_weight(hosted_logprobs: Sequence[torch.Tensor], lp_e: Sequence[torch.Tensor],
+                        lp_a: Sequence[torch.Tensor], chosen: Sequence[int], alpha: float,
+                        *, with_normaliser: bool = True) -> float:
+    """Σ_t [alpha · delta_t(y_t) − log Z_t] for one answer. Per position t: the candidates'
+    hosted logprobs ``[C_t]``, the small models' logprobs ``[C_t]``, and the index of the
+    answer's token among them. ``with_normaliser=False`` drops log Z (a deliberately wrong
+    weight, for tests)."""
+    total = 0.0
+    for h, e, a, y in zip(hosted_logprobs, lp_e, lp_a, chosen):
+        log_w = alpha * (e.double() - a.double())
+        total += float(log_w[y])
+        if with_normaliser:
+            tail, _ = tail_log_weight(e, a, alpha)
+            total -= log_normaliser(h, log_w, tail)
+    return total
+
+
+class ResampleDecoder(DecoderBase):
+    """SIR over ``params.samples`` whole answers drawn by the API. See the module docstring."""
+
+    def __init__(self, *, samples: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.whole_answers = True  # chat mode: the picked answer is kept whole
+        self.samples = samples
+        self.choices: list[HostedResult] = []
+        self.sample_traces: list[SampleTrace] = []
+        self.ess: float | None = None
+        self.with_normaliser = True  # tests switch it off to show the wrong weight is worse
+
+    def request(self) -> HostedRequest:
+        n = min(MAX_N_PER_CALL, self.samples - len(self.choices))
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=self.generator))
+        request = self._request(max_tokens=self.params.max_tokens, temperature=1.0, seed=seed)
+        return dataclasses.replace(request, n=n)
+
+    def observe(self, results: Sequence[HostedResult], api_seconds: float) -> None:
+        if not results:
+            raise HostedResponseError("the hosted API returned no choices; the resample strategy needs whole answers")
+        self._count_call(results[0], api_seconds)
+        self.choices.extend(results)
+        if len(self.choices) >= self.samples:
+            self._pick()
+
+    def _pick(self) -> None:
+        started = time.perf_counter()
+        alpha = self.params.alpha
+        log_weights, scored = [], []
+        for choice in self.choices:
+            positions = [p for p in choice.positions if p.sampled is not None and p.candidates]
+            items, before, ids = [], self.continuation, list(self.hosted_ids) if self.hosted_ids is not None else None
+            chosen = []
+            for pos in positions:
+                cands = list(pos.candidates)
+                index = next((i for i, c in enumerate(cands) if c is pos.sampled or c == pos.sampled), None)
+                if index is None:
+                    break
+                items.append((before, list(ids) if ids is not None else None, cands))
+                chosen.append(index)
+                before += pos.sampled.data
+                if ids is not None:
+                    ids = ids + [pos.sampled.token_id] if pos.sampled.token_id is not None else None
+            if items:  # one batched forward per answer and model (its positions are nested)
+                out, _ = self._score_positions(items)
+            else:
+                out = []
+            hosted = [torch.tensor([c.logprob for c in cands], dtype=torch.float64) for _, _, cands in items]
+            lp_e = [torch.tensor(e, dtype=torch.float64) for e, _ in out]
+            lp_a = [torch.tensor(a, dtype=torch.float64) for _, a in out]
+            log_weights.append(sequence_log_weight(hosted, lp_e, lp_a, chosen, alpha,
+                                                   with_normaliser=self.with_normaliser))
+            scored.append([items[t][2][chosen[t]] for t in range(len(items))])
+        lw = torch.tensor(log_weights, dtype=torch.float64)
+        self.ess = effective_sample_size(lw) if len(lw) else 0.0
+        probs = torch.softmax(lw, 0) if torch.isfinite(lw).any() else torch.full_like(lw, 1 / len(lw))
+        picked = int(torch.multinomial(probs.float(), 1, generator=self.generator))
+        threshold = max(LOW_ESS_MIN, LOW_ESS_FRACTION * len(lw))
+        notes = []
+        if self.ess < threshold:
+            note = (f"effective sample size {self.ess:.2f} of {len(lw)} samples: the pick is little better than one "
+                    "sample; use more samples, shorter answers, or a smaller alpha")
+            notes.append(note)
+            logger.warning(note)
+        for i, (choice, lwi) in enumerate(zip(self.choices, log_weights)):
+            self.sample_traces.append(SampleTrace(text=choice.text, log_weight=lwi, weight=float(probs[i]),
+                                                  tokens=len(scored[i]), finish_reason=choice.finish_reason,
+                                                  picked=i == picked,
+                                                  token_ids=tuple(c.token_id for c in scored[i])))
+        for cand in scored[picked]:
+            if self.done:
+                break
+            self._append(cand)
+        if not self.done:
+            self.finish_reason = self.choices[picked].finish_reason or "length"
+        self.usage = self.usage + Usage(generated_tokens=self.generated, scoring_seconds=time.perf_counter() - started)
+        self.notes = notes
+
+    def result(self) -> GenerationResult:
+        base = super().result()
+        return dataclasses.replace(base, samples=tuple(self.sample_traces), ess=self.ess,
+                                   notes=tuple(getattr(self, "notes", ())))
+
