@@ -48,6 +48,27 @@ def _load_scorer(spec: Any, *, device: str | None, render: str, role: str) -> Sc
     return Scorer.from_pretrained(spec, device=device, render=render, name=spec)
 
 
+def load_small_models(*, expert: Any, anti_expert: Any, expert_adapter: str | None, device: str | None,
+                      expert_render: str, anti_expert_render: str) -> tuple[Scorer, Scorer]:
+    """(expert, anti-expert) scorers: two models, or one base with a LoRA adapter on and off."""
+    if expert_adapter is not None:
+        if expert is not None:
+            raise ConfigurationError("pass either an expert model or an expert adapter (over the anti-expert), not both")
+        if not isinstance(anti_expert, str):
+            raise ConfigurationError("with an expert adapter, anti_expert must be the base model's name or path")
+        return Scorer.pair_from_adapter(anti_expert, expert_adapter, device=device, render=anti_expert_render)
+    if expert is None:
+        raise ConfigurationError("no expert: pass an expert model (--expert) or a LoRA adapter (--expert-adapter)")
+    e = _load_scorer(expert, device=device, render=expert_render, role="expert")
+    a = _load_scorer(anti_expert, device=device, render=anti_expert_render, role="anti_expert")
+    if not e.vocab.same_as(a.vocab):
+        raise TokenizerMismatchError(
+            f"expert {e.name!r} and anti-expert {a.name!r} have different tokenizers "
+            f"({e.vocab.size} vs {a.vocab.size} ids); use the same small model before and after tuning"
+        )
+    return e, a
+
+
 def _messages(prompt: str | None, messages: Sequence[dict[str, str]] | None) -> tuple[tuple[str, str], ...]:
     if messages is not None:
         out = []
@@ -139,24 +160,10 @@ class _TunerBase:
         )
         if check_hosted:
             self._check_hosted()
-        if expert_adapter is not None:
-            if expert is not None:
-                raise ConfigurationError("pass either an expert model or an expert adapter (over the anti-expert), not both")
-            if not isinstance(anti_expert, str):
-                raise ConfigurationError("with an expert adapter, anti_expert must be the base model's name or path")
-            self.expert, self.anti_expert = Scorer.pair_from_adapter(anti_expert, expert_adapter, device=device,
-                                                                     render=anti_expert_render)
-        else:
-            if expert is None:
-                raise ConfigurationError("no expert: pass an expert model (--expert) or a LoRA adapter (--expert-adapter)")
-            self.expert = _load_scorer(expert, device=device, render=expert_render, role="expert")
-            self.anti_expert = _load_scorer(anti_expert, device=device, render=anti_expert_render, role="anti_expert")
-        if not self.expert.vocab.same_as(self.anti_expert.vocab):
-            raise TokenizerMismatchError(
-                f"expert {self.expert.name!r} and anti-expert {self.anti_expert.name!r} have different tokenizers "
-                f"({self.expert.vocab.size} vs {self.anti_expert.vocab.size} ids); use the same small model "
-                "before and after tuning"
-            )
+        self.expert, self.anti_expert = load_small_models(
+            expert=expert, anti_expert=anti_expert, expert_adapter=expert_adapter, device=device,
+            expert_render=expert_render, anti_expert_render=anti_expert_render,
+        )
         self.same_vocab = bool(self.hosted_vocab is not None and self.hosted_vocab.same_as(self.expert.vocab))
         self.aligner = Aligner(self.expert.vocab, self.hosted_vocab, backoff=backoff)
 

@@ -32,14 +32,6 @@ from .scorer import Scorer
 from .types import GenerationResult, Usage
 
 
-def _load(spec: Any, *, device: str | None, render: str, role: str) -> Scorer:
-    if isinstance(spec, Scorer):
-        return spec
-    if not isinstance(spec, str) or not spec:
-        raise ConfigurationError(f"{role} must be a model name/path or a Scorer, got {spec!r}")
-    return Scorer.from_pretrained(spec, device=device, render=render, name=spec)
-
-
 class _Batch:
     """One model's KV cache over a left-padded batch of rows."""
 
@@ -91,19 +83,13 @@ class WhiteBoxTuner:
     def __init__(self, *, base: Any, anti_expert: Any, expert: Any = None, expert_adapter: str | None = None,
                  device: str | None = None, base_render: str = "raw", expert_render: str = "auto",
                  anti_expert_render: str = "auto") -> None:
-        self.base = _load(base, device=device, render=base_render, role="base")
-        if expert_adapter is not None:
-            if expert is not None:
-                raise ConfigurationError("pass either an expert model or an expert adapter (over the anti-expert), not both")
-            if not isinstance(anti_expert, str):
-                raise ConfigurationError("with an expert adapter, anti_expert must be the base model's name or path")
-            self.expert, self.anti_expert = Scorer.pair_from_adapter(anti_expert, expert_adapter, device=device,
-                                                                     render=anti_expert_render)
-        else:
-            if expert is None:
-                raise ConfigurationError("no expert: pass an expert model (--expert) or a LoRA adapter (--expert-adapter)")
-            self.expert = _load(expert, device=device, render=expert_render, role="expert")
-            self.anti_expert = _load(anti_expert, device=device, render=anti_expert_render, role="anti_expert")
+        from .tuner import _load_scorer, load_small_models
+
+        self.base = _load_scorer(base, device=device, render=base_render, role="base")
+        self.expert, self.anti_expert = load_small_models(
+            expert=expert, anti_expert=anti_expert, expert_adapter=expert_adapter, device=device,
+            expert_render=expert_render, anti_expert_render=anti_expert_render,
+        )
         for other in (self.expert, self.anti_expert):
             if not self.base.vocab.same_as(other.vocab):
                 raise TokenizerMismatchError(
