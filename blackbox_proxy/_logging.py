@@ -6,6 +6,8 @@ import logging
 import threading
 
 _SECRETS: set[str] = set()
+MIN_SECRET_LENGTH = 8
+PLACEHOLDERS = frozenset({"no-key", "EMPTY", "empty", "none", "None", "dummy", "unused", "sk-no-key-required"})
 _LOCK = threading.Lock()
 _installed = False
 
@@ -38,8 +40,8 @@ def _install() -> None:
 
 def register_secret(secret: str | None) -> None:
     """Mask ``secret`` as ``***`` in every log record from now on (this library, SDK, HTTP)."""
-    if not secret or len(secret) < 4:
-        return
+    if not secret or len(secret) < MIN_SECRET_LENGTH or secret in PLACEHOLDERS:
+        return  # masking a short word or a placeholder everywhere would garble logs and results
     with _LOCK:
         _SECRETS.add(secret)
         if not _installed:

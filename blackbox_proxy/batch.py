@@ -187,16 +187,17 @@ def read_done(path: str | os.PathLike) -> set[str]:
 class _Appender:
     """Appends whole lines, each flushed and fsynced before the next prompt is counted done."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, mask_secrets: bool = False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.mask_secrets = mask_secrets
         self._fd: int | None = None
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, ensure_ascii=False) + "\n"
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        data = redact(line).encode("utf-8")
+        data = (redact(line) if self.mask_secrets else line).encode("utf-8")
         written = 0
         while written < len(data):
             written += os.write(self._fd, data[written:])
@@ -278,7 +279,8 @@ async def arun_batch(
             continue
         checked.append((item, kwargs))
     appender = _Appender(output)
-    errors = _Appender(output.with_name(output.name + ".errors.jsonl")) if on_error == "skip" else None
+    # error messages are masked once more on the way to disk; results are not (ids and texts stay exact)
+    errors = _Appender(output.with_name(output.name + ".errors.jsonl"), mask_secrets=True) if on_error == "skip" else None
     semaphore = asyncio.Semaphore(concurrency)
     bar = _progress(len(checked), progress)
 
@@ -286,9 +288,11 @@ async def arun_batch(
         async with semaphore:
             try:
                 result = await tuner.generate(item.prompt, messages=item.messages, **kwargs)
-            except ProxyTuningError as exc:
+            except Exception as exc:  # noqa: BLE001 - with --on-error skip, any failure of one prompt
                 if errors is None:
-                    raise ProxyTuningError(f"prompt {item.id!r} (line {item.line}) failed: {exc}") from exc
+                    if isinstance(exc, ProxyTuningError):
+                        raise ProxyTuningError(f"prompt {item.id!r} (line {item.line}) failed: {exc}") from exc
+                    raise
                 errors.write({"id": item.id, "line": item.line, "error": str(exc), "type": type(exc).__name__})
                 summary.failed += 1
                 summary.errors_path = str(errors.path)

@@ -104,7 +104,13 @@ class ScoringQueue:
                     break
                 with self._guard:
                     batch = self._take()
-                self._run(batch)
+                try:
+                    self._run(batch)
+                except BaseException as exc:  # noqa: BLE001 - every waiting caller gets it
+                    for taken in batch:
+                        if not taken.done:
+                            taken.context.reset()
+                            taken.error, taken.done = exc, True
         if request.error is not None:
             raise request.error
         assert request.result is not None

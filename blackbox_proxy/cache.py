@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 _TABLE = "responses"
@@ -59,6 +62,15 @@ class ResponseCache:
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             (version,) = self._db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc):
+                raise ConfigurationError(
+                    f"the response cache {self.path} stayed locked by another process for {timeout:g} s; retry, or "
+                    "pass another --cache path"
+                ) from None
+            raise ConfigurationError(
+                f"{self.path} is not a usable response cache ({exc}); pass another --cache path or delete the file"
+            ) from None
         except sqlite3.DatabaseError as exc:
             raise ConfigurationError(
                 f"{self.path} is not a usable response cache ({exc}); pass another --cache path or delete the file"
@@ -84,8 +96,13 @@ class ResponseCache:
         return row[0] if row else None
 
     def put(self, key: str, body: str) -> None:
-        with self._lock:
-            self._db.execute(f"INSERT OR IGNORE INTO {_TABLE} VALUES (?, ?, ?)", (key, body, time.time()))
+        """Store an answer; a write that fails (the file locked too long, a full disk) is logged,
+        not raised: the answer is already paid for and the generation goes on."""
+        try:
+            with self._lock:
+                self._db.execute(f"INSERT OR IGNORE INTO {_TABLE} VALUES (?, ?, ?)", (key, body, time.time()))
+        except sqlite3.Error as exc:
+            logger.warning("could not store an answer in the response cache %s (%s)", self.path, exc)
 
     def __len__(self) -> int:
         with self._lock:

@@ -37,6 +37,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ._logging import redact
+from .batch import _gather_or_cancel
 from .errors import ConfigurationError, HostedAPIError, ProxyTuningError
 from .server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_LIMIT, APIError, _as_list, _number, install_openai_plumbing, read_json
 from .tuner import STRATEGIES
@@ -57,6 +58,15 @@ def _error_for(exc: ProxyTuningError) -> APIError:
     if isinstance(exc, ConfigurationError):
         return APIError(400, message)
     return APIError(500, message, type_="server_error")
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise APIError(400, "stream_options must be an object such as {\"include_usage\": true}", param="stream_options")
+    return bool(options.get("include_usage"))
 
 
 def _sse(obj: Any) -> str:
@@ -141,12 +151,13 @@ def create_tuned_app(
     async def _generate(prompt: str | None, messages: list[dict[str, str]] | None, options: dict[str, Any],
                         n: int) -> list[GenerationResult]:
         seeds = [None if options["seed"] is None else options["seed"] + i for i in range(n)]
+        tasks = [asyncio.ensure_future(tuner.generate(prompt, messages=messages, **dict(options, seed=seed)))
+                 for seed in seeds]
         try:
-            return list(await asyncio.gather(*(
-                tuner.generate(prompt, messages=messages, **dict(options, seed=seed)) for seed in seeds
-            )))
+            await _gather_or_cancel(tasks)  # one failure stops the other choices (no more API calls)
         except ProxyTuningError as exc:
             raise _error_for(exc) from None
+        return [task.result() for task in tasks]
 
     def _usage(prompt: str | None, messages: list[dict[str, str]] | None,
                results: list[GenerationResult]) -> dict[str, Any]:
@@ -180,6 +191,9 @@ def create_tuned_app(
                         yield _sse(final)
         except ProxyTuningError as exc:
             yield _sse(_error_for(exc).body())
+        except Exception as exc:  # noqa: BLE001 - headers are sent: say so in the stream
+            logger.exception("streamed generation failed")
+            yield _sse(APIError(500, f"internal error ({type(exc).__name__})", type_="server_error").body())
         yield "data: [DONE]\n\n"
 
     @app.get("/v1/models")
@@ -210,7 +224,7 @@ def create_tuned_app(
                 return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": name,
                         "choices": [{"text": text or "", "index": 0, "logprobs": None, "finish_reason": finish}]}
 
-            usage_wanted = bool((body.get("stream_options") or {}).get("include_usage"))
+            usage_wanted = _include_usage(body)
             return StreamingResponse(_stream(prompt, None, options, chunk_of, usage_wanted),
                                      media_type="text/event-stream")
         results = await _generate(prompt, None, options, n)
@@ -253,7 +267,7 @@ def create_tuned_app(
                 return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": name,
                         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
-            usage_wanted = bool((body.get("stream_options") or {}).get("include_usage"))
+            usage_wanted = _include_usage(body)
             return StreamingResponse(_stream(None, messages, options, chunk_of, usage_wanted),
                                      media_type="text/event-stream")
         results = await _generate(None, messages, options, n)

@@ -161,3 +161,39 @@ def test_async_generations_share_forwards_and_equal_sync(server_a, tok_a, scorer
     got, got_spec = asyncio.run(main())
     assert got == want and got_spec == want_spec
     assert queue.batched_requests > before  # some forwards were shared
+
+
+def test_a_failed_batched_forward_reaches_every_waiting_caller(tok_a, models_a, monkeypatch):
+    """An exception inside the shared forward (say, out of memory) must be raised in every thread
+    whose request was taken, and their contexts reset, not leave them waiting forever."""
+    from blackbox_proxy import batching
+
+    model = copy.deepcopy(models_a[1])
+    lock = model_lock(model)
+    queue = ScoringQueue(lock)
+    cases = scenarios(tok_a)[:2]
+    contexts = [build(model, h) for h, _, _ in cases]
+
+    def boom(_layers):
+        raise MemoryError("out of memory (simulated)")
+
+    monkeypatch.setattr(batching, "_cache_from", boom)
+    errors = []
+
+    def work(context, ids, groups):
+        try:
+            queue.score_groups(context, ids, groups)
+        except MemoryError as exc:
+            errors.append(exc)
+
+    with lock:
+        threads = [threading.Thread(target=work, args=(c, ids, groups)) for c, (_, ids, groups) in zip(contexts, cases)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while len(queue._pending) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+    for t in threads:
+        t.join(20)
+        assert not t.is_alive()
+    assert len(errors) == 2 and all(c.cache is None and c.ids == [] for c in contexts)

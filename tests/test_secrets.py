@@ -91,3 +91,28 @@ def test_exceptions_and_reprs_hold_no_key(keyed_server, scorers_a, tok_a):
     with pytest.raises(HostedBadRequestError) as info:
         tuner.generate("The quick", max_tokens=2)
     assert SECRET not in str(info.value) and "Bearer ***" in str(info.value)
+
+
+def test_placeholders_and_short_words_are_not_masked(tmp_path, server_a, scorers_a, tok_a):
+    """The default key "no-key" and short keys like "test" are not secrets to hunt for: masking
+    them everywhere would garble logs, and results whose ids or texts contain them."""
+    import asyncio
+
+    from blackbox_proxy import AsyncProxyTuner
+    from blackbox_proxy._logging import redact, register_secret
+    from blackbox_proxy.batch import arun_batch, read_done
+
+    for word in ("no-key", "test", "EMPTY"):
+        register_secret(word)
+        assert redact(f"a {word} b") == f"a {word} b"
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": "no-key-1", "prompt": "The quick"}) + "\n")
+    out = tmp_path / "out.jsonl"
+
+    async def main():
+        async with AsyncProxyTuner(base_url=server_a.base_url, model="tiny", expert=scorers_a[0],
+                                   anti_expert=scorers_a[1], top_k=4, max_retries=0) as tuner:
+            return await arun_batch(tuner, inp, out, progress=False, max_tokens=2)
+
+    asyncio.run(main())
+    assert read_done(out) == {'"no-key-1"'}  # the id survived: a rerun will not answer it twice
