@@ -339,15 +339,20 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> list[Pat
     """``fidelity.json``, ``fidelity.md`` and the PNGs in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fidelity.json").write_text(json.dumps(report, indent=1, default=_jsonable) + "\n")
+    (out / "fidelity.json").write_text(json.dumps(_strict_json(report), indent=1, allow_nan=False) + "\n")
     (out / "fidelity.md").write_text(markdown(report))
     return [out / "fidelity.json", out / "fidelity.md", *plot(report, out)]
 
 
-def _jsonable(value: Any) -> Any:
+def _strict_json(value: Any) -> Any:
+    """The report with non-finite numbers (an infinite KL) as strings: JSON has no Infinity."""
+    if isinstance(value, dict):
+        return {str(k): _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    return str(value)
+    return value
 
 
 # ----- presets on the embedded models ---------------------------------------------------------

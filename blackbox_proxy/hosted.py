@@ -591,17 +591,25 @@ class HostedClient(_HostedBase):
             base_url=self.base_url, api_key=self._api_key, timeout=self.timeout, max_retries=0
         )
 
-    def _with_retries(self, fn: Any) -> Any:
+    def _with_retries(self, fn: Any, accept: Any = None) -> Any:
+        """``fn()`` under the retry policy; ``accept(response)`` turns the answer into the result,
+        and an incomplete answer (:class:`HostedResponseError`) is asked again (``_bad_answer``)."""
         import openai
 
         started = time.monotonic()
-        attempt = 0
+        attempt = bad = 0
         while True:
             try:
-                return fn()
+                response = fn()
             except (openai.OpenAIError, json.JSONDecodeError) as exc:
                 attempt += 1
                 time.sleep(self._retry_delay_or_raise(exc, attempt, started))
+                continue
+            try:
+                return accept(response) if accept is not None else response
+            except HostedResponseError as exc:
+                bad += 1
+                self._bad_answer(exc, bad)
 
     def check(self) -> None:
         """Ask ``/v1/models`` once: fail fast on a bad URL, key or model name; detect the dialect."""
@@ -623,15 +631,8 @@ class HostedClient(_HostedBase):
         if body is not None:
             return self.parse_all(endpoint, self.from_cache(endpoint, body), request)
         create = self._client.completions.create if endpoint == "completions" else self._client.chat.completions.create
-        attempt = 0
-        while True:
-            response = self._with_retries(lambda: create(**kwargs))
-            try:
-                results = self.parse_all(endpoint, response, request)
-                break
-            except HostedResponseError as exc:
-                attempt += 1
-                self._bad_answer(exc, attempt)
+        results, response = self._with_retries(lambda: create(**kwargs),
+                                               lambda r: (self.parse_all(endpoint, r, request), r))
         if key:
             self.cache.put(key, response.model_dump_json())
         return results
@@ -653,17 +654,24 @@ class AsyncHostedClient(_HostedBase):
             base_url=self.base_url, api_key=self._api_key, timeout=self.timeout, max_retries=0
         )
 
-    async def _with_retries(self, fn: Any) -> Any:
+    async def _with_retries(self, fn: Any, accept: Any = None) -> Any:
+        """See :meth:`HostedClient._with_retries`."""
         import openai
 
         started = time.monotonic()
-        attempt = 0
+        attempt = bad = 0
         while True:
             try:
-                return await fn()
+                response = await fn()
             except (openai.OpenAIError, json.JSONDecodeError) as exc:
                 attempt += 1
                 await asyncio.sleep(self._retry_delay_or_raise(exc, attempt, started))
+                continue
+            try:
+                return accept(response) if accept is not None else response
+            except HostedResponseError as exc:
+                bad += 1
+                self._bad_answer(exc, bad)
 
     async def check(self) -> None:
         if self._checked:
@@ -683,15 +691,8 @@ class AsyncHostedClient(_HostedBase):
         if body is not None:
             return self.parse_all(endpoint, self.from_cache(endpoint, body), request)
         create = self._client.completions.create if endpoint == "completions" else self._client.chat.completions.create
-        attempt = 0
-        while True:
-            response = await self._with_retries(lambda: create(**kwargs))
-            try:
-                results = self.parse_all(endpoint, response, request)
-                break
-            except HostedResponseError as exc:
-                attempt += 1
-                self._bad_answer(exc, attempt)
+        results, response = await self._with_retries(lambda: create(**kwargs),
+                                                     lambda r: (self.parse_all(endpoint, r, request), r))
         if key:
             await asyncio.to_thread(self.cache.put, key, response.model_dump_json())
         return results

@@ -132,3 +132,14 @@ def test_compare_same_vocabulary_k_all_is_exact(tmp_path, server_a, tok_a, model
     assert {p.name for p in paths} >= {"fidelity.json", "fidelity.md", "fidelity_tv.png"}
     assert "| all |" in (tmp_path / "out" / "fidelity.md").read_text()
     assert not math.isnan(report["per_k"]["5"]["per_step_kl"])
+
+
+def test_report_json_is_strict_even_with_an_infinite_kl(tmp_path):
+    import json
+
+    report = {"preset": "x", "positions": 1, "per_k": {"1": {"per_step_tv": 0.5, "per_step_kl": math.inf,
+                                                              "top1_agreement": 1.0, "floor_tv": 0.5,
+                                                              "per_step_tv_over_floor": 1.0, "speculative_tv": 0.4}}}
+    write_report(report, tmp_path)
+    loaded = json.loads((tmp_path / "fidelity.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert loaded["per_k"]["1"]["per_step_kl"] == "inf"
