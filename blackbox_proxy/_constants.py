@@ -7,6 +7,7 @@ MAX_RETRIES = 4  # attempts after the first one
 INITIAL_RETRY_DELAY = 0.5  # seconds; doubled each attempt
 MAX_RETRY_DELAY = 8.0  # one wait never exceeds this
 MAX_TOTAL_RETRY_WAIT = 60.0  # give up once this much time went to waiting
+MAX_CHOICES_PER_CALL = 16  # choices (n) asked per API call; this project's server caps n at 16
 MAX_RETRY_AFTER = 30.0  # a server's retry-after is honoured up to this many seconds
 MALFORMED_RESPONSE_RETRIES = 1  # a 200 with missing/truncated logprobs is asked again this often
 RETRY_JITTER = 0.25  # +- fraction of each delay

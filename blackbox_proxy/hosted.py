@@ -6,7 +6,8 @@ Three modes (DESIGN.md §2.4):
   ``logprobs=k``. OpenAI legacy models, vLLM, llama.cpp, TGI and this project's server.
 - ``chat-prefix``: chat completions that continue a partial assistant message. Dialects: vLLM
   (``continue_final_message``, also this project's server), DeepSeek and Mistral
-  (``prefix: true`` on the assistant message).
+  (``prefix: true`` on the assistant message). llama.cpp's server cannot: it always opens a
+  new assistant turn.
 - ``chat``: plain chat completions. The API cannot continue a partial answer, so only the first
   generated position can be tuned.
 
@@ -15,6 +16,22 @@ send is normalised here: ``bytes`` missing or null (bytes derived from the token
 OpenAI's ``bytes:\\xNN`` and DeepSeek's ``\\xNN`` strings decoded), fewer top logprobs than
 asked, the sampled token outside the top-k, duplicate entries, the -9999 sentinel, U+FFFD
 placeholders for partial characters, ``token_id:N`` strings, and end-of-text tokens.
+
+Dialects (:data:`DIALECTS`) are detected from ``/v1/models`` (``owned_by``) and the host name,
+or given. What each changes is in :data:`DIALECT_NOTES`; in short, ``vllm`` asks for special
+tokens and token ids, ``llama.cpp`` (llama-cpp-python's server, ``owned_by: "me"``, and
+llama.cpp's own ``llama-server``, ``owned_by: "llamacpp"``) switches off the samplers it applies
+by default (``repeat_penalty`` 1.1, ``top_k`` 40, ``min_p`` 0.05: a draft drawn through them is not
+drawn from the model's distribution), asks one choice per call (it ignores ``n``), and reads
+its string-keyed ``top_logprobs``: a token is printed as its text decoded with errors ignored, so
+the end token, other control tokens and pieces of a multi-byte character all print as ``""``
+and share one dict entry. That entry is read as the end of text (its logprob is the lowest of
+the tokens that share it, exact when the end is the only one in the top-k, which is the usual
+case; see :meth:`ResponseParser._end_of_empty` for when it is not), except at a position whose
+sampled token itself printed as ``""`` (then the entry is a piece of a character and is
+dropped; the drawn pieces' bytes are read back from the answer's text, see
+:meth:`ResponseParser.recover_drawn`). Other strings are exact UTF-8 and are mapped to hosted
+ids through the hosted tokenizer when one is given.
 
 Retries live here too, and only here (the SDK's own retries are turned off): connection errors,
 timeouts and 408/409/429/5xx are retried with jittered exponential backoff, ``retry-after`` is
@@ -26,6 +43,7 @@ whose logprobs are missing or truncated is asked again once, then reported. An o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -55,7 +73,18 @@ from .vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
 
-DIALECTS = ("openai", "vllm", "deepseek", "mistral")
+DIALECTS = ("openai", "vllm", "llama.cpp", "deepseek", "mistral")
+DIALECT_NOTES = {
+    "openai": "completions: up to 5 logprobs, token-id prompts; chat: up to 20 top logprobs; no assistant prefix",
+    "vllm": "skip_special_tokens false, return_tokens_as_token_ids (with the hosted tokenizer), token-id "
+            "prompts, continue_final_message for chat-prefix; --max-logprobs caps k (20 by default)",
+    "llama.cpp": "repeat_penalty 1.0, top_k 0, min_p 0 (its defaults 1.1/40/0.05 bend the draws), one choice per "
+                 "call, text prompts only, top logprobs keyed by text (\"\" read as the end); no assistant prefix",
+    "deepseek": "chat-prefix through prefix: true on the assistant message; up to 20 top logprobs",
+    "mistral": "chat-prefix through prefix: true on the assistant message",
+}
+# `owned_by` in /v1/models answers: llama-cpp-python's server says "me", llama-server "llamacpp".
+_LLAMA_CPP_OWNERS = {"me", "llamacpp", "llama.cpp"}
 _HEX_ESCAPES = re.compile(r"^(?:\\x[0-9a-fA-F]{2})+$")
 _ESCAPE = re.compile(r"\\x([0-9a-fA-F]{2})")
 _TOKEN_ID = re.compile(r"^token_id:(\d+)$")
@@ -108,9 +137,11 @@ class _PositionBuilder:
         self.dropped = 0
 
     def add(self, text: str, raw_bytes: Sequence[int] | None, logprob: float | None) -> Candidate | None:
-        cand = self.parser.candidate(text, raw_bytes, logprob)
+        return self.add_candidate(self.parser.candidate(text, raw_bytes, logprob), count_drop=True)
+
+    def add_candidate(self, cand: Candidate | None, count_drop: bool = False) -> Candidate | None:
         if cand is None:
-            self.dropped += 1
+            self.dropped += count_drop
             return None
         key = _key(cand)
         old = self.by_key.get(key)
@@ -122,7 +153,7 @@ class _PositionBuilder:
             self.by_key[key] = Candidate(old.text, old.data, merged, old.token_id, old.is_end)
         return cand
 
-    def finish(self, sampled: Candidate | None) -> HostedPosition:
+    def finish(self, sampled: Candidate | None, end_estimated_rank: int | None = None) -> HostedPosition:
         if sampled is not None:
             key = _key(sampled)
             if key in self.by_key:
@@ -130,7 +161,8 @@ class _PositionBuilder:
             else:
                 self.by_key[key] = sampled
         ordered = sorted(self.by_key.values(), key=lambda c: -c.logprob)
-        return HostedPosition(candidates=tuple(ordered), sampled=sampled, dropped=self.dropped)
+        return HostedPosition(candidates=tuple(ordered), sampled=sampled, dropped=self.dropped,
+                              end_estimated_rank=end_estimated_rank)
 
 
 def _key(cand: Candidate) -> tuple:
@@ -143,11 +175,128 @@ def math_logaddexp(a: float, b: float) -> float:
     return hi + math.log1p(math.exp(lo - hi))
 
 
+def _unique_split(data: bytes, parts: int, vocab: Vocabulary) -> list[bytes] | None:
+    """The one way to cut ``data`` into ``parts`` tokens of ``vocab`` that are each not valid
+    UTF-8 alone (how a token prints as ``""``), or None (none, or more than one)."""
+    if not data or parts < 1 or parts > len(data):
+        return None
+
+    def lossy(piece: bytes) -> bool:
+        if not vocab.ids_for_bytes(piece):
+            return False
+        try:
+            piece.decode("utf-8")
+        except UnicodeDecodeError:
+            return True
+        return False
+
+    found: list[list[bytes]] = []
+
+    def walk(start: int, left: int, acc: list[bytes]) -> None:
+        if len(found) > 1:
+            return
+        if left == 0:
+            if start == len(data):
+                found.append(list(acc))
+            return
+        for stop in range(start + 1, len(data) - left + 2):
+            piece = data[start:stop]
+            if lossy(piece):
+                walk(stop, left - 1, acc + [piece])
+
+    walk(0, parts, [])
+    return found[0] if len(found) == 1 else None
+
+
 class ResponseParser:
     """Turns SDK response objects into :class:`HostedResult` values."""
 
-    def __init__(self, vocab: Vocabulary | None = None) -> None:
+    def __init__(self, vocab: Vocabulary | None = None, *, empty_means_end: bool = False) -> None:
         self.vocab = vocab
+        # llama.cpp prints the end token as "" (see the module docstring)
+        self.empty_means_end = empty_means_end
+
+    def _end_of_empty(self, tops: Any, sampled_text: str) -> tuple[Any, float | None, int | None]:
+        """llama.cpp: take the ``""`` entry out of a position's top logprobs. Returns the other
+        entries, the end's logprob when the entry is read as the end of text (None otherwise),
+        and the entry's rank when that logprob is an estimate. ``tops``: dict or list of entries.
+
+        llama-cpp-python builds the dict from the top-k sorted best first, so a key sits at the
+        rank of its FIRST token but holds the logprob of its LAST one. When a later key has a
+        higher logprob than ``""``, a lower-ranked token overwrote the end's value: the end's
+        logprob then lies between its neighbours'; at rank 0 it is estimated as the mass the
+        other entries leave (``log(1 - sum p)``), else as the midpoint of its neighbours' logprobs.
+        """
+        if not self.empty_means_end or not tops:
+            return tops, None, None
+        if sampled_text == "":
+            return tops, None, None  # a piece of a character was sampled: the entry is its logprob (dropped)
+        if isinstance(tops, dict):
+            pairs = [(t, v) for t, v in tops.items() if v is not None]
+            rest: Any = {t: v for t, v in tops.items() if t != ""}
+        else:
+            pairs = [(e.token, e.logprob) for e in tops if e.logprob is not None]
+            rest = [e for e in tops if e.token != ""]
+        rank = next((i for i, (t, _) in enumerate(pairs) if t == ""), None)
+        if rank is None:
+            return rest, None, None
+        value = float(pairs[rank][1])
+        later = [float(v) for _, v in pairs[rank + 1 :]]
+        if not any(v > value + 1e-6 for v in later):
+            return rest, value, None
+        floor = max(later)
+        if rank == 0:
+            left = 1.0 - sum(math.exp(min(0.0, float(v))) for _, v in pairs[1:])
+            estimate = math.log(left) if left > 0 else floor
+        else:
+            estimate = (float(pairs[rank - 1][1]) + floor) / 2
+        return rest, max(estimate, floor), rank
+
+    def recover_drawn(self, tokens: Sequence[str], text: str) -> dict[int, bytes]:
+        """llama.cpp: bytes of drawn tokens that printed as ``""`` (pieces of a character), read
+        back from the answer's text through the hosted vocabulary. ``{index: bytes}``.
+
+        The text holds the whole characters that a run of such tokens makes; their bytes are
+        split among the run's tokens where the hosted vocabulary allows exactly one way (each
+        piece a token that is not valid UTF-8 on its own, e.g. byte-fallback ``<0xE2>``). A run
+        that cannot be read back (no vocabulary, an ambiguous split, the answer ending inside a
+        character) is left out: the position keeps no drawn token and a chunk is cut there.
+        """
+        vocab = self.vocab
+        if vocab is None or not self.empty_means_end or "" not in tokens or "".join(tokens) == text:
+            return {}
+        out: dict[int, bytes] = {}
+        pos = i = 0
+        while i < len(tokens):
+            if tokens[i]:
+                if not text.startswith(tokens[i], pos):
+                    return out  # the pieces do not add up to the text: stop reading
+                pos += len(tokens[i])
+                i += 1
+                continue
+            j = i
+            while j < len(tokens) and not tokens[j]:
+                j += 1
+            if j == len(tokens):
+                end = len(text)
+            else:
+                end = text.find(tokens[j], pos + 1)
+                if end < 0:
+                    return out
+            split = _unique_split(text[pos:end].encode("utf-8"), j - i, vocab)
+            if split is None:
+                return out
+            out.update(zip(range(i, j), split))
+            pos, i = end, j
+        return out
+
+    def end_candidate(self, logprob: float) -> Candidate | None:
+        """The end-of-text event with the hosted end id when the hosted tokenizer is known."""
+        if logprob is None or not math.isfinite(logprob) or logprob <= C.LOGPROB_SENTINEL:
+            return None
+        end_id = min(self.vocab.end_ids) if self.vocab is not None and self.vocab.end_ids else None
+        text = self.vocab.special_text.get(end_id, "") if end_id is not None else ""
+        return Candidate(text, b"", min(0.0, float(logprob)), end_id, True)
 
     def _is_end_text(self, text: str) -> bool:
         if self.vocab is not None and self.vocab.id_for_special(text) is not None:
@@ -221,15 +370,18 @@ class ResponseParser:
                 f"the hosted API's logprobs are truncated ({len(tokens)} tokens, {len(token_logprobs)} logprobs, "
                 f"{len(tops)} top-logprob entries)"
             )
+        recovered = self.recover_drawn(tokens, choice.text or "")
         for i, tok in enumerate(tokens):
             self._check_top(tops[i], i, len(tokens), finish, want_top)
             builder = _PositionBuilder(self)
-            for text, value in (tops[i] or {}).items():
+            top, end, rank = self._end_of_empty(tops[i], tok)
+            for text, value in (top or {}).items():
                 builder.add(text, None, value)
-            sampled = self.candidate(tok, None, token_logprobs[i])
+            builder.add_candidate(self.end_candidate(end) if end is not None else None)
+            sampled = self.candidate(tok, recovered.get(i), token_logprobs[i])
             if sampled is None and tok == "" and finish == "stop" and i == len(tokens) - 1:
                 sampled = self._end_placeholder(tok, token_logprobs[i])
-            positions.append(builder.finish(sampled))
+            positions.append(builder.finish(sampled, rank))
         return HostedResult(choice.text or "", tuple(positions), finish, _usage(response))
 
     def chat(self, response: Any, index: int = 0, *, want_top: bool = False) -> HostedResult:
@@ -246,15 +398,18 @@ class ResponseParser:
                 "`logprobs` and `top_logprobs` on /v1/chat/completions"
             )
         positions = []
+        recovered = self.recover_drawn([entry.token for entry in content], text)
         for i, entry in enumerate(content):
             self._check_top(entry.top_logprobs, i, len(content), finish, want_top)
             builder = _PositionBuilder(self)
-            for top in entry.top_logprobs or []:
+            top_entries, end, rank = self._end_of_empty(entry.top_logprobs, entry.token)
+            for top in top_entries or []:
                 builder.add(top.token, top.bytes, top.logprob)
-            sampled = self.candidate(entry.token, entry.bytes, entry.logprob)
+            builder.add_candidate(self.end_candidate(end) if end is not None else None)
+            sampled = self.candidate(entry.token, recovered.get(i, entry.bytes), entry.logprob)
             if sampled is None and entry.token == "" and finish == "stop" and i == len(content) - 1:
                 sampled = self._end_placeholder(entry.token, entry.logprob)
-            positions.append(builder.finish(sampled))
+            positions.append(builder.finish(sampled, rank))
         return HostedResult(text, tuple(positions), finish, _usage(response))
 
 
@@ -363,12 +518,12 @@ class _HostedBase:
             )
         self._api_key = key
         self.mode = mode
+        self.parser = ResponseParser(hosted_vocab)
         self.dialect = dialect
         self.vocab = hosted_vocab
         self.timeout = timeout
         self.max_retries = max_retries
         self.extra_body = dict(extra_body or {})
-        self.parser = ResponseParser(hosted_vocab)
         self._token_prompts = token_prompts
         self._checked = False
         self._rng = random.Random()
@@ -383,7 +538,22 @@ class _HostedBase:
         """Send hosted token ids as the completions prompt (exact continuation, no re-tokenising)."""
         if self._token_prompts is not None:
             return self._token_prompts
+        # llama.cpp answers token-id prompts with HTTP 500
         return self.mode == "completions" and self.vocab is not None and self.dialect in ("vllm", "openai")
+
+    @property
+    def dialect(self) -> str | None:
+        return self._dialect
+
+    @dialect.setter
+    def dialect(self, value: str | None) -> None:
+        self._dialect = value
+        self.parser.empty_means_end = value == "llama.cpp"
+
+    @property
+    def max_choices(self) -> int:
+        """The most choices (``n``) one call can return: llama.cpp ignores ``n``."""
+        return 1 if self.dialect == "llama.cpp" else C.MAX_CHOICES_PER_CALL
 
     def _detect_dialect(self, owners: set[str]) -> None:
         if self.dialect is not None:
@@ -395,8 +565,12 @@ class _HostedBase:
             self.dialect = "mistral"
         elif owners & {"vllm", "blackbox-proxy"}:
             self.dialect = "vllm"
+        elif owners & _LLAMA_CPP_OWNERS:
+            self.dialect = "llama.cpp"
         elif "openai.com" in host:
             self.dialect = "openai"
+        if self.dialect is not None:
+            logger.info("hosted API dialect: %s (%s)", self.dialect, DIALECT_NOTES[self.dialect])
 
     def _after_models(self, models: Any) -> None:
         ids, owners = set(), set()
@@ -431,6 +605,12 @@ class _HostedBase:
             common["seed"] = request.seed
         if request.logit_bias:
             common["logit_bias"] = {str(token): bias for token, bias in request.logit_bias}
+        if self.dialect == "llama.cpp":
+            # its defaults filter and penalise the draw; the logprobs it reports are the model's own
+            for name, value in (("repeat_penalty", 1.0), ("top_k", 0), ("min_p", 0.0)):
+                extra.setdefault(name, value)
+            if request.n > 1:
+                raise ConfigurationError(f"llama.cpp's server returns one choice per call; {request.n} were asked")
         if self.dialect == "vllm":
             extra.setdefault("skip_special_tokens", False)  # else end tokens print as ""
             if self.vocab is not None:
@@ -450,6 +630,12 @@ class _HostedBase:
                 if self.mode != "chat-prefix":
                     raise ConfigurationError("only chat-prefix mode can continue a partial assistant answer")
                 dialect = self.dialect
+                if dialect == "llama.cpp":
+                    raise ConfigurationError(
+                        f"{self.base_url} is a llama.cpp server, which cannot continue an assistant message (it "
+                        "always opens a new turn); use --mode completions (apply the chat template to the prompt) "
+                        "or --mode chat with --strategy resample"
+                    )
                 if dialect not in ("vllm", "deepseek", "mistral"):
                     raise ConfigurationError(
                         f"cannot tell how {self.base_url} continues an assistant prefix (a server that ignores "
@@ -484,6 +670,29 @@ class _HostedBase:
                 f"the hosted API's answer does not have the OpenAI shape ({type(exc).__name__}: "
                 f"{_one_line(str(exc), self._api_key)[:120]})"
             ) from None
+
+    def _exact_end_request(self, request: HostedRequest, results: list[HostedResult]) -> HostedRequest | None:
+        """llama.cpp: for a one-token answer whose end logprob is an estimate (its ``""`` entry
+        was overwritten, see :meth:`ResponseParser._end_of_empty`), the same request for only
+        the top ``rank + 1`` logprobs, where the end is the only such entry. None: nothing to do."""
+        if self.dialect != "llama.cpp" or request.max_tokens != 1 or len(results) != 1:
+            return None
+        positions = results[0].positions
+        if len(positions) != 1 or positions[0].end_estimated_rank is None:
+            return None
+        return dataclasses.replace(request, top_k=positions[0].end_estimated_rank + 1)
+
+    @staticmethod
+    def _with_exact_end(results: list[HostedResult], exact: list[HostedResult]) -> list[HostedResult]:
+        """``results`` with the end's logprob taken from ``exact`` (the narrower answer)."""
+        pos = results[0].positions[0]
+        ends = [c for c in exact[0].positions[0].candidates if c.is_end] if exact and exact[0].positions else []
+        if not ends or exact[0].positions[0].end_estimated_rank is not None:
+            return results  # the estimate stays
+        cands = [dataclasses.replace(c, logprob=ends[0].logprob) if c.is_end else c for c in pos.candidates]
+        cands.sort(key=lambda c: -c.logprob)
+        fixed = dataclasses.replace(pos, candidates=tuple(cands), end_estimated_rank=None)
+        return [dataclasses.replace(results[0], positions=(fixed,))]
 
     def cache_key(self, endpoint: str, kwargs: dict[str, Any]) -> str | None:
         """The response-cache key of a call: the URL, endpoint and request body; never the key."""
@@ -629,12 +838,17 @@ class HostedClient(_HostedBase):
         key = self.cache_key(endpoint, kwargs)
         body = self.cache.get(key) if key else None
         if body is not None:
-            return self.parse_all(endpoint, self.from_cache(endpoint, body), request)
-        create = self._client.completions.create if endpoint == "completions" else self._client.chat.completions.create
-        results, response = self._with_retries(lambda: create(**kwargs),
-                                               lambda r: (self.parse_all(endpoint, r, request), r))
-        if key:
-            self.cache.put(key, response.model_dump_json())
+            results = self.parse_all(endpoint, self.from_cache(endpoint, body), request)
+        else:
+            create = (self._client.completions.create if endpoint == "completions"
+                      else self._client.chat.completions.create)
+            results, response = self._with_retries(lambda: create(**kwargs),
+                                                   lambda r: (self.parse_all(endpoint, r, request), r))
+            if key:
+                self.cache.put(key, response.model_dump_json())
+        exact = self._exact_end_request(request, results)
+        if exact is not None:
+            results = self._with_exact_end(results, self.complete(exact))
         return results
 
     def close(self) -> None:
@@ -689,12 +903,17 @@ class AsyncHostedClient(_HostedBase):
         key = self.cache_key(endpoint, kwargs)
         body = await asyncio.to_thread(self.cache.get, key) if key else None
         if body is not None:
-            return self.parse_all(endpoint, self.from_cache(endpoint, body), request)
-        create = self._client.completions.create if endpoint == "completions" else self._client.chat.completions.create
-        results, response = await self._with_retries(lambda: create(**kwargs),
-                                                     lambda r: (self.parse_all(endpoint, r, request), r))
-        if key:
-            await asyncio.to_thread(self.cache.put, key, response.model_dump_json())
+            results = self.parse_all(endpoint, self.from_cache(endpoint, body), request)
+        else:
+            create = (self._client.completions.create if endpoint == "completions"
+                      else self._client.chat.completions.create)
+            results, response = await self._with_retries(lambda: create(**kwargs),
+                                                         lambda r: (self.parse_all(endpoint, r, request), r))
+            if key:
+                await asyncio.to_thread(self.cache.put, key, response.model_dump_json())
+        exact = self._exact_end_request(request, results)
+        if exact is not None:
+            results = self._with_exact_end(results, await self.complete(exact))
         return results
 
     async def close(self) -> None:

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import _constants as C
 from .decoder import DecoderBase
 from .errors import HostedResponseError
 from .speculative import log_normaliser, tail_log_weight
@@ -39,7 +40,7 @@ from .types import GenerationResult, HostedRequest, HostedResult, SampleTrace, U
 
 logger = logging.getLogger(__name__)
 
-MAX_N_PER_CALL = 16  # choices asked per API call; more samples take several calls
+MAX_N_PER_CALL = C.MAX_CHOICES_PER_CALL  # choices asked per API call; more samples take several calls
 LOW_ESS_FRACTION = 0.1  # warn when ESS < max(LOW_ESS_MIN, this * n)
 LOW_ESS_MIN = 1.5
 
@@ -70,8 +71,9 @@ def sequence_log_weight(hosted_logprobs: Sequence[torch.Tensor], lp_e: Sequence[
 class ResampleDecoder(DecoderBase):
     """SIR over ``params.samples`` whole answers drawn by the API. See the module docstring."""
 
-    def __init__(self, *, samples: int, **kwargs) -> None:
+    def __init__(self, *, samples: int, max_per_call: int = MAX_N_PER_CALL, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.max_per_call = max(1, max_per_call)
         self.whole_answers = True  # chat mode: the picked answer is kept whole
         self.samples = samples
         self.choices: list[HostedResult] = []
@@ -80,7 +82,7 @@ class ResampleDecoder(DecoderBase):
         self.with_normaliser = True  # tests switch it off to show the wrong weight is worse
 
     def request(self) -> HostedRequest:
-        n = min(MAX_N_PER_CALL, self.samples - len(self.choices))
+        n = min(self.max_per_call, self.samples - len(self.choices))
         seed = int(torch.randint(0, 2**31 - 1, (), generator=self.generator))
         request = self._request(max_tokens=self.params.max_tokens, temperature=1.0, seed=seed)
         return dataclasses.replace(request, n=n)

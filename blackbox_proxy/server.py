@@ -36,6 +36,7 @@ from fastapi.responses import JSONResponse
 
 from ._logging import register_secret
 from .scorer import CachedContext, model_lock, select_device
+from .servers import free_port  # noqa: F401 - re-exported for tests and callers
 from .vocab import Vocabulary, vocabulary_from_hf
 
 logger = logging.getLogger(__name__)
@@ -575,11 +576,3 @@ class ServerThread:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])

@@ -96,7 +96,8 @@ class _TunerBase:
             token-id prompts, the extension correction, and the same-tokenizer fast path.
         top_k: candidates per position asked of the API; by default 20, or 5 on OpenAI's
             legacy completions endpoint (its cap).
-        dialect: ``openai`` | ``vllm`` | ``deepseek`` | ``mistral`` (detected when left out).
+        dialect: ``openai`` | ``vllm`` | ``llama.cpp`` | ``deepseek`` | ``mistral`` (detected when left
+            out; see ``hosted.DIALECT_NOTES``).
         expert_render, anti_expert_render: ``auto`` | ``chat`` | ``raw`` prompt rendering.
         backoff: tokens dropped to reach a stable tokenisation boundary (aligner).
         timeout, max_retries: per-request timeout (s) and retries after the first attempt.
@@ -314,7 +315,8 @@ class _TunerBase:
         if strategy == "speculative":
             decoder_class: type = SpeculativeDecoder
         elif strategy == "resample":
-            decoder_class, extra = ResampleDecoder, {"samples": samples or DEFAULT_SAMPLES}
+            decoder_class = ResampleDecoder
+            extra = {"samples": samples or DEFAULT_SAMPLES, "max_per_call": self.client.max_choices}
         else:
             decoder_class = PerStepDecoder
         decoder = decoder_class(

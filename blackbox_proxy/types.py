@@ -33,12 +33,16 @@ class HostedPosition:
     ``candidates`` are unique by bytes, sorted by logprob (highest first) and include the sampled
     token when its logprob is known. ``sampled`` is the token the server drew (may lie outside the
     top-k). ``dropped`` counts entries that could not be used (unknown bytes, non-end special
-    tokens, sentinel logprobs).
+    tokens, sentinel logprobs). ``end_estimated_rank``: llama.cpp only, the rank of an end entry
+    whose logprob was overwritten by a lower-ranked token printed the same way (see
+    ``hosted.py``); its logprob is then an estimate that a request for that many top
+    logprobs makes exact.
     """
 
     candidates: tuple[Candidate, ...]
     sampled: Candidate | None
     dropped: int = 0
+    end_estimated_rank: int | None = None
 
 
 @dataclass(frozen=True)

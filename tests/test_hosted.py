@@ -5,6 +5,7 @@ OpenAI chat, vLLM, DeepSeek, llama.cpp quirks) and check the typed result. No tr
 mocked: HTTP is covered by the loopback tests.
 """
 
+import dataclasses
 import math
 
 import openai
@@ -216,3 +217,130 @@ def test_token_ids_are_requested_when_the_vocabulary_is_known(tok_a):
     _, kwargs = client.build(HostedRequest(mode="completions", prompt=(5, 6), max_tokens=1, top_k=2))
     assert kwargs["extra_body"]["return_tokens_as_token_ids"] is True and kwargs["prompt"] == [5, 6]
     assert client.token_prompts
+
+
+# ----- llama.cpp dialect: answers shaped like llama-cpp-python 0.3.36's (string-keyed, k+1, "") --------
+
+
+def test_llama_cpp_empty_entry_is_read_as_the_end(tok_a):
+    vocab = vocabulary_from_hf(tok_a)
+    client = HostedClient(base_url="http://127.0.0.1:1/v1", model="m", dialect="llama.cpp", max_retries=0,
+                          hosted_vocab=vocab)
+    the = vocab.ids_for_bytes(b" the")[0]
+    # top-3 asked, 4 back: the sampled " cat" (rank 40) is added; "" is the end token's text
+    resp = completion([" cat"], [-4.0], [{" the": -0.5, "": -1.2, " a": -2.0, " cat": -4.0}])
+    pos = client.parser.completion(resp).positions[0]
+    by_text = {c.text: c for c in pos.candidates}
+    assert by_text[" the"].token_id == the and by_text[" the"].data == b" the"
+    ends = [c for c in pos.candidates if c.is_end]
+    assert len(ends) == 1 and ends[0].logprob == -1.2 and ends[0].token_id in vocab.end_ids
+    assert len(pos.candidates) == 4 and pos.sampled.text == " cat" and pos.dropped == 0
+    # the same answer from another dialect: "" has no bytes and is dropped, no end is invented
+    other = HostedClient(base_url="http://127.0.0.1:1/v1", model="m", dialect="vllm", max_retries=0)
+    pos = other.parser.completion(resp).positions[0]
+    assert not any(c.is_end for c in pos.candidates) and pos.dropped == 1
+
+
+def test_llama_cpp_empty_entry_where_a_piece_of_a_character_was_drawn_is_dropped():
+    client = HostedClient(base_url="http://127.0.0.1:1/v1", model="m", dialect="llama.cpp", max_retries=0)
+    # the drawn token is the first byte of "€": it prints as "", so "" holds its logprob, not the end's
+    resp = completion(["", " x"], [-0.1, -0.3], [{"": -0.1, " a": -2.5}, {" x": -0.3, "": -3.0}])
+    first, second = client.parser.completion(resp).positions
+    assert first.sampled is None and not any(c.is_end for c in first.candidates) and first.dropped == 1
+    assert [c.is_end for c in second.candidates] == [False, True]
+
+
+def test_llama_cpp_chat_entries_and_request_body():
+    client = HostedClient(base_url="http://127.0.0.1:1/v1", model="m", dialect="llama.cpp", mode="chat-prefix",
+                          max_retries=0)
+    resp = chat([{"token": "Hi", "logprob": -0.1, "bytes": None,
+                  "top_logprobs": [{"token": "Hi", "logprob": -0.1, "bytes": None},
+                                   {"token": "", "logprob": -2.0, "bytes": None}]}])
+    pos = client.parser.chat(resp).positions[0]
+    assert [(c.data, c.is_end) for c in pos.candidates] == [(b"Hi", False), (b"", True)]
+    _, kwargs = client.build(HostedRequest(mode="chat-prefix", messages=(("user", "Q"),), max_tokens=1, top_k=2))
+    assert kwargs["extra_body"] == {"repeat_penalty": 1.0, "top_k": 0, "min_p": 0.0}
+    with pytest.raises(ConfigurationError, match="llama.cpp server, which cannot continue an assistant message"):
+        client.build(HostedRequest(mode="chat-prefix", messages=(("user", "Q"),), assistant_prefix="A", max_tokens=1,
+                                   top_k=2))
+    with pytest.raises(ConfigurationError, match="one choice per call"):
+        client.build(HostedRequest(mode="chat-prefix", messages=(("user", "Q"),), max_tokens=1, top_k=2, n=2))
+    assert client.max_choices == 1
+    # a user's own extra body wins over the dialect's
+    mine = HostedClient(base_url="http://127.0.0.1:1/v1", model="m", dialect="llama.cpp", max_retries=0,
+                        extra_body={"repeat_penalty": 1.3})
+    _, kwargs = mine.build(HostedRequest(mode="completions", prompt="x", max_tokens=1, top_k=2))
+    assert kwargs["extra_body"]["repeat_penalty"] == 1.3 and kwargs["prompt"] == "x"
+
+
+@pytest.mark.parametrize("owner, dialect", [("me", "llama.cpp"), ("llamacpp", "llama.cpp"), ("vllm", "vllm"),
+                                            ("organization-owner", None)])
+def test_dialect_detection_from_owned_by(owner, dialect, tok_a):
+    client = HostedClient(base_url="http://127.0.0.1:1/v1", model="m", max_retries=0,
+                          hosted_vocab=vocabulary_from_hf(tok_a))
+
+    class Model:
+        id, owned_by = "m", owner
+
+    class Models:
+        data = [Model()]
+
+    client._after_models(Models())
+    assert client.dialect == dialect
+    assert client.parser.empty_means_end is (dialect == "llama.cpp")
+    assert client.token_prompts is (dialect == "vllm")  # llama.cpp answers token-id prompts with 500
+
+
+def test_llama_cpp_end_value_overwritten_by_a_lower_token_is_estimated():
+    client = HostedClient(base_url="http://127.0.0.1:1/v1", model="m", dialect="llama.cpp", max_retries=0)
+    # as llama-cpp-python 0.3.36 answered: the end (rank 0, logprob -0.02) and a byte token (rank
+    # 9, -8.53) both print as "": the key keeps rank 0 and takes -8.53
+    tops = {"": -8.53, "/*": -4.80, "```": -6.38, "#": -6.64, "int": -6.84, "}": -7.10, "//": -7.39, "\n": -7.78,
+            " ": -8.21}
+    pos = client.parser.completion(completion(["/*"], [-4.80], [tops])).positions[0]
+    end = next(c for c in pos.candidates if c.is_end)
+    left = 1 - sum(math.exp(v) for t, v in tops.items() if t)
+    assert end.logprob == pytest.approx(math.log(left)) and -0.03 < end.logprob < 0
+    assert pos.end_estimated_rank == 0 and pos.candidates[0].is_end
+    # in the middle: between its neighbours; in order (no later key above it): taken as given
+    pos = client.parser.completion(completion([" a"], [-1.0], [{" a": -1.0, "": -6.0, " b": -2.0, " c": -3.0}])).positions[0]
+    end = next(c for c in pos.candidates if c.is_end)
+    assert end.logprob == pytest.approx((-1.0 + -2.0) / 2) and pos.end_estimated_rank == 1
+    pos = client.parser.completion(completion([" a"], [-1.0], [{" a": -1.0, "": -2.0, " b": -3.0}])).positions[0]
+    assert next(c for c in pos.candidates if c.is_end).logprob == -2.0 and pos.end_estimated_rank is None
+    # a one-token request is asked again for the top rank+1 only, where the end is alone
+    request = HostedRequest(mode="completions", prompt="x", max_tokens=1, top_k=9)
+    results = [client.parser.completion(completion(["/*"], [-4.80], [tops]))]
+    exact_request = client._exact_end_request(request, results)
+    assert exact_request.top_k == 1
+    exact = [client.parser.completion(completion(["/*"], [-4.80], [{"": -0.019, "/*": -4.80}]))]
+    fixed = client._with_exact_end(results, exact)[0].positions[0]
+    assert fixed.candidates[0].is_end and fixed.candidates[0].logprob == -0.019 and fixed.end_estimated_rank is None
+    assert len(fixed.candidates) == len(results[0].positions[0].candidates)
+    assert client._exact_end_request(dataclasses.replace(request, max_tokens=4), results) is None
+
+
+def test_llama_cpp_drawn_pieces_of_a_character_are_read_back_from_the_text():
+    from blackbox_proxy.vocab import Vocabulary
+
+    pieces = [b"a", b"\xe2", b"\x82", b"\xac", b" x", b"\xe2\x82", None]
+    vocab = Vocabulary(pieces, encode=lambda s: [], end_ids=[6], special_text={6: "<eos>"})
+    client = HostedClient(base_url="http://127.0.0.1:1/v1", model="m", dialect="llama.cpp", max_retries=0,
+                          hosted_vocab=vocab)
+    # "€" drawn as three byte tokens: each prints as "", the answer's text has the character
+    resp = completion(["a", "", "", "", " x"], [-0.1, -0.2, -0.3, -0.4, -0.5],
+                      [{"a": -0.1}, {"": -0.2}, {"": -0.3}, {"": -0.4}, {" x": -0.5}], text="a€ x")
+    positions = client.parser.completion(resp).positions
+    assert [p.sampled.data for p in positions] == [b"a", b"\xe2", b"\x82", b"\xac", b" x"]
+    assert [p.sampled.token_id for p in positions] == [0, 1, 2, 3, 4]
+    assert all(p.sampled in p.candidates for p in positions) and not any(c.is_end for p in positions for c in p.candidates)
+    # two tokens: only \xe2\x82 + \xac are tokens
+    resp = completion(["", "", " x"], [-0.2, -0.3, -0.5], [{"": -0.2}, {"": -0.3}, {" x": -0.5}], text="€ x")
+    assert [p.sampled.data for p in client.parser.completion(resp).positions] == [b"\xe2\x82", b"\xac", b" x"]
+    # ambiguous once \x82\xac is a token too; an answer cut inside the character cannot be read
+    ambiguous = Vocabulary(pieces[:6] + [b"\x82\xac", None], encode=lambda s: [], end_ids=[7])
+    other = HostedClient(base_url="http://127.0.0.1:1/v1", model="m", dialect="llama.cpp", max_retries=0,
+                         hosted_vocab=ambiguous)
+    assert [p.sampled for p in other.parser.completion(resp).positions][:2] == [None, None]
+    cut = completion(["a", "", ""], [-0.1, -0.2, -0.3], [{"a": -0.1}, {"": -0.2}, {"": -0.3}], text="a")
+    assert [p.sampled is None for p in client.parser.completion(cut).positions] == [False, True, True]
