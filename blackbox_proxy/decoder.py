@@ -163,7 +163,7 @@ class DecoderBase:
 
     def _count_call(self, result: HostedResult, api_seconds: float) -> None:
         self.usage = self.usage + Usage(
-            api_calls=1,
+            api_calls=1 + result.extra_calls,
             prompt_tokens=result.usage.prompt_tokens,
             completion_tokens=result.usage.completion_tokens,
             api_seconds=api_seconds,

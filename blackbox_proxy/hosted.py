@@ -19,19 +19,24 @@ placeholders for partial characters, ``token_id:N`` strings, and end-of-text tok
 
 Dialects (:data:`DIALECTS`) are detected from ``/v1/models`` (``owned_by``) and the host name,
 or given. What each changes is in :data:`DIALECT_NOTES`; in short, ``vllm`` asks for special
-tokens and token ids, ``llama.cpp`` (llama-cpp-python's server, ``owned_by: "me"``, and
-llama.cpp's own ``llama-server``, ``owned_by: "llamacpp"``) switches off the samplers it applies
-by default (``repeat_penalty`` 1.1, ``top_k`` 40, ``min_p`` 0.05: a draft drawn through them is not
-drawn from the model's distribution), asks one choice per call (it ignores ``n``), and reads
-its string-keyed ``top_logprobs``: a token is printed as its text decoded with errors ignored, so
-the end token, other control tokens and pieces of a multi-byte character all print as ``""``
-and share one dict entry. That entry is read as the end of text (its logprob is the lowest of
-the tokens that share it, exact when the end is the only one in the top-k, which is the usual
-case; see :meth:`ResponseParser._end_of_empty` for when it is not), except at a position whose
-sampled token itself printed as ``""`` (then the entry is a piece of a character and is
-dropped; the drawn pieces' bytes are read back from the answer's text, see
-:meth:`ResponseParser.recover_drawn`). Other strings are exact UTF-8 and are mapped to hosted
-ids through the hosted tokenizer when one is given.
+tokens and token ids, and ``llama.cpp`` (llama-cpp-python's server, ``owned_by: "me"``)
+switches off the samplers it applies by default (``repeat_penalty`` 1.1, ``top_k`` 40,
+``min_p`` 0.05: a draft drawn through them is not drawn from the model's distribution), asks
+one choice per call (it ignores ``n``), and reads its string-keyed ``top_logprobs``. There a
+token is printed as its bytes decoded with errors ignored, so the end token, other control
+tokens and pieces of a multi-byte character all print as ``""`` and share one dict entry,
+which keeps the rank of its best token and the logprob of its worst:
+
+- the ``""`` entry is taken out of each position (:meth:`ResponseParser._split_empty`); for a
+  one-token greedy answer the client decides whether it is the end and reads its exact
+  logprob, with one or two more calls where needed (:meth:`_HostedBase._resolve_end`); in
+  chunks and sampled answers it is not read as the end (an end drawn there ends the answer,
+  and the decoders ask that position again);
+- other keys that a broken token can also print (``b" \xe2"`` prints as ``" "``) are dropped
+  when their order shows that their value was overwritten;
+- drawn tokens that printed as ``""`` get their bytes back from the answer's text through the
+  hosted tokenizer when only one split exists (:meth:`ResponseParser.recover_drawn`); otherwise
+  the answer is cut before them.
 
 Retries live here too, and only here (the SDK's own retries are turned off): connection errors,
 timeouts and 408/409/429/5xx are retried with jittered exponential backoff, ``retry-after`` is
@@ -51,7 +56,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
@@ -68,7 +73,7 @@ from .errors import (
     HostedResponseError,
 )
 from .cache import ResponseCache
-from .types import MODES, Candidate, HostedPosition, HostedRequest, HostedResult, HostedUsage
+from .types import MODES, Candidate, EmptyEntry, HostedPosition, HostedRequest, HostedResult, HostedUsage
 from .vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -79,12 +84,14 @@ DIALECT_NOTES = {
     "vllm": "skip_special_tokens false, return_tokens_as_token_ids (with the hosted tokenizer), token-id "
             "prompts, continue_final_message for chat-prefix; --max-logprobs caps k (20 by default)",
     "llama.cpp": "repeat_penalty 1.0, top_k 0, min_p 0 (its defaults 1.1/40/0.05 bend the draws), one choice per "
-                 "call, text prompts only, top logprobs keyed by text (\"\" read as the end); no assistant prefix",
+                 "call, text prompts only, top logprobs keyed by printed text (\"\" resolved as the end or "
+                 "dropped); no assistant prefix",
     "deepseek": "chat-prefix through prefix: true on the assistant message; up to 20 top logprobs",
     "mistral": "chat-prefix through prefix: true on the assistant message",
 }
-# `owned_by` in /v1/models answers: llama-cpp-python's server says "me", llama-server "llamacpp".
-_LLAMA_CPP_OWNERS = {"me", "llamacpp", "llama.cpp"}
+# `owned_by` in /v1/models answers: llama-cpp-python's server says "me". (llama.cpp's own
+# llama-server says "llamacpp"; its logprobs carry ids and bytes and are not this dialect.)
+_LLAMA_CPP_OWNERS = {"me"}
 _HEX_ESCAPES = re.compile(r"^(?:\\x[0-9a-fA-F]{2})+$")
 _ESCAPE = re.compile(r"\\x([0-9a-fA-F]{2})")
 _TOKEN_ID = re.compile(r"^token_id:(\d+)$")
@@ -153,7 +160,7 @@ class _PositionBuilder:
             self.by_key[key] = Candidate(old.text, old.data, merged, old.token_id, old.is_end)
         return cand
 
-    def finish(self, sampled: Candidate | None, end_estimated_rank: int | None = None) -> HostedPosition:
+    def finish(self, sampled: Candidate | None, empty_entry: EmptyEntry | None = None) -> HostedPosition:
         if sampled is not None:
             key = _key(sampled)
             if key in self.by_key:
@@ -162,7 +169,7 @@ class _PositionBuilder:
                 self.by_key[key] = sampled
         ordered = sorted(self.by_key.values(), key=lambda c: -c.logprob)
         return HostedPosition(candidates=tuple(ordered), sampled=sampled, dropped=self.dropped,
-                              end_estimated_rank=end_estimated_rank)
+                              empty_entry=empty_entry)
 
 
 def _key(cand: Candidate) -> tuple:
@@ -175,128 +182,142 @@ def math_logaddexp(a: float, b: float) -> float:
     return hi + math.log1p(math.exp(lo - hi))
 
 
+def _prints_empty(piece: bytes) -> bool:
+    """How llama.cpp prints a token: its bytes decoded with errors ignored; True when nothing is left."""
+    return piece.decode("utf-8", errors="ignore") == ""
+
+
 def _unique_split(data: bytes, parts: int, vocab: Vocabulary) -> list[bytes] | None:
-    """The one way to cut ``data`` into ``parts`` tokens of ``vocab`` that are each not valid
-    UTF-8 alone (how a token prints as ``""``), or None (none, or more than one)."""
-    if not data or parts < 1 or parts > len(data):
+    """The one way to cut ``data`` into ``parts`` tokens of ``vocab`` that each print as ``""``
+    (pieces of a character, e.g. byte-fallback ``<0xE2>``), or None (no way, or several)."""
+    n = len(data)
+    if not data or parts < 1 or parts > n:
         return None
-
-    def lossy(piece: bytes) -> bool:
-        if not vocab.ids_for_bytes(piece):
-            return False
-        try:
-            piece.decode("utf-8")
-        except UnicodeDecodeError:
-            return True
-        return False
-
-    found: list[list[bytes]] = []
-
-    def walk(start: int, left: int, acc: list[bytes]) -> None:
-        if len(found) > 1:
-            return
-        if left == 0:
-            if start == len(data):
-                found.append(list(acc))
-            return
-        for stop in range(start + 1, len(data) - left + 2):
-            piece = data[start:stop]
-            if lossy(piece):
-                walk(stop, left - 1, acc + [piece])
-
-    walk(0, parts, [])
-    return found[0] if len(found) == 1 else None
+    # ways[i][k]: number of ways (capped at 2) to cut data[i:] into k such tokens
+    ways = [[0] * (parts + 1) for _ in range(n + 1)]
+    ways[n][0] = 1
+    for i in range(n - 1, -1, -1):
+        for j in range(i + 1, n + 1):
+            piece = data[i:j]
+            if not (vocab.ids_for_bytes(piece) and _prints_empty(piece)):
+                continue
+            for k in range(1, parts + 1):
+                ways[i][k] = min(2, ways[i][k] + ways[j][k - 1])
+    if ways[0][parts] != 1:
+        return None
+    out, i, k = [], 0, parts
+    while k:
+        j = next(j for j in range(i + 1, n + 1) if vocab.ids_for_bytes(data[i:j]) and _prints_empty(data[i:j])
+                 and ways[j][k - 1] == 1)
+        out.append(data[i:j])
+        i, k = j, k - 1
+    return out
 
 
 class ResponseParser:
     """Turns SDK response objects into :class:`HostedResult` values."""
 
-    def __init__(self, vocab: Vocabulary | None = None, *, empty_means_end: bool = False) -> None:
+    def __init__(self, vocab: Vocabulary | None = None, *, llama_cpp: bool = False) -> None:
         self.vocab = vocab
-        # llama.cpp prints the end token as "" (see the module docstring)
-        self.empty_means_end = empty_means_end
+        self.llama_cpp = llama_cpp  # top logprobs keyed by printed text (see the module docstring)
+        self._shared_prints: frozenset[str] | None = None
 
-    def _end_of_empty(self, tops: Any, sampled_text: str) -> tuple[Any, float | None, int | None]:
-        """llama.cpp: take the ``""`` entry out of a position's top logprobs. Returns the other
-        entries, the end's logprob when the entry is read as the end of text (None otherwise),
-        and the entry's rank when that logprob is an estimate. ``tops``: dict or list of entries.
+    @property
+    def shared_prints(self) -> frozenset[str]:
+        """Non-empty strings that a token which is not valid UTF-8 on its own also prints as
+        (llama.cpp drops its broken bytes: ``b" \xe2"`` prints as ``" "``)."""
+        if self._shared_prints is None:
+            found = set()
+            for data in (self.vocab.token_bytes if self.vocab is not None else ()):
+                if data:
+                    try:
+                        data.decode("utf-8")
+                    except UnicodeDecodeError:
+                        printed = data.decode("utf-8", errors="ignore")
+                        if printed:
+                            found.add(printed)
+            self._shared_prints = frozenset(found)
+        return self._shared_prints
 
-        llama-cpp-python builds the dict from the top-k sorted best first, so a key sits at the
-        rank of its FIRST token but holds the logprob of its LAST one. When a later key has a
-        higher logprob than ``""``, a lower-ranked token overwrote the end's value: the end's
-        logprob then lies between its neighbours'; at rank 0 it is estimated as the mass the
-        other entries leave (``log(1 - sum p)``), else as the midpoint of its neighbours' logprobs.
+    def _split_empty(self, tops: Any, sampled_text: str) -> tuple[set[str], int, EmptyEntry | None]:
+        """llama.cpp: which keys of a position's top logprobs to skip, how many of them are
+        dropped as unreadable, and its ``""`` entry (taken out; the client, which knows the
+        request, resolves it). ``tops``: dict or list of entries.
+
+        llama-cpp-python builds the dict from the top-k sorted best first, so a key shared by
+        several tokens sits at the rank of its FIRST token but holds the logprob of its LAST.
+        A key that another token can also print, with a later key above it, lost its value
+        that way and is dropped. Where the drawn token itself printed as ``""`` (a piece of a
+        character), the ``""`` entry holds its logprob, not the end's: it is dropped too.
         """
-        if not self.empty_means_end or not tops:
-            return tops, None, None
-        if sampled_text == "":
-            return tops, None, None  # a piece of a character was sampled: the entry is its logprob (dropped)
+        if not self.llama_cpp or not tops:
+            return set(), 0, None
         if isinstance(tops, dict):
-            pairs = [(t, v) for t, v in tops.items() if v is not None]
-            rest: Any = {t: v for t, v in tops.items() if t != ""}
+            pairs = [(t, float(v)) for t, v in tops.items() if v is not None]
         else:
-            pairs = [(e.token, e.logprob) for e in tops if e.logprob is not None]
-            rest = [e for e in tops if e.token != ""]
-        rank = next((i for i, (t, _) in enumerate(pairs) if t == ""), None)
-        if rank is None:
-            return rest, None, None
-        value = float(pairs[rank][1])
-        later = [float(v) for _, v in pairs[rank + 1 :]]
-        if not any(v > value + 1e-6 for v in later):
-            return rest, value, None
-        floor = max(later)
-        if rank == 0:
-            left = 1.0 - sum(math.exp(min(0.0, float(v))) for _, v in pairs[1:])
-            estimate = math.log(left) if left > 0 else floor
-        else:
-            estimate = (float(pairs[rank - 1][1]) + floor) / 2
-        return rest, max(estimate, floor), rank
+            pairs = [(e.token, float(e.logprob)) for e in tops if e.logprob is not None]
+        shared = self.shared_prints
+        empty, broken = None, set()
+        for rank, (text, value) in enumerate(pairs):
+            if text and text not in shared:
+                continue
+            exact = not any(v > value + 1e-6 for _, v in pairs[rank + 1 :])
+            if text == "":
+                empty = EmptyEntry(rank, value, exact, tuple(t for t, _ in pairs[:rank]))
+            elif not exact:
+                broken.add(text)
+        if sampled_text == "" or empty is None:
+            return broken | ({""} if empty else set()), len(broken) + bool(empty), None
+        return broken | {""}, len(broken), empty
 
-    def recover_drawn(self, tokens: Sequence[str], text: str) -> dict[int, bytes]:
+    def recover_drawn(self, tokens: Sequence[str], text: str) -> tuple[dict[int, bytes], int | None]:
         """llama.cpp: bytes of drawn tokens that printed as ``""`` (pieces of a character), read
-        back from the answer's text through the hosted vocabulary. ``{index: bytes}``.
+        back from the answer's text through the hosted vocabulary: ``({index: bytes}, cut)``;
+        from index ``cut`` on (None: nowhere) the drawn tokens' bytes are not known.
 
         The text holds the whole characters that a run of such tokens makes; their bytes are
-        split among the run's tokens where the hosted vocabulary allows exactly one way (each
-        piece a token that is not valid UTF-8 on its own, e.g. byte-fallback ``<0xE2>``). A run
+        split among the run's tokens where the hosted vocabulary allows exactly one way. A run
         that cannot be read back (no vocabulary, an ambiguous split, the answer ending inside a
-        character) is left out: the position keeps no drawn token and a chunk is cut there.
+        character) and any token before it that could hide broken bytes (see
+        :attr:`shared_prints`) are cut: those positions keep no drawn token, so a speculative
+        chunk ends before them.
         """
+        if not self.llama_cpp or "".join(tokens) == text:
+            return {}, None
         vocab = self.vocab
-        if vocab is None or not self.empty_means_end or "" not in tokens or "".join(tokens) == text:
-            return {}
+        shared = self.shared_prints
+
+        def cut_at(i: int) -> int:
+            while i > 0 and tokens[i - 1] in shared:
+                i -= 1
+            return i
+
         out: dict[int, bytes] = {}
         pos = i = 0
         while i < len(tokens):
             if tokens[i]:
                 if not text.startswith(tokens[i], pos):
-                    return out  # the pieces do not add up to the text: stop reading
+                    return out, cut_at(i)  # the pieces do not add up to the text
                 pos += len(tokens[i])
                 i += 1
                 continue
             j = i
             while j < len(tokens) and not tokens[j]:
                 j += 1
-            if j == len(tokens):
-                end = len(text)
-            else:
-                end = text.find(tokens[j], pos + 1)
-                if end < 0:
-                    return out
-            split = _unique_split(text[pos:end].encode("utf-8"), j - i, vocab)
+            end = len(text) if j == len(tokens) else text.find(tokens[j], pos + 1)
+            split = _unique_split(text[pos:end].encode("utf-8"), j - i, vocab) if vocab is not None and end > pos else None
             if split is None:
-                return out
+                return out, cut_at(i)
             out.update(zip(range(i, j), split))
             pos, i = end, j
-        return out
+        return out, None
 
     def end_candidate(self, logprob: float) -> Candidate | None:
-        """The end-of-text event with the hosted end id when the hosted tokenizer is known."""
+        """The end of text read from llama.cpp's ``""`` entry. It stands for every end token at
+        once, so no single id is given (scoring then sums over all the end ids)."""
         if logprob is None or not math.isfinite(logprob) or logprob <= C.LOGPROB_SENTINEL:
             return None
-        end_id = min(self.vocab.end_ids) if self.vocab is not None and self.vocab.end_ids else None
-        text = self.vocab.special_text.get(end_id, "") if end_id is not None else ""
-        return Candidate(text, b"", min(0.0, float(logprob)), end_id, True)
+        return Candidate("", b"", min(0.0, float(logprob)), None, True)
 
     def _is_end_text(self, text: str) -> bool:
         if self.vocab is not None and self.vocab.id_for_special(text) is not None:
@@ -370,18 +391,18 @@ class ResponseParser:
                 f"the hosted API's logprobs are truncated ({len(tokens)} tokens, {len(token_logprobs)} logprobs, "
                 f"{len(tops)} top-logprob entries)"
             )
-        recovered = self.recover_drawn(tokens, choice.text or "")
+        recovered, cut = self.recover_drawn(tokens, choice.text or "")
         for i, tok in enumerate(tokens):
             self._check_top(tops[i], i, len(tokens), finish, want_top)
             builder = _PositionBuilder(self)
-            top, end, rank = self._end_of_empty(tops[i], tok)
-            for text, value in (top or {}).items():
-                builder.add(text, None, value)
-            builder.add_candidate(self.end_candidate(end) if end is not None else None)
-            sampled = self.candidate(tok, recovered.get(i), token_logprobs[i])
-            if sampled is None and tok == "" and finish == "stop" and i == len(tokens) - 1:
+            skip, builder.dropped, empty = self._split_empty(tops[i], tok)
+            for text, value in (tops[i] or {}).items():
+                if text not in skip:
+                    builder.add(text, None, value)
+            sampled = None if cut is not None and i >= cut else self.candidate(tok, recovered.get(i), token_logprobs[i])
+            if sampled is None and tok == "" and finish == "stop" and i == len(tokens) - 1 and not self.llama_cpp:
                 sampled = self._end_placeholder(tok, token_logprobs[i])
-            positions.append(builder.finish(sampled, rank))
+            positions.append(builder.finish(sampled, empty))
         return HostedResult(choice.text or "", tuple(positions), finish, _usage(response))
 
     def chat(self, response: Any, index: int = 0, *, want_top: bool = False) -> HostedResult:
@@ -398,19 +419,25 @@ class ResponseParser:
                 "`logprobs` and `top_logprobs` on /v1/chat/completions"
             )
         positions = []
-        recovered = self.recover_drawn([entry.token for entry in content], text)
+        recovered, cut = self.recover_drawn([entry.token for entry in content], text)
         for i, entry in enumerate(content):
             self._check_top(entry.top_logprobs, i, len(content), finish, want_top)
             builder = _PositionBuilder(self)
-            top_entries, end, rank = self._end_of_empty(entry.top_logprobs, entry.token)
-            for top in top_entries or []:
-                builder.add(top.token, top.bytes, top.logprob)
-            builder.add_candidate(self.end_candidate(end) if end is not None else None)
-            sampled = self.candidate(entry.token, recovered.get(i, entry.bytes), entry.logprob)
-            if sampled is None and entry.token == "" and finish == "stop" and i == len(content) - 1:
+            skip, builder.dropped, empty = self._split_empty(entry.top_logprobs, entry.token)
+            for top in entry.top_logprobs or []:
+                if top.token not in skip:
+                    builder.add(top.token, top.bytes, top.logprob)
+            sampled = (None if cut is not None and i >= cut
+                       else self.candidate(entry.token, recovered.get(i, entry.bytes), entry.logprob))
+            if (sampled is None and entry.token == "" and finish == "stop" and i == len(content) - 1
+                    and not self.llama_cpp):
                 sampled = self._end_placeholder(entry.token, entry.logprob)
-            positions.append(builder.finish(sampled, rank))
+            positions.append(builder.finish(sampled, empty))
         return HostedResult(text, tuple(positions), finish, _usage(response))
+
+
+def _add_usage(a: HostedUsage, b: HostedUsage) -> HostedUsage:
+    return HostedUsage(a.prompt_tokens + b.prompt_tokens, a.completion_tokens + b.completion_tokens)
 
 
 def _usage(response: Any) -> HostedUsage:
@@ -548,7 +575,7 @@ class _HostedBase:
     @dialect.setter
     def dialect(self, value: str | None) -> None:
         self._dialect = value
-        self.parser.empty_means_end = value == "llama.cpp"
+        self.parser.llama_cpp = value == "llama.cpp"
 
     @property
     def max_choices(self) -> int:
@@ -671,28 +698,75 @@ class _HostedBase:
                 f"{_one_line(str(exc), self._api_key)[:120]})"
             ) from None
 
-    def _exact_end_request(self, request: HostedRequest, results: list[HostedResult]) -> HostedRequest | None:
-        """llama.cpp: for a one-token answer whose end logprob is an estimate (its ``""`` entry
-        was overwritten, see :meth:`ResponseParser._end_of_empty`), the same request for only
-        the top ``rank + 1`` logprobs, where the end is the only such entry. None: nothing to do."""
-        if self.dialect != "llama.cpp" or request.max_tokens != 1 or len(results) != 1:
-            return None
-        positions = results[0].positions
-        if len(positions) != 1 or positions[0].end_estimated_rank is None:
-            return None
-        return dataclasses.replace(request, top_k=positions[0].end_estimated_rank + 1)
+    def _banned_for_probes(self) -> frozenset[int]:
+        """Hosted ids that print as ``""`` on llama.cpp and do not end the text (control tokens,
+        pieces of a character): banned from a probe's draw so that only the end can print so."""
+        cached = getattr(self, "_probe_bans", None)
+        if cached is None:
+            vocab = self.vocab
+            cached = frozenset(i for i, data in enumerate(vocab.token_bytes)
+                               if i not in vocab.end_ids and (data is None or _prints_empty(data)))
+            self._probe_bans = cached
+        return cached
 
-    @staticmethod
-    def _with_exact_end(results: list[HostedResult], exact: list[HostedResult]) -> list[HostedResult]:
-        """``results`` with the end's logprob taken from ``exact`` (the narrower answer)."""
-        pos = results[0].positions[0]
-        ends = [c for c in exact[0].positions[0].candidates if c.is_end] if exact and exact[0].positions else []
-        if not ends or exact[0].positions[0].end_estimated_rank is not None:
-            return results  # the estimate stays
-        cands = [dataclasses.replace(c, logprob=ends[0].logprob) if c.is_end else c for c in pos.candidates]
-        cands.sort(key=lambda c: -c.logprob)
-        fixed = dataclasses.replace(pos, candidates=tuple(cands), end_estimated_rank=None)
-        return [dataclasses.replace(results[0], positions=(fixed,))]
+    def _ids_of_keys(self, keys: Sequence[str]) -> set[int]:
+        ids: set[int] = set()
+        for key in keys:
+            special = self.vocab.id_for_special(key)
+            if special is not None:
+                ids.add(special)
+            ids.update(self.vocab.ids_for_bytes(decode_token_text(key)))
+        return ids
+
+    def _resolve_end(self, request: HostedRequest, results: list[HostedResult]) -> Generator[
+            HostedRequest, list[HostedResult], list[HostedResult]]:
+        """llama.cpp: decide whether a one-token greedy answer's ``""`` entry is the end of text,
+        and its exact logprob. A generator: it yields the further requests it needs (each sent
+        back its results) and returns the results with the end among the candidates or not.
+
+        Greedy, one token, the drawn token not ``""``: at rank 0 the entry must be a banned end
+        (nothing else beats the draw). At a lower rank it may be a control token or a piece of a
+        character: a probe asks again with every key above it and every other token that prints
+        as ``""`` banned, so the greedy draw is the entry's best token; llama.cpp answers with
+        nothing exactly when that is an end. When the value was overwritten (see
+        :class:`~blackbox_proxy.types.EmptyEntry`), one more request with the end banned as well
+        reads it alone. Chunks and sampled answers (and, without the hosted tokenizer, entries
+        below rank 0) are never read as the end: an end drawn there is handled by the decoders.
+        """
+        if (self.dialect != "llama.cpp" or request.max_tokens != 1 or request.temperature != 0 or request.n != 1
+                or len(results) != 1 or len(results[0].positions) != 1):
+            return results
+        result = results[0]
+        pos = result.positions[0]
+        entry = pos.empty_entry
+        if entry is None or (entry.rank > 0 and self.vocab is None):
+            return results
+        ends = set(self.vocab.end_ids) if self.vocab is not None else set()
+        base = {i: b for i, b in request.logit_bias if i not in ends}
+        bans = dict(base)
+        if self.vocab is not None:
+            bans.update(dict.fromkeys(self._banned_for_probes() | self._ids_of_keys(entry.above), -100.0))
+        narrow = dataclasses.replace(request, top_k=entry.rank + 1)
+        calls, usage = 0, result.usage
+        if entry.rank > 0:
+            [probe] = yield dataclasses.replace(narrow, logit_bias=tuple(bans.items()))
+            calls, usage = calls + 1, _add_usage(usage, probe.usage)
+            if probe.positions or probe.finish_reason != "stop":
+                return [dataclasses.replace(result, extra_calls=result.extra_calls + calls, usage=usage)]
+        value = entry.logprob
+        if not entry.exact:
+            bans.update(dict.fromkeys(ends, -100.0))
+            [alone] = yield dataclasses.replace(narrow, logit_bias=tuple(bans.items()))
+            calls, usage = calls + 1, _add_usage(usage, alone.usage)
+            read = alone.positions[0].empty_entry if alone.positions else None
+            if read is not None and read.rank == entry.rank and read.exact:
+                value = read.logprob
+            else:  # not read back (no hosted tokenizer): a lower bound, the best key ranked below it
+                value = max([entry.logprob] + [c.logprob for c in pos.candidates if c.text not in entry.above])
+        end = self.parser.end_candidate(value)
+        cands = tuple(sorted(pos.candidates + ((end,) if end is not None else ()), key=lambda c: -c.logprob))
+        fixed = dataclasses.replace(pos, candidates=cands, empty_entry=None)
+        return [dataclasses.replace(result, positions=(fixed,), extra_calls=result.extra_calls + calls, usage=usage)]
 
     def cache_key(self, endpoint: str, kwargs: dict[str, Any]) -> str | None:
         """The response-cache key of a call: the URL, endpoint and request body; never the key."""
@@ -832,7 +906,18 @@ class HostedClient(_HostedBase):
         self._after_models(models)
 
     def complete(self, request: HostedRequest) -> list[HostedResult]:
-        """One API call; one :class:`HostedResult` per choice (``request.n`` of them)."""
+        """One API call (llama.cpp: sometimes more, see :meth:`_resolve_end`); one
+        :class:`HostedResult` per choice (``request.n`` of them)."""
+        results = self._call(request)
+        steps = self._resolve_end(request, results)
+        try:
+            ask = next(steps)
+            while True:
+                ask = steps.send(self._call(ask))
+        except StopIteration as done:
+            return done.value
+
+    def _call(self, request: HostedRequest) -> list[HostedResult]:
         self.check()
         endpoint, kwargs = self.build(request)
         key = self.cache_key(endpoint, kwargs)
@@ -846,9 +931,6 @@ class HostedClient(_HostedBase):
                                                    lambda r: (self.parse_all(endpoint, r, request), r))
             if key:
                 self.cache.put(key, response.model_dump_json())
-        exact = self._exact_end_request(request, results)
-        if exact is not None:
-            results = self._with_exact_end(results, self.complete(exact))
         return results
 
     def close(self) -> None:
@@ -898,6 +980,16 @@ class AsyncHostedClient(_HostedBase):
         self._after_models(models)
 
     async def complete(self, request: HostedRequest) -> list[HostedResult]:
+        results = await self._call(request)
+        steps = self._resolve_end(request, results)
+        try:
+            ask = next(steps)
+            while True:
+                ask = steps.send(await self._call(ask))
+        except StopIteration as done:
+            return done.value
+
+    async def _call(self, request: HostedRequest) -> list[HostedResult]:
         await self.check()
         endpoint, kwargs = self.build(request)
         key = self.cache_key(endpoint, kwargs)
@@ -911,9 +1003,6 @@ class AsyncHostedClient(_HostedBase):
                                                          lambda r: (self.parse_all(endpoint, r, request), r))
             if key:
                 await asyncio.to_thread(self.cache.put, key, response.model_dump_json())
-        exact = self._exact_end_request(request, results)
-        if exact is not None:
-            results = self._with_exact_end(results, await self.complete(exact))
         return results
 
     async def close(self) -> None:

@@ -1,7 +1,7 @@
 """One proxy-tuning workload run against any OpenAI-compatible host, and two hosts compared.
 
 This is how the project checks that it works unchanged against llama.cpp and vLLM (``pytest -m
-interop``, ``benchmarks/interop.py``): the same hosted model is served by the project's own
+interop``, tests/test_interop.py): the same hosted model is served by the project's own
 server (the reference) and by the other server, the same workload runs against each, and
 :func:`compare` measures how far the answers are apart. Two servers never compute exactly the
 same numbers (llama.cpp runs the quantised GGUF, vLLM bf16 kernels), so agreement is measured,

@@ -11,13 +11,14 @@ Three kinds, each a context manager that yields the base URL and stops the serve
 llama.cpp and vLLM are not dependencies of this project: each runs under the Python that has it,
 ``python=`` or the environment variables ``BLACKBOX_PROXY_LLAMA_CPP_PYTHON`` /
 ``BLACKBOX_PROXY_VLLM_PYTHON`` (default: this Python). :func:`find_python` says whether one is
-there. The interop test tier (``pytest -m interop``) and ``benchmarks/interop.py`` use these.
+there. The interop test tier (``pytest -m interop``) uses these.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -60,8 +61,11 @@ def find_python(kind: str) -> tuple[str | None, str]:
     if not Path(python).exists():
         return None, f"{PYTHON_ENV[kind]}={python} does not exist"
     top = _MODULES[kind].split(".")[0]
-    probe = subprocess.run([python, "-c", f"import importlib.util, sys; sys.exit(importlib.util.find_spec({top!r}) is None)"],
-                           capture_output=True, timeout=60)
+    try:
+        probe = subprocess.run([python, "-c", f"import importlib.util, sys; sys.exit(importlib.util.find_spec({top!r}) is None)"],
+                               capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"{python} cannot be run ({type(exc).__name__})"
     if probe.returncode != 0:
         return None, f"{python} has no {top} module: {_INSTALL[kind]}"
     return python, ""
@@ -75,7 +79,13 @@ def serve_process(cmd: Sequence[str], *, ready_url: str, base_url: str, env: dic
     import httpx
 
     log = tempfile.TemporaryFile(mode="w+", prefix="bbp-server-")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen(list(cmd), env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        # its own session: stopping it stops the processes it started too (vLLM's engine)
+        proc = subprocess.Popen(list(cmd), env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    except OSError as exc:
+        log.close()
+        raise ProxyTuningError(f"cannot start {what} ({exc.strerror}): {cmd[0]}") from None
 
     def tail() -> str:
         log.flush()
@@ -98,14 +108,29 @@ def serve_process(cmd: Sequence[str], *, ready_url: str, base_url: str, env: dic
             time.sleep(0.5)
         yield base_url
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _stop(proc)
         log.close()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group, SIGKILL it after 30 s."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            # children it left behind in its group (the leader may exit first)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            break
+        except subprocess.TimeoutExpired:
+            continue
+        break
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def _address(host: str, port: int | None) -> tuple[int, str]:

@@ -210,9 +210,10 @@ class SpeculativeDecoder(DecoderBase):
         self.chunks: list[ChunkTrace] = []
         self.greedy = self.params.temperature == 0
         self._stalled = 0  # chunks in a row that added nothing
+        self._one_step = False  # ask the next position alone (a possible end inside a chunk)
 
     def request(self) -> HostedRequest:
-        if self._end_hidden:
+        if self._end_hidden or self._one_step:
             return self._request(max_tokens=1, temperature=0.0)
         n = max(1, min(self.chunk, self.params.max_tokens - self.generated))
         if self.greedy:
@@ -233,24 +234,43 @@ class SpeculativeDecoder(DecoderBase):
             notes = ["the API ended without logprobs; re-asked that position with the end banned from its draw"]
             self._choose_per_step(result.positions[0], api_seconds, notes, 0.0 if self.greedy else 1.0, 1.0)
             return None
+        if self._one_step:
+            # one position asked alone (see _walk): choose there like per-step
+            self._one_step = False
+            if not result.positions:
+                self._ended_without_logprobs()
+                return None
+            notes = ["a top entry that may be the end of text; this position was asked alone"]
+            self._choose_per_step(result.positions[0], api_seconds, notes, 0.0 if self.greedy else 1.0, 1.0)
+            return None
         if not result.positions:
             self._ended_without_logprobs()
             return None
         return self._walk(result, api_seconds)
 
-    def _walk(self, result: HostedResult, api_seconds: float) -> ChunkTrace:
+    def _walk(self, result: HostedResult, api_seconds: float) -> ChunkTrace | None:
         started = time.perf_counter()
         notes: list[str] = []
         positions = list(result.positions)
         # Only positions whose draft is known (and among the candidates) can be walked.
         usable = []
+        unresolved = False
         for pos in positions:
+            if pos.empty_entry is not None:
+                # llama.cpp: an entry that may be the end is not resolved inside a chunk; the
+                # position is asked alone, where the client resolves it (hosted._resolve_end)
+                notes.append("a top entry that may be the end of text; the chunk was cut there")
+                unresolved = True
+                break
             if pos.sampled is None or not pos.candidates or not any(
                 c is pos.sampled or c == pos.sampled for c in pos.candidates
             ):
                 notes.append("the API did not report a drawn token's logprob; the chunk was cut there")
                 break
             usable.append(pos)
+        if not usable and unresolved:
+            self._one_step = True
+            return None
         if not usable:
             raise HostedResponseError(
                 "the hosted API returned a chunk without the drawn tokens' logprobs; speculative decoding "
@@ -309,6 +329,8 @@ class SpeculativeDecoder(DecoderBase):
                 )
         else:
             self._stalled = 0
+        if not self.done and walk.rejected_at is None and unresolved:
+            self._one_step = True
         if (not self.done and walk.rejected_at is None and result.finish_reason == "stop"
                 and len(usable) == len(positions)):
             # The API stopped after the last draft without reporting that position (OpenAI hides

@@ -33,16 +33,28 @@ class HostedPosition:
     ``candidates`` are unique by bytes, sorted by logprob (highest first) and include the sampled
     token when its logprob is known. ``sampled`` is the token the server drew (may lie outside the
     top-k). ``dropped`` counts entries that could not be used (unknown bytes, non-end special
-    tokens, sentinel logprobs). ``end_estimated_rank``: llama.cpp only, the rank of an end entry
-    whose logprob was overwritten by a lower-ranked token printed the same way (see
-    ``hosted.py``); its logprob is then an estimate that a request for that many top
-    logprobs makes exact.
+    tokens, sentinel logprobs). ``empty_entry``: llama.cpp only, its ``""`` entry, which the
+    client resolves (see ``hosted.py``).
     """
 
     candidates: tuple[Candidate, ...]
     sampled: Candidate | None
     dropped: int = 0
-    end_estimated_rank: int | None = None
+    empty_entry: "EmptyEntry | None" = None
+
+
+@dataclass(frozen=True)
+class EmptyEntry:
+    """llama.cpp's ``""`` top-logprob entry: every token that prints as an empty string (the end
+    of text, other control tokens, pieces of a character) shares it. ``rank``: where its best
+    token ranks; ``logprob``: the value it holds (its WORST token's in the top-k); ``exact``:
+    no later entry is above it, so the value is its best token's unless two shared adjacent
+    ranks; ``above``: the keys ranked above it."""
+
+    rank: int
+    logprob: float
+    exact: bool
+    above: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,7 @@ class HostedResult:
     positions: tuple[HostedPosition, ...]
     finish_reason: str | None
     usage: HostedUsage
+    extra_calls: int = 0  # further API calls the client made to complete this answer (llama.cpp's end)
 
 
 @dataclass(frozen=True)

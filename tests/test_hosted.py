@@ -14,6 +14,7 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
 from blackbox_proxy import ConfigurationError, HostedRequest, HostedResponseError
+from blackbox_proxy.types import EmptyEntry
 from blackbox_proxy.hosted import HostedClient, ResponseParser, decode_token_text, normalise_base_url, retry_delay
 from blackbox_proxy.vocab import vocabulary_from_hf
 
@@ -222,32 +223,112 @@ def test_token_ids_are_requested_when_the_vocabulary_is_known(tok_a):
 # ----- llama.cpp dialect: answers shaped like llama-cpp-python 0.3.36's (string-keyed, k+1, "") --------
 
 
-def test_llama_cpp_empty_entry_is_read_as_the_end(tok_a):
-    vocab = vocabulary_from_hf(tok_a)
-    client = HostedClient(base_url="http://127.0.0.1:1/v1", model="m", dialect="llama.cpp", max_retries=0,
-                          hosted_vocab=vocab)
-    the = vocab.ids_for_bytes(b" the")[0]
-    # top-3 asked, 4 back: the sampled " cat" (rank 40) is added; "" is the end token's text
-    resp = completion([" cat"], [-4.0], [{" the": -0.5, "": -1.2, " a": -2.0, " cat": -4.0}])
-    pos = client.parser.completion(resp).positions[0]
-    by_text = {c.text: c for c in pos.candidates}
-    assert by_text[" the"].token_id == the and by_text[" the"].data == b" the"
-    ends = [c for c in pos.candidates if c.is_end]
-    assert len(ends) == 1 and ends[0].logprob == -1.2 and ends[0].token_id in vocab.end_ids
-    assert len(pos.candidates) == 4 and pos.sampled.text == " cat" and pos.dropped == 0
+def _llama_vocab():
+    from blackbox_proxy.vocab import Vocabulary
+
+    # 0-4 text, 5 "<eos>" (end), 6 "<ctl>" (control), 7-9 pieces of "€", 10 b" \xe2" (prints " "),
+    # 11 b"\xe2\x82", 12 b"a", 13 b"a\xe2" (prints "a")
+    pieces = [b" the", b" a", b" cat", b"}", b" ", None, None, b"\xe2", b"\x82", b"\xac", b" \xe2", b"\xe2\x82",
+              b"a", b"a\xe2", b" x"]
+    return Vocabulary(pieces, encode=lambda s: [], end_ids=[5], special_text={5: "<eos>", 6: "<ctl>"})
+
+
+def _llama_client(vocab=None, **kw):
+    return HostedClient(base_url="http://127.0.0.1:1/v1", model="m", dialect="llama.cpp", max_retries=0,
+                        hosted_vocab=vocab, **kw)
+
+
+def _drive(client, request, results, answers):
+    """Run the client's end resolution, answering each request it makes from ``answers``."""
+    asked = []
+    steps = client._resolve_end(request, results)
+    try:
+        ask = next(steps)
+        while True:
+            asked.append(ask)
+            ask = steps.send(answers[len(asked) - 1])
+    except StopIteration as done:
+        return done.value, asked
+
+
+GREEDY = HostedRequest(mode="completions", prompt="x", max_tokens=1, top_k=3)
+EMPTY_PRINTERS = {6, 7, 8, 9, 11}  # every id that prints as "" and is not the end
+
+
+def test_llama_cpp_empty_entry_is_taken_out_and_resolved_by_the_client():
+    client = _llama_client(_llama_vocab())
+    # top-3 asked, 4 back (the drawn " cat" is added); "" is the entry every empty-printing token shares
+    resp = completion([" the"], [-0.5], [{" the": -0.5, "": -1.2, " a": -2.0, " cat": -4.0}])
+    result = client.parser.completion(resp)
+    pos = result.positions[0]
+    assert not any(c.is_end for c in pos.candidates) and pos.dropped == 0
+    assert pos.empty_entry == EmptyEntry(1, -1.2, True, (" the",))
+    # rank 1: a probe bans " the" and every other empty-printing token (not the end) ...
+    ended = completion([], [], [], text="", finish="stop")
+    [fixed], asked = _drive(client, GREEDY, [result], [[client.parser.completion(ended)]])
+    probe = dict(asked[0].logit_bias)
+    assert asked[0].top_k == 2 and probe.keys() == {0} | EMPTY_PRINTERS and 5 not in probe
+    # ... and llama.cpp drew nothing: the end. Its value was in order, so it is taken as given.
+    end = [c for c in fixed.positions[0].candidates if c.is_end]
+    assert len(end) == 1 and end[0].logprob == -1.2 and end[0].token_id is None and fixed.extra_calls == 1
+    # the probe drew a token: the entry was a control token or a piece, not the end
+    drew = completion([" a"], [-2.0], [{"": -1.2, " a": -2.0}])
+    [kept], _ = _drive(client, GREEDY, [result], [[client.parser.completion(drew)]])
+    assert not any(c.is_end for c in kept.positions[0].candidates) and kept.extra_calls == 1
+    # chunks and sampled answers: never the end, no further calls
+    for request in (dataclasses.replace(GREEDY, max_tokens=4), dataclasses.replace(GREEDY, temperature=1.0)):
+        [same], asked = _drive(client, request, [result], [])
+        assert asked == [] and same == result
     # the same answer from another dialect: "" has no bytes and is dropped, no end is invented
     other = HostedClient(base_url="http://127.0.0.1:1/v1", model="m", dialect="vllm", max_retries=0)
     pos = other.parser.completion(resp).positions[0]
-    assert not any(c.is_end for c in pos.candidates) and pos.dropped == 1
+    assert not any(c.is_end for c in pos.candidates) and pos.dropped == 1 and pos.empty_entry is None
 
 
 def test_llama_cpp_empty_entry_where_a_piece_of_a_character_was_drawn_is_dropped():
-    client = HostedClient(base_url="http://127.0.0.1:1/v1", model="m", dialect="llama.cpp", max_retries=0)
+    client = _llama_client()
     # the drawn token is the first byte of "€": it prints as "", so "" holds its logprob, not the end's
-    resp = completion(["", " x"], [-0.1, -0.3], [{"": -0.1, " a": -2.5}, {" x": -0.3, "": -3.0}])
+    resp = completion(["", " x"], [-0.1, -0.3], [{"": -0.1, " a": -2.5}, {" x": -0.3, "": -3.0}], text=" x")
     first, second = client.parser.completion(resp).positions
-    assert first.sampled is None and not any(c.is_end for c in first.candidates) and first.dropped == 1
-    assert [c.is_end for c in second.candidates] == [False, True]
+    assert first.sampled is None and first.empty_entry is None and first.dropped == 1
+    assert second.empty_entry == EmptyEntry(1, -3.0, True, (" x",))
+
+
+def test_llama_cpp_end_value_overwritten_by_a_lower_token_is_read_alone():
+    client = _llama_client(_llama_vocab())
+    # as llama-cpp-python answered with the end banned from the draw: the end (rank 0, -0.02) and
+    # a piece (rank 9, -8.53) both print as "": the key keeps rank 0 and takes -8.53
+    tops = {"": -8.53, "}": -4.80, " a": -6.38, " the": -6.64}
+    request = dataclasses.replace(GREEDY, logit_bias=((5, -100.0),))
+    result = client.parser.completion(completion(["}"], [-4.80], [tops]))
+    assert result.positions[0].empty_entry == EmptyEntry(0, -8.53, False, ())
+    alone = completion(["}"], [-4.80], [{"": -0.019, "}": -4.80}])
+    [fixed], asked = _drive(client, request, [result], [[client.parser.completion(alone)]])
+    # no probe at rank 0 (nothing else beats a greedy draw); the value is read with top-1 alone
+    assert len(asked) == 1 and asked[0].top_k == 1 and dict(asked[0].logit_bias).keys() == {5} | EMPTY_PRINTERS
+    assert fixed.positions[0].candidates[0].is_end and fixed.positions[0].candidates[0].logprob == -0.019
+    assert fixed.extra_calls == 1
+    # without the hosted tokenizer the re-ask cannot ban the pieces; if it does not read the end
+    # back, the best key below it is a safe lower bound
+    bare = _llama_client()
+    result = bare.parser.completion(completion(["}"], [-4.80], [tops]))
+    piece = bare.parser.completion(completion([""], [-3.0], [{"": -3.0}], text=""))
+    [fixed], _ = _drive(bare, request, [result], [[piece]])
+    assert [c.logprob for c in fixed.positions[0].candidates if c.is_end] == [-4.80]
+    # and without it an entry below rank 0 is not probed (no ids to ban): no end, no calls
+    result = bare.parser.completion(completion([" the"], [-0.5], [{" the": -0.5, "": -1.2}]))
+    [same], asked = _drive(bare, GREEDY, [result], [])
+    assert asked == [] and not any(c.is_end for c in same.positions[0].candidates)
+
+
+def test_llama_cpp_keys_whose_value_another_token_overwrote_are_dropped():
+    client = _llama_client(_llama_vocab())
+    # " " is printed by b" " and by b" \xe2": the key holds the later one's value, below " cat"'s
+    pos = client.parser.completion(completion([" a"], [-1.0], [{" a": -1.0, " ": -6.0, " cat": -2.0}])).positions[0]
+    assert [c.text for c in pos.candidates] == [" a", " cat"] and pos.dropped == 1
+    # in order: kept
+    pos = client.parser.completion(completion([" a"], [-1.0], [{" a": -1.0, " ": -2.0, " cat": -3.0}])).positions[0]
+    assert [c.text for c in pos.candidates] == [" a", " ", " cat"] and pos.dropped == 0
 
 
 def test_llama_cpp_chat_entries_and_request_body():
@@ -257,7 +338,7 @@ def test_llama_cpp_chat_entries_and_request_body():
                   "top_logprobs": [{"token": "Hi", "logprob": -0.1, "bytes": None},
                                    {"token": "", "logprob": -2.0, "bytes": None}]}])
     pos = client.parser.chat(resp).positions[0]
-    assert [(c.data, c.is_end) for c in pos.candidates] == [(b"Hi", False), (b"", True)]
+    assert [c.data for c in pos.candidates] == [b"Hi"] and pos.empty_entry == EmptyEntry(1, -2.0, True, ("Hi",))
     _, kwargs = client.build(HostedRequest(mode="chat-prefix", messages=(("user", "Q"),), max_tokens=1, top_k=2))
     assert kwargs["extra_body"] == {"repeat_penalty": 1.0, "top_k": 0, "min_p": 0.0}
     with pytest.raises(ConfigurationError, match="llama.cpp server, which cannot continue an assistant message"):
@@ -273,7 +354,7 @@ def test_llama_cpp_chat_entries_and_request_body():
     assert kwargs["extra_body"]["repeat_penalty"] == 1.3 and kwargs["prompt"] == "x"
 
 
-@pytest.mark.parametrize("owner, dialect", [("me", "llama.cpp"), ("llamacpp", "llama.cpp"), ("vllm", "vllm"),
+@pytest.mark.parametrize("owner, dialect", [("me", "llama.cpp"), ("llamacpp", None), ("vllm", "vllm"),
                                             ("organization-owner", None)])
 def test_dialect_detection_from_owned_by(owner, dialect, tok_a):
     client = HostedClient(base_url="http://127.0.0.1:1/v1", model="m", max_retries=0,
@@ -287,37 +368,8 @@ def test_dialect_detection_from_owned_by(owner, dialect, tok_a):
 
     client._after_models(Models())
     assert client.dialect == dialect
-    assert client.parser.empty_means_end is (dialect == "llama.cpp")
+    assert client.parser.llama_cpp is (dialect == "llama.cpp")
     assert client.token_prompts is (dialect == "vllm")  # llama.cpp answers token-id prompts with 500
-
-
-def test_llama_cpp_end_value_overwritten_by_a_lower_token_is_estimated():
-    client = HostedClient(base_url="http://127.0.0.1:1/v1", model="m", dialect="llama.cpp", max_retries=0)
-    # as llama-cpp-python 0.3.36 answered: the end (rank 0, logprob -0.02) and a byte token (rank
-    # 9, -8.53) both print as "": the key keeps rank 0 and takes -8.53
-    tops = {"": -8.53, "/*": -4.80, "```": -6.38, "#": -6.64, "int": -6.84, "}": -7.10, "//": -7.39, "\n": -7.78,
-            " ": -8.21}
-    pos = client.parser.completion(completion(["/*"], [-4.80], [tops])).positions[0]
-    end = next(c for c in pos.candidates if c.is_end)
-    left = 1 - sum(math.exp(v) for t, v in tops.items() if t)
-    assert end.logprob == pytest.approx(math.log(left)) and -0.03 < end.logprob < 0
-    assert pos.end_estimated_rank == 0 and pos.candidates[0].is_end
-    # in the middle: between its neighbours; in order (no later key above it): taken as given
-    pos = client.parser.completion(completion([" a"], [-1.0], [{" a": -1.0, "": -6.0, " b": -2.0, " c": -3.0}])).positions[0]
-    end = next(c for c in pos.candidates if c.is_end)
-    assert end.logprob == pytest.approx((-1.0 + -2.0) / 2) and pos.end_estimated_rank == 1
-    pos = client.parser.completion(completion([" a"], [-1.0], [{" a": -1.0, "": -2.0, " b": -3.0}])).positions[0]
-    assert next(c for c in pos.candidates if c.is_end).logprob == -2.0 and pos.end_estimated_rank is None
-    # a one-token request is asked again for the top rank+1 only, where the end is alone
-    request = HostedRequest(mode="completions", prompt="x", max_tokens=1, top_k=9)
-    results = [client.parser.completion(completion(["/*"], [-4.80], [tops]))]
-    exact_request = client._exact_end_request(request, results)
-    assert exact_request.top_k == 1
-    exact = [client.parser.completion(completion(["/*"], [-4.80], [{"": -0.019, "/*": -4.80}]))]
-    fixed = client._with_exact_end(results, exact)[0].positions[0]
-    assert fixed.candidates[0].is_end and fixed.candidates[0].logprob == -0.019 and fixed.end_estimated_rank is None
-    assert len(fixed.candidates) == len(results[0].positions[0].candidates)
-    assert client._exact_end_request(dataclasses.replace(request, max_tokens=4), results) is None
 
 
 def test_llama_cpp_drawn_pieces_of_a_character_are_read_back_from_the_text():

@@ -75,8 +75,8 @@ def _workload(setup, url, position_prompts=(), **kw):
 
 
 def _position_prompts(setup, result) -> list[str]:
-    """Teacher-forced prefixes: each prompt followed by every whole-character prefix (at a hosted
-    token boundary) of the reference's per-step answer, and the end-of-text prompts."""
+    """Teacher-forced prefixes: each prompt followed by the reference's per-step answer cut
+    after each of its hosted tokens (decoded as text), and the end-of-text prompts."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(setup["gemma"]))
@@ -94,8 +94,10 @@ def reference(setup):
         result = _workload(setup, url)
         prompts = _position_prompts(setup, result)
         client = HostedClient(base_url=url, model=NAME, max_retries=0, hosted_vocab=_vocab(setup))
-        result.positions = hosted_positions(client, prompts, TOP_K)
-        client.close()
+        try:
+            result.positions = hosted_positions(client, prompts, TOP_K)
+        finally:
+            client.close()
     _assert_stopped(url)
     assert result.dialect == "vllm"  # the project's server speaks vLLM's dialect
     return result, prompts
@@ -127,7 +129,11 @@ def _report(name, metrics):
             out.write(json.dumps({"name": name, **metrics}, default=float) + "\n")
 
 
-def _check_against_reference(ref, result, *, top1, median, p95, end_diff, greedy_runs):
+def _common_prefix(a: str, b: str) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _check_against_reference(ref, result, *, top1, median, p95, end_diff, greedy_runs, exact_repeats):
     """The assertions both servers share; the tolerances are the caller's (see the callers for
     the measured values)."""
     metrics = compare(ref, result)
@@ -145,10 +151,16 @@ def _check_against_reference(ref, result, *, top1, median, p95, end_diff, greedy
     for name in ("speculative-greedy", "speculative-sampled"):
         assert runs[name]["calls_per_token"] < 0.8 * runs["per-step"]["calls_per_token"], (name, runs[name])
     # greedy speculative follows the greedy tuned path: its text is per-step's on the same server
+    # (vLLM repeats itself exactly; llama.cpp's logprobs move a little with its prompt cache, so
+    # a near-tie may flip there: measured equal 2 of 2, asserted the same for most of the text)
     for spec, step in zip(result.runs["speculative-greedy"], result.runs["per-step"]):
-        assert spec.text == step.text
+        if exact_repeats:
+            assert spec.text == step.text
+        else:
+            assert _common_prefix(spec.text, step.text) >= 0.5 * max(len(spec.text), len(step.text))
     assert all(g.text for g in result.runs["resample"])
-    assert [g.api_calls for g in ref.runs["resample"]] == [1] * len(ref.runs["resample"])  # n=4 in one call
+    # the reference server takes n: all samples in one call
+    assert [g.api_calls for g in ref.runs["resample"]] == [1] * len(ref.runs["resample"])
     return metrics
 
 
@@ -156,9 +168,9 @@ def _check_against_reference(ref, result, *, top1, median, p95, end_diff, greedy
 
 
 @pytest.fixture(scope="module")
-def llama(setup, reference):
-    python = _python("llama.cpp")
-    _, prompts = reference
+def llama(setup, request):
+    python = _python("llama.cpp")  # skip (or fail) before the reference run when it is missing
+    _, prompts = request.getfixturevalue("reference")
     with llama_cpp_server(gguf_file("gemma3"), name=NAME, python=python, threads=2) as url:
         result = _workload(setup, url, position_prompts=prompts)
         yield url, result
@@ -170,10 +182,11 @@ def test_llama_cpp_is_detected_and_matches_the_reference(reference, llama):
     _, result = llama
     assert result.dialect == "llama.cpp"
     # measured: top-1 0.95, |diff| median 0.08, p95 0.35, max 0.91 (Q4 weights reorder near-ties);
-    # the end 0.26; per-step and speculative-greedy answers 2 of 2 equal to the reference
+    # the end 0.26; per-step and speculative-greedy answers 2 of 2 equal to the reference; calls
+    # per token 1.15 / 0.56 / 0.56 (per-step / speculative greedy / sampling; "" costs probes)
     _check_against_reference(ref, result, top1=0.85, median=0.15, p95=0.6, end_diff=0.6,
-                             greedy_runs=("per-step", "speculative-greedy"))
-    # resample: llama.cpp ignores n, so the 4 answers take 4 calls
+                             greedy_runs=("per-step", "speculative-greedy"), exact_repeats=False)
+    # resample: llama.cpp ignores n, so each answer takes one call
     assert [g.api_calls for g in result.runs["resample"]] == [RESAMPLE_SAMPLES] * len(result.runs["resample"])
     # chat-prefix is refused up front with what to do instead
     assert "cannot continue an assistant message" in result.errors["chat-prefix"]
@@ -193,13 +206,16 @@ def test_llama_cpp_draws_from_the_model_only_with_the_dialect(setup, llama):
     for label, extra in (("dialect", None), ("server defaults", {"top_k": 40, "min_p": 0.05})):
         client = HostedClient(base_url=url, model=NAME, max_retries=0, hosted_vocab=_vocab(setup), extra_body=extra)
         count = 0
-        for seed in range(2):
-            [result] = client.complete(HostedRequest(mode="completions", prompt="Once upon a time", max_tokens=24,
-                                                     top_k=5, temperature=1.0, seed=seed))
-            assert client.dialect == "llama.cpp"
-            count += sum(pos.sampled is not None and pos.sampled.logprob < pos.candidates[0].logprob + math.log(0.05) - 1e-3
-                         for pos in result.positions)
-        client.close()
+        try:
+            for seed in range(2):
+                [result] = client.complete(HostedRequest(mode="completions", prompt="Once upon a time", max_tokens=24,
+                                                         top_k=5, temperature=1.0, seed=seed))
+                assert client.dialect == "llama.cpp"
+                count += sum(pos.sampled is not None
+                             and pos.sampled.logprob < pos.candidates[0].logprob + math.log(0.05) - 1e-3
+                             for pos in result.positions)
+        finally:
+            client.close()
         below[label] = count
     assert below["server defaults"] == 0, below
     assert below["dialect"] >= 2, below
@@ -209,9 +225,9 @@ def test_llama_cpp_draws_from_the_model_only_with_the_dialect(setup, llama):
 
 
 @pytest.fixture(scope="module")
-def vllm(setup, reference):
+def vllm(setup, request):
     python = _python("vllm")
-    _, prompts = reference
+    _, prompts = request.getfixturevalue("reference")
     with vllm_server(setup["chat_dir"], name=NAME, python=python) as url:
         yield url, _workload(setup, url, position_prompts=prompts)
     _assert_stopped(url)
@@ -224,6 +240,6 @@ def test_vllm_is_detected_and_matches_the_reference(reference, vllm):
     # measured: top-1 0.98, |diff| median 0.04, p95 0.15, max 0.24; the end 0.11; per-step and
     # speculative-greedy 1 of 2 equal (common prefix 87%), chat-prefix 2 of 2
     _check_against_reference(ref, result, top1=0.9, median=0.1, p95=0.4, end_diff=0.4,
-                             greedy_runs=("per-step", "speculative-greedy", "chat-prefix"))
+                             greedy_runs=("per-step", "speculative-greedy", "chat-prefix"), exact_repeats=True)
     assert [g.api_calls for g in result.runs["resample"]] == [1] * len(result.runs["resample"])
     assert not result.errors

@@ -316,3 +316,43 @@ def test_async_speculative_equals_sync(server_a, tok_a, scorers_b):
             return await tuner.generate("A café in", max_tokens=10, temperature=1.0, seed=7, strategy="speculative")
 
     assert asyncio.run(run()).text == sync.text
+
+
+def test_a_possible_end_inside_a_chunk_is_asked_alone(tok_a, concentrated_models):
+    """llama.cpp's "" entry (it may be the end of text) is not resolved inside a chunk: the walk
+    stops before that position, which is then asked alone (greedy, one token), where the
+    client resolves it, and the choice there is made like per-step."""
+    from blackbox_proxy.types import EmptyEntry
+    from blackbox_proxy.vocab import vocabulary_from_hf
+
+    models, live = concentrated_models
+    large, expert, anti = models
+    vocab = vocabulary_from_hf(tok_a)
+    prompt = tok_a.encode("The quick brown")
+    e, a = MemoSession(expert, prompt), MemoSession(anti, prompt)
+    dec = SpeculativeDecoder(mode="completions", expert=e, anti_expert=a, aligner=Aligner(vocab, vocab),
+                             params=DecodeParams(alpha=1.0, temperature=0.0, max_tokens=8, top_k=400, chunk=3),
+                             same_vocab=True, prompt="x", hosted_prompt_ids=prompt)
+    cands = tuple(Candidate("", vocab.token_bytes[t], math.log(1 / len(live)), t) for t in live)
+    by_id = {c.token_id: c for c in cands}
+    lp_e = e.logprobs(prompt)
+    best = max(live, key=lambda t: float(lp_e[t] - a.logprobs(prompt)[t]))  # the tuned argmax at position 1
+    first = HostedPosition(candidates=cands, sampled=by_id[best])
+    maybe_end = HostedPosition(candidates=cands, sampled=cands[0], empty_entry=EmptyEntry(1, -1.0, True, ("a",)))
+    assert dec.request().max_tokens == 3
+    dec.observe([HostedResult("", (first, maybe_end, maybe_end), "length", HostedUsage())], 0.0)
+    assert dec.hosted_ids == [best]  # the first draft was walked and accepted, the rest cut
+    alone = dec.request()
+    assert (alone.max_tokens, alone.temperature, alone.logit_bias) == (1, 0.0, ())
+    # the client resolved it as the end, which the hosted model now puts nearly all its mass on
+    end = Candidate("", b"", math.log(0.999), None, True)
+    rest = tuple(Candidate("", c.data, math.log(0.001 / len(live)), c.token_id) for c in cands)
+    resolved = HostedPosition(candidates=(end,) + rest, sampled=rest[0])
+    dec.observe([HostedResult("", (resolved,), "length", HostedUsage())], 0.0)
+    assert dec.done and dec.finish_reason == "stop" and dec.hosted_ids == [best]
+    # a chunk whose very first position is unresolved is not an error: that position is asked alone
+    dec = SpeculativeDecoder(mode="completions", expert=e, anti_expert=a, aligner=Aligner(vocab, vocab),
+                             params=DecodeParams(alpha=1.0, temperature=0.0, max_tokens=8, top_k=400, chunk=3),
+                             same_vocab=True, prompt="x", hosted_prompt_ids=prompt)
+    dec.observe([HostedResult("", (maybe_end, first), "length", HostedUsage())], 0.0)
+    assert dec.hosted_ids == [] and dec.request().max_tokens == 1
