@@ -120,7 +120,8 @@ def run_workload(base_url: str, *, model: str, expert: Any, anti_expert: Any, ho
     return WorkloadResult(detected, positions, results, errors)
 
 
-def _common_prefix(a: str, b: str) -> int:
+def common_prefix(a: str, b: str) -> int:
+    """How many leading characters ``a`` and ``b`` share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -171,7 +172,7 @@ def compare(reference: WorkloadResult, other: WorkloadResult, *, end_floor: floa
         if gens is None:
             continue
         equal = sum(a.text == b.text for a, b in zip(ref_gens, gens))
-        prefix = statistics.mean(_common_prefix(a.text, b.text) / max(1, len(a.text), len(b.text))
+        prefix = statistics.mean(common_prefix(a.text, b.text) / max(1, len(a.text), len(b.text))
                                  for a, b in zip(ref_gens, gens))
         calls = sum(g.api_calls for g in gens) / max(1, sum(g.generated_tokens for g in gens))
         ref_calls = sum(g.api_calls for g in ref_gens) / max(1, sum(g.generated_tokens for g in ref_gens))

@@ -24,7 +24,7 @@ import pytest
 
 from blackbox_proxy.embedded import gguf_file, prepare
 from blackbox_proxy.hosted import HostedClient
-from blackbox_proxy.interop import RESAMPLE_SAMPLES, compare, hosted_positions, run_workload
+from blackbox_proxy.interop import RESAMPLE_SAMPLES, common_prefix, compare, hosted_positions, run_workload
 from blackbox_proxy.servers import find_python, llama_cpp_server, project_server, vllm_server
 from blackbox_proxy.types import HostedRequest
 
@@ -129,10 +129,6 @@ def _report(name, metrics):
             out.write(json.dumps({"name": name, **metrics}, default=float) + "\n")
 
 
-def _common_prefix(a: str, b: str) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
 def _check_against_reference(ref, result, *, top1, median, p95, end_diff, greedy_runs, exact_repeats):
     """The assertions both servers share; the tolerances are the caller's (see the callers for
     the measured values)."""
@@ -157,7 +153,7 @@ def _check_against_reference(ref, result, *, top1, median, p95, end_diff, greedy
         if exact_repeats:
             assert spec.text == step.text
         else:
-            assert _common_prefix(spec.text, step.text) >= 0.5 * max(len(spec.text), len(step.text))
+            assert common_prefix(spec.text, step.text) >= 0.5 * max(len(spec.text), len(step.text))
     assert all(g.text for g in result.runs["resample"])
     # the reference server takes n: all samples in one call
     assert [g.api_calls for g in ref.runs["resample"]] == [1] * len(ref.runs["resample"])
