@@ -34,11 +34,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from blackbox_proxy import AsyncProxyTuner  # noqa: E402
-from blackbox_proxy.batch import arun_batch  # noqa: E402
-from blackbox_proxy.batching import model_queue  # noqa: E402
-from blackbox_proxy.demo import HOSTED_NAME, load_pair, model_server  # noqa: E402
-from blackbox_proxy.embedded import prepare  # noqa: E402
-from blackbox_proxy.tasks import STOP, problems  # noqa: E402
+from blackbox_proxy.apps.batch import arun_batch  # noqa: E402
+from blackbox_proxy.local.batching import model_queue  # noqa: E402
+from blackbox_proxy.harness.demo import HOSTED_NAME, load_pair, model_server  # noqa: E402
+from blackbox_proxy.harness.embedded import prepare  # noqa: E402
+from blackbox_proxy.harness.tasks import STOP, problems  # noqa: E402
 
 
 def main() -> None:
@@ -115,8 +115,8 @@ def main() -> None:
 
 def scoring_only(expert, items, contexts: int, steps: int = 5) -> dict:
     """Seconds per context-step, one forward per context vs one batched forward for all."""
-    from blackbox_proxy.batching import ScoringQueue
-    from blackbox_proxy.scorer import CachedContext
+    from blackbox_proxy.local.batching import ScoringQueue
+    from blackbox_proxy.local.engine import CachedContext
 
     kwargs = {"adapter_names": [expert.adapter_name, "__base__"]}
     prompts = [expert.prompt_ids(prompt=p.hosted_prompt()) for p in (items * contexts)[:contexts]]

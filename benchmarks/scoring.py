@@ -21,10 +21,10 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from blackbox_proxy import ProxyTuner  # noqa: E402
-from blackbox_proxy.demo import HOSTED_NAME, load_pair  # noqa: E402
-from blackbox_proxy.embedded import prepare  # noqa: E402
-from blackbox_proxy.server import ModelRunner, ServerThread, create_app  # noqa: E402
-from blackbox_proxy.tasks import STOP, problems  # noqa: E402
+from blackbox_proxy.harness.demo import HOSTED_NAME, load_pair  # noqa: E402
+from blackbox_proxy.harness.embedded import prepare  # noqa: E402
+from blackbox_proxy.apps.model_server import ModelRunner, ServerThread, create_app  # noqa: E402
+from blackbox_proxy.harness.tasks import STOP, problems  # noqa: E402
 
 
 def main() -> None:

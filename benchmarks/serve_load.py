@@ -28,12 +28,12 @@ import openai  # noqa: E402
 import torch  # noqa: E402
 
 from blackbox_proxy import AsyncProxyTuner  # noqa: E402
-from blackbox_proxy.batching import model_queue  # noqa: E402
-from blackbox_proxy.demo import HOSTED_NAME, load_pair, model_server  # noqa: E402
-from blackbox_proxy.embedded import prepare  # noqa: E402
-from blackbox_proxy.serve import create_tuned_app  # noqa: E402
-from blackbox_proxy.server import ServerThread  # noqa: E402
-from blackbox_proxy.tasks import STOP, problems  # noqa: E402
+from blackbox_proxy.local.batching import model_queue  # noqa: E402
+from blackbox_proxy.harness.demo import HOSTED_NAME, load_pair, model_server  # noqa: E402
+from blackbox_proxy.harness.embedded import prepare  # noqa: E402
+from blackbox_proxy.apps.tuned_server import create_tuned_app  # noqa: E402
+from blackbox_proxy.apps.model_server import ServerThread  # noqa: E402
+from blackbox_proxy.harness.tasks import STOP, problems  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -5,72 +5,65 @@ Public API (everything else is internal)::
     from blackbox_proxy import ProxyTuner
     tuner = ProxyTuner(base_url=..., model=..., expert=..., anti_expert=...)
     print(tuner.generate(prompt="...", max_tokens=32).text)
+
+Names are imported on first use, so ``import blackbox_proxy`` (and ``blackbox-proxy --help``)
+loads neither torch nor transformers.
 """
 
-from .aligner import Aligner
-from .errors import (
-    ConfigurationError,
-    HostedAPIError,
-    HostedAuthenticationError,
-    HostedBadRequestError,
-    HostedConnectionError,
-    HostedModelNotFoundError,
-    HostedRateLimitError,
-    HostedResponseError,
-    ModeNotSupportedError,
-    ModelLoadError,
-    ProxyTuningError,
-    TokenizerMismatchError,
-)
-from .hosted import AsyncHostedClient, HostedClient
-from .scorer import Scorer
-from .tuner import AsyncProxyTuner, ProxyTuner
-from .types import (
-    Candidate,
-    GenerationResult,
-    HostedPosition,
-    HostedRequest,
-    HostedResult,
-    StepTrace,
-    StreamEvent,
-    Usage,
-)
-from .batch import arun_batch, run_batch
-from .cache import ResponseCache
-from .vocab import Vocabulary, load_hosted_vocabulary
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Aligner",
-    "AsyncHostedClient",
-    "AsyncProxyTuner",
-    "Candidate",
-    "ConfigurationError",
-    "GenerationResult",
-    "HostedAPIError",
-    "HostedAuthenticationError",
-    "HostedBadRequestError",
-    "HostedClient",
-    "HostedConnectionError",
-    "HostedModelNotFoundError",
-    "HostedPosition",
-    "HostedRateLimitError",
-    "HostedRequest",
-    "HostedResponseError",
-    "HostedResult",
-    "ModeNotSupportedError",
-    "ModelLoadError",
-    "ProxyTuner",
-    "ProxyTuningError",
-    "Scorer",
-    "StepTrace",
-    "StreamEvent",
-    "ResponseCache",
-    "arun_batch",
-    "run_batch",
-    "TokenizerMismatchError",
-    "Usage",
-    "Vocabulary",
-    "load_hosted_vocabulary",
-]
+# public name -> module that defines it (relative to this package)
+_EXPORTS = {
+    "Aligner": "tokens.aligner",
+    "AsyncHostedClient": "hosts.client",
+    "AsyncProxyTuner": "tuner",
+    "Candidate": "types",
+    "ConfigurationError": "errors",
+    "GenerationResult": "types",
+    "HostedAPIError": "errors",
+    "HostedAuthenticationError": "errors",
+    "HostedBadRequestError": "errors",
+    "HostedClient": "hosts.client",
+    "HostedConnectionError": "errors",
+    "HostedModelNotFoundError": "errors",
+    "HostedPosition": "types",
+    "HostedRateLimitError": "errors",
+    "HostedRequest": "types",
+    "HostedResponseError": "errors",
+    "HostedResult": "types",
+    "ModeNotSupportedError": "errors",
+    "ModelLoadError": "errors",
+    "ProxyTuner": "tuner",
+    "ProxyTuningError": "errors",
+    "ResponseCache": "hosts.cache",
+    "Scorer": "local.scorer",
+    "StepTrace": "types",
+    "StreamEvent": "types",
+    "TokenizerMismatchError": "errors",
+    "Usage": "types",
+    "Vocabulary": "tokens.vocab",
+    "arun_batch": "apps.batch",
+    "load_hosted_vocabulary": "tokens.vocab",
+    "run_batch": "apps.batch",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'blackbox_proxy' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+

@@ -2,7 +2,7 @@
 
 Both share :class:`_TunerBase`, which holds every piece of non-I/O logic: argument validation,
 loading the small models, the hosted vocabulary, the aligner, and building one
-:class:`~blackbox_proxy.decoder.PerStepDecoder` per generation. The two subclasses only differ
+:class:`~blackbox_proxy.decoding.base.PerStepDecoder` per generation. The two subclasses only differ
 in how they wait for the hosted API (and, for async, run local scoring in a worker thread so
 the event loop stays free).
 """
@@ -16,28 +16,20 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from . import _constants as C
-from .aligner import Aligner
-from .combiner import validate_alpha, validate_temperature, validate_top_p
-from .decoder import DecodeParams, DecoderBase, PerStepDecoder
-from .resample import ResampleDecoder
-from .speculative import SpeculativeDecoder
+from .tokens.aligner import Aligner
+from .maths.combiner import validate_alpha, validate_temperature, validate_top_p
+from .decoding.base import DecodeParams, DecoderBase, PerStepDecoder
+from .decoding.resample import ResampleDecoder
+from .decoding.speculative import SpeculativeDecoder
 from .errors import ConfigurationError, ModeNotSupportedError, TokenizerMismatchError
-from .hosted import AsyncHostedClient, HostedClient
-from .scorer import Scorer, open_sessions
+from .hosts.client import AsyncHostedClient, HostedClient
+from .local.scorer import Scorer
+from .local.sessions import open_sessions
 from .types import MODES, GenerationResult, StreamEvent
-from .vocab import Vocabulary, load_hosted_vocabulary
+from .tokens.vocab import Vocabulary, load_hosted_vocabulary
 
 STRATEGIES = ("per-step", "speculative", "resample")
 DEFAULT_SAMPLES = 16
-
-
-def _top_k_cap(mode: str, dialect: str | None) -> int | None:
-    """The most top logprobs a known host returns in ``mode`` (None: unknown, the server says)."""
-    if dialect == "openai":
-        return C.OPENAI_COMPLETIONS_MAX_LOGPROBS if mode == "completions" else C.OPENAI_CHAT_MAX_TOP_LOGPROBS
-    if dialect == "deepseek":
-        return C.OPENAI_CHAT_MAX_TOP_LOGPROBS
-    return None
 
 
 def _load_scorer(spec: Any, *, device: str | None, render: str, role: str) -> Scorer:
@@ -90,21 +82,21 @@ class _TunerBase:
             on, sharing one model in memory with the anti-expert (adapter off).
         base_url, api_key: the OpenAI-compatible endpoint; default ``OPENAI_BASE_URL`` /
             ``OPENAI_API_KEY``. The key never appears in logs, traces or errors.
-        mode: ``completions`` | ``chat-prefix`` | ``chat`` (see :mod:`blackbox_proxy.hosted`).
+        mode: ``completions`` | ``chat-prefix`` | ``chat`` (see :mod:`blackbox_proxy.hosts.client`).
         hosted_tokenizer: the hosted model's tokenizer if known (``tiktoken:o200k_base``, an
             OpenAI model name, an HF tokenizer path, or a :class:`Vocabulary`). Enables exact
             token-id prompts, the extension correction, and the same-tokenizer fast path.
         top_k: candidates per position asked of the API; by default 20, or 5 on OpenAI's
             legacy completions endpoint (its cap).
         dialect: ``openai`` | ``vllm`` | ``llama.cpp`` | ``deepseek`` | ``mistral`` (detected when left
-            out; see ``hosted.DIALECT_NOTES``).
+            out; see ``hosts.dialects``).
         expert_render, anti_expert_render: ``auto`` | ``chat`` | ``raw`` prompt rendering.
         backoff: tokens dropped to reach a stable tokenisation boundary (aligner).
         timeout, max_retries: per-request timeout (s) and retries after the first attempt.
-        cache: a SQLite file (or :class:`~blackbox_proxy.cache.ResponseCache`) so identical
+        cache: a SQLite file (or :class:`~blackbox_proxy.hosts.cache.ResponseCache`) so identical
             hosted requests are answered without paying again.
         batch_scoring: share the small models' forwards among concurrent generations
-            (:mod:`blackbox_proxy.batching`); on by default in the async tuner.
+            (:mod:`blackbox_proxy.local.batching`); on by default in the async tuner.
     """
 
     _client_class: type = HostedClient
@@ -175,8 +167,7 @@ class _TunerBase:
         """The k asked of the API: ``top_k`` if given, else the default for this host."""
         if self.top_k is not None:
             return self.top_k
-        openai_legacy = self.mode == "completions" and self.client.dialect == "openai"
-        return C.OPENAI_COMPLETIONS_MAX_LOGPROBS if openai_legacy else C.DEFAULT_TOP_K
+        return self.client.default_top_k
 
     def check_request(
         self,
@@ -255,7 +246,7 @@ class _TunerBase:
         if self.mode == "completions" and prompt is None:
             raise ConfigurationError("completions mode takes a text prompt; pass prompt=TEXT or use a chat mode")
         top_k = self.top_k_for_mode()
-        cap = _top_k_cap(self.mode, self.client.dialect)
+        cap = self.client.top_k_cap
         if cap is not None and top_k > cap:
             raise ConfigurationError(
                 f"top_k {top_k} is above what {self.client.dialect} allows in {self.mode} mode ({cap}); pass --top-k {cap} or less"

@@ -1,4 +1,4 @@
-"""Typed values that cross module boundaries. Raw JSON and SDK objects stop at ``hosted.py``."""
+"""Typed values that cross module boundaries. Raw JSON and SDK objects stop at ``hosts/``."""
 
 from __future__ import annotations
 
@@ -34,13 +34,20 @@ class HostedPosition:
     token when its logprob is known. ``sampled`` is the token the server drew (may lie outside the
     top-k). ``dropped`` counts entries that could not be used (unknown bytes, non-end special
     tokens, sentinel logprobs). ``empty_entry``: llama.cpp only, its ``""`` entry, which the
-    client resolves (see ``hosted.py``).
+    client resolves (see ``hosts/``).
     """
 
     candidates: tuple[Candidate, ...]
     sampled: Candidate | None
     dropped: int = 0
     empty_entry: "EmptyEntry | None" = None
+
+    @property
+    def end_unresolved(self) -> bool:
+        """An entry here may be the end of text and the client could not tell from this answer
+        (llama.cpp's shared ``""`` entry inside a chunk): ask this position alone, as a one-token
+        greedy request, which the client resolves."""
+        return self.empty_entry is not None
 
 
 @dataclass(frozen=True)

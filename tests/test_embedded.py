@@ -6,8 +6,8 @@ from importlib import metadata
 import pytest
 
 from blackbox_proxy import ConfigurationError, ModelLoadError
-from blackbox_proxy import embedded
-from blackbox_proxy.demo import check_installed, model_server
+from blackbox_proxy.harness import embedded
+from blackbox_proxy.harness.demo import check_installed, model_server
 
 
 def test_missing_model_package_names_the_pip_command(monkeypatch):

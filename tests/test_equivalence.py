@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from blackbox_proxy import HostedClient, HostedRequest, ProxyTuner
-from blackbox_proxy.aligner import Aligner
+from blackbox_proxy.tokens.aligner import Aligner
 
 PROMPTS = ["The quick brown", "A café in Zürich sells", "Question: what is 12 + 30? Answer:", "def add(a, b):"]
 

@@ -14,7 +14,7 @@ from blackbox_proxy import (
     Scorer,
     TokenizerMismatchError,
 )
-from blackbox_proxy.server import free_port
+from blackbox_proxy.apps.model_server import free_port
 
 SECRET = "sk-test-SECRET-abcdef123456"
 
@@ -154,7 +154,7 @@ def test_generate_names_the_small_model_whose_context_is_too_short(server_a, sco
 def test_cli_validation_is_one_line(server_a, saved_a, args, fragment):
     from click.testing import CliRunner
 
-    from blackbox_proxy.cli import main
+    from blackbox_proxy.apps.cli import main
 
     base = ["generate", "--base-url", server_a.base_url, "--model", "tiny", "--expert", str(saved_a["E"]),
             "--anti-expert", str(saved_a["A"]), "--prompt", "Hello", "--max-tokens", "2"]

@@ -12,10 +12,10 @@ import torch
 from scipy.stats import chisquare
 
 from blackbox_proxy import ProxyTuner, Scorer
-from blackbox_proxy import speculative as spec
-from blackbox_proxy.aligner import Aligner
-from blackbox_proxy.decoder import DecodeParams
-from blackbox_proxy.fidelity import run_same_tokenizer, speculative_distribution, write_report
+from blackbox_proxy.decoding import speculative as spec
+from blackbox_proxy.tokens.aligner import Aligner
+from blackbox_proxy.decoding.base import DecodeParams
+from blackbox_proxy.harness.fidelity import run_same_tokenizer, speculative_distribution, write_report
 from blackbox_proxy.types import Candidate, HostedPosition, HostedResult, HostedUsage
 from blackbox_proxy.whitebox import WhiteBoxTuner
 
@@ -64,8 +64,8 @@ def test_computed_distribution_matches_real_speculative_draws(tok_a):
     from test_speculative import MemoSession, concentrated
     from tiny import tiny_llama
 
-    from blackbox_proxy.speculative import SpeculativeDecoder
-    from blackbox_proxy.vocab import vocabulary_from_hf
+    from blackbox_proxy.decoding.speculative import SpeculativeDecoder
+    from blackbox_proxy.tokens.vocab import vocabulary_from_hf
 
     live = [tok_a.convert_tokens_to_ids(t) for t in ["a", "b", "c", "d", "e", "f"]]
     large, expert, anti = (concentrated(tiny_llama(tok_a, s, hidden=32), live, s) for s in (20, 21, 22))

@@ -15,8 +15,8 @@ from openai.types.chat import ChatCompletion
 
 from blackbox_proxy import ConfigurationError, HostedRequest, HostedResponseError
 from blackbox_proxy.types import EmptyEntry
-from blackbox_proxy.hosted import HostedClient, ResponseParser, decode_token_text, normalise_base_url, retry_delay
-from blackbox_proxy.vocab import vocabulary_from_hf
+from blackbox_proxy.hosts.client import HostedClient, ResponseParser, decode_token_text, normalise_base_url, retry_delay
+from blackbox_proxy.tokens.vocab import vocabulary_from_hf
 
 
 def completion(tokens, token_logprobs, top_logprobs, text=None, finish="length"):
@@ -224,7 +224,7 @@ def test_token_ids_are_requested_when_the_vocabulary_is_known(tok_a):
 
 
 def _llama_vocab():
-    from blackbox_proxy.vocab import Vocabulary
+    from blackbox_proxy.tokens.vocab import Vocabulary
 
     # 0-4 text, 5 "<eos>" (end), 6 "<ctl>" (control), 7-9 pieces of "€", 10 b" \xe2" (prints " "),
     # 11 b"\xe2\x82", 12 b"a", 13 b"a\xe2" (prints "a")
@@ -373,7 +373,7 @@ def test_dialect_detection_from_owned_by(owner, dialect, tok_a):
 
 
 def test_llama_cpp_drawn_pieces_of_a_character_are_read_back_from_the_text():
-    from blackbox_proxy.vocab import Vocabulary
+    from blackbox_proxy.tokens.vocab import Vocabulary
 
     pieces = [b"a", b"\xe2", b"\x82", b"\xac", b" x", b"\xe2\x82", None]
     vocab = Vocabulary(pieces, encode=lambda s: [], end_ids=[6], special_text={6: "<eos>"})

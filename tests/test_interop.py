@@ -3,7 +3,7 @@
 Each server is started here on a free 127.0.0.1 port with the embedded hosted model (Gemma-3-270M
 base: llama.cpp reads its GGUF, vLLM and the project's server the converted folder, whose
 tokenizer is given a pass-through chat template so that chat-prefix mode can run), the same
-workload (``blackbox_proxy.interop``) runs against it, and the answers are compared with the
+workload (``blackbox_proxy.harness.interop``) runs against it, and the answers are compared with the
 project's own server, which is the reference. Servers are stopped by the fixtures that start
 them, one at a time (two cores).
 
@@ -22,10 +22,10 @@ import json
 import os
 import pytest
 
-from blackbox_proxy.embedded import gguf_file, prepare
-from blackbox_proxy.hosted import HostedClient
-from blackbox_proxy.interop import RESAMPLE_SAMPLES, common_prefix, compare, hosted_positions, run_workload
-from blackbox_proxy.servers import find_python, llama_cpp_server, project_server, vllm_server
+from blackbox_proxy.harness.embedded import gguf_file, prepare
+from blackbox_proxy.hosts.client import HostedClient
+from blackbox_proxy.harness.interop import RESAMPLE_SAMPLES, common_prefix, compare, hosted_positions, run_workload
+from blackbox_proxy.harness.launch import find_python, llama_cpp_server, project_server, vllm_server
 from blackbox_proxy.types import HostedRequest
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
@@ -50,8 +50,8 @@ def _python(kind: str) -> str:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from blackbox_proxy.demo import load_pair
-    from blackbox_proxy.tasks import problems
+    from blackbox_proxy.harness.demo import load_pair
+    from blackbox_proxy.harness.tasks import problems
 
     gemma = prepare("gemma3", progress=False)
     # the converted folder, linked, with a pass-through chat template (Gemma base has none)
@@ -106,7 +106,7 @@ def reference(setup):
 def _vocab(setup):
     from transformers import AutoTokenizer
 
-    from blackbox_proxy.vocab import vocabulary_from_hf
+    from blackbox_proxy.tokens.vocab import vocabulary_from_hf
 
     if "vocab" not in setup:
         setup["vocab"] = vocabulary_from_hf(AutoTokenizer.from_pretrained(str(setup["gemma"])))

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from blackbox_proxy import ProxyTuner, Scorer
-from blackbox_proxy.embedded import adapter_path, is_valid, prepare
-from blackbox_proxy.tasks import STOP, problems, score
+from blackbox_proxy.harness.embedded import adapter_path, is_valid, prepare
+from blackbox_proxy.harness.tasks import STOP, problems, score
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def pair(smollm2_dir):
 
 @pytest.fixture(scope="module")
 def gemma_server(gemma_dir):
-    from blackbox_proxy.server import ModelRunner, ServerThread, create_app
+    from blackbox_proxy.apps.model_server import ModelRunner, ServerThread, create_app
 
     runner = ModelRunner.from_pretrained(str(gemma_dir), name="gemma-3-270m")
     with ServerThread(create_app(runner)) as server:
@@ -127,7 +127,7 @@ def test_demo_command_end_to_end():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "blackbox_proxy.cli", "demo", "--prompts", "1", "--max-tokens", "16",
+    proc = subprocess.run([sys.executable, "-m", "blackbox_proxy.apps.cli", "demo", "--prompts", "1", "--max-tokens", "16",
                            "--port", str(port)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "hosted alone" in proc.stdout and "proxy-tuned" in proc.stdout and "API calls" in proc.stdout

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from blackbox_proxy import ConfigurationError, ProxyTuner, Scorer
-from blackbox_proxy.resample import effective_sample_size, sequence_log_weight
+from blackbox_proxy.decoding.resample import effective_sample_size, sequence_log_weight
 
 from test_speculative import MemoSession, concentrated
 
@@ -136,9 +136,9 @@ def test_cli_and_served_resample(server_a, saved_a, tok_a, models_a):
     from click.testing import CliRunner
 
     from blackbox_proxy import AsyncProxyTuner
-    from blackbox_proxy.cli import main
-    from blackbox_proxy.serve import create_tuned_app
-    from blackbox_proxy.server import ServerThread
+    from blackbox_proxy.apps.cli import main
+    from blackbox_proxy.apps.tuned_server import create_tuned_app
+    from blackbox_proxy.apps.model_server import ServerThread
 
     args = ["generate", "--base-url", server_a.base_url, "--model", "tiny", "--expert", str(saved_a["E"]),
             "--anti-expert", str(saved_a["A"]), "--mode", "chat", "--strategy", "resample", "--samples", "5",

@@ -4,7 +4,7 @@ import random
 
 import torch
 
-from blackbox_proxy.scorer import CachedContext
+from blackbox_proxy.local.engine import CachedContext
 
 
 def full_logprobs(model, ids):

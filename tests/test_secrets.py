@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from blackbox_proxy import HostedAuthenticationError, HostedBadRequestError, ProxyTuner
-from blackbox_proxy.server import ModelRunner, ServerThread, create_app
+from blackbox_proxy.apps.model_server import ModelRunner, ServerThread, create_app
 
 from faults import FaultyApp
 
@@ -52,7 +52,7 @@ def test_no_file_or_console_output_holds_the_key(tmp_path, keyed_server, saved_a
     inp.write_text("\n".join(json.dumps({"id": i, "prompt": p}) for i, p in
                              enumerate(["The quick", "A café", "Numbers: 1", "She said"])) + "\n", encoding="utf-8")
     out = runs / "out.jsonl"
-    base = [sys.executable, "-m", "blackbox_proxy.cli", "batch", "-vv", "--base-url", keyed_server.base_url,
+    base = [sys.executable, "-m", "blackbox_proxy.apps.cli", "batch", "-vv", "--base-url", keyed_server.base_url,
             "--model", "tiny", "--expert", str(saved_a["E"]), "--anti-expert", str(saved_a["A"]),
             "--expert-render", "raw", "--anti-expert-render", "raw", "--top-k", "8", "--max-tokens", "4",
             "--input", str(inp), "--output", str(out), "--cache", str(runs / "cache.sqlite"), "--trace",
@@ -100,7 +100,7 @@ def test_placeholders_and_short_words_are_not_masked(tmp_path, server_a, scorers
 
     from blackbox_proxy import AsyncProxyTuner
     from blackbox_proxy._logging import redact, register_secret
-    from blackbox_proxy.batch import arun_batch, read_done
+    from blackbox_proxy.apps.batch import arun_batch, read_done
 
     for word in ("no-key", "test", "EMPTY"):
         register_secret(word)

@@ -10,8 +10,8 @@ import openai
 import pytest
 
 from blackbox_proxy import AsyncProxyTuner, ProxyTuner, Scorer
-from blackbox_proxy.serve import create_tuned_app
-from blackbox_proxy.server import ModelRunner, ServerThread, create_app
+from blackbox_proxy.apps.tuned_server import create_tuned_app
+from blackbox_proxy.apps.model_server import ModelRunner, ServerThread, create_app
 
 from faults import FaultyApp
 

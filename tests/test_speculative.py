@@ -9,10 +9,10 @@ import torch
 from scipy.stats import chisquare
 
 from blackbox_proxy import ConfigurationError, ModeNotSupportedError, ProxyTuner
-from blackbox_proxy import speculative as spec
-from blackbox_proxy.aligner import Aligner
-from blackbox_proxy.decoder import DecodeParams
-from blackbox_proxy.speculative import PositionScore, SpeculativeDecoder, walk_greedy, walk_sampled
+from blackbox_proxy.decoding import speculative as spec
+from blackbox_proxy.tokens.aligner import Aligner
+from blackbox_proxy.decoding.base import DecodeParams
+from blackbox_proxy.decoding.speculative import PositionScore, SpeculativeDecoder, walk_greedy, walk_sampled
 from blackbox_proxy.types import Candidate, HostedPosition, HostedResult, HostedUsage
 
 LOG = math.log
@@ -155,7 +155,7 @@ def concentrated_models(tok_a):
 
 
 def run_draws(tok_a, models, n, seed0, alpha=1.0):
-    from blackbox_proxy.vocab import vocabulary_from_hf
+    from blackbox_proxy.tokens.vocab import vocabulary_from_hf
 
     large, expert, anti = models
     vocab = vocabulary_from_hf(tok_a)
@@ -323,7 +323,7 @@ def test_a_possible_end_inside_a_chunk_is_asked_alone(tok_a, concentrated_models
     stops before that position, which is then asked alone (greedy, one token), where the
     client resolves it, and the choice there is made like per-step."""
     from blackbox_proxy.types import EmptyEntry
-    from blackbox_proxy.vocab import vocabulary_from_hf
+    from blackbox_proxy.tokens.vocab import vocabulary_from_hf
 
     models, live = concentrated_models
     large, expert, anti = models

@@ -2,7 +2,7 @@
 
 import pytest
 
-from blackbox_proxy.vocab import (
+from blackbox_proxy.tokens.vocab import (
     Vocabulary,
     load_hosted_vocabulary,
     split_utf8,

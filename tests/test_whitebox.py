@@ -82,7 +82,7 @@ def test_black_box_with_the_whole_vocabulary_equals_white_box(server_a, tok_a, m
 def test_cli_white_box(saved_a, tok_a):
     from click.testing import CliRunner
 
-    from blackbox_proxy.cli import main
+    from blackbox_proxy.apps.cli import main
 
     args = ["generate", "--strategy", "white-box", "--base", str(saved_a["L"]), "--expert", str(saved_a["E"]),
             "--anti-expert", str(saved_a["A"]), "--expert-render", "raw", "--anti-expert-render", "raw",

@@ -32,11 +32,11 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _constants as C
-from .decoder import DecoderBase
-from .errors import HostedResponseError
+from .. import _constants as C
+from .base import DecoderBase
+from ..errors import HostedResponseError
 from .speculative import log_normaliser, tail_log_weight
-from .types import GenerationResult, HostedRequest, HostedResult, SampleTrace, Usage
+from ..types import GenerationResult, HostedRequest, HostedResult, SampleTrace, Usage
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import click
 
-from . import _constants as C
-from .errors import ProxyTuningError
-from .hosted import DIALECTS
+from .. import _constants as C
+from ..errors import ProxyTuningError
+from ..hosts.client import DIALECTS
 
 
 def _fail(message: str) -> None:
@@ -146,10 +146,10 @@ def generate(**o: Any) -> None:
         --expert ./expert --anti-expert ./base --prompt "Question: 2+3?" --max-tokens 16
     """
     _setup_logging(o["verbose"])
-    from .errors import ConfigurationError
+    from ..errors import ConfigurationError
 
     if o["strategy"] == "white-box":
-        from .whitebox import WhiteBoxTuner
+        from ..whitebox import WhiteBoxTuner
 
         if not o["base"]:
             raise ConfigurationError("the white-box strategy needs the large model locally: pass --base MODEL")
@@ -160,7 +160,7 @@ def generate(**o: Any) -> None:
         options.pop("strategy"), options.pop("chunk"), options.pop("samples")
         [result] = white.generate(o["prompt"], **options)
     else:
-        from .tuner import ProxyTuner
+        from ..tuner import ProxyTuner
 
         if o["base"]:
             raise ConfigurationError("--base is for --strategy white-box; black-box strategies reach the large model "
@@ -298,10 +298,10 @@ def serve(**o: Any) -> None:
 
     import uvicorn
 
-    from .errors import ConfigurationError
-    from .hosted import HostedClient
-    from .serve import create_tuned_app
-    from .tuner import AsyncProxyTuner
+    from ..errors import ConfigurationError
+    from ..hosts.client import HostedClient
+    from .tuned_server import create_tuned_app
+    from ..tuner import AsyncProxyTuner
 
     server_key = o["server_api_key"]
     if server_key is not None and not server_key.strip():
@@ -349,8 +349,8 @@ def compare(preset: str, prompts: int, max_tokens: int, alpha: float, k_ref: int
     strategy draws. Writes OUT/fidelity.json, OUT/fidelity.md and PNG plots.
     """
     _setup_logging(verbose)
-    from .errors import ConfigurationError
-    from .fidelity import run_preset, write_report
+    from ..errors import ConfigurationError
+    from ..harness.fidelity import run_preset, write_report
 
     alpha_ok = alpha == alpha and abs(alpha) != float("inf")
     if not alpha_ok:
@@ -358,7 +358,7 @@ def compare(preset: str, prompts: int, max_tokens: int, alpha: float, k_ref: int
     report = run_preset(preset, prompts=prompts, max_tokens=max_tokens, alpha=alpha, k_ref=k_ref,
                         progress=False if no_progress else None)
     paths = write_report(report, out_dir)
-    from .fidelity import markdown
+    from ..harness.fidelity import markdown
 
     click.echo(markdown(report))
     click.echo("wrote " + ", ".join(str(p) for p in paths), err=True)
@@ -395,8 +395,8 @@ def serve_model(model: str, host: str, port: int, name: str | None, max_top_logp
 
     import uvicorn
 
-    from .errors import ConfigurationError, ModelLoadError
-    from .server import ModelRunner, create_app
+    from ..errors import ConfigurationError, ModelLoadError
+    from .model_server import ModelRunner, create_app
 
     if max_top_logprobs < 0:
         raise ConfigurationError(f"--max-top-logprobs must be >= 0, got {max_top_logprobs}")
@@ -434,7 +434,7 @@ def demo(prompts: int, max_tokens: int, alpha: float, top_k: int, port: int | No
     and proxy-tuned answers side by side.
     """
     _setup_logging(verbose)
-    from .demo import check_installed, run_demo
+    from ..harness.demo import check_installed, run_demo
 
     check_installed()
     run_demo(prompts=prompts, max_tokens=max_tokens, alpha=alpha, port=port, top_k=top_k, echo=click.echo)

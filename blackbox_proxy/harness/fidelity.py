@@ -36,9 +36,9 @@ from typing import Any
 
 import torch
 
-from . import combiner
-from .speculative import MIN_TAIL_MASS
-from .whitebox import kl_divergence, total_variation
+from ..maths import combiner
+from ..decoding.speculative import MIN_TAIL_MASS
+from ..whitebox import kl_divergence, total_variation
 
 KS = (1, 2, 5, 10, 20, "all")
 
@@ -367,16 +367,16 @@ def run_preset(preset: str, *, prompts: int = 8, max_tokens: int = 24, alpha: fl
     ``same-tokenizer``: SmolLM2-135M-Instruct (adapter off) is the hosted model, behind this
     project's server allowing k = its whole vocabulary; the expert is it with the arithmetic LoRA.
     ``cross-tokenizer``: Gemma-3-270M (base) hosted, the same SmolLM2 pair; reference k = ``k_ref``.
-    Prompts: the first ``prompts`` held-out problems of :mod:`blackbox_proxy.tasks`.
+    Prompts: the first ``prompts`` held-out problems of :mod:`blackbox_proxy.harness.tasks`.
     """
     from .demo import HOSTED_NAME, check_installed, load_pair
     from .embedded import prepare
-    from .errors import ConfigurationError
-    from .scorer import Scorer
-    from .server import ModelRunner, ServerThread, create_app
+    from ..errors import ConfigurationError
+    from ..local.scorer import Scorer
+    from ..apps.model_server import ModelRunner, ServerThread, create_app
     from .tasks import problems
-    from .tuner import ProxyTuner
-    from .whitebox import WhiteBoxTuner
+    from ..tuner import ProxyTuner
+    from ..whitebox import WhiteBoxTuner
 
     if preset not in PRESETS:
         raise ConfigurationError(f"preset must be one of {', '.join(PRESETS)}; got {preset!r}")

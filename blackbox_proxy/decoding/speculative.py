@@ -45,9 +45,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .decoder import DecoderBase, _is_utf8
-from .errors import HostedResponseError
-from .types import Candidate, ChunkTrace, HostedRequest, HostedResult, Usage
+from .base import DecoderBase, _is_utf8
+from ..errors import HostedResponseError
+from ..types import Candidate, ChunkTrace, HostedRequest, HostedResult, Usage
 
 # A small model's mass outside C must be at least this for its tail ratio to be trusted.
 MIN_TAIL_MASS = 0.01
@@ -256,9 +256,9 @@ class SpeculativeDecoder(DecoderBase):
         usable = []
         unresolved = False
         for pos in positions:
-            if pos.empty_entry is not None:
-                # llama.cpp: an entry that may be the end is not resolved inside a chunk; the
-                # position is asked alone, where the client resolves it (hosted._resolve_end)
+            if pos.end_unresolved:
+                # an entry that may be the end is not resolved inside a chunk; the position is
+                # asked alone, where the client resolves it
                 notes.append("a top entry that may be the end of text; the chunk was cut there")
                 unresolved = True
                 break

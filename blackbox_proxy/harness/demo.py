@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigurationError, ModelLoadError
-from .servers import project_server
+from ..errors import ConfigurationError, ModelLoadError
+from .launch import project_server
 
 HOSTED_NAME = "gemma-3-270m"
 
@@ -27,7 +27,7 @@ model_server = project_server
 def load_pair(*, device: str | None = None, dtype: Any = None) -> tuple[Any, Any]:
     """(expert, anti-expert): SmolLM2-135M-Instruct with the shipped adapter on / off."""
     from .embedded import adapter_path, prepare
-    from .scorer import Scorer
+    from ..local.scorer import Scorer
 
     expert, anti = Scorer.pair_from_adapter(str(prepare("smollm2")), str(adapter_path()), device=device, dtype=dtype)
     expert.name, anti.name = "SmolLM2-135M-Instruct+arith-LoRA", "SmolLM2-135M-Instruct"
@@ -56,7 +56,7 @@ def run_demo(*, prompts: int = 3, max_tokens: int = 40, alpha: float = 1.0, port
 
     from .embedded import prepare
     from .tasks import STOP, problems, score
-    from .tuner import ProxyTuner
+    from ..tuner import ProxyTuner
 
     if prompts < 1:
         raise ConfigurationError(f"--prompts must be >= 1, got {prompts}")

@@ -22,7 +22,7 @@ or with ``"skip"`` is written to ``<output>.errors.jsonl`` and retried by the ne
 
 Prompts run concurrently (``concurrency`` at a time): their API calls overlap, and the small
 models' scoring of several prompts is batched into shared forwards by the tuner's
-:class:`~blackbox_proxy.scorer.ScoringQueue`.
+:class:`~blackbox_proxy.local.scorer.ScoringQueue`.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._logging import redact
-from .errors import ConfigurationError, ProxyTuningError
+from .._logging import redact
+from ..errors import ConfigurationError, ProxyTuningError
 
 logger = logging.getLogger(__name__)
 
@@ -346,7 +346,7 @@ def run_batch(
                             tuner=dict(base_url=URL, model="gemma", anti_expert=BASE, expert_adapter=LORA),
                             concurrency=8, max_tokens=40, alpha=1.0)
     """
-    from .tuner import AsyncProxyTuner
+    from ..tuner import AsyncProxyTuner
 
     read_items(input_path, on_error=on_error)  # a malformed file fails before any model loads
     if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import ConfigurationError, ProxyTuningError
+from ..errors import ConfigurationError, ProxyTuningError
 
 PYTHON_ENV = {"llama.cpp": "BLACKBOX_PROXY_LLAMA_CPP_PYTHON", "vllm": "BLACKBOX_PROXY_VLLM_PYTHON"}
 _MODULES = {"llama.cpp": "llama_cpp.server", "vllm": "vllm.entrypoints.openai.api_server"}
@@ -153,7 +153,7 @@ def project_server(model_dir: Path, *, name: str, port: int | None = None, host:
                    startup_timeout: float = 300.0, threads: int | None = None) -> Iterator[str]:
     """``blackbox-proxy serve-model`` in a child process. ``threads``: CPU threads for its torch."""
     port, root = _address(host, port)
-    cmd = [sys.executable, "-m", "blackbox_proxy.cli", "serve-model", str(model_dir), "--host", host,
+    cmd = [sys.executable, "-m", "blackbox_proxy.apps.cli", "serve-model", str(model_dir), "--host", host,
            "--port", str(port), "--name", name]
     with serve_process(cmd, ready_url=f"{root}/health", base_url=f"{root}/v1", env=_threads_env(threads),
                        startup_timeout=startup_timeout, what="the model server") as url:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 

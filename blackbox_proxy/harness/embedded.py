@@ -27,7 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelLoadError, ProxyTuningError
+from ..errors import ModelLoadError, ProxyTuningError
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ DIGITS_PRE_TOKENIZER = {
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
     ],
 }
-ADAPTER_DIR = Path(__file__).parent / "data" / "smollm2-arith-lora"
+ADAPTER_DIR = Path(__file__).parent.parent / "data" / "smollm2-arith-lora"
 
 
 class CacheSpaceError(ProxyTuningError):

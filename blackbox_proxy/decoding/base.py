@@ -28,11 +28,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import combiner
-from ._constants import PROB_FLOOR
-from .aligner import Aligner
-from .errors import HostedResponseError
-from .types import (
+from ..maths import combiner
+from .._constants import PROB_FLOOR
+from ..tokens.aligner import Aligner
+from ..errors import HostedResponseError
+from ..types import (
     Candidate,
     CandidateTrace,
     GenerationResult,
@@ -42,7 +42,7 @@ from .types import (
     StepTrace,
     Usage,
 )
-from .vocab import Vocabulary, split_utf8
+from ..tokens.vocab import Vocabulary, split_utf8
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 
 def validate_alpha(alpha: float) -> float:

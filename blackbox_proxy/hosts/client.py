@@ -42,7 +42,7 @@ Retries live here too, and only here (the SDK's own retries are turned off): con
 timeouts and 408/409/429/5xx are retried with jittered exponential backoff, ``retry-after`` is
 honoured, and attempts and total waiting are capped (numbers in ``_constants.py``). A 200
 whose logprobs are missing or truncated is asked again once, then reported. An optional
-:class:`~blackbox_proxy.cache.ResponseCache` answers identical requests without a call.
+:class:`~blackbox_proxy.hosts.cache.ResponseCache` answers identical requests without a call.
 """
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ from collections.abc import Generator, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
-from . import _constants as C
-from ._logging import redact, register_secret
-from .errors import (
+from .. import _constants as C
+from .._logging import redact, register_secret
+from ..errors import (
     ConfigurationError,
     HostedAPIError,
     HostedAuthenticationError,
@@ -73,8 +73,8 @@ from .errors import (
     HostedResponseError,
 )
 from .cache import ResponseCache
-from .types import MODES, Candidate, EmptyEntry, HostedPosition, HostedRequest, HostedResult, HostedUsage
-from .vocab import Vocabulary
+from ..types import MODES, Candidate, EmptyEntry, HostedPosition, HostedRequest, HostedResult, HostedUsage
+from ..tokens.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -576,6 +576,21 @@ class _HostedBase:
     def dialect(self, value: str | None) -> None:
         self._dialect = value
         self.parser.llama_cpp = value == "llama.cpp"
+
+    @property
+    def top_k_cap(self) -> int | None:
+        """The most top logprobs this host returns in this mode (None: unknown, the server says)."""
+        if self.dialect == "openai":
+            return C.OPENAI_COMPLETIONS_MAX_LOGPROBS if self.mode == "completions" else C.OPENAI_CHAT_MAX_TOP_LOGPROBS
+        if self.dialect == "deepseek":
+            return C.OPENAI_CHAT_MAX_TOP_LOGPROBS
+        return None
+
+    @property
+    def default_top_k(self) -> int:
+        """The k asked when the user gives none: ``DEFAULT_TOP_K``, within the host's cap."""
+        cap = self.top_k_cap
+        return C.DEFAULT_TOP_K if cap is None else min(cap, C.DEFAULT_TOP_K)
 
     @property
     def max_choices(self) -> int:

@@ -22,9 +22,9 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import ConfigurationError
-from .hosted import HostedClient
-from .types import HostedRequest
+from ..errors import ConfigurationError
+from ..hosts.client import HostedClient
+from ..types import HostedRequest
 
 RUNS = ("per-step", "speculative-greedy", "speculative-sampled", "resample", "chat-prefix")
 RESAMPLE_SAMPLES = 2
@@ -82,7 +82,7 @@ def run_workload(base_url: str, *, model: str, expert: Any, anti_expert: Any, ho
                  top_k: int = 10, alpha: float = 1.0, stop: Sequence[str] | None = None,
                  runs: Sequence[str] = RUNS, dialect: str | None = None) -> WorkloadResult:
     """Run the workload against the host at ``base_url`` (see the module docstring)."""
-    from .tuner import ProxyTuner
+    from ..tuner import ProxyTuner
 
     unknown = set(runs) - set(RUNS)
     if unknown:

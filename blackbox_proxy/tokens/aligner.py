@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._constants import PROB_FLOOR
-from .types import Candidate
+from .._constants import PROB_FLOOR
+from ..types import Candidate
 from .vocab import Vocabulary, split_utf8
 
 

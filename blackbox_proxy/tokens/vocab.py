@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._constants import END_TOKEN_STRINGS
-from .errors import ConfigurationError, ModelLoadError
+from .._constants import END_TOKEN_STRINGS
+from ..errors import ConfigurationError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 

@@ -34,10 +34,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from ._logging import register_secret
-from .scorer import CachedContext, model_lock, select_device
-from .servers import free_port  # noqa: F401 - re-exported for tests and callers
-from .vocab import Vocabulary, vocabulary_from_hf
+from .._logging import register_secret
+from ..local.engine import CachedContext, model_lock, select_device
+from ..harness.launch import free_port  # noqa: F401 - re-exported for tests and callers
+from ..tokens.vocab import Vocabulary, vocabulary_from_hf
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ the weights) unshared. :class:`ScoringQueue` collects the requests that arrive w
 is busy and runs them as ONE forward: each context's KV cache is left-padded to the longest and
 stacked along the batch dimension, each row's new tokens and trie nodes are right-padded, and a
 4D mask per row keeps every row to its own context, causal order and trie (as in
-:meth:`~blackbox_proxy.scorer.CachedContext.score_groups`). Afterwards each context gets its own
+:meth:`~blackbox_proxy.local.engine.CachedContext.score_groups`). Afterwards each context gets its own
 cache back, without padding and without the trie's entries.
 
 Batching needs no waiting: the first request finds the model free and runs at once; requests
@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from .engine import new_cache
 
 Path_ = tuple[int, ...]
 
@@ -227,14 +229,12 @@ class ScoringQueue:
         cache = _cache_from(layers) if big_k else None
         kwargs = _merged_kwargs(contexts)
         try:
-            from .scorer import _new_cache
-
             with torch.inference_mode(), first._forward_context():
-                out = model(input_ids=input_ids, cache=cache if cache is not None else _new_cache(), use_cache=True,
+                out = model(input_ids=input_ids, cache=cache if cache is not None else new_cache(), use_cache=True,
                             attention_mask=mask, position_ids=positions, **kwargs)
             logprobs = torch.log_softmax(out.logits.float(), dim=-1)
-            new_cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-            after = _layers(new_cache)
+            grown = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+            after = _layers(grown)
             if after is None:
                 raise RuntimeError("the model returned a cache this queue cannot split")
         except BaseException as exc:  # noqa: BLE001

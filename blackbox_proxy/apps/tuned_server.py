@@ -12,7 +12,7 @@ generated tokens; ``proxy_usage`` adds what the hosted API billed (its prompt an
 tokens), the API calls made, and seconds spent waiting for it vs scoring locally.
 
 Concurrent requests share one copy of each small model: their API calls overlap, and their
-scoring shares forwards through the scoring queue (:mod:`blackbox_proxy.batching`).
+scoring shares forwards through the scoring queue (:mod:`blackbox_proxy.local.batching`).
 
 Errors are OpenAI's error JSON: 400 for a request the tuned model cannot serve (with the reason),
 401 without the server's own ``api_key`` when one is set, 404 for another model name, and 502
@@ -36,12 +36,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ._logging import redact
+from .._logging import redact
 from .batch import _gather_or_cancel
-from .errors import ConfigurationError, HostedAPIError, ProxyTuningError
-from .server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_LIMIT, APIError, _as_list, _number, install_openai_plumbing, read_json
-from .tuner import STRATEGIES
-from .types import GenerationResult
+from ..errors import ConfigurationError, HostedAPIError, ProxyTuningError
+from .model_server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_LIMIT, APIError, _as_list, _number, install_openai_plumbing, read_json
+from ..tuner import STRATEGIES
+from ..types import GenerationResult
 
 logger = logging.getLogger(__name__)
 

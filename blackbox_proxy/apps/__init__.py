@@ -1,0 +1,1 @@
+"""Front ends: the CLI, batch runs and the two OpenAI-compatible servers."""

@@ -1,0 +1,1 @@
+"""Small local models (expert, anti-expert): the forward engine, loading, sessions, batching."""

@@ -1,0 +1,235 @@
+"""Small local models (expert and anti-expert) that give next-token log-probabilities.
+
+A :class:`Scorer` wraps one Hugging Face causal LM, its tokenizer and its prompt rendering:
+loading (a model folder, or one base with a LoRA adapter toggled on and off), prompt ids,
+plain greedy generation, and a one-time self-check that the model honours the custom 4D masks
+of tree attention (models whose attention ignores them fall back to one forward per path).
+
+Left out: the KV-cache engine (``engine.py``) and one generation's state (``sessions.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..errors import ConfigurationError, ModelLoadError
+from ..tokens.vocab import Vocabulary, vocabulary_from_hf
+from .engine import CachedContext, model_lock, select_device
+from .sessions import ScorerSession
+
+logger = logging.getLogger(__name__)
+
+
+class Scorer:
+    """One small causal LM with its tokenizer, vocabulary and prompt rendering.
+
+    Args:
+        model: a Hugging Face ``PreTrainedModel`` for causal LM (or a peft model).
+        tokenizer: its fast tokenizer.
+        render: ``"chat"`` (the tokenizer's chat template), ``"raw"`` (the prompt text as is) or
+            ``"auto"`` (chat when the tokenizer has a template).
+        name: shown in messages and traces.
+        adapter: ``None`` (plain model), ``True``/``False`` (a peft model with its adapter on or
+            off; one model object can then serve as both expert and anti-expert).
+
+    Example::
+
+        expert = Scorer.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
+        session = expert.session(expert.prompt_ids(prompt="2+2="))
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        render: str = "auto",
+        name: str | None = None,
+        adapter: bool | None = None,
+        vocabulary: Vocabulary | None = None,
+        lock: threading.Lock | None = None,
+    ) -> None:
+        if adapter is not None and not hasattr(model, "disable_adapter"):
+            raise ConfigurationError("adapter=True/False needs a peft model (PeftModel) with a LoRA adapter")
+        if render not in ("auto", "chat", "raw"):
+            raise ConfigurationError(f"render must be 'auto', 'chat' or 'raw', got {render!r}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name or str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if render == "chat" and not has_template:
+            raise ConfigurationError(f"{self.name} has no chat template; use render='raw'")
+        self.render = ("chat" if has_template else "raw") if render == "auto" else render
+        self.adapter = adapter
+        self.adapter_name: str | None = None
+        if adapter is not None:
+            active = getattr(model, "active_adapter", None)
+            self.adapter_name = active if isinstance(active, str) else None
+        self._mixed_ok: bool | None = None
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        extra_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+        self.vocab = vocabulary or vocabulary_from_hf(tokenizer, end_ids=extra_eos, name=self.name)
+        self.lock = lock or model_lock(model)
+        self.device = next(model.parameters()).device
+        self.max_length = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+        window = getattr(model.config, "sliding_window", None)
+        if getattr(model.config, "use_sliding_window", True) is False:
+            window = None
+        # Past this length the tree mask (which has no window) would let sliding layers see too far.
+        self.sliding_window: int | None = int(window) if window else None
+        self._tree_ok: bool | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        device: str | None = None,
+        dtype: Any = None,
+        render: str = "auto",
+        name: str | None = None,
+    ) -> "Scorer":
+        """Load a Hugging Face causal LM and tokenizer (local folder or offline cache)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        target = select_device(device)
+        if dtype is None:
+            dtype = torch.float32 if target.type == "cpu" else "auto"
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
+            raise ModelLoadError(
+                f"cannot load {name_or_path!r} as a causal LM ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                "pass a local model folder or a Hugging Face name available offline"
+            ) from exc
+        return cls(model.to(target), tokenizer, render=render, name=name or str(name_or_path))
+
+    @classmethod
+    def pair_from_adapter(
+        cls,
+        base: str,
+        adapter: str,
+        *,
+        device: str | None = None,
+        dtype: Any = None,
+        render: str = "auto",
+    ) -> tuple["Scorer", "Scorer"]:
+        """(expert, anti_expert) from ONE model in memory: ``base`` with the LoRA ``adapter``
+        switched on for the expert and off for the anti-expert (peft's adapter toggling)."""
+        anti = cls.from_pretrained(base, device=device, dtype=dtype, render=render, name=str(base))
+        try:
+            from peft import PeftModel
+        except ImportError:
+            raise ModelLoadError("an expert adapter needs peft: run `pip install peft`") from None
+        try:
+            peft_model = PeftModel.from_pretrained(anti.model, str(adapter))
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(
+                f"cannot load the LoRA adapter {str(adapter)!r} onto {base!r} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:160]}); pass the folder holding adapter_config.json"
+            ) from exc
+        peft_model.eval()
+        vocab = anti.vocab
+        expert = cls(peft_model, anti.tokenizer, render=anti.render, name=f"{base}+{adapter}", adapter=True,
+                     vocabulary=vocab)
+        anti_expert = cls(peft_model, anti.tokenizer, render=anti.render, name=str(base), adapter=False,
+                          vocabulary=vocab)
+        return expert, anti_expert
+
+    # ----- prompts -----------------------------------------------------------------------------
+    def prompt_ids(self, *, prompt: str | None = None, messages: Sequence[dict[str, str]] | None = None) -> list[int]:
+        """Token ids of the rendered prompt (the continuation is appended after these)."""
+        if self.render == "chat":
+            if messages is None:
+                messages = [{"role": "user", "content": prompt or ""}]
+            text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+            ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        else:
+            if prompt is None:
+                raise ConfigurationError(
+                    f"{self.name} renders raw text (no chat template): pass prompt=TEXT, not messages"
+                )
+            ids = list(self.tokenizer.encode(prompt, add_special_tokens=True))
+        if not ids:
+            raise ConfigurationError(f"the prompt renders to no tokens for {self.name}; pass a non-empty prompt")
+        if self.max_length and len(ids) >= self.max_length:
+            raise ConfigurationError(
+                f"the prompt is {len(ids)} tokens for {self.name}, whose context is {self.max_length}; shorten it"
+            )
+        return ids
+
+    # ----- forward helpers ----------------------------------------------------------------------
+    def forward_context(self) -> Any:
+        if self.adapter is False:
+            return self.model.disable_adapter()
+        return contextlib.nullcontext()
+
+    def session(self, prompt_ids: Sequence[int], *, batching: bool = False) -> "ScorerSession":
+        return ScorerSession(self, prompt_ids, batching=batching)
+
+    def generate(
+        self,
+        *,
+        prompt: str | None = None,
+        messages: Sequence[dict[str, str]] | None = None,
+        max_tokens: int = 64,
+        stop: Sequence[str] = (),
+    ) -> str:
+        """Greedy text from this model alone (e.g. "expert alone" baselines), KV-cached."""
+        session = self.session(self.prompt_ids(prompt=prompt, messages=messages))
+        ids: list[int] = []
+        try:
+            for _ in range(max_tokens):
+                token = int(torch.argmax(session.distributions(ids)[()]))
+                if token in self.vocab.end_ids:
+                    break
+                ids.append(token)
+                text = self.vocab.bytes_of(ids).decode("utf-8", errors="replace")
+                hits = [text.find(s) for s in stop if s and s in text]
+                if hits:
+                    return text[: min(hits)]
+        finally:
+            session.close()
+        return self.vocab.bytes_of(ids).decode("utf-8", errors="replace")
+
+    def check_tree_attention(self) -> bool:
+        """Compare tree-attention scoring with sequential forwards once; cache the verdict."""
+        if self._tree_ok is not None:
+            return self._tree_ok
+        probe = self.vocab.encode_text("The quick brown fox jumps over the lazy dog, twice.")
+        if len(probe) < 6:
+            probe = list(self.vocab.sorted_ids[:6])
+        ctx_ids, a, b, c = probe[:3], probe[3], probe[4], probe[5]
+        with self.lock:
+            try:
+                ctx = CachedContext(self.model, forward_context=self.forward_context)
+                ctx.extend_to(ctx_ids[:1])
+                ctx.tree_ok = True
+                fast = ctx.score(ctx_ids, [(a, c), (b,)])  # new context tokens and trie in one forward
+                worst = 0.0
+                for path in [(), (a,), (a, c), (b,)]:
+                    ref = CachedContext(self.model, forward_context=self.forward_context)
+                    slow = ref.extend_to(ctx_ids + list(path))
+                    # Compare probabilities: a mask that is ignored moves them by far more than this.
+                    worst = max(worst, float((fast[path].exp() - slow.exp()).abs().max()))
+            except Exception as exc:  # noqa: BLE001 - e.g. flash-attention refuses 4D masks
+                logger.warning("%s cannot take a tree attention mask (%s); scoring one path per forward",
+                               self.name, type(exc).__name__)
+                self._tree_ok = False
+                return False
+        tolerance = 2e-3 if next(self.model.parameters()).dtype == torch.float32 else 2e-2
+        self._tree_ok = worst < tolerance
+        if not self._tree_ok:
+            logger.warning(
+                "%s ignores custom attention masks (max error %.2g); scoring one path per forward",
+                self.name,
+                worst,
+            )
+        return self._tree_ok
