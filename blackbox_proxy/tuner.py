@@ -18,9 +18,7 @@ from typing import Any
 from . import _constants as C
 from .tokens.aligner import Aligner
 from .maths.combiner import validate_alpha, validate_temperature, validate_top_p
-from .decoding.base import DecodeParams, DecoderBase, PerStepDecoder
-from .decoding.resample import ResampleDecoder
-from .decoding.speculative import SpeculativeDecoder
+from .decoding import DecodeParams, DecoderBase, PerStepDecoder, ResampleDecoder, SpeculativeDecoder
 from .errors import ConfigurationError, ModeNotSupportedError, TokenizerMismatchError
 from .hosts.client import AsyncHostedClient, HostedClient
 from .local.scorer import Scorer
