@@ -1,12 +1,215 @@
 """What a generation is asked to do, validated once for every front end.
 
-Today this module holds the helpers that every front end shares (stop strings); the validated
-generation request object grows here.
+:class:`GenerationRequest` holds the generation options (the prompt or chat messages,
+``max_tokens``, ``alpha``, ``temperature``, ``top_p``, ``seed``, ``stop``, ``strategy``,
+``chunk``, ``samples``). The Python API, batch lines, the CLI and both HTTP servers build one
+and get the same checks and the same messages; :meth:`GenerationRequest.build` turns every
+failure into a one-line :class:`~blackbox_proxy.errors.ConfigurationError`.
+
+Left out: rules that depend on the tuner (the hosted mode, the host's top-k cap, the small
+models' context lengths); :meth:`blackbox_proxy.tuner.ProxyTuner.check_request` adds those.
+Each server adds its own limits (e.g. the most tokens per request) on top.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from .errors import ConfigurationError
+
+STRATEGIES = ("per-step", "speculative", "resample")
+# the options a batch line or a request body may set (besides the prompt or messages)
+OPTION_NAMES = ("max_tokens", "alpha", "temperature", "top_p", "seed", "stop", "strategy", "chunk", "samples")
+
+
+def _integer(name: str, value: Any, low: int | None = None, hint: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+        bound = f" >= {low}" if low is not None else ""
+        raise ValueError(f"{name} must be an integer{bound}{hint}, got {value!r}")
+    return value
+
+
+class Message(BaseModel):
+    """One chat message: ``role`` and text ``content``."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    role: str
+    content: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shape(cls, value: Any) -> Any:
+        if isinstance(value, Message):
+            return value
+        if (not isinstance(value, dict) or not isinstance(value.get("role"), str)
+                or not isinstance(value.get("content"), str)):
+            raise ValueError("each message must be a dict with 'role' and 'content' (strings)")
+        return value
+
+
+class GenerationRequest(BaseModel):
+    """One generation's options, validated (see the module docstring).
+
+    >>> GenerationRequest.build(prompt="2+2=", max_tokens=4, stop="\\n").stop
+    ('\\n',)
+    >>> GenerationRequest.build(prompt="2+2=", alpha=float("nan"))
+    Traceback (most recent call last):
+    ...
+    blackbox_proxy.errors.ConfigurationError: alpha must be a finite number, got nan
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prompt: str | None = None
+    messages: tuple[Message, ...] | None = None
+    max_tokens: int = 64
+    alpha: float = 1.0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    strategy: str = "per-step"
+    chunk: int | None = None  # speculative: fixed chunk length; None = adaptive
+    samples: int | None = None  # resample: answers drawn; None = the default
+
+    @classmethod
+    def build(cls, **options: Any) -> "GenerationRequest":
+        """A validated request; options left as None take their defaults. Raises
+        :class:`ConfigurationError` with the first problem's message."""
+        given = {k: v for k, v in options.items() if v is not None or k in ("prompt", "messages")}
+        try:
+            return cls(**given)
+        except ValidationError as exc:
+            raise ConfigurationError(_first_message(exc)) from None
+
+    # ----- one field at a time (before pydantic converts anything) ---------------------------------
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, value: Any) -> Any:
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ValueError("the prompt is empty; pass some text")
+        return value
+
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _max_tokens(cls, value: Any) -> int:
+        return _integer("max_tokens", value, 1)
+
+    @field_validator("alpha", mode="before")
+    @classmethod
+    def _alpha(cls, value: Any) -> float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"alpha must be a finite number, got {value!r}")
+        return float(value)
+
+    @field_validator("temperature", mode="before")
+    @classmethod
+    def _temperature(cls, value: Any) -> float:
+        if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+                or value < 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {value!r}")
+        return float(value)
+
+    @field_validator("top_p", mode="before")
+    @classmethod
+    def _top_p(cls, value: Any) -> float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 < value <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {value!r}")
+        return float(value)
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed(cls, value: Any) -> int | None:
+        return None if value is None else _integer("seed", value)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, value: Any) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            return (value,) if value else ()
+        if isinstance(value, (list, tuple)) and all(isinstance(s, str) and s for s in value):
+            return tuple(value)
+        raise ValueError(f"stop must be a string or a list of non-empty strings, got {value!r}")
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _strategy(cls, value: Any) -> str:
+        if value not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {value!r}")
+        return value
+
+    @field_validator("chunk", mode="before")
+    @classmethod
+    def _chunk(cls, value: Any) -> int | None:
+        return None if value is None else _integer("chunk", value, 1, " (or left out for adaptive)")
+
+    @field_validator("samples", mode="before")
+    @classmethod
+    def _samples(cls, value: Any) -> int | None:
+        return None if value is None else _integer("samples", value, 1)
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _messages(cls, value: Any) -> Any:
+        if value is not None and (not isinstance(value, (list, tuple)) or not value):
+            raise ValueError("messages must be a non-empty list of {'role': str, 'content': str}")
+        return value
+
+    # ----- rules between fields --------------------------------------------------------------
+    @model_validator(mode="after")
+    def _together(self) -> "GenerationRequest":
+        if self.prompt is None and self.messages is None:
+            raise ValueError("pass a prompt (text) or messages")
+        if self.prompt is not None and self.messages is not None:
+            raise ValueError("pass either a prompt or messages, not both")
+        if self.messages is not None and not any(m.content.strip() for m in self.messages):
+            raise ValueError("the messages are empty; pass some text")
+        if self.samples is not None and self.strategy != "resample":
+            raise ValueError("samples is for --strategy resample")
+        if self.strategy == "resample" and (self.temperature != 1.0 or self.top_p != 1.0):
+            raise ValueError(
+                f"the resample strategy draws whole answers at temperature 1 with top_p 1 and reweights them to "
+                f"the proxy-tuned distribution; got temperature={self.temperature:g}, top_p={self.top_p:g}: pass "
+                "temperature=1, top_p=1 (or use --strategy per-step)"
+            )
+        if self.strategy == "speculative" and (self.temperature not in (0.0, 1.0) or self.top_p != 1.0):
+            raise ValueError(
+                f"the speculative strategy samples the tuned distribution at temperature 1 (or greedy at 0) "
+                f"with top_p 1; got temperature={self.temperature:g}, top_p={self.top_p:g}: use --strategy "
+                "per-step for other settings"
+            )
+        return self
+
+    # ----- views -----------------------------------------------------------------------------
+    def message_dicts(self) -> list[dict[str, str]] | None:
+        """The messages as ``{"role", "content"}`` dicts (None for a text prompt)."""
+        return None if self.messages is None else [{"role": m.role, "content": m.content} for m in self.messages]
+
+    def message_pairs(self) -> tuple[tuple[str, str], ...]:
+        """The conversation as (role, content) pairs; a text prompt is one user turn."""
+        if self.messages is None:
+            return (("user", self.prompt or ""),)
+        return tuple((m.role, m.content) for m in self.messages)
+
+
+def _first_message(exc: ValidationError) -> str:
+    """The first problem of a validation error, as the validator wrote it (or pydantic's own
+    words with the field's name, e.g. for an unknown option)."""
+    error = exc.errors()[0]
+    original = (error.get("ctx") or {}).get("error")
+    if isinstance(original, Exception):
+        return str(original)
+    where = ".".join(str(p) for p in error.get("loc", ()))
+    if error.get("type") == "extra_forbidden":
+        return f"unknown option {where!r}; the options are: prompt, messages, {', '.join(OPTION_NAMES)}"
+    return f"{where}: {error.get('msg')}" if where else str(error.get("msg"))
 
 
 def cut_at_stop(text: str, stops: Iterable[str]) -> str | None:

@@ -1,10 +1,14 @@
 """Public entry points: :class:`ProxyTuner` (sync) and :class:`AsyncProxyTuner` (async).
 
-Both share :class:`_TunerBase`, which holds every piece of non-I/O logic: argument validation,
-loading the small models, the hosted vocabulary, the aligner, and building one
-:class:`~blackbox_proxy.decoding.base.PerStepDecoder` per generation. The two subclasses only differ
-in how they wait for the hosted API (and, for async, run local scoring in a worker thread so
-the event loop stays free).
+Both share :class:`_TunerBase`, which holds every piece of non-I/O logic: loading the small
+models, the hosted vocabulary, the aligner, the checks that depend on this tuner (mode, host
+caps, context lengths) on top of :class:`~blackbox_proxy.request.GenerationRequest`'s, and
+building one decoder per generation. The two subclasses only differ in how they wait for the
+hosted API (and, for async, run local scoring in worker threads so the event loop stays free).
+
+Generation options are :class:`~blackbox_proxy.request.GenerationRequest` fields, given as
+keywords (``tuner.generate("Hi", max_tokens=8, alpha=2)``) or as one request object
+(``tuner.generate(request=GenerationRequest(...))``).
 """
 
 from __future__ import annotations
@@ -12,62 +16,26 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 from . import _constants as C
-from .tokens.aligner import Aligner
-from .maths.combiner import validate_alpha, validate_temperature, validate_top_p
 from .decoding import DecodeParams, DecoderBase, PerStepDecoder, ResampleDecoder, SpeculativeDecoder
-from .errors import ConfigurationError, ModeNotSupportedError, TokenizerMismatchError
+from .errors import ConfigurationError, ModeNotSupportedError
 from .hosts.client import AsyncHostedClient, HostedClient
-from .local.scorer import Scorer
+from .local.scorer import load_scorer as _load_scorer  # noqa: F401 - TODO(layout): whitebox imports it here
+from .local.scorer import load_small_models
 from .local.sessions import open_sessions
-from .types import MODES, GenerationResult, StreamEvent
+from .request import STRATEGIES, GenerationRequest
+from .tokens.aligner import Aligner
 from .tokens.vocab import Vocabulary, load_hosted_vocabulary
+from .types import MODES, GenerationResult, StreamEvent
 
-STRATEGIES = ("per-step", "speculative", "resample")
+__all__ = ["AsyncProxyTuner", "ProxyTuner", "STRATEGIES"]
+
 DEFAULT_SAMPLES = 16
-
-
-def _load_scorer(spec: Any, *, device: str | None, render: str, role: str) -> Scorer:
-    if isinstance(spec, Scorer):
-        return spec
-    if not isinstance(spec, str) or not spec:
-        raise ConfigurationError(f"{role} must be a model name/path or a Scorer, got {spec!r}")
-    return Scorer.from_pretrained(spec, device=device, render=render, name=spec)
-
-
-def load_small_models(*, expert: Any, anti_expert: Any, expert_adapter: str | None, device: str | None,
-                      expert_render: str, anti_expert_render: str) -> tuple[Scorer, Scorer]:
-    """(expert, anti-expert) scorers: two models, or one base with a LoRA adapter on and off."""
-    if expert_adapter is not None:
-        if expert is not None:
-            raise ConfigurationError("pass either an expert model or an expert adapter (over the anti-expert), not both")
-        if not isinstance(anti_expert, str):
-            raise ConfigurationError("with an expert adapter, anti_expert must be the base model's name or path")
-        return Scorer.pair_from_adapter(anti_expert, expert_adapter, device=device, render=anti_expert_render)
-    if expert is None:
-        raise ConfigurationError("no expert: pass an expert model (--expert) or a LoRA adapter (--expert-adapter)")
-    e = _load_scorer(expert, device=device, render=expert_render, role="expert")
-    a = _load_scorer(anti_expert, device=device, render=anti_expert_render, role="anti_expert")
-    if not e.vocab.same_as(a.vocab):
-        raise TokenizerMismatchError(
-            f"expert {e.name!r} and anti-expert {a.name!r} have different tokenizers "
-            f"({e.vocab.size} vs {a.vocab.size} ids); use the same small model before and after tuning"
-        )
-    return e, a
-
-
-def _messages(prompt: str | None, messages: Sequence[dict[str, str]] | None) -> tuple[tuple[str, str], ...]:
-    if messages is not None:
-        out = []
-        for m in messages:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ConfigurationError("each message must be a dict with 'role' and 'content'")
-            out.append((str(m["role"]), str(m["content"])))
-        return tuple(out)
-    return (("user", prompt or ""),)
+_DECODERS: dict[str, type] = {"per-step": PerStepDecoder, "speculative": SpeculativeDecoder,
+                              "resample": ResampleDecoder}
 
 
 class _TunerBase:
@@ -163,85 +131,42 @@ class _TunerBase:
 
     def top_k_for_mode(self) -> int:
         """The k asked of the API: ``top_k`` if given, else the default for this host."""
-        if self.top_k is not None:
-            return self.top_k
-        return self.client.default_top_k
+        return self.top_k if self.top_k is not None else self.client.default_top_k
 
-    def check_request(
-        self,
-        *,
-        prompt: str | None,
-        messages: Sequence[dict[str, str]] | None = None,
-        max_tokens: int = 64,
-        alpha: float = 1.0,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        strategy: str = "per-step",
-        chunk: int | None = None,
-        samples: int | None = None,
-    ) -> DecodeParams:
-        """Validate one generation's arguments without calling the API; the error says what to fix.
+    @staticmethod
+    def request_for(prompt: str | None = None, request: GenerationRequest | None = None,
+                    **options: Any) -> GenerationRequest:
+        """The validated :class:`GenerationRequest` of a call: ``request`` as given, or one built
+        from ``prompt`` and the keyword options."""
+        if request is None:
+            return GenerationRequest.build(prompt=prompt, **options)
+        if prompt is not None or options:
+            raise ConfigurationError("pass either request=GenerationRequest(...) or a prompt and options, not both")
+        if not isinstance(request, GenerationRequest):
+            raise ConfigurationError(f"request must be a GenerationRequest, got {type(request).__name__}")
+        return request
 
-        Checks every rule :meth:`generate` applies: alpha finite, temperature >= 0, top_p in
-        (0, 1], max_tokens >= 1, k within the mode's range, a non-empty prompt that fits each small
-        model's context, a known strategy and what it supports in this mode.
+    def check_request(self, prompt: str | None = None, *, request: GenerationRequest | None = None,
+                      **options: Any) -> DecodeParams:
+        """Validate one generation's options without calling the API; the error says what to fix.
+
+        Every rule :meth:`generate` applies: those of :class:`GenerationRequest`, then what this
+        tuner's mode and host support, k within the host's cap, and a prompt that fits each
+        small model's context.
         """
-        if strategy not in STRATEGIES:
-            raise ConfigurationError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
-        alpha = validate_alpha(alpha)
-        temperature = validate_temperature(temperature)
-        top_p = validate_top_p(top_p)
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise ConfigurationError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise ConfigurationError(f"seed must be an integer, got {seed!r}")
-        if prompt is None and messages is None:
-            raise ConfigurationError("pass a prompt (text) or messages")
-        if prompt is not None and messages is not None:
-            raise ConfigurationError("pass either a prompt or messages, not both")
-        if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
-            raise ConfigurationError("the prompt is empty; pass some text")
-        if messages is not None:
-            _messages(None, messages)
-            if not any(str(m.get("content", "")).strip() for m in messages):
-                raise ConfigurationError("the messages are empty; pass some text")
-        if stop is not None and not isinstance(stop, str) and not (
-            isinstance(stop, (list, tuple)) and all(isinstance(x, str) and x for x in stop)
-        ):
-            raise ConfigurationError(f"stop must be a string or a list of non-empty strings, got {stop!r}")
-        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
-            raise ConfigurationError(f"chunk must be an integer >= 1 (or left out for adaptive), got {chunk!r}")
-        if samples is not None and (not isinstance(samples, int) or isinstance(samples, bool) or samples < 1):
-            raise ConfigurationError(f"samples must be an integer >= 1, got {samples!r}")
-        if samples is not None and strategy != "resample":
-            raise ConfigurationError("samples is for --strategy resample")
-        if strategy == "resample" and (temperature != 1.0 or top_p != 1.0):
-            raise ConfigurationError(
-                f"the resample strategy draws whole answers at temperature 1 with top_p 1 and reweights them to the "
-                f"proxy-tuned distribution; got temperature={temperature:g}, top_p={top_p:g}: pass temperature=1, "
-                "top_p=1 (or use --strategy per-step)"
+        req = self.request_for(prompt, request, **options)
+        if req.strategy == "speculative" and self.mode == "chat":
+            raise ModeNotSupportedError(
+                "the speculative strategy continues the text chunk by chunk, which chat mode cannot do: "
+                "use --mode completions or --mode chat-prefix"
             )
-        if strategy == "speculative":
-            if self.mode == "chat":
-                raise ModeNotSupportedError(
-                    "the speculative strategy continues the text chunk by chunk, which chat mode cannot do: "
-                    "use --mode completions or --mode chat-prefix"
-                )
-            if temperature not in (0.0, 1.0) or top_p != 1.0:
-                raise ConfigurationError(
-                    f"the speculative strategy samples the tuned distribution at temperature 1 (or greedy at 0) "
-                    f"with top_p 1; got temperature={temperature:g}, top_p={top_p:g}: use --strategy per-step "
-                    "for other settings"
-                )
-        if self.mode == "chat" and max_tokens > 1 and strategy != "resample":
+        if self.mode == "chat" and req.max_tokens > 1 and req.strategy != "resample":
             raise ModeNotSupportedError(
                 "chat mode cannot continue a partial answer, so token-by-token proxy tuning applies to the first "
                 "token only: use --strategy resample (whole answers, reweighted), max_tokens=1 (one-token answers), "
                 "or --mode completions / --mode chat-prefix (a host that continues an assistant prefix)"
             )
-        if self.mode == "completions" and prompt is None:
+        if self.mode == "completions" and req.prompt is None:
             raise ConfigurationError("completions mode takes a text prompt; pass prompt=TEXT or use a chat mode")
         top_k = self.top_k_for_mode()
         cap = self.client.top_k_cap
@@ -250,80 +175,47 @@ class _TunerBase:
                 f"top_k {top_k} is above what {self.client.dialect} allows in {self.mode} mode ({cap}); pass --top-k {cap} or less"
             )
         for scorer in (self.expert, self.anti_expert):
-            scorer.prompt_ids(prompt=prompt, messages=messages)  # raises if it does not fit the context
-        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        return DecodeParams(alpha, temperature, top_p, max_tokens, top_k, stops, seed, chunk)
+            scorer.prompt_ids(prompt=req.prompt, messages=req.message_dicts())  # raises if it does not fit
+        return DecodeParams(req.alpha, req.temperature, req.top_p, req.max_tokens, top_k, req.stop, req.seed,
+                            req.chunk)
 
-    def _decoder(
-        self,
-        *,
-        prompt: str | None,
-        messages: Sequence[dict[str, str]] | None,
-        max_tokens: int,
-        alpha: float,
-        temperature: float,
-        top_p: float,
-        seed: int | None,
-        stop: str | Sequence[str] | None,
-        strategy: str,
-        chunk: int | None = None,
-        samples: int | None = None,
-    ) -> DecoderBase:
-        params = self.check_request(
-            prompt=prompt, messages=messages, max_tokens=max_tokens, alpha=alpha, temperature=temperature,
-            top_p=top_p, seed=seed, stop=stop, strategy=strategy, chunk=chunk, samples=samples,
-        )
-        alpha, temperature, top_p, top_k = params.alpha, params.temperature, params.top_p, params.top_k
+    def decoder(self, prompt: str | None = None, *, request: GenerationRequest | None = None,
+                **options: Any) -> DecoderBase:
+        """A fresh decoder for one generation (its small-model sessions open)."""
+        req = self.request_for(prompt, request, **options)
+        params = self.check_request(request=req)
+        messages = req.message_dicts()
         expert_session, anti_session = open_sessions(
-            self.expert, self.expert.prompt_ids(prompt=prompt, messages=messages),
-            self.anti_expert, self.anti_expert.prompt_ids(prompt=prompt, messages=messages),
+            self.expert, self.expert.prompt_ids(prompt=req.prompt, messages=messages),
+            self.anti_expert, self.anti_expert.prompt_ids(prompt=req.prompt, messages=messages),
             batching=self.batch_scoring,
         )
         hosted_prompt_ids = None
         if self.mode == "completions" and self.client.token_prompts and self.hosted_vocab is not None:
-            hosted_prompt_ids = self.hosted_vocab.encode_prompt(prompt or "")
+            hosted_prompt_ids = self.hosted_vocab.encode_prompt(req.prompt or "")
+        samples = req.samples or DEFAULT_SAMPLES
         settings = {
-            "strategy": strategy,
-            "mode": self.mode,
-            "model": self.client.model,
-            "alpha": alpha,
-            "temperature": temperature,
-            "top_p": top_p,
-            "top_k": top_k,
-            "max_tokens": max_tokens,
-            "seed": seed,
-            "expert": self.expert.name,
+            "strategy": req.strategy, "mode": self.mode, "model": self.client.model, "alpha": params.alpha,
+            "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+            "max_tokens": params.max_tokens, "seed": params.seed, "expert": self.expert.name,
             "anti_expert": self.anti_expert.name,
             "hosted_tokenizer": self.hosted_vocab.name if self.hosted_vocab else None,
             "alignment": "token ids (same tokenizer)" if self.same_vocab else self.aligner.description,
             "token_prompts": hosted_prompt_ids is not None,
-            "chunk": (chunk or "adaptive") if strategy == "speculative" else None,
-            "samples": (samples or DEFAULT_SAMPLES) if strategy == "resample" else None,
+            "chunk": (req.chunk or "adaptive") if req.strategy == "speculative" else None,
+            "samples": samples if req.strategy == "resample" else None,
         }
-        extra: dict[str, Any] = {}
-        if strategy == "speculative":
-            decoder_class: type = SpeculativeDecoder
-        elif strategy == "resample":
-            decoder_class = ResampleDecoder
-            extra = {"samples": samples or DEFAULT_SAMPLES, "max_per_call": self.client.max_choices}
-        else:
-            decoder_class = PerStepDecoder
-        decoder = decoder_class(
-            **extra,
-            mode=self.mode,
-            expert=expert_session,
-            anti_expert=anti_session,
-            aligner=self.aligner,
-            params=params,
-            same_vocab=self.same_vocab,
-            prompt=prompt,
-            messages=_messages(prompt, messages),
-            hosted_prompt_ids=hosted_prompt_ids,
-            settings=settings,
+        extra = {"samples": samples, "max_per_call": self.client.max_choices} if req.strategy == "resample" else {}
+        decoder = _DECODERS[req.strategy](
+            **extra, mode=self.mode, expert=expert_session, anti_expert=anti_session, aligner=self.aligner,
+            params=params, same_vocab=self.same_vocab, prompt=req.prompt, messages=req.message_pairs(),
+            hosted_prompt_ids=hosted_prompt_ids, settings=settings,
         )
         if self.hosted_vocab is not None:
             decoder.end_ids = tuple(sorted(self.hosted_vocab.end_ids))
         return decoder
+
+    _decoder = decoder  # TODO(layout): harness/fidelity.py still calls the old name
 
 
 class ProxyTuner(_TunerBase):
@@ -338,26 +230,14 @@ class ProxyTuner(_TunerBase):
     """
 
     _client_class = HostedClient
-
     def _check_hosted(self) -> None:
         self.client.check()
 
-    def generate(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[dict[str, str]] | None = None,
-        max_tokens: int = 64,
-        alpha: float = 1.0,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        strategy: str = "per-step",
-        chunk: int | None = None,
-        samples: int | None = None,
-    ) -> GenerationResult:
-        """Generate proxy-tuned text.
+    def generate(self, prompt: str | None = None, *, request: GenerationRequest | None = None,
+                 **options: Any) -> GenerationResult:
+        """Generate proxy-tuned text. Options (see :class:`GenerationRequest`): ``messages``,
+        ``max_tokens`` (64), ``alpha`` (1), ``temperature`` (0 = greedy), ``top_p``, ``seed``,
+        ``stop``, ``strategy``, ``chunk``, ``samples``.
 
         ``strategy="per-step"``: one hosted API call per token, choosing among the top-k.
         ``strategy="speculative"``: the API drafts chunks of ``chunk`` tokens (adaptive when
@@ -367,16 +247,12 @@ class ProxyTuner(_TunerBase):
         temperature 1, one picked by importance resampling; works in chat mode too.
         """
         self.client.check()
-        decoder = self._decoder(
-            prompt=prompt, messages=messages, max_tokens=max_tokens, alpha=alpha,
-            temperature=temperature, top_p=top_p, seed=seed, stop=stop, strategy=strategy, chunk=chunk,
-            samples=samples,
-        )
+        decoder = self.decoder(prompt, request=request, **options)
         try:
             while not decoder.done:
-                request = decoder.request()
+                hosted_request = decoder.request()
                 started = time.perf_counter()
-                results = self.client.complete(request)
+                results = self.client.complete(hosted_request)
                 decoder.observe(results, time.perf_counter() - started)
         finally:
             decoder.expert.close()
@@ -415,45 +291,17 @@ class AsyncProxyTuner(_TunerBase):
             self._executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="blackbox-proxy-scoring")
         return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
-    async def generate(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[dict[str, str]] | None = None,
-        max_tokens: int = 64,
-        alpha: float = 1.0,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        strategy: str = "per-step",
-        chunk: int | None = None,
-        samples: int | None = None,
-    ) -> GenerationResult:
+    async def generate(self, prompt: str | None = None, *, request: GenerationRequest | None = None,
+                       **options: Any) -> GenerationResult:
         """See :meth:`ProxyTuner.generate`."""
         last = None
-        async for event in self.stream(prompt, messages=messages, max_tokens=max_tokens, alpha=alpha,
-                                       temperature=temperature, top_p=top_p, seed=seed, stop=stop,
-                                       strategy=strategy, chunk=chunk, samples=samples):
+        async for event in self.stream(prompt, request=request, **options):
             last = event
         assert last is not None and last.result is not None
         return last.result
 
-    async def stream(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[dict[str, str]] | None = None,
-        max_tokens: int = 64,
-        alpha: float = 1.0,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        strategy: str = "per-step",
-        chunk: int | None = None,
-        samples: int | None = None,
-    ) -> AsyncIterator[StreamEvent]:
+    async def stream(self, prompt: str | None = None, *, request: GenerationRequest | None = None,
+                     **options: Any) -> AsyncIterator[StreamEvent]:
         """:meth:`generate`, as it happens: a :class:`StreamEvent` with the new text after every
         API call that added some, and a last one carrying the :class:`GenerationResult`. The
         pieces add up to the result's text.
@@ -464,18 +312,13 @@ class AsyncProxyTuner(_TunerBase):
                 print(event.text, end="", flush=True)
         """
         await self.client.check()
-        decoder = await self._in_thread(
-            self._decoder,
-            prompt=prompt, messages=messages, max_tokens=max_tokens, alpha=alpha,
-            temperature=temperature, top_p=top_p, seed=seed, stop=stop, strategy=strategy, chunk=chunk,
-            samples=samples,
-        )
+        decoder = await self._in_thread(self.decoder, prompt, request=request, **options)
         shown = ""
         try:
             while not decoder.done:
-                request = decoder.request()
+                hosted_request = decoder.request()
                 started = time.perf_counter()
-                results = await self.client.complete(request)
+                results = await self.client.complete(hosted_request)
                 await self._in_thread(decoder.observe, results, time.perf_counter() - started)
                 text = decoder.stable_text()
                 if not decoder.done and len(text) > len(shown) and text.startswith(shown):

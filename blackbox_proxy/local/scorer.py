@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigurationError, ModelLoadError
+from ..errors import ConfigurationError, ModelLoadError, TokenizerMismatchError
 from ..tokens.vocab import Vocabulary, vocabulary_from_hf
 from .engine import CachedContext, model_lock, select_device
 from .sessions import ScorerSession
@@ -233,3 +233,33 @@ class Scorer:
                 worst,
             )
         return self._tree_ok
+
+
+def load_scorer(spec: Any, *, device: str | None, render: str, role: str) -> Scorer:
+    """``spec`` itself when it is a :class:`Scorer`, else the model it names, loaded."""
+    if isinstance(spec, Scorer):
+        return spec
+    if not isinstance(spec, str) or not spec:
+        raise ConfigurationError(f"{role} must be a model name/path or a Scorer, got {spec!r}")
+    return Scorer.from_pretrained(spec, device=device, render=render, name=spec)
+
+
+def load_small_models(*, expert: Any, anti_expert: Any, expert_adapter: str | None, device: str | None,
+                      expert_render: str, anti_expert_render: str) -> tuple[Scorer, Scorer]:
+    """(expert, anti-expert) scorers: two models, or one base with a LoRA adapter on and off."""
+    if expert_adapter is not None:
+        if expert is not None:
+            raise ConfigurationError("pass either an expert model or an expert adapter (over the anti-expert), not both")
+        if not isinstance(anti_expert, str):
+            raise ConfigurationError("with an expert adapter, anti_expert must be the base model's name or path")
+        return Scorer.pair_from_adapter(anti_expert, expert_adapter, device=device, render=anti_expert_render)
+    if expert is None:
+        raise ConfigurationError("no expert: pass an expert model (--expert) or a LoRA adapter (--expert-adapter)")
+    e = load_scorer(expert, device=device, render=expert_render, role="expert")
+    a = load_scorer(anti_expert, device=device, render=anti_expert_render, role="anti_expert")
+    if not e.vocab.same_as(a.vocab):
+        raise TokenizerMismatchError(
+            f"expert {e.name!r} and anti-expert {a.name!r} have different tokenizers "
+            f"({e.vocab.size} vs {a.vocab.size} ids); use the same small model before and after tuning"
+        )
+    return e, a
