@@ -38,6 +38,7 @@ from typing import Any
 
 from .._logging import redact
 from ..errors import ConfigurationError, ProxyTuningError
+from .tasks import gather_or_cancel
 
 logger = logging.getLogger(__name__)
 
@@ -304,26 +305,13 @@ async def arun_batch(
 
     tasks = [asyncio.ensure_future(one(item, kwargs)) for item, kwargs in checked]
     try:
-        await _gather_or_cancel(tasks)
+        await gather_or_cancel(tasks)
     finally:
         bar.close()
         appender.close()
         if errors is not None:
             errors.close()
     return summary
-
-
-async def _gather_or_cancel(tasks: Iterable[asyncio.Future]) -> None:
-    """Wait for all; at the first failure cancel the rest and re-raise it."""
-    tasks = list(tasks)
-    try:
-        for finished in asyncio.as_completed(tasks):
-            await finished
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 def run_batch(

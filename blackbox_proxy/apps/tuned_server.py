@@ -37,7 +37,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from .._logging import redact
-from .batch import _gather_or_cancel
+from .tasks import gather_or_cancel
 from ..errors import ConfigurationError, HostedAPIError, ProxyTuningError
 from .model_server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_LIMIT, APIError, _as_list, _number, install_openai_plumbing, read_json
 from ..tuner import STRATEGIES
@@ -154,7 +154,7 @@ def create_tuned_app(
         tasks = [asyncio.ensure_future(tuner.generate(prompt, messages=messages, **dict(options, seed=seed)))
                  for seed in seeds]
         try:
-            await _gather_or_cancel(tasks)  # one failure stops the other choices (no more API calls)
+            await gather_or_cancel(tasks)  # one failure stops the other choices (no more API calls)
         except ProxyTuningError as exc:
             raise _error_for(exc) from None
         return [task.result() for task in tasks]
