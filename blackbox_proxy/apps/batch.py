@@ -31,7 +31,6 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
