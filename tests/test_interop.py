@@ -163,14 +163,20 @@ def _check_against_reference(ref, result, *, top1, median, p95, end_diff, greedy
 # ----- llama.cpp ---------------------------------------------------------------------------------
 
 
+def _served_workload(setup, request, start):
+    """Start a server (``start()``: a context manager yielding its URL) after the reference run,
+    run the workload against it, and check afterwards that it stopped."""
+    _, prompts = request.getfixturevalue("reference")
+    with start() as url:
+        yield url, _workload(setup, url, position_prompts=prompts)
+    _assert_stopped(url)
+
+
 @pytest.fixture(scope="module")
 def llama(setup, request):
     python = _python("llama.cpp")  # skip (or fail) before the reference run when it is missing
-    _, prompts = request.getfixturevalue("reference")
-    with llama_cpp_server(gguf_file("gemma3"), name=NAME, python=python, threads=2) as url:
-        result = _workload(setup, url, position_prompts=prompts)
-        yield url, result
-    _assert_stopped(url)
+    yield from _served_workload(
+        setup, request, lambda: llama_cpp_server(gguf_file("gemma3"), name=NAME, python=python, threads=2))
 
 
 def test_llama_cpp_is_detected_and_matches_the_reference(reference, llama):
@@ -223,10 +229,7 @@ def test_llama_cpp_draws_from_the_model_only_with_the_dialect(setup, llama):
 @pytest.fixture(scope="module")
 def vllm(setup, request):
     python = _python("vllm")
-    _, prompts = request.getfixturevalue("reference")
-    with vllm_server(setup["chat_dir"], name=NAME, python=python) as url:
-        yield url, _workload(setup, url, position_prompts=prompts)
-    _assert_stopped(url)
+    yield from _served_workload(setup, request, lambda: vllm_server(setup["chat_dir"], name=NAME, python=python))
 
 
 def test_vllm_is_detected_and_matches_the_reference(reference, vllm):
