@@ -14,21 +14,25 @@ a prompt's text does not depend on the other prompts of its batch. Vocabularies 
 by padding rows of the output layer (a model padded to a multiple of 64, say) are cut to the
 shared tokenizer's size, as the paper's code did; different tokenizers are refused.
 
+The arithmetic (proxy scores, temperature, top-p, the draw) is :mod:`blackbox_proxy.maths.combiner`'s,
+the same functions the black-box strategies use, so the two can only differ in their inputs.
+
 What it leaves out: a small model whose template differs from the base's sees its own rendering
-(``render``), the base sees the raw prompt; no speculative or per-step machinery is involved.
+(``render``), the base sees the raw prompt; no speculative or per-step machinery is involved; the
+distances used to compare it with the black-box strategies (:mod:`blackbox_proxy.maths.metrics`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from .maths import combiner
 from .errors import ConfigurationError, TokenizerMismatchError
 from .local.scorer import Scorer
+from .maths import combiner
+from .request import cut_at_stop
 from .types import GenerationResult, Usage
 
 
@@ -102,8 +106,9 @@ class WhiteBoxTuner:
 
     # ----- exact distributions -------------------------------------------------------------------
     def tuned_scores(self, lp_l: torch.Tensor, lp_e: torch.Tensor, lp_a: torch.Tensor, alpha: float) -> torch.Tensor:
-        """log p_L + alpha (log p_E - log p_A) over the shared ids, ``[..., V]``."""
-        return lp_l.double() + alpha * (lp_e.double() - lp_a.double())
+        """log p_L + alpha (log p_E - log p_A) over the shared ids, ``[..., V]`` (the combiner's
+        proxy scores, with the whole vocabulary as the candidates)."""
+        return combiner.proxy_scores(lp_l, lp_e.double() - lp_a.double(), alpha)
 
     def teacher_forced(self, prompt: str, continuation_ids: Sequence[int]) -> tuple[torch.Tensor, ...]:
         """log p_L, log p_E, log p_A of the next token at every position of ``continuation_ids``
@@ -173,9 +178,9 @@ class WhiteBoxTuner:
                     continue
                 tokens[r].append(token)
                 texts[r] = self.vocab.bytes_of(tokens[r]).decode("utf-8", errors="replace")
-                hits = [texts[r].find(s) for s in stops if s and s in texts[r]]
-                if hits:
-                    texts[r] = texts[r][: min(hits)]
+                cut = cut_at_stop(texts[r], stops)
+                if cut is not None:
+                    texts[r] = cut
                     finish[r] = "stop"
                 elif len(tokens[r]) >= max_tokens:
                     finish[r] = "length"
@@ -190,17 +195,3 @@ class WhiteBoxTuner:
                                     usage=Usage(generated_tokens=len(tokens[r])), trace=(), settings=settings)
                    for r in range(rows)]
         return results, tokens
-
-
-def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
-    """½ Σ |p − q| over the last axis (probabilities)."""
-    return 0.5 * float((p.double() - q.double()).abs().sum())
-
-
-def kl_divergence(q: torch.Tensor, p: torch.Tensor) -> float:
-    """KL(q || p) = Σ q log(q / p), with 0 log 0 = 0 (q's support inside p's)."""
-    q, p = q.double(), p.double()
-    mask = q > 0
-    if bool((p[mask] <= 0).any()):
-        return math.inf
-    return float((q[mask] * (q[mask].log() - p[mask].log())).sum())

@@ -4,7 +4,8 @@ import pytest
 
 from blackbox_proxy import Candidate, HostedPosition, HostedResponseError, HostedResult
 from blackbox_proxy.tokens.aligner import Aligner
-from blackbox_proxy.decoding.base import DecodeParams, PerStepDecoder
+from blackbox_proxy.decoding.base import DecodeParams
+from blackbox_proxy.decoding.per_step import PerStepDecoder
 from blackbox_proxy.types import HostedUsage
 
 

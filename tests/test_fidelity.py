@@ -12,10 +12,11 @@ import torch
 from scipy.stats import chisquare
 
 from blackbox_proxy import ProxyTuner, Scorer
-from blackbox_proxy.decoding import speculative as spec
-from blackbox_proxy.tokens.aligner import Aligner
 from blackbox_proxy.decoding.base import DecodeParams
-from blackbox_proxy.harness.fidelity import run_same_tokenizer, speculative_distribution, write_report
+from blackbox_proxy.harness.fidelity import run_same_tokenizer, write_report
+from blackbox_proxy.maths import rejection
+from blackbox_proxy.maths.rejection import speculative_distribution
+from blackbox_proxy.tokens.aligner import Aligner
 from blackbox_proxy.types import Candidate, HostedPosition, HostedResult, HostedUsage
 from blackbox_proxy.whitebox import WhiteBoxTuner
 
@@ -31,11 +32,11 @@ def slow_speculative(p_l, lp_e, lp_a, alpha, cand):
         idx = torch.tensor(members)
         hosted = p_l[idx].log()
         log_w = alpha * (lp_e[idx] - lp_a[idx])
-        tail, _ = spec.tail_log_weight(lp_e[idx], lp_a[idx], alpha)
-        log_z = spec.log_normaliser(hosted, log_w, tail)
-        a = spec.accept_probability(float(alpha * (lp_e[v] - lp_a[v])), log_z)
+        tail, _ = rejection.tail_log_weight(lp_e[idx], lp_a[idx], alpha)
+        log_z = rejection.log_normaliser(hosted, log_w, tail)
+        a = rejection.accept_probability(float(alpha * (lp_e[v] - lp_a[v])), log_z)
         out[v] += p_l[v] * a
-        residual = spec.residual_distribution(hosted, log_w, log_z)
+        residual = rejection.residual_distribution(hosted, log_w, log_z)
         if residual is None:
             residual = (hosted + log_w).softmax(0)
         out[idx] += p_l[v] * (1 - a) * residual

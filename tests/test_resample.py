@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from blackbox_proxy import ConfigurationError, ProxyTuner, Scorer
-from blackbox_proxy.decoding.resample import effective_sample_size, sequence_log_weight
+from blackbox_proxy.maths.importance import effective_sample_size, sequence_log_weight
 
 from test_speculative import MemoSession, concentrated
 

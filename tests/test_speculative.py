@@ -10,9 +10,11 @@ from scipy.stats import chisquare
 
 from blackbox_proxy import ConfigurationError, ModeNotSupportedError, ProxyTuner
 from blackbox_proxy.decoding import speculative as spec
-from blackbox_proxy.tokens.aligner import Aligner
 from blackbox_proxy.decoding.base import DecodeParams
-from blackbox_proxy.decoding.speculative import PositionScore, SpeculativeDecoder, walk_greedy, walk_sampled
+from blackbox_proxy.decoding.speculative import SpeculativeDecoder
+from blackbox_proxy.maths import rejection
+from blackbox_proxy.maths.rejection import PositionScore, walk_greedy, walk_sampled
+from blackbox_proxy.tokens.aligner import Aligner
 from blackbox_proxy.types import Candidate, HostedPosition, HostedResult, HostedUsage
 
 LOG = math.log
@@ -29,25 +31,25 @@ def test_normaliser_acceptance_and_residual_known_answers():
     # p_L = (.5, .3, .2), w = (1, 2, .5): Z = 1.2, target = (.4167, .5, .0833)
     p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     log_w = torch.tensor([0.0, LOG(2), LOG(0.5)], dtype=torch.float64)
-    log_z = spec.log_normaliser(p.log(), log_w, 0.0)
+    log_z = rejection.log_normaliser(p.log(), log_w, 0.0)
     assert math.exp(log_z) == pytest.approx(1.2)
-    assert [spec.accept_probability(float(x), log_z) for x in log_w] == pytest.approx([1 / 1.2, 1.0, 0.5 / 1.2])
+    assert [rejection.accept_probability(float(x), log_z) for x in log_w] == pytest.approx([1 / 1.2, 1.0, 0.5 / 1.2])
     # residual ∝ p max(0, w/Z - 1): only the second candidate is under-drafted
-    assert spec.residual_distribution(p.log(), log_w, log_z).tolist() == pytest.approx([0.0, 1.0, 0.0])
+    assert rejection.residual_distribution(p.log(), log_w, log_z).tolist() == pytest.approx([0.0, 1.0, 0.0])
     # a tail of 0.2 outside C weighted 3: Z = .5 + .6 + .2*3 over covered (.5, .3) only
-    log_z_tail = spec.log_normaliser(p[:2].log(), log_w[:2], LOG(3))
+    log_z_tail = rejection.log_normaliser(p[:2].log(), log_w[:2], LOG(3))
     assert math.exp(log_z_tail) == pytest.approx(0.5 + 0.6 + 0.2 * 3)
 
 
 def test_tail_weight_estimate():
     lp_e = torch.tensor([LOG(0.5), LOG(0.3)])  # expert leaves 0.2 outside C
     lp_a = torch.tensor([LOG(0.7), LOG(0.2)])  # anti-expert leaves 0.1
-    value, how = spec.tail_log_weight(lp_e, lp_a, 1.0)
+    value, how = rejection.tail_log_weight(lp_e, lp_a, 1.0)
     assert math.exp(value) == pytest.approx(2.0) and "outside the candidates" in how
-    value, _ = spec.tail_log_weight(lp_e, lp_a, 0.5)
+    value, _ = rejection.tail_log_weight(lp_e, lp_a, 0.5)
     assert math.exp(value) == pytest.approx(2.0 ** 0.5)
     full = torch.tensor([LOG(0.999), LOG(0.0005)])
-    assert spec.tail_log_weight(full, lp_a, 1.0)[0] == 0.0  # a ratio of tiny numbers is not trusted
+    assert rejection.tail_log_weight(full, lp_a, 1.0)[0] == 0.0  # a ratio of tiny numbers is not trusted
 
 
 def test_rejects_at_position_3():
@@ -237,7 +239,8 @@ def test_speculative_draws_match_exact_proxy_tuning(tok_a, concentrated_models, 
     plain = exact_joint(sessions, prompt, live, alpha=0.0)
     assert chi2_pvalue(firsts, plain) < 1e-6
     # a deliberately wrong acceptance rule (forgetting the normaliser Z) fails the same test
-    monkeypatch.setattr(spec, "accept_probability", lambda log_w, log_z: min(1.0, math.exp(min(0.0, log_w))))
+    # (patched where walk_sampled looks it up, so the decoder's walk uses the wrong rule)
+    monkeypatch.setattr(rejection, "accept_probability", lambda log_w, log_z: min(1.0, math.exp(min(0.0, log_w))))
     wrong, _ = run_draws(tok_a, models, 10_000, seed0=1)
     p_wrong = chi2_pvalue(wrong, table)
     print(f"with the acceptance rule missing Z: p = {p_wrong:.2g}")

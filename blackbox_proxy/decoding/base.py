@@ -1,22 +1,15 @@
-"""Decoding strategies' shared state, and the per-step strategy (DESIGN.md §2.3).
+"""What every decoding strategy shares: settings, requests, scoring, appending (DESIGN.md §2.3).
 
 A decoder holds one generation's state and all of its logic, and does no I/O: the sync and
 async tuners ask it for the next :class:`HostedRequest`, send it themselves, and hand the answer
-back to ``observe``. :class:`DecoderBase` has what every strategy shares (requests, scoring the
-candidates of one or many positions with the expert and anti-expert, appending tokens, stop
-strings, usage); :class:`PerStepDecoder` is the per-step strategy. The speculative strategy
-lives in ``speculative.py``.
+back to ``observe``. :class:`DecoderBase` has what every strategy shares: building requests
+(text or token-id prompts, the end banned when the API hid it), scoring the candidates of one or
+many positions with the expert and anti-expert (by token id when the hosted tokenizer is the
+small one, else through the byte aligner), one proxy-tuned choice at a position (the
+:mod:`~blackbox_proxy.maths.combiner` maths), appending tokens, stop strings, usage and traces.
 
-Per-step, at each step:
-
-1. the API returns the top-k candidates C (plus the sampled token) with hosted logprobs;
-2. each small model gives log P_M(v | s) for every v in C: directly by token id when it shares
-   the hosted tokenizer (exact), otherwise through the byte aligner;
-3. p^ = softmax_C(logprob_L + alpha * (logprob_E - logprob_A)) / T, top-p, or argmax at T = 0;
-4. the chosen token's bytes are appended; end-of-text, a stop string or ``max_tokens`` ends it.
-
-Per-step requests are made at temperature 0 (the sampled token is then the top-1, already among
-the candidates): per-step decoding needs the candidates' logprobs, not the server's draw.
+Left out: the strategies themselves (``per_step.py``, ``speculative.py``, ``resample.py``) and
+all maths beyond calling :mod:`blackbox_proxy.maths`.
 """
 
 from __future__ import annotations
@@ -28,10 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..maths import combiner
 from .._constants import PROB_FLOOR
-from ..tokens.aligner import Aligner
 from ..errors import HostedResponseError
+from ..maths import combiner
+from ..request import cut_at_stop
+from ..tokens.aligner import Aligner
+from ..tokens.vocab import Vocabulary, split_utf8
 from ..types import (
     Candidate,
     CandidateTrace,
@@ -42,7 +37,6 @@ from ..types import (
     StepTrace,
     Usage,
 )
-from ..tokens.vocab import Vocabulary, split_utf8
 
 
 @dataclass(frozen=True)
@@ -73,7 +67,8 @@ def _same_vocab_logprobs(dist: torch.Tensor, candidates: Sequence[Candidate], vo
     return [max(floor, v) for v in values]
 
 
-def _is_utf8(data: bytes) -> bool:
+def is_utf8(data: bytes) -> bool:
+    """Whether ``data`` is whole, valid UTF-8 (what a text prompt can carry)."""
     try:
         data.decode("utf-8")
     except UnicodeDecodeError:
@@ -189,7 +184,7 @@ class DecoderBase:
         if self.token_prompts:
             return list(candidates), 0
         base = self.continuation if before is None else before
-        keep = [c for c in candidates if c.is_end or _is_utf8(base + c.data)]
+        keep = [c for c in candidates if c.is_end or is_utf8(base + c.data)]
         return keep, len(candidates) - len(keep)
 
     def _score_positions(
@@ -230,10 +225,9 @@ class DecoderBase:
             else:
                 self.hosted_ids.append(chosen.token_id)
         if self.params.stop:
-            text = self.continuation.decode("utf-8", errors="replace")
-            hits = [text.find(s) for s in self.params.stop if s and s in text]
-            if hits:
-                self.continuation = text[: min(hits)].encode("utf-8")
+            cut = cut_at_stop(self.continuation.decode("utf-8", errors="replace"), self.params.stop)
+            if cut is not None:
+                self.continuation = cut.encode("utf-8")
                 self.finish_reason = "stop"
                 return
         if self.generated >= self.params.max_tokens:
@@ -313,23 +307,3 @@ class DecoderBase:
             settings=self.settings,
         )
 
-
-class PerStepDecoder(DecoderBase):
-    """One hosted API call per generated token. See the module docstring."""
-
-    def request(self) -> HostedRequest:
-        return self._request(max_tokens=1, temperature=0.0)
-
-    def observe(self, results: Sequence[HostedResult], api_seconds: float) -> StepTrace | None:
-        """Consume the API's answer to :meth:`request`: score, choose, append."""
-        result = results[0]
-        self._count_call(result, api_seconds)
-        if not result.positions:
-            self._ended_without_logprobs()
-            return None
-        notes: list[str] = []
-        if self._end_hidden:
-            notes.append("the API ended without logprobs; re-asked with the end token banned from its draw")
-            self._end_hidden = False
-        return self._choose_per_step(result.positions[0], api_seconds, notes, self.params.temperature,
-                                     self.params.top_p)

@@ -1,23 +1,14 @@
-"""Sequence-level resampling: proxy tuning for APIs that cannot continue a partial answer.
+"""The resample strategy: proxy tuning for APIs that cannot continue a partial answer (DESIGN.md §2.3).
 
 Chat-only APIs (OpenAI's chat models among them) return whole answers; token-by-token proxy
 tuning stops after the first token there. This strategy asks for ``n`` whole answers at
 temperature 1 and top_p 1 with top-k logprobs at every position (one call with ``n`` choices,
 several when the host caps ``n``), scores every position of every answer with the expert and
 anti-expert (one batched forward per answer per model), and picks one answer by
-sampling-importance-resampling (SIR; Rubin 1987) with a seeded generator.
-
-The target is the proxy-tuned sequence distribution p~(y) = Π_t p_L(y_t | y<t) w_t(y_t) / Z_t
-with w = (p_E / p_A)^alpha; answers are drawn from p_L, so answer i has importance weight
-
-    log W_i = Σ_t [ alpha · delta_t(y_t) − log Z_t ],
-
-Z_t estimated over the position's candidates with the tail weight of the speculative strategy
-(``speculative.tail_log_weight``; exact when k covers the vocabulary). SIR picks i with
-probability W_i / Σ W; as n grows the pick's distribution approaches p~. The effective sample
-size ESS = (Σ W)² / Σ W² says how many answers really count: when it is low the pick is little
-better than one sample, and the trace and a warning say so, with the remedies (more samples,
-shorter answers, a smaller alpha).
+sampling-importance-resampling with the decoder's seeded generator. The weights log W_i, the
+pick and the effective sample size (ESS) are the maths of :mod:`blackbox_proxy.maths.importance`.
+When the ESS is low the pick is little better than one sample, and the trace and a warning say
+so, with the remedies (more samples, shorter answers, a smaller alpha).
 
 Works in every mode: it only needs whole samples. Left out: exact rejection sampling (it needs a
 bound on W that top-k logprobs cannot give).
@@ -33,39 +24,16 @@ from collections.abc import Sequence
 import torch
 
 from .. import _constants as C
-from .base import DecoderBase
 from ..errors import HostedResponseError
-from .speculative import log_normaliser, tail_log_weight
+from ..maths.importance import effective_sample_size, normalised_weights, sequence_log_weight, sir_pick
 from ..types import GenerationResult, HostedRequest, HostedResult, SampleTrace, Usage
+from .base import DecoderBase
 
 logger = logging.getLogger(__name__)
 
 MAX_N_PER_CALL = C.MAX_CHOICES_PER_CALL  # choices asked per API call; more samples take several calls
 LOW_ESS_FRACTION = 0.1  # warn when ESS < max(LOW_ESS_MIN, this * n)
 LOW_ESS_MIN = 1.5
-
-
-def effective_sample_size(log_weights: torch.Tensor) -> float:
-    """(Σ W)² / Σ W², computed stably from log weights; in [1, n]."""
-    lw = log_weights.double()
-    return float(torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0)))
-
-
-def sequence_log_weight(hosted_logprobs: Sequence[torch.Tensor], lp_e: Sequence[torch.Tensor],
-                        lp_a: Sequence[torch.Tensor], chosen: Sequence[int], alpha: float,
-                        *, with_normaliser: bool = True) -> float:
-    """Σ_t [alpha · delta_t(y_t) − log Z_t] for one answer. Per position t: the candidates'
-    hosted logprobs ``[C_t]``, the small models' logprobs ``[C_t]``, and the index of the
-    answer's token among them. ``with_normaliser=False`` drops log Z (a deliberately wrong
-    weight, for tests)."""
-    total = 0.0
-    for h, e, a, y in zip(hosted_logprobs, lp_e, lp_a, chosen):
-        log_w = alpha * (e.double() - a.double())
-        total += float(log_w[y])
-        if with_normaliser:
-            tail, _ = tail_log_weight(e, a, alpha)
-            total -= log_normaliser(h, log_w, tail)
-    return total
 
 
 class ResampleDecoder(DecoderBase):
@@ -125,8 +93,8 @@ class ResampleDecoder(DecoderBase):
             scored.append([items[t][2][chosen[t]] for t in range(len(items))])
         lw = torch.tensor(log_weights, dtype=torch.float64)
         self.ess = effective_sample_size(lw) if len(lw) else 0.0
-        probs = torch.softmax(lw, 0) if torch.isfinite(lw).any() else torch.full_like(lw, 1 / len(lw))
-        picked = int(torch.multinomial(probs.float(), 1, generator=self.generator))
+        probs = normalised_weights(lw)
+        picked = sir_pick(probs, self.generator)
         threshold = max(LOW_ESS_MIN, LOW_ESS_FRACTION * len(lw))
         notes = []
         if self.ess < threshold:

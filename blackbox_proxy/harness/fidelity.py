@@ -10,9 +10,10 @@ every position t and for every k, against the exact proxy-tuned distribution p~_
 - ``floor``: the mass of p~ outside the k candidates, the least TV any method that only puts
   mass on the top-k can reach;
 - ``speculative``: the TV of the distribution the speculative strategy actually draws from at
-  that position, computed exactly (:func:`speculative_distribution`): drafts from the full p_L,
-  accepted with min(1, w/Z^), otherwise replaced from the residual, with the strategy's own Z^
-  over the top-k plus the draft (tail weight estimated as in ``speculative.tail_log_weight``);
+  that position, computed exactly (:func:`~blackbox_proxy.maths.rejection.speculative_distribution`):
+  drafts from the full p_L, accepted with min(1, w/Z^), otherwise replaced from the residual,
+  with the strategy's own Z^ over the top-k plus the draft (tail weight estimated as in
+  ``maths.rejection.tail_log_weight``);
 - ``alignment``: the byte aligner's P_M(b | s) against the model's own token probability
   for the top candidates whose bytes tokenise back to themselves, at positions whose context is
   the canonical tokenisation of its text (same tokenizer only; elsewhere the two are different
@@ -22,6 +23,10 @@ Cross-tokenizer (the hosted model's tokenizer is not the small models'), no exac
 reference is the same pipeline at the largest k asked for (``k_ref``), and every distribution is
 taken over those k_ref candidates (the hosted mass outside them is reported), which separates
 the cost of the top-k truncation from that of the alignment.
+
+This module runs the pipeline and writes the report. Left out: the maths itself (the distances
+are :mod:`blackbox_proxy.maths.metrics`, the exact speculative distribution
+:mod:`blackbox_proxy.maths.rejection`) and the resample strategy, which is not measured here.
 """
 
 from __future__ import annotations
@@ -37,75 +42,10 @@ from typing import Any
 import torch
 
 from ..maths import combiner
-from ..decoding.speculative import MIN_TAIL_MASS
-from ..whitebox import kl_divergence, total_variation
+from ..maths.metrics import kl_divergence, mass_outside, total_variation
+from ..maths.rejection import speculative_distribution
 
 KS = (1, 2, 5, 10, 20, "all")
-
-
-def speculative_distribution(p_l: torch.Tensor, lp_e: torch.Tensor, lp_a: torch.Tensor, alpha: float,
-                             candidates: torch.Tensor) -> torch.Tensor:
-    """The distribution one speculative step draws from, exactly, shape ``[U]``.
-
-    ``p_l``: the hosted model's probabilities over the universe U (sums to 1); ``lp_e``,
-    ``lp_a``: the small models' log P of every u in U; ``candidates``: indices of the top-k
-    the API reports. A draft v ~ p_L is scored with candidates S_v = C ∪ {v}; it is accepted
-    with min(1, w(v)/Z_v), Z_v = Σ_{S_v} p_L w + (1 − Σ_{S_v} p_L) w_tail(S_v); on rejection the
-    output comes from the residual ∝ p_L(u) max(0, w(u)/Z_v − 1) over S_v (or, when that is
-    empty, from p_L w renormalised over S_v) — the rule of ``speculative.walk_sampled``.
-    """
-    p_l, lp_e, lp_a = p_l.double(), lp_e.double(), lp_a.double()
-    size = p_l.numel()
-    log_w = alpha * (lp_e - lp_a)
-    w = log_w.exp()
-    in_c = torch.zeros(size, dtype=torch.bool)
-    in_c[candidates] = True
-    c_idx = in_c.nonzero().flatten()
-    p_e, p_a = lp_e.exp(), lp_a.exp()
-    s_lw = float((p_l[c_idx] * w[c_idx]).sum())
-    cov, rest_e, rest_a = float(p_l[c_idx].sum()), 1 - float(p_e[c_idx].sum()), 1 - float(p_a[c_idx].sum())
-
-    def z_of(extra_lw: torch.Tensor, extra_l: torch.Tensor, extra_e: torch.Tensor, extra_a: torch.Tensor) -> torch.Tensor:
-        covered = cov + extra_l
-        re, ra = rest_e - extra_e, rest_a - extra_a
-        tail_log = torch.where((re < MIN_TAIL_MASS) | (ra < MIN_TAIL_MASS), torch.zeros_like(re),
-                               alpha * (re.clamp(min=1e-300).log() - ra.clamp(min=1e-300).log()))
-        uncovered = (1 - covered).clamp(min=0)
-        tail = torch.where(uncovered > 1e-12, uncovered * tail_log.exp(), torch.zeros_like(uncovered))
-        return s_lw + extra_lw + tail
-
-    zero = torch.zeros(1, dtype=torch.float64)
-    z_c = float(z_of(zero, zero, zero, zero)[0])
-    out = torch.zeros(size, dtype=torch.float64)
-    # drafts inside C: Z = Z_C, one shared residual over C
-    accept_c = torch.clamp(w[c_idx] / z_c, max=1.0)
-    accept_c = torch.where(torch.isinf(w[c_idx]), torch.ones_like(accept_c), accept_c)
-    out[c_idx] += p_l[c_idx] * accept_c
-    rejected = float((p_l[c_idx] * (1 - accept_c)).sum())
-    residual = p_l[c_idx] * torch.clamp(w[c_idx] / z_c - 1, min=0)
-    target_c = p_l[c_idx] * w[c_idx]
-    if rejected > 0:
-        out[c_idx] += rejected * (residual / residual.sum() if float(residual.sum()) > 0 else target_c / target_c.sum())
-    # drafts outside C: each its own Z_v; the residual lives on C (a rejected v has w(v) < Z_v)
-    o_idx = (~in_c).nonzero().flatten()
-    if o_idx.numel():
-        z_v = z_of(p_l[o_idx] * w[o_idx], p_l[o_idx], p_e[o_idx], p_a[o_idx])
-        accept = torch.clamp(w[o_idx] / z_v, max=1.0)
-        out[o_idx] += p_l[o_idx] * accept
-        reject = p_l[o_idx] * (1 - accept)  # [n_out]
-        excess = p_l[c_idx][None, :] * torch.clamp(w[c_idx][None, :] / z_v[:, None] - 1, min=0)  # [n_out, k]
-        total = excess.sum(1)
-        has = total > 0
-        share = torch.where(has[:, None], excess / total.clamp(min=1e-300)[:, None], torch.zeros_like(excess))
-        out[c_idx] += (reject[:, None] * share).sum(0)
-        # empty residual: p_L w renormalised over C ∪ {v}
-        fallback = ~has & (reject > 0)
-        if bool(fallback.any()):
-            denom = s_lw + p_l[o_idx][fallback] * w[o_idx][fallback]
-            r = reject[fallback]
-            out[c_idx] += (r[:, None] * target_c[None, :] / denom[:, None]).sum(0)
-            out[o_idx[fallback]] += r * p_l[o_idx][fallback] * w[o_idx][fallback] / denom
-    return out
 
 
 @dataclass
@@ -155,7 +95,7 @@ def _position(totals: Totals, ks: Sequence[Any], k_all: int, target: torch.Tenso
         spec = speculative_distribution(p_l, lp_e, lp_a, alpha, cand)
         totals.add(str(k), per_step_tv=total_variation(q, target), per_step_kl=kl_divergence(q, target),
                    top1_agreement=float(int(torch.argmax(q)) == best),
-                   floor_tv=max(0.0, 1.0 - float(target[cand].sum())),
+                   floor_tv=mass_outside(target, cand),
                    speculative_tv=total_variation(spec, target))
 
 

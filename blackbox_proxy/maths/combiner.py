@@ -7,6 +7,8 @@ Liu et al. 2024, eq. (1), restricted to the candidate set C the hosted API retur
     score(v) = log p_L(v | s) + alpha * delta(v)
     p^(v)    = softmax_C(score / T), then top-p, or argmax when T = 0
 
+The white-box strategy uses the same functions with C = the whole vocabulary.
+
 Example (known answer)::
 
     >>> import torch
@@ -15,6 +17,9 @@ Example (known answer)::
     [-3.1, -1.9]
     >>> tuned_distribution(s, temperature=0.0).tolist()
     [0.0, 1.0]
+
+Left out: scoring the candidates (the decoders, scorers and aligner) and the mass outside C
+(the speculative maths, :mod:`blackbox_proxy.maths.rejection`, keeps it).
 """
 
 from __future__ import annotations
@@ -27,25 +32,29 @@ from ..errors import ConfigurationError
 
 
 def validate_alpha(alpha: float) -> float:
+    """``alpha`` as a float; ConfigurationError unless it is a finite number."""
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
         raise ConfigurationError(f"alpha must be a finite number, got {alpha!r}")
     return float(alpha)
 
 
 def validate_temperature(temperature: float) -> float:
+    """``temperature`` as a float; ConfigurationError unless it is finite and >= 0."""
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
         raise ConfigurationError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     return float(temperature)
 
 
 def validate_top_p(top_p: float) -> float:
+    """``top_p`` as a float; ConfigurationError unless it is in (0, 1]."""
     if not isinstance(top_p, (int, float)) or not (0 < top_p <= 1):
         raise ConfigurationError(f"top_p must be in (0, 1], got {top_p!r}")
     return float(top_p)
 
 
 def proxy_scores(hosted_logprobs: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
-    """score = hosted_logprobs + alpha * delta, shapes ``[C]``. Inputs are not modified.
+    """score = hosted_logprobs + alpha * delta, shapes ``[C]`` (any shape the two share, e.g. the
+    white-box ``[rows, V]``). Inputs are not modified.
 
     An infinite delta (a model gave probability 0) is kept: the candidate's score is +-inf.
     """
@@ -79,7 +88,8 @@ def tuned_distribution(scores: torch.Tensor, temperature: float = 1.0, top_p: fl
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely entries whose mass reaches ``top_p``; renormalise."""
+    """Keep the smallest set of most likely entries of ``probs`` (``[C]``) whose mass reaches
+    ``top_p``; renormalise. The input is not modified."""
     order = torch.argsort(probs, descending=True, stable=True)
     sorted_probs = probs[order]
     before = torch.cumsum(sorted_probs, 0) - sorted_probs  # mass strictly before each entry

@@ -1,0 +1,45 @@
+"""The per-step strategy: one hosted API call per generated token (DESIGN.md §2.3).
+
+At each step:
+
+1. the API returns the top-k candidates C (plus the sampled token) with hosted logprobs;
+2. each small model gives log P_M(v | s) for every v in C: directly by token id when it shares
+   the hosted tokenizer (exact), otherwise through the byte aligner;
+3. p^ = softmax_C(logprob_L + alpha * (logprob_E - logprob_A)) / T, top-p, or argmax at T = 0
+   (:mod:`blackbox_proxy.maths.combiner`);
+4. the chosen token's bytes are appended; end-of-text, a stop string or ``max_tokens`` ends it.
+
+Per-step requests are made at temperature 0 (the sampled token is then the top-1, already among
+the candidates): per-step decoding needs the candidates' logprobs, not the server's draw.
+
+Left out: the shared machinery (requests, scoring, appending: ``base.py``) and any mass outside
+the top-k, which this strategy renormalises away (the speculative strategy keeps it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..types import HostedRequest, HostedResult, StepTrace
+from .base import DecoderBase
+
+
+class PerStepDecoder(DecoderBase):
+    """One hosted API call per generated token. See the module docstring."""
+
+    def request(self) -> HostedRequest:
+        return self._request(max_tokens=1, temperature=0.0)
+
+    def observe(self, results: Sequence[HostedResult], api_seconds: float) -> StepTrace | None:
+        """Consume the API's answer to :meth:`request`: score, choose, append."""
+        result = results[0]
+        self._count_call(result, api_seconds)
+        if not result.positions:
+            self._ended_without_logprobs()
+            return None
+        notes: list[str] = []
+        if self._end_hidden:
+            notes.append("the API ended without logprobs; re-asked with the end token banned from its draw")
+            self._end_hidden = False
+        return self._choose_per_step(result.positions[0], api_seconds, notes, self.params.temperature,
+                                     self.params.top_p)
