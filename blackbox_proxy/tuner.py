@@ -23,7 +23,6 @@ from . import _constants as C
 from .decoding import DecodeParams, DecoderBase, PerStepDecoder, ResampleDecoder, SpeculativeDecoder
 from .errors import ConfigurationError, ModeNotSupportedError
 from .hosts.client import AsyncHostedClient, HostedClient
-from .local.scorer import load_scorer as _load_scorer  # noqa: F401 - TODO(layout): whitebox imports it here
 from .local.scorer import load_small_models
 from .local.sessions import open_sessions
 from .request import STRATEGIES, GenerationRequest
@@ -215,7 +214,6 @@ class _TunerBase:
             decoder.end_ids = tuple(sorted(self.hosted_vocab.end_ids))
         return decoder
 
-    _decoder = decoder  # TODO(layout): harness/fidelity.py still calls the old name
 
 
 class ProxyTuner(_TunerBase):

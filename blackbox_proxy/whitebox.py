@@ -87,9 +87,9 @@ class WhiteBoxTuner:
     def __init__(self, *, base: Any, anti_expert: Any, expert: Any = None, expert_adapter: str | None = None,
                  device: str | None = None, base_render: str = "raw", expert_render: str = "auto",
                  anti_expert_render: str = "auto") -> None:
-        from .tuner import _load_scorer, load_small_models
+        from .local.scorer import load_scorer, load_small_models
 
-        self.base = _load_scorer(base, device=device, render=base_render, role="base")
+        self.base = load_scorer(base, device=device, render=base_render, role="base")
         self.expert, self.anti_expert = load_small_models(
             expert=expert, anti_expert=anti_expert, expert_adapter=expert_adapter, device=device,
             expert_render=expert_render, anti_expert_render=anti_expert_render,

@@ -120,7 +120,7 @@ def run_same_tokenizer(white: Any, tuner: Any, prompts: Sequence[str], *, alpha:
     for prompt, ref in tqdm(list(zip(prompts, references)), desc="prompts", unit="prompt",
                             disable=(not progress) if progress is not None else None):
         lp_l, lp_e, lp_a = white.teacher_forced(prompt, ref)
-        decoder = tuner._decoder(prompt=prompt, messages=None, max_tokens=len(ref) + 1, alpha=alpha, temperature=0.0,
+        decoder = tuner.decoder(prompt, max_tokens=len(ref) + 1, alpha=alpha, temperature=0.0,
                                  top_p=1.0, seed=0, stop=None, strategy="per-step")
         try:
             for t, token in enumerate(ref):
@@ -177,7 +177,7 @@ def run_cross_tokenizer(tuner: Any, prompts: Sequence[str], *, alpha: float, max
     tuner.client.check()
     for prompt in tqdm(list(prompts), desc="prompts", unit="prompt",
                        disable=(not progress) if progress is not None else None):
-        decoder = tuner._decoder(prompt=prompt, messages=None, max_tokens=max_tokens, alpha=alpha, temperature=0.0,
+        decoder = tuner.decoder(prompt, max_tokens=max_tokens, alpha=alpha, temperature=0.0,
                                  top_p=1.0, seed=0, stop=None, strategy="per-step")
         try:
             while not decoder.done:
