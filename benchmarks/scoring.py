@@ -23,7 +23,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from blackbox_proxy import ProxyTuner  # noqa: E402
 from blackbox_proxy.harness.demo import HOSTED_NAME, load_pair  # noqa: E402
 from blackbox_proxy.harness.embedded import prepare  # noqa: E402
-from blackbox_proxy.apps.model_server import ModelRunner, ServerThread, create_app  # noqa: E402
+from blackbox_proxy.apps.model_server import create_app  # noqa: E402
+from blackbox_proxy.apps.openai_http import ServerThread  # noqa: E402
+from blackbox_proxy.local.runner import ModelRunner  # noqa: E402
 from blackbox_proxy.harness.tasks import STOP, problems  # noqa: E402
 
 

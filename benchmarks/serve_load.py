@@ -32,7 +32,7 @@ from blackbox_proxy.local.batching import model_queue  # noqa: E402
 from blackbox_proxy.harness.demo import HOSTED_NAME, load_pair, model_server  # noqa: E402
 from blackbox_proxy.harness.embedded import prepare  # noqa: E402
 from blackbox_proxy.apps.tuned_server import create_tuned_app  # noqa: E402
-from blackbox_proxy.apps.model_server import ServerThread  # noqa: E402
+from blackbox_proxy.apps.openai_http import ServerThread  # noqa: E402
 from blackbox_proxy.harness.tasks import STOP, problems  # noqa: E402
 
 

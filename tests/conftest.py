@@ -22,7 +22,9 @@ torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 from tiny import save, tiny_llama, train_bpe  # noqa: E402
 
 from blackbox_proxy import Scorer  # noqa: E402
-from blackbox_proxy.apps.model_server import ModelRunner, ServerThread, create_app  # noqa: E402
+from blackbox_proxy.apps.model_server import create_app  # noqa: E402
+from blackbox_proxy.apps.openai_http import ServerThread  # noqa: E402
+from blackbox_proxy.local.runner import ModelRunner  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,9 @@ import pytest
 
 from blackbox_proxy import AsyncProxyTuner, ConfigurationError
 from blackbox_proxy.apps.batch import BatchInputError, arun_batch, read_done, read_items
-from blackbox_proxy.apps.model_server import ModelRunner, ServerThread, create_app
+from blackbox_proxy.apps.model_server import create_app
+from blackbox_proxy.apps.openai_http import ServerThread
+from blackbox_proxy.local.runner import ModelRunner
 
 from faults import FaultyApp
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from blackbox_proxy import ProxyTuner, Scorer
 from blackbox_proxy.apps.cli import main
-from blackbox_proxy.apps.model_server import free_port
+from blackbox_proxy.apps.openai_http import free_port
 
 
 def test_generate_json_equals_library(server_a, saved_a):

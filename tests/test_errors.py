@@ -14,7 +14,7 @@ from blackbox_proxy import (
     Scorer,
     TokenizerMismatchError,
 )
-from blackbox_proxy.apps.model_server import free_port
+from blackbox_proxy.apps.openai_http import free_port
 
 SECRET = "sk-test-SECRET-abcdef123456"
 

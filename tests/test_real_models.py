@@ -37,7 +37,9 @@ def pair(smollm2_dir):
 
 @pytest.fixture(scope="module")
 def gemma_server(gemma_dir):
-    from blackbox_proxy.apps.model_server import ModelRunner, ServerThread, create_app
+    from blackbox_proxy.apps.model_server import create_app
+    from blackbox_proxy.apps.openai_http import ServerThread
+    from blackbox_proxy.local.runner import ModelRunner
 
     runner = ModelRunner.from_pretrained(str(gemma_dir), name="gemma-3-270m")
     with ServerThread(create_app(runner)) as server:

@@ -138,7 +138,7 @@ def test_cli_and_served_resample(server_a, saved_a, tok_a, models_a):
     from blackbox_proxy import AsyncProxyTuner
     from blackbox_proxy.apps.cli import main
     from blackbox_proxy.apps.tuned_server import create_tuned_app
-    from blackbox_proxy.apps.model_server import ServerThread
+    from blackbox_proxy.apps.openai_http import ServerThread
 
     args = ["generate", "--base-url", server_a.base_url, "--model", "tiny", "--expert", str(saved_a["E"]),
             "--anti-expert", str(saved_a["A"]), "--mode", "chat", "--strategy", "resample", "--samples", "5",

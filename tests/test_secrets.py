@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from blackbox_proxy import HostedAuthenticationError, HostedBadRequestError, ProxyTuner
-from blackbox_proxy.apps.model_server import ModelRunner, ServerThread, create_app
+from blackbox_proxy.apps.model_server import create_app
+from blackbox_proxy.apps.openai_http import ServerThread
+from blackbox_proxy.local.runner import ModelRunner
 
 from faults import FaultyApp
 

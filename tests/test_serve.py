@@ -11,7 +11,9 @@ import pytest
 
 from blackbox_proxy import AsyncProxyTuner, ProxyTuner, Scorer
 from blackbox_proxy.apps.tuned_server import create_tuned_app
-from blackbox_proxy.apps.model_server import ModelRunner, ServerThread, create_app
+from blackbox_proxy.apps.model_server import create_app
+from blackbox_proxy.apps.openai_http import ServerThread
+from blackbox_proxy.local.runner import ModelRunner
 
 from faults import FaultyApp
 

@@ -8,7 +8,9 @@ import openai
 import pytest
 import torch
 
-from blackbox_proxy.apps.model_server import ModelRunner, ServerThread, create_app
+from blackbox_proxy.apps.model_server import create_app
+from blackbox_proxy.apps.openai_http import ServerThread
+from blackbox_proxy.local.runner import ModelRunner
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +129,9 @@ def test_invalid_json_is_a_clean_400(server_a):
 
 def test_end_token_is_reported_and_not_in_text(tok_a, models_a):
     """Force the model to end at once: the end token is the last logprobs entry, text is empty."""
-    from blackbox_proxy.apps.model_server import ModelRunner, ServerThread, create_app
+    from blackbox_proxy.apps.model_server import create_app
+    from blackbox_proxy.apps.openai_http import ServerThread
+    from blackbox_proxy.local.runner import ModelRunner
 
     runner = ModelRunner(models_a[0], tok_a, name="tiny")
     runner.vocab.end_ids  # noqa: B018

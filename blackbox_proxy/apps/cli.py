@@ -396,7 +396,8 @@ def serve_model(model: str, host: str, port: int, name: str | None, max_top_logp
     import uvicorn
 
     from ..errors import ConfigurationError, ModelLoadError
-    from .model_server import ModelRunner, create_app
+    from ..local.runner import ModelRunner
+    from .model_server import create_app
 
     if max_top_logprobs < 0:
         raise ConfigurationError(f"--max-top-logprobs must be >= 0, got {max_top_logprobs}")

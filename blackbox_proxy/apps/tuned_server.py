@@ -7,9 +7,11 @@ Routes: ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``, with `
 (server-sent events, one event per piece of text as it is decided), ``max_tokens``,
 ``temperature`` (default 1, as OpenAI), ``top_p``, ``stop``, ``seed`` and ``n`` (up to 8, not
 with streaming). Extra body fields ``alpha``, ``strategy``, ``chunk`` and ``samples`` override
-the server's defaults per request. ``usage`` counts the prompt with the small models' tokenizer and the
-generated tokens; ``proxy_usage`` adds what the hosted API billed (its prompt and completion
-tokens), the API calls made, and seconds spent waiting for it vs scoring locally.
+the server's defaults per request. A body becomes a
+:class:`~blackbox_proxy.request.GenerationRequest` (its checks and messages, a 400 when one
+fails) within this server's limits. ``usage`` counts the prompt with the small models' tokenizer
+and the generated tokens; ``proxy_usage`` adds what the hosted API billed (its prompt and
+completion tokens), the API calls made, and seconds spent waiting for it vs scoring locally.
 
 Concurrent requests share one copy of each small model: their API calls overlap, and their
 scoring shares forwards through the scoring queue (:mod:`blackbox_proxy.local.batching`).
@@ -20,34 +22,79 @@ when the hosted API fails (its reason, never its key). Chat routes need a tuner 
 mode, or ``chat`` (one-token answers, or whole answers with ``strategy: resample``); a
 ``completions``-mode tuner serves ``/v1/completions``.
 
-Left out: ``logprobs`` of the tuned distribution, ``echo``, ``best_of``, ``suffix``, tools.
+Left out: ``logprobs`` of the tuned distribution, ``echo``, ``best_of``, ``suffix``, tools; the
+HTTP plumbing and body models (:mod:`.openai_http`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from openai.types import Completion, CompletionChoice, CompletionUsage, Model
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
+from openai.types.chat.chat_completion import Choice as ChatChoice
+from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice, ChoiceDelta
+from pydantic import BaseModel, field_validator
 
 from .._logging import redact
-from .tasks import gather_or_cancel
 from ..errors import ConfigurationError, HostedAPIError, ProxyTuningError
-from .model_server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_LIMIT, APIError, _as_list, _number, install_openai_plumbing, read_json
-from ..tuner import STRATEGIES
+from ..request import STRATEGIES, GenerationRequest
 from ..types import GenerationResult
+from .openai_http import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_LIMIT, SSE_DONE, APIError, BodyLimits,
+                          ChatBody, CompletionBody, checked_number, install_openai_plumbing, number, parse_body,
+                          read_json, sse_event)
+from .tasks import gather_or_cancel
 
 logger = logging.getLogger(__name__)
 
 MAX_N = 8
 DEFAULT_MAX_TOKENS = 256
 _UNSUPPORTED = {"echo": False, "best_of": 1, "suffix": None, "tools": None, "functions": None}
+
+
+class _ProxyOptions(BaseModel):
+    """The extra body fields of a tuned request (null = the server's default)."""
+
+    nullable: ClassVar[frozenset[str]] = frozenset({"alpha", "chunk", "samples"})
+
+    alpha: number(float) = None
+    strategy: str | None = None
+    chunk: number(int, 1, 64) = None
+    samples: number(int, 1, 256) = None
+    stream_options: Any = None
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _strategy(cls, value: Any) -> str:
+        if value not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {value!r}")
+        return value
+
+    def include_usage(self) -> bool:
+        """``stream_options.include_usage`` (read only when streaming, as OpenAI does)."""
+        if self.stream_options is None:
+            return False
+        if not isinstance(self.stream_options, dict):
+            raise APIError(400, "stream_options must be an object such as {\"include_usage\": true}",
+                           param="stream_options")
+        return bool(self.stream_options.get("include_usage"))
+
+
+class TunedCompletionBody(_ProxyOptions, CompletionBody):
+    nullable: ClassVar[frozenset[str]] = CompletionBody.nullable | _ProxyOptions.nullable
+    token_prompts: ClassVar[bool] = False
+    prompt_error: ClassVar[str] = "prompt must be one text string (token-id and multiple prompts are not supported)"
+
+
+class TunedChatBody(_ProxyOptions, ChatBody):
+    nullable: ClassVar[frozenset[str]] = ChatBody.nullable | _ProxyOptions.nullable
 
 
 def _error_for(exc: ProxyTuningError) -> APIError:
@@ -58,19 +105,6 @@ def _error_for(exc: ProxyTuningError) -> APIError:
     if isinstance(exc, ConfigurationError):
         return APIError(400, message)
     return APIError(500, message, type_="server_error")
-
-
-def _include_usage(body: dict[str, Any]) -> bool:
-    options = body.get("stream_options")
-    if options is None:
-        return False
-    if not isinstance(options, dict):
-        raise APIError(400, "stream_options must be an object such as {\"include_usage\": true}", param="stream_options")
-    return bool(options.get("include_usage"))
-
-
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 def create_tuned_app(
@@ -98,60 +132,50 @@ def create_tuned_app(
     """
     if strategy not in STRATEGIES:
         raise ConfigurationError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+    try:  # the defaults obey the bounds a request's own values do
+        checked_number("alpha", alpha, float)
+        if chunk is not None:
+            checked_number("chunk", chunk, int, 1, 64)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
     app = FastAPI(title=f"blackbox-proxy tuned model ({name})")
     created = int(time.time())
     install_openai_plumbing(app, api_key=api_key, max_body_bytes=max_body_bytes)
+    limits = BodyLimits(max_tokens=max_tokens_limit, n=MAX_N, stop=4)
 
-    async def _body(request: Request) -> dict[str, Any]:
-        body = await read_json(request, max_body_bytes)
-        if body.get("model") != name:
-            raise APIError(404, f"The model `{body.get('model')}` does not exist. This server serves `{name}`.",
+    async def _body(request: Request, model: type[Any]) -> Any:
+        raw = await read_json(request, max_body_bytes)
+        if raw.get("model") != name:
+            raise APIError(404, f"The model `{raw.get('model')}` does not exist. This server serves `{name}`.",
                            code="model_not_found", param="model")
+        # what this server does not do is said before the body is checked
         for key, default in _UNSUPPORTED.items():
-            if body.get(key, default) not in (default, None):
+            if raw.get(key, default) not in (default, None):
                 raise APIError(400, f"{key} is not supported by the tuned model server", param=key)
-        if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
+        if raw.get("logprobs") not in (None, False, 0) or raw.get("top_logprobs") not in (None, 0):
             raise APIError(400, "the tuned model server does not return logprobs; leave logprobs out", param="logprobs")
+        body = parse_body(model, raw, limits)
+        if body.stream and body.n > 1:
+            raise APIError(400, "stream=true with n > 1 is not supported; send n separate requests", param="n")
         return body
 
-    def _options(body: dict[str, Any]) -> dict[str, Any]:
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        request_strategy = body.get("strategy", strategy)
-        if request_strategy not in STRATEGIES:
-            raise APIError(400, f"strategy must be one of {', '.join(STRATEGIES)}; got {request_strategy!r}",
-                           param="strategy")
-        stop = _as_list(body.get("stop"))
-        if len(stop) > 4:
-            raise APIError(400, "at most 4 stop sequences", param="stop")
-        return {
-            "max_tokens": _number({"max_tokens": max_tokens}, "max_tokens", default_max_tokens, int, 1, max_tokens_limit),
-            "temperature": _number(body, "temperature", 1.0, float, 0.0, 2.0),
-            "top_p": _number(body, "top_p", 1.0, float, 0.0, 1.0),
-            "seed": _number(body, "seed", None, int),
-            "stop": stop or None,
-            "alpha": _number(body, "alpha", alpha, float),
-            "strategy": request_strategy,
-            "chunk": _number(body, "chunk", chunk, int, 1, 64),
-            "samples": _number(body, "samples", None, int, 1, 256),
-        }
-
-    def _n(body: dict[str, Any], stream: bool) -> int:
-        n = _number(body, "n", 1, int, 1, MAX_N)
-        if stream and n > 1:
-            raise APIError(400, "stream=true with n > 1 is not supported; send n separate requests", param="n")
-        return n
-
-    async def _check(prompt: str | None, messages: list[dict[str, str]] | None, options: dict[str, Any]) -> None:
+    async def _request(body: Any, prompt: str | None, messages: Any) -> GenerationRequest:
+        """The body's :class:`GenerationRequest`, checked against the tuner (400/502 if not)."""
         try:
             await tuner.client.check()
-            tuner.check_request(prompt=prompt, messages=messages, **options)
+            request = GenerationRequest.build(
+                prompt=prompt, messages=messages, max_tokens=body.max_tokens or default_max_tokens,
+                temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=list(body.stop) or None,
+                alpha=alpha if body.alpha is None else body.alpha, strategy=body.strategy or strategy,
+                chunk=chunk if body.chunk is None else body.chunk, samples=body.samples)
+            tuner.check_request(request=request)
         except ProxyTuningError as exc:
             raise _error_for(exc) from None
+        return request
 
-    async def _generate(prompt: str | None, messages: list[dict[str, str]] | None, options: dict[str, Any],
-                        n: int) -> list[GenerationResult]:
-        seeds = [None if options["seed"] is None else options["seed"] + i for i in range(n)]
-        tasks = [asyncio.ensure_future(tuner.generate(prompt, messages=messages, **dict(options, seed=seed)))
+    async def _generate(request: GenerationRequest, n: int) -> list[GenerationResult]:
+        seeds = [None if request.seed is None else request.seed + i for i in range(n)]
+        tasks = [asyncio.ensure_future(tuner.generate(request=request.model_copy(update={"seed": seed})))
                  for seed in seeds]
         try:
             await gather_or_cancel(tasks)  # one failure stops the other choices (no more API calls)
@@ -159,12 +183,11 @@ def create_tuned_app(
             raise _error_for(exc) from None
         return [task.result() for task in tasks]
 
-    def _usage(prompt: str | None, messages: list[dict[str, str]] | None,
-               results: list[GenerationResult]) -> dict[str, Any]:
-        prompt_tokens = len(tuner.expert.prompt_ids(prompt=prompt, messages=messages))
+    def _usage(request: GenerationRequest, results: list[GenerationResult]) -> CompletionUsage:
+        prompt_tokens = len(tuner.expert.prompt_ids(prompt=request.prompt, messages=request.message_dicts()))
         completion = sum(r.usage.generated_tokens for r in results)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion}
+        return CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                               total_tokens=prompt_tokens + completion)
 
     def _proxy_usage(results: list[GenerationResult]) -> dict[str, Any]:
         u = results[0].usage
@@ -175,107 +198,91 @@ def create_tuned_app(
                 "scoring_seconds": round(u.scoring_seconds, 4), "draft_tokens": u.draft_tokens,
                 "accepted_drafts": u.accepted_drafts}
 
-    async def _stream(prompt: str | None, messages: list[dict[str, str]] | None, options: dict[str, Any],
-                      chunk_of: Any, usage_wanted: bool) -> AsyncIterator[str]:
+    # Responses are built with openai.types' construct() (no validation): a finish_reason may come
+    # from the hosted API (resample) and be one those types do not list, and a streamed completion
+    # chunk has finish_reason null, which Completion's choice type does not allow either.
+    def _completion(rid: str, choices: list[Any], **extra: Any) -> dict[str, Any]:
+        return Completion.construct(id=rid, object="text_completion", created=int(time.time()), model=name,
+                                    choices=choices, **extra).to_dict()
+
+    def _chat_chunk(rid: str, choices: list[Any], **extra: Any) -> dict[str, Any]:
+        return ChatCompletionChunk.construct(id=rid, object="chat.completion.chunk", created=int(time.time()),
+                                             model=name, choices=choices, **extra).to_dict()
+
+    async def _stream(request: GenerationRequest, piece: Callable[[str | None, str | None], dict[str, Any]],
+                      final: Callable[..., dict[str, Any]] | None) -> AsyncIterator[str]:
         try:
-            async for event in tuner.stream(prompt, messages=messages, **options):
+            async for event in tuner.stream(request=request):
                 if event.text:
-                    yield _sse(chunk_of(event.text, None))
+                    yield sse_event(piece(event.text, None))
                 if event.result is not None:
-                    yield _sse(chunk_of(None, event.result.finish_reason))
-                    if usage_wanted:
-                        final = chunk_of(None, None)
-                        final["choices"] = []
-                        final["usage"] = _usage(prompt, messages, [event.result])
-                        final["proxy_usage"] = _proxy_usage([event.result])
-                        yield _sse(final)
+                    yield sse_event(piece(None, event.result.finish_reason))
+                    if final is not None:
+                        yield sse_event(final(choices=[], usage=_usage(request, [event.result]),
+                                              proxy_usage=_proxy_usage([event.result])))
         except ProxyTuningError as exc:
-            yield _sse(_error_for(exc).body())
+            yield sse_event(_error_for(exc).body())
         except Exception as exc:  # noqa: BLE001 - headers are sent: say so in the stream
             logger.exception("streamed generation failed")
-            yield _sse(APIError(500, f"internal error ({type(exc).__name__})", type_="server_error").body())
-        yield "data: [DONE]\n\n"
+            yield sse_event(APIError(500, f"internal error ({type(exc).__name__})", type_="server_error").body())
+        yield SSE_DONE
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
-                                            "owned_by": "blackbox-proxy-tuned"}]}
+        # openai.types has no model-list type (the SDK pages it), hence the plain wrapper
+        model = Model(id=name, object="model", created=created, owned_by="blackbox-proxy-tuned")
+        return {"object": "list", "data": [model.to_dict()]}
 
     @app.get("/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.post("/v1/completions")
-    async def completions(request: Request) -> Any:
-        body = await _body(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise APIError(400, "prompt must be one text string (token-id and multiple prompts are not supported)",
-                           param="prompt")
-        stream = bool(body.get("stream"))
-        n = _n(body, stream)
-        options = _options(body)
-        await _check(prompt, None, options)
+    async def completions(http: Request) -> Any:
+        body = await _body(http, TunedCompletionBody)
+        request = await _request(body, body.prompt, None)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        if stream:
-            def chunk_of(text: str | None, finish: str | None) -> dict[str, Any]:
-                return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": name,
-                        "choices": [{"text": text or "", "index": 0, "logprobs": None, "finish_reason": finish}]}
+        if body.stream:
+            def piece(text: str | None, finish: str | None) -> dict[str, Any]:
+                return _completion(rid, [CompletionChoice.construct(text=text or "", index=0, logprobs=None,
+                                                                    finish_reason=finish)])
 
-            usage_wanted = _include_usage(body)
-            return StreamingResponse(_stream(prompt, None, options, chunk_of, usage_wanted),
-                                     media_type="text/event-stream")
-        results = await _generate(prompt, None, options, n)
-        return JSONResponse({
-            "id": rid, "object": "text_completion", "created": int(time.time()), "model": name,
-            "choices": [{"text": r.text, "index": i, "logprobs": None, "finish_reason": r.finish_reason}
-                        for i, r in enumerate(results)],
-            "usage": _usage(prompt, None, results), "proxy_usage": _proxy_usage(results),
-        })
+            final = (lambda **kw: _completion(rid, **kw)) if body.include_usage() else None
+            return StreamingResponse(_stream(request, piece, final), media_type="text/event-stream")
+        results = await _generate(request, body.n)
+        return JSONResponse(_completion(
+            rid, [CompletionChoice.construct(text=r.text, index=i, logprobs=None, finish_reason=r.finish_reason)
+                  for i, r in enumerate(results)],
+            usage=_usage(request, results), proxy_usage=_proxy_usage(results)))
 
     @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Any:
-        body = await _body(request)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
-        ):
-            raise APIError(400, "messages must be a non-empty list of {role, content} with text content",
-                           param="messages")
+    async def chat(http: Request) -> Any:
+        body = await _body(http, TunedChatBody)
         if tuner.mode == "completions":
             raise APIError(400, "this tuned model serves /v1/completions only (its hosted API is used in "
                                 "completions mode); start `serve` with --mode chat-prefix for chat")
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-        stream = bool(body.get("stream"))
-        n = _n(body, stream)
-        options = _options(body)
-        await _check(None, messages, options)
+        request = await _request(body, None, body.messages)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        if stream:
+        if body.stream:
             first = [True]
 
-            def chunk_of(text: str | None, finish: str | None) -> dict[str, Any]:
-                delta: dict[str, Any] = {}
-                if first[0]:
-                    delta["role"] = "assistant"
-                    first[0] = False
+            def piece(text: str | None, finish: str | None) -> dict[str, Any]:
+                delta: dict[str, Any] = {"role": "assistant"} if first[0] else {}
+                first[0] = False
                 if text:
                     delta["content"] = text
-                return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": name,
-                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                return _chat_chunk(rid, [ChunkChoice.construct(index=0, delta=ChoiceDelta.construct(**delta),
+                                                               logprobs=None, finish_reason=finish)])
 
-            usage_wanted = _include_usage(body)
-            return StreamingResponse(_stream(None, messages, options, chunk_of, usage_wanted),
-                                     media_type="text/event-stream")
-        results = await _generate(None, messages, options, n)
-        return JSONResponse({
-            "id": rid, "object": "chat.completion", "created": int(time.time()), "model": name,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
-                         "finish_reason": r.finish_reason} for i, r in enumerate(results)],
-            "usage": _usage(None, messages, results), "proxy_usage": _proxy_usage(results),
-        })
+            final = (lambda **kw: _chat_chunk(rid, **kw)) if body.include_usage() else None
+            return StreamingResponse(_stream(request, piece, final), media_type="text/event-stream")
+        results = await _generate(request, body.n)
+        completion = ChatCompletion.construct(
+            id=rid, object="chat.completion", created=int(time.time()), model=name,
+            choices=[ChatChoice.construct(index=i, message=ChatCompletionMessage(role="assistant", content=r.text),
+                                          logprobs=None, finish_reason=r.finish_reason)
+                     for i, r in enumerate(results)],
+            usage=_usage(request, results), proxy_usage=_proxy_usage(results))
+        return JSONResponse(completion.to_dict())
 
     return app

@@ -313,7 +313,9 @@ def run_preset(preset: str, *, prompts: int = 8, max_tokens: int = 24, alpha: fl
     from .embedded import prepare
     from ..errors import ConfigurationError
     from ..local.scorer import Scorer
-    from ..apps.model_server import ModelRunner, ServerThread, create_app
+    from ..apps.model_server import create_app
+    from ..apps.openai_http import ServerThread
+    from ..local.runner import ModelRunner
     from .tasks import problems
     from ..tuner import ProxyTuner
     from ..whitebox import WhiteBoxTuner

