@@ -163,3 +163,19 @@ def test_hosted_failure_is_a_502_with_the_reason(tok_a, models_a, scorers_a):
             with pytest.raises(openai.APIError, match="the hosted API failed"):
                 streamed(client.completions.create(model="tiny-tuned", prompt="The quick", max_tokens=3,
                                                    temperature=0, stream=True))
+
+
+def test_one_id_and_created_per_streamed_response(served, sdk, monkeypatch):
+    """Every chunk of one streamed response carries the response's id and `created` (OpenAI keeps
+    one); a clock that ticks at every read shows a per-chunk timestamp."""
+    import itertools
+    import types
+
+    from blackbox_proxy.apps import tuned_server
+
+    ticks = itertools.count(1_700_000_000)
+    monkeypatch.setattr(tuned_server, "time", types.SimpleNamespace(time=lambda: next(ticks)))
+    chunks = list(sdk.completions.create(model="tiny-tuned", prompt="The quick brown", max_tokens=6, temperature=0,
+                                         stream=True, stream_options={"include_usage": True}))
+    assert len(chunks) >= 3
+    assert len({c.created for c in chunks}) == 1 and len({c.id for c in chunks}) == 1

@@ -201,12 +201,13 @@ def create_tuned_app(
     # Responses are built with openai.types' construct() (no validation): a finish_reason may come
     # from the hosted API (resample) and be one those types do not list, and a streamed completion
     # chunk has finish_reason null, which Completion's choice type does not allow either.
-    def _completion(rid: str, choices: list[Any], **extra: Any) -> dict[str, Any]:
-        return Completion.construct(id=rid, object="text_completion", created=int(time.time()), model=name,
+    # One id and one `created` per response, every streamed chunk included (as OpenAI does).
+    def _completion(rid: str, stamp: int, choices: list[Any], **extra: Any) -> dict[str, Any]:
+        return Completion.construct(id=rid, object="text_completion", created=stamp, model=name,
                                     choices=choices, **extra).to_dict()
 
-    def _chat_chunk(rid: str, choices: list[Any], **extra: Any) -> dict[str, Any]:
-        return ChatCompletionChunk.construct(id=rid, object="chat.completion.chunk", created=int(time.time()),
+    def _chat_chunk(rid: str, stamp: int, choices: list[Any], **extra: Any) -> dict[str, Any]:
+        return ChatCompletionChunk.construct(id=rid, object="chat.completion.chunk", created=stamp,
                                              model=name, choices=choices, **extra).to_dict()
 
     async def _stream(request: GenerationRequest, piece: Callable[[str | None, str | None], dict[str, Any]],
@@ -241,17 +242,17 @@ def create_tuned_app(
     async def completions(http: Request) -> Any:
         body = await _body(http, TunedCompletionBody)
         request = await _request(body, body.prompt, None)
-        rid = f"cmpl-{uuid.uuid4().hex}"
+        rid, stamp = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             def piece(text: str | None, finish: str | None) -> dict[str, Any]:
-                return _completion(rid, [CompletionChoice.construct(text=text or "", index=0, logprobs=None,
+                return _completion(rid, stamp, [CompletionChoice.construct(text=text or "", index=0, logprobs=None,
                                                                     finish_reason=finish)])
 
-            final = (lambda **kw: _completion(rid, **kw)) if body.include_usage() else None
+            final = (lambda **kw: _completion(rid, stamp, **kw)) if body.include_usage() else None
             return StreamingResponse(_stream(request, piece, final), media_type="text/event-stream")
         results = await _generate(request, body.n)
         return JSONResponse(_completion(
-            rid, [CompletionChoice.construct(text=r.text, index=i, logprobs=None, finish_reason=r.finish_reason)
+            rid, stamp, [CompletionChoice.construct(text=r.text, index=i, logprobs=None, finish_reason=r.finish_reason)
                   for i, r in enumerate(results)],
             usage=_usage(request, results), proxy_usage=_proxy_usage(results)))
 
@@ -262,7 +263,7 @@ def create_tuned_app(
             raise APIError(400, "this tuned model serves /v1/completions only (its hosted API is used in "
                                 "completions mode); start `serve` with --mode chat-prefix for chat")
         request = await _request(body, None, body.messages)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        rid, stamp = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             first = [True]
 
@@ -271,14 +272,14 @@ def create_tuned_app(
                 first[0] = False
                 if text:
                     delta["content"] = text
-                return _chat_chunk(rid, [ChunkChoice.construct(index=0, delta=ChoiceDelta.construct(**delta),
+                return _chat_chunk(rid, stamp, [ChunkChoice.construct(index=0, delta=ChoiceDelta.construct(**delta),
                                                                logprobs=None, finish_reason=finish)])
 
-            final = (lambda **kw: _chat_chunk(rid, **kw)) if body.include_usage() else None
+            final = (lambda **kw: _chat_chunk(rid, stamp, **kw)) if body.include_usage() else None
             return StreamingResponse(_stream(request, piece, final), media_type="text/event-stream")
         results = await _generate(request, body.n)
         completion = ChatCompletion.construct(
-            id=rid, object="chat.completion", created=int(time.time()), model=name,
+            id=rid, object="chat.completion", created=stamp, model=name,
             choices=[ChatChoice.construct(index=i, message=ChatCompletionMessage(role="assistant", content=r.text),
                                           logprobs=None, finish_reason=r.finish_reason)
                      for i, r in enumerate(results)],
