@@ -203,14 +203,30 @@ class DecoderBase:
             vocab = self.aligner.small
             out = [(_same_vocab_logprobs(de[()], cands, vocab), _same_vocab_logprobs(da[()], cands, vocab))
                    for de, da, (_, _, cands) in zip(dists_e, dists_a, items)]
-            return out, "token ids (same tokenizer)"
+            return self._exclude_silent(out, items), "token ids (same tokenizer)"
         plans = [self.aligner.plan(cont, cands) for cont, _, cands in items]
         groups = [(plan.kept_ids, plan.paths) for plan in plans]
         dists_e = self.expert.distributions_groups(groups)
         dists_a = self.anti_expert.distributions_groups(groups)
         out = [(self.aligner.evaluate(plan, de), self.aligner.evaluate(plan, da))
                for plan, de, da in zip(plans, dists_e, dists_a)]
-        return out, self.aligner.description
+        return self._exclude_silent(out, items), self.aligner.description
+
+    def _exclude_silent(self, scored: list[tuple[list[float], list[float]]],
+                        items: Sequence[tuple[bytes, list[int] | None, Sequence[Candidate]]]
+                        ) -> list[tuple[list[float], list[float]]]:
+        """Candidates neither small model can say get expert log P = -inf, i.e. tuned probability
+        0 (see :func:`~blackbox_proxy.maths.combiner.without_evidence`); at alpha 0 nothing is tuned."""
+        if self.params.alpha == 0:
+            return scored
+        floor = math.log(PROB_FLOOR)
+        out = []
+        for (lp_e, lp_a), (_, _, cands) in zip(scored, items):
+            silent = combiner.without_evidence(lp_e, lp_a, floor, [c.is_end for c in cands])
+            if silent:
+                lp_e = [-math.inf if i in silent else v for i, v in enumerate(lp_e)]
+            out.append((lp_e, lp_a))
+        return out
 
     # ----- appending -------------------------------------------------------------------------
     def _append(self, chosen: Candidate) -> None:
@@ -277,6 +293,10 @@ class DecoderBase:
         [(lp_e, lp_a)], alignment = self._score_positions(
             [(self.continuation, list(self.hosted_ids) if self.hosted_ids is not None else None, candidates)]
         )
+        silent = [c.text for c, e in zip(candidates, lp_e) if e == -math.inf]
+        if silent:
+            notes.append(f"{len(silent)} candidate(s) the small models cannot say excluded (no evidence: both at "
+                         f"the floor): {', '.join(repr(s) for s in silent[:3])}")
         hosted = torch.tensor([c.logprob for c in candidates], dtype=torch.float64)
         delta = torch.tensor(lp_e, dtype=torch.float64) - torch.tensor(lp_a, dtype=torch.float64)
         scores = combiner.proxy_scores(hosted, delta, self.params.alpha)

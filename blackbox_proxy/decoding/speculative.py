@@ -147,6 +147,9 @@ class SpeculativeDecoder(DecoderBase):
                                       draft if draft is not None else cands.index(pos.sampled)))
             allowed.append(None if self.token_prompts else
                            torch.tensor([c.is_end or is_utf8(cont + c.data) for c in cands]))
+        silent = sum(v == -math.inf for lp_e, _ in scored for v in lp_e)
+        if silent:
+            notes.append(f"{silent} candidate(s) the small models cannot say excluded (no evidence: both at the floor)")
         alpha = self.params.alpha
         if self.greedy:
             walk = walk_greedy(rows, alpha, allowed)

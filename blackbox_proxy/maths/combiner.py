@@ -25,6 +25,7 @@ Left out: scoring the candidates (the decoders, scorers and aligner) and the mas
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -106,3 +107,33 @@ def choose(probs: torch.Tensor, generator: torch.Generator) -> int:
     if float(probs.max()) >= 1.0:
         return int(torch.argmax(probs))
     return int(torch.multinomial(probs.float(), 1, generator=generator))
+
+
+def without_evidence(lp_e: Sequence[float], lp_a: Sequence[float], floor: float,
+                     exempt: Sequence[bool] = ()) -> list[int]:
+    """Indices of the candidates that neither small model can say: both log-probabilities at
+    (or below) the aligner's ``floor``, ``[C]`` each. ``exempt[i]`` keeps candidate i out of it
+    (the end of text, which the small models express through their own end tokens).
+
+    Why they are taken out of the tuned choice (p~ = 0) rather than given delta = 0: proxy tuning
+    moves the hosted distribution by the small models' *evidence*, w(v) = (p_E(v)/p_A(v))^alpha.
+    A hosted special token (``<start_of_image>``), a control token or a byte piece with no reading
+    in the small vocabulary has p_E = p_A = 0 up to the floor: the ratio is 0/0, not 1. Reading it
+    as 1 lets such a token win whenever the renderings push every real candidate down (a raw
+    hosted prompt against a chat-rendered expert: measured, ``<start_of_image>`` chosen 16 times
+    in a row). Taking it as 0 keeps the tuned text within what the small models can express;
+    when every candidate is without evidence, none is taken out (nothing to tune with there).
+
+    >>> without_evidence([-27.6, -3.0, -27.7], [-27.7, -1.0, -27.6], floor=-27.6)
+    [0, 2]
+    >>> without_evidence([-27.7, -27.7], [-27.7, -27.7], floor=-27.6)  # all: none taken out
+    []
+    >>> without_evidence([-30.0, -2.0], [-30.0, -2.5], floor=-27.6, exempt=[True, False])
+    []
+    """
+    if len(lp_e) != len(lp_a):
+        raise ValueError(f"lengths differ: {len(lp_e)} vs {len(lp_a)}")
+    exempt = list(exempt) or [False] * len(lp_e)
+    silent = [i for i, (e, a) in enumerate(zip(lp_e, lp_a)) if e <= floor + 1e-9 and a <= floor + 1e-9
+              and not exempt[i]]
+    return [] if len(silent) == len(lp_e) else silent
