@@ -15,7 +15,9 @@ from openai.types.chat import ChatCompletion
 
 from blackbox_proxy import ConfigurationError, HostedRequest, HostedResponseError
 from blackbox_proxy.types import EmptyEntry
-from blackbox_proxy.hosts.client import HostedClient, ResponseParser, decode_token_text, normalise_base_url, retry_delay
+from blackbox_proxy.hosts.client import HostedClient
+from blackbox_proxy.hosts.retry import retry_delay
+from blackbox_proxy.hosts.wire import ResponseParser, decode_token_text, normalise_base_url
 from blackbox_proxy.tokens.vocab import vocabulary_from_hf
 
 
@@ -368,7 +370,7 @@ def test_dialect_detection_from_owned_by(owner, dialect, tok_a):
 
     client._after_models(Models())
     assert client.dialect == dialect
-    assert client.parser.llama_cpp is (dialect == "llama.cpp")
+    assert client.parser.printed_keys is (dialect == "llama.cpp")  # llama.cpp keys top logprobs by printed text
     assert client.token_prompts is (dialect == "vllm")  # llama.cpp answers token-id prompts with 500
 
 
@@ -396,3 +398,62 @@ def test_llama_cpp_drawn_pieces_of_a_character_are_read_back_from_the_text():
     assert [p.sampled for p in other.parser.completion(resp).positions][:2] == [None, None]
     cut = completion(["a", "", ""], [-0.1, -0.2, -0.3], [{"a": -0.1}, {"": -0.2}, {"": -0.3}], text="a")
     assert [p.sampled is None for p in client.parser.completion(cut).positions] == [False, True, True]
+
+
+# ----- registry and the one retry policy (sync and async share it) ------------------------------
+
+
+def test_dialects_are_registered_and_detected_in_order():
+    from blackbox_proxy.hosts import dialects
+
+    assert dialects.DIALECTS == ("openai", "vllm", "llama.cpp", "deepseek", "mistral")
+    assert dialects.detect("api.deepseek.com", {"vllm"}).name == "deepseek"  # a name in the host comes first
+    assert dialects.detect("api.openai.com", {"me"}).name == "llama.cpp"  # owned_by before openai.com
+    assert dialects.detect("api.openai.com", set()).name == "openai"
+    with pytest.raises(ConfigurationError, match="dialect must be one of openai, vllm"):
+        HostedClient(base_url="http://127.0.0.1:1/v1", model="m", dialect="nope")
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_retries_stop_after_max_retries_and_incomplete_answers_are_asked_again_once(sync):
+    import asyncio
+
+    import httpx
+
+    from blackbox_proxy import HostedAPIError
+    from blackbox_proxy.hosts.client import AsyncHostedClient
+
+    request = httpx.Request("POST", "http://x/v1/completions")
+    kinds = []
+
+    def call(script):
+        kind = script.pop(0)
+        kinds.append(kind)
+        if kind == 503:
+            raise openai.APIStatusError("x", response=httpx.Response(503, headers={"retry-after-ms": "1"},
+                                                                     request=request), body=None)
+        return kind
+
+    def accept(answer):
+        if answer == "bare":
+            raise HostedResponseError("the hosted API returned no logprobs")
+        return answer
+
+    def run(script, max_retries):
+        kinds.clear()
+        kw = dict(base_url="http://127.0.0.1:1/v1", model="m", max_retries=max_retries)
+        if sync:
+            return HostedClient(**kw)._with_retries(lambda: call(script), accept)
+
+        async def acall():
+            return call(script)
+
+        return asyncio.run(AsyncHostedClient(**kw)._with_retries(acall, accept))
+
+    assert run([503, 503, "ok"], 2) == "ok" and kinds == [503, 503, "ok"]
+    with pytest.raises(HostedAPIError, match=r"failed \(503: .*\); retry later"):
+        run([503] * 5, 2)
+    assert kinds == [503, 503, 503]  # the first attempt and max_retries more
+    assert run(["bare", "ok"], 0) == "ok"  # asked again even with no transport retries
+    with pytest.raises(HostedResponseError, match="asked 2 times"):
+        run(["bare", "bare", "ok"], 4)
