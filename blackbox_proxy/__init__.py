@@ -48,7 +48,7 @@ _EXPORTS = {
     "Usage": "types",
     "Vocabulary": "tokens.vocab",
     "arun_batch": "apps.batch",
-    "load_hosted_vocabulary": "tokens.vocab",
+    "load_hosted_vocabulary": "tokens.loaders",
     "run_batch": "apps.batch",
 }
 

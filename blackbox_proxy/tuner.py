@@ -29,7 +29,8 @@ from .local.scorer import load_small_models
 from .local.sessions import open_sessions
 from .request import STRATEGIES, GenerationRequest
 from .tokens.aligner import Aligner
-from .tokens.vocab import Vocabulary, load_hosted_vocabulary
+from .tokens.loaders import load_hosted_vocabulary
+from .tokens.vocab import Vocabulary
 from .types import MODES, GenerationResult, StreamEvent
 
 __all__ = ["AsyncProxyTuner", "ProxyTuner", "STRATEGIES"]

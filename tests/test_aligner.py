@@ -13,7 +13,7 @@ import torch
 
 from blackbox_proxy import Candidate
 from blackbox_proxy.tokens.aligner import Aligner
-from blackbox_proxy.tokens.vocab import vocabulary_from_hf
+from blackbox_proxy.tokens.loaders import vocabulary_from_hf
 
 
 def _probs(model, ids):

@@ -66,7 +66,7 @@ def test_computed_distribution_matches_real_speculative_draws(tok_a):
     from tiny import tiny_llama
 
     from blackbox_proxy.decoding.speculative import SpeculativeDecoder
-    from blackbox_proxy.tokens.vocab import vocabulary_from_hf
+    from blackbox_proxy.tokens.loaders import vocabulary_from_hf
 
     live = [tok_a.convert_tokens_to_ids(t) for t in ["a", "b", "c", "d", "e", "f"]]
     large, expert, anti = (concentrated(tiny_llama(tok_a, s, hidden=32), live, s) for s in (20, 21, 22))

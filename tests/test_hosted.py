@@ -18,7 +18,7 @@ from blackbox_proxy.types import EmptyEntry
 from blackbox_proxy.hosts.client import HostedClient
 from blackbox_proxy.hosts.retry import retry_delay
 from blackbox_proxy.hosts.wire import ResponseParser, decode_token_text, normalise_base_url
-from blackbox_proxy.tokens.vocab import vocabulary_from_hf
+from blackbox_proxy.tokens.loaders import vocabulary_from_hf
 
 
 def completion(tokens, token_logprobs, top_logprobs, text=None, finish="length"):

@@ -106,7 +106,7 @@ def reference(setup):
 def _vocab(setup):
     from transformers import AutoTokenizer
 
-    from blackbox_proxy.tokens.vocab import vocabulary_from_hf
+    from blackbox_proxy.tokens.loaders import vocabulary_from_hf
 
     if "vocab" not in setup:
         setup["vocab"] = vocabulary_from_hf(AutoTokenizer.from_pretrained(str(setup["gemma"])))

@@ -157,7 +157,7 @@ def concentrated_models(tok_a):
 
 
 def run_draws(tok_a, models, n, seed0, alpha=1.0):
-    from blackbox_proxy.tokens.vocab import vocabulary_from_hf
+    from blackbox_proxy.tokens.loaders import vocabulary_from_hf
 
     large, expert, anti = models
     vocab = vocabulary_from_hf(tok_a)
@@ -326,7 +326,7 @@ def test_a_possible_end_inside_a_chunk_is_asked_alone(tok_a, concentrated_models
     stops before that position, which is then asked alone (greedy, one token), where the
     client resolves it, and the choice there is made like per-step."""
     from blackbox_proxy.types import EmptyEntry
-    from blackbox_proxy.tokens.vocab import vocabulary_from_hf
+    from blackbox_proxy.tokens.loaders import vocabulary_from_hf
 
     models, live = concentrated_models
     large, expert, anti = models

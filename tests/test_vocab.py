@@ -2,13 +2,8 @@
 
 import pytest
 
-from blackbox_proxy.tokens.vocab import (
-    Vocabulary,
-    load_hosted_vocabulary,
-    split_utf8,
-    vocabulary_from_hf,
-    vocabulary_from_tiktoken,
-)
+from blackbox_proxy.tokens.loaders import load_hosted_vocabulary, vocabulary_from_hf, vocabulary_from_tiktoken
+from blackbox_proxy.tokens.vocab import Vocabulary, split_utf8
 
 TEXTS = ["The café costs 12€ 🙂", "naïve 日本語 3.14159", "def f(x):\n    return x  # ok", "  spaces  and\ttabs"]
 

@@ -27,7 +27,8 @@ import torch
 from ..errors import ConfigurationError
 from ..maths.combiner import choose, top_p_filter, tuned_distribution
 from ..request import cut_at_stop
-from ..tokens.vocab import Vocabulary, vocabulary_from_hf
+from ..tokens.loaders import vocabulary_from_hf
+from ..tokens.vocab import Vocabulary
 from .engine import CachedContext, model_lock, select_device
 
 

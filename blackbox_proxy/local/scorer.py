@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from ..errors import ConfigurationError, ModelLoadError, TokenizerMismatchError
-from ..tokens.vocab import Vocabulary, vocabulary_from_hf
+from ..tokens.loaders import vocabulary_from_hf
+from ..tokens.vocab import Vocabulary
 from .engine import CachedContext, model_lock, select_device
 from .sessions import ScorerSession
 
