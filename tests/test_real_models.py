@@ -135,3 +135,48 @@ def test_demo_command_end_to_end():
     assert "hosted alone" in proc.stdout and "proxy-tuned" in proc.stdout and "API calls" in proc.stdout
     with socket.socket() as sock, pytest.raises(ConnectionRefusedError):
         sock.connect(("127.0.0.1", port))  # nobody listens any more: the server was stopped
+
+
+PLAIN_PROMPTS = [
+    "What is 38 + 45?", "Write a haiku about rain", "Explain what a hash map is.", "def fibonacci(n):",
+    "The capital of France is", "Translate 'good morning' into French.", "List three primary colors",
+    "Once upon a time", "Why is the sky blue?", "import numpy as np\n", "Give me a name for a cat",
+]
+
+
+def _readable(text: str, specials: set[str]) -> bool:
+    return all(ch.isprintable() or ch in "\n\t\r" for ch in text) and not any(s in text for s in specials)
+
+
+def test_plain_prompts_give_text_not_hosted_special_tokens(pair, gemma_server, gemma_dir):
+    """Plain prompts on the embedded default (raw hosted prompt, chat-rendered pair, completions
+    mode): the hosted special tokens the small models cannot say (``<start_of_image>`` answered
+    "What is 38 + 45?" sixteen times before) never win, at alpha 1 and 2, from the library and
+    through `serve` with the openai SDK."""
+    import openai
+    from transformers import AutoTokenizer
+
+    from blackbox_proxy import AsyncProxyTuner
+    from blackbox_proxy.apps.openai_http import ServerThread
+    from blackbox_proxy.apps.tuned_server import create_tuned_app
+
+    server, _ = gemma_server
+    hosted_tok = AutoTokenizer.from_pretrained(str(gemma_dir))
+    # control tokens: those marked special, and the image markers (not marked, no text either;
+    # Gemma's other added tokens such as "<strong>" are ordinary text)
+    specials = {t.content for t in hosted_tok.added_tokens_decoder.values() if t.special and len(t.content) > 2}
+    specials |= {"<start_of_image>", "<end_of_image>"}
+    expert, anti = pair
+    kw = dict(base_url=server.base_url, model="gemma-3-270m", expert=expert, anti_expert=anti,
+              hosted_tokenizer=str(gemma_dir), max_retries=0)
+    tuner = ProxyTuner(**kw)
+    for alpha in (1.0, 2.0):
+        for prompt in PLAIN_PROMPTS:
+            text = tuner.generate(prompt, max_tokens=6, alpha=alpha).text
+            assert text.strip() and _readable(text, specials), (prompt, alpha, text)
+    with ServerThread(create_tuned_app(AsyncProxyTuner(**kw), name="tuned")) as served:
+        client = openai.OpenAI(base_url=served.base_url, api_key="-", max_retries=0)
+        for alpha, prompt in zip((1.0, 2.0) * 6, PLAIN_PROMPTS):
+            text = client.completions.create(model="tuned", prompt=prompt, max_tokens=6, temperature=0,
+                                             extra_body={"alpha": alpha}).choices[0].text
+            assert text.strip() and _readable(text, specials), (prompt, alpha, text)
