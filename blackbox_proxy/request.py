@@ -26,6 +26,14 @@ STRATEGIES = ("per-step", "speculative", "resample")
 OPTION_NAMES = ("max_tokens", "alpha", "temperature", "top_p", "seed", "stop", "strategy", "chunk", "samples")
 
 
+def check_strategy(value: Any) -> str:
+    """``value`` if it names a strategy, else a ValueError that lists them (pydantic validators
+    of every front end use it)."""
+    if value not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {value!r}")
+    return value
+
+
 def _integer(name: str, value: Any, low: int | None = None, hint: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
         bound = f" >= {low}" if low is not None else ""
@@ -138,12 +146,7 @@ class GenerationRequest(BaseModel):
             return tuple(value)
         raise ValueError(f"stop must be a string or a list of non-empty strings, got {value!r}")
 
-    @field_validator("strategy", mode="before")
-    @classmethod
-    def _strategy(cls, value: Any) -> str:
-        if value not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {value!r}")
-        return value
+    _strategy = field_validator("strategy", mode="before")(lambda cls, value: check_strategy(value))
 
     @field_validator("chunk", mode="before")
     @classmethod

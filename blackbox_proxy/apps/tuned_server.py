@@ -45,7 +45,7 @@ from pydantic import BaseModel, field_validator
 
 from .._logging import redact
 from ..errors import ConfigurationError, HostedAPIError, ProxyTuningError
-from ..request import STRATEGIES, GenerationRequest
+from ..request import GenerationRequest, check_strategy
 from ..types import GenerationResult
 from .openai_http import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_LIMIT, SSE_DONE, APIError, BodyLimits,
                           ChatBody, CompletionBody, checked_number, install_openai_plumbing, number, parse_body,
@@ -70,12 +70,7 @@ class _ProxyOptions(BaseModel):
     samples: number(int, 1, 256) = None
     stream_options: Any = None
 
-    @field_validator("strategy", mode="before")
-    @classmethod
-    def _strategy(cls, value: Any) -> str:
-        if value not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {value!r}")
-        return value
+    _strategy = field_validator("strategy", mode="before")(lambda cls, value: check_strategy(value))
 
     def include_usage(self) -> bool:
         """``stream_options.include_usage`` (read only when streaming, as OpenAI does)."""
@@ -130,8 +125,10 @@ def create_tuned_app(
             openai.OpenAI(base_url=server.base_url, api_key="-").completions.create(
                 model="base-tuned", prompt="Hello", max_tokens=8)
     """
-    if strategy not in STRATEGIES:
-        raise ConfigurationError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+    try:
+        check_strategy(strategy)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
     try:  # the defaults obey the bounds a request's own values do
         checked_number("alpha", alpha, float)
         if chunk is not None:
