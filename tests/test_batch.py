@@ -250,3 +250,30 @@ def test_sigkill_mid_run_then_resume_gives_one_result_per_id(tmp_path, server_a,
     assert f"[40 prompts: {40 - done_before} written, {done_before} already done" in finished.stderr
     got = results(out)  # valid JSONL, each id once
     assert sorted(got) == sorted(f"p{i}" for i in range(40))
+
+
+def test_a_line_becomes_one_request_with_the_runs_defaults(tmp_path):
+    """Messages are checked when the file is read (before any model loads); a line's options
+    win over the run's defaults only when the two are merged into a GenerationRequest."""
+    from blackbox_proxy.request import GenerationRequest, Message
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(
+        '{"id": "m", "messages": [{"role": "user", "content": "Hi", "name": "x"}], "samples": 4, "note": 1}\n'
+        '{"id": "blank", "messages": [{"role": "user", "content": "  "}]}\n'
+        '{"id": "shape", "messages": [{"role": "user"}]}\n'
+        '{"id": "none", "messages": []}\n'
+        '{"id": "p", "prompt": "The quick", "max_tokens": null}\n',
+        encoding="utf-8",
+    )
+    items, problems = read_items(inp, on_error="skip")
+    assert [item.id for item in items] == ["m", "p"]
+    assert [p.split(":", 1)[0] for p in problems] == ["in.jsonl line 2", "in.jsonl line 3", "in.jsonl line 4"]
+    assert "the messages are empty" in problems[0] and "'role' and 'content'" in problems[1]
+    message, prompt = items
+    assert message.messages == (Message(role="user", content="Hi"),) and message.extra == {"note": 1}
+    request = message.request({"strategy": "resample", "temperature": 1.0, "max_tokens": 8})
+    assert isinstance(request, GenerationRequest) and (request.samples, request.max_tokens) == (4, 8)
+    with pytest.raises(ConfigurationError, match="samples is for --strategy resample"):
+        message.request({"max_tokens": 8})
+    assert prompt.options == {} and prompt.request({"max_tokens": 8}).max_tokens == 8  # null: the default

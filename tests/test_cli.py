@@ -136,3 +136,37 @@ def test_serve_subprocess_with_a_config_file(tmp_path, server_a, saved_a):
     bad.write_text('model = "tiny"\napi_key = "sk-in-a-file"\n')
     result = CliRunner().invoke(main, ["serve", "--config", str(bad), "--anti-expert", "x"])
     assert result.exit_code == 2 and "keep keys in the environment" in result.output
+
+
+def test_generation_flags_are_the_request_objects_fields():
+    """One definition: every GenerationRequest option is a flag of generate and batch with the
+    request's default, and the values go back as request keywords."""
+    from blackbox_proxy.apps.cli import batch, generate, serve
+    from blackbox_proxy.apps.cli_options import request_options
+    from blackbox_proxy.request import OPTION_NAMES, GenerationRequest
+
+    for command in (generate, batch):
+        defaults = {p.name: p.default for p in command.params}
+        for name in OPTION_NAMES:
+            assert defaults[name] == GenerationRequest.model_fields[name].default, (command.name, name)
+    serve_defaults = {p.name: p.default for p in serve.params}
+    assert serve_defaults["max_tokens"] == 256 and serve_defaults["strategy"] == "per-step"
+    assert "temperature" not in serve_defaults  # a request's own field, not a server default
+    assert request_options({"alpha": 2.0, "stop": ("\n",), "verbose": 1}) == {"alpha": 2.0, "stop": ["\n"]}
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["--strategy", "speculative", "--temperature", "0.5"], "the speculative strategy samples"),
+    (["--samples", "3"], "samples is for --strategy resample"),
+    (["--strategy", "white-box", "--base", "no-such-model", "--alpha", "nan"], "alpha must be a finite number"),
+])
+def test_bad_options_fail_before_the_api_or_a_model_is_touched(extra, fragment):
+    """The request is built first: nothing listens on the port and no model exists, yet the
+    message is about the option."""
+    args = ["generate", "--base-url", f"http://127.0.0.1:{free_port()}/v1", "--model", "tiny",
+            "--anti-expert", "no-such-model", "--prompt", "Hi"]
+    out = CliRunner().invoke(main, args + extra)
+    assert out.exit_code == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], out.stderr

@@ -8,7 +8,9 @@ Input: one JSON object per line::
 ``id`` (a string or an integer, unique; the line number when left out) and ``prompt`` or
 ``messages`` are read; ``max_tokens``, ``alpha``, ``temperature``, ``top_p``, ``seed``, ``stop``,
 ``strategy``, ``chunk`` and ``samples`` override the run's defaults for that line. Any other field is copied
-unchanged into the result (e.g. a reference answer).
+unchanged into the result (e.g. a reference answer). A line and the run's defaults become one
+:class:`~blackbox_proxy.request.GenerationRequest`, so a line gets the checks and messages of
+every other front end.
 
 Output: one JSON object per finished prompt, appended and flushed to disk as soon as it
 completes: ``id``, ``text``, ``finish_reason``, ``usage``, the copied fields, and ``trace``
@@ -23,6 +25,9 @@ or with ``"skip"`` is written to ``<output>.errors.jsonl`` and retried by the ne
 Prompts run concurrently (``concurrency`` at a time): their API calls overlap, and the small
 models' scoring of several prompts is batched into shared forwards by the tuner's
 :class:`~blackbox_proxy.local.scorer.ScoringQueue`.
+
+Left out: what a generation does and what options are valid (the request object and the tuner),
+retries of failed API calls (the hosted client), and the command-line flags (``apps.cli``).
 """
 
 from __future__ import annotations
@@ -37,13 +42,13 @@ from typing import Any
 
 from .._logging import redact
 from ..errors import ConfigurationError, ProxyTuningError
+from ..request import OPTION_NAMES, GenerationRequest, Message
 from .tasks import gather_or_cancel
 
 logger = logging.getLogger(__name__)
 
 ON_ERROR = ("stop", "skip")
-OVERRIDES = ("max_tokens", "alpha", "temperature", "top_p", "seed", "stop", "strategy", "chunk", "samples")
-_READ = ("id", "prompt", "messages") + OVERRIDES
+_READ = ("id", "prompt", "messages") + OPTION_NAMES
 
 
 class BatchInputError(ConfigurationError):
@@ -52,18 +57,30 @@ class BatchInputError(ConfigurationError):
 
 @dataclass(frozen=True)
 class BatchItem:
-    """One prompt of the input file."""
+    """One prompt of the input file: its prompt or messages (already checked), the generation
+    options the line sets (``options``) and the fields copied into its result (``extra``)."""
 
     id: Any
     line: int
     prompt: str | None
-    messages: tuple[dict[str, str], ...] | None
+    messages: tuple[Message, ...] | None
     options: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
         return id_key(self.id)
+
+    def request(self, defaults: dict[str, Any]) -> GenerationRequest:
+        """This line's :class:`GenerationRequest`: the run's ``defaults`` with the line's own
+        options over them. Raises :class:`ConfigurationError` with the first problem.
+
+        >>> item = BatchItem(id="q1", line=1, prompt="2+2=", messages=None, options={"max_tokens": 4})
+        >>> request = item.request({"max_tokens": 16, "alpha": 0.5, "seed": None})
+        >>> request.max_tokens, request.alpha, request.seed
+        (4, 0.5, None)
+        """
+        return GenerationRequest.build(prompt=self.prompt, messages=self.messages, **{**defaults, **self.options})
 
 
 @dataclass
@@ -97,18 +114,15 @@ def _parse_line(raw: str, line: int) -> BatchItem:
     prompt, messages = obj.get("prompt"), obj.get("messages")
     if (prompt is None) == (messages is None):
         raise ValueError('needs exactly one of "prompt" (text) or "messages" (a list of {role, content})')
-    if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
-        raise ValueError('"prompt" must be non-empty text')
-    if messages is not None:
-        if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
-        ):
-            raise ValueError('"messages" must be a non-empty list of {"role": str, "content": str}')
-        messages = tuple({"role": m["role"], "content": m["content"]} for m in messages)
-    options = {k: obj[k] for k in OVERRIDES if k in obj and obj[k] is not None}
+    # The prompt or messages alone are checked here, before any model loads; the options only
+    # with the run's defaults (a line's samples may rely on the run's strategy, say).
+    try:
+        asked = GenerationRequest.build(prompt=prompt, messages=messages)
+    except ConfigurationError as exc:
+        raise ValueError(str(exc)) from None
+    options = {k: obj[k] for k in OPTION_NAMES if obj.get(k) is not None}
     extra = {k: v for k, v in obj.items() if k not in _READ}
-    return BatchItem(ident, line, prompt, messages, options, extra)
+    return BatchItem(ident, line, asked.prompt, asked.messages, options, extra)
 
 
 def read_items(path: str | os.PathLike, *, on_error: str = "stop") -> tuple[list[BatchItem], list[str]]:
@@ -243,14 +257,15 @@ async def arun_batch(
     **defaults: Any,
 ) -> BatchSummary:
     """Run every prompt of ``input_path`` not yet in ``output_path`` through ``tuner``
-    (an :class:`~blackbox_proxy.tuner.AsyncProxyTuner`). ``defaults`` are ``generate``'s
-    keyword arguments (``max_tokens``, ``alpha``, ``strategy``...); a line's own fields win.
+    (an :class:`~blackbox_proxy.tuner.AsyncProxyTuner`). ``defaults`` are
+    :class:`~blackbox_proxy.request.GenerationRequest` fields (``max_tokens``, ``alpha``,
+    ``strategy``...; None = the request's default); a line's own fields win.
     """
     if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
         raise ConfigurationError(f"concurrency must be an integer >= 1, got {concurrency!r}")
-    unknown = set(defaults) - set(OVERRIDES)
+    unknown = set(defaults) - set(OPTION_NAMES)
     if unknown:
-        raise ConfigurationError(f"unknown generation option(s) {sorted(unknown)}; use {', '.join(OVERRIDES)}")
+        raise ConfigurationError(f"unknown generation option(s) {sorted(unknown)}; use {', '.join(OPTION_NAMES)}")
     output = Path(output_path)
     if Path(input_path).resolve() == output.resolve():
         raise ConfigurationError("the output file is the input file; pass another --output")
@@ -265,11 +280,11 @@ async def arun_batch(
         return summary
     await tuner.client.check()
     # Every line is checked before the first generation: nothing is paid for a run that will stop.
-    checked: list[tuple[BatchItem, dict[str, Any]]] = []
+    checked: list[tuple[BatchItem, GenerationRequest]] = []
     for item in todo:
-        kwargs = dict(defaults, **item.options)
         try:
-            tuner.check_request(prompt=item.prompt, messages=item.messages, **kwargs)
+            request = item.request(defaults)
+            tuner.check_request(request=request)
         except ConfigurationError as exc:
             message = f"{Path(input_path).name} line {item.line} (id {item.id!r}): {exc}"
             if on_error == "stop":
@@ -277,17 +292,17 @@ async def arun_batch(
             logger.warning("skipped: %s", message)
             summary.bad_lines += 1
             continue
-        checked.append((item, kwargs))
+        checked.append((item, request))
     appender = _Appender(output)
     # error messages are masked once more on the way to disk; results are not (ids and texts stay exact)
     errors = _Appender(output.with_name(output.name + ".errors.jsonl"), mask_secrets=True) if on_error == "skip" else None
     semaphore = asyncio.Semaphore(concurrency)
     bar = _progress(len(checked), progress)
 
-    async def one(item: BatchItem, kwargs: dict[str, Any]) -> None:
+    async def one(item: BatchItem, request: GenerationRequest) -> None:
         async with semaphore:
             try:
-                result = await tuner.generate(item.prompt, messages=item.messages, **kwargs)
+                result = await tuner.generate(request=request)
             except Exception as exc:  # noqa: BLE001 - with --on-error skip, any failure of one prompt
                 if errors is None:
                     if isinstance(exc, ProxyTuningError):
@@ -302,7 +317,7 @@ async def arun_batch(
                 summary.written += 1
             bar.update(1)
 
-    tasks = [asyncio.ensure_future(one(item, kwargs)) for item, kwargs in checked]
+    tasks = [asyncio.ensure_future(one(item, request)) for item, request in checked]
     try:
         await gather_or_cancel(tasks)
     finally:

@@ -6,6 +6,12 @@ Commands:
     serve         the proxy-tuned model as an OpenAI-compatible server
     compare       fidelity of black-box vs exact proxy tuning (JSON, markdown, plots)
     serve-model   serve a local Hugging Face causal LM with OpenAI's API (logprobs included)
+
+Each command parses its flags, builds what it runs (a
+:class:`~blackbox_proxy.request.GenerationRequest`, a tuner, a server) and reports. Left out:
+the shared flags (:mod:`blackbox_proxy.apps.cli_options`), checking option values (the request
+object and the tuner do it), and anything heavy at import time: torch, the servers and the
+harness (demo, compare) load inside the command that needs them, so ``--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -18,9 +24,9 @@ from typing import Any
 
 import click
 
-from .. import _constants as C
-from ..errors import ProxyTuningError
-from ..hosts.client import DIALECTS
+from ..errors import ConfigurationError, ProxyTuningError
+from ..request import STRATEGIES, GenerationRequest
+from .cli_options import generation_options, load_serve_config, request_options, tuner_kwargs, tuner_options
 
 
 def _fail(message: str) -> None:
@@ -57,84 +63,11 @@ def main() -> None:
     """
 
 
-def _tuner_options(fn: Any, *, hosted_key_flag: str = "--api-key") -> Any:
-    """Options that build the tuner (hosted API, small models), shared by generate, batch, serve."""
-    options = [
-        click.option("--base-url", envvar="OPENAI_BASE_URL",
-                     help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 [env OPENAI_BASE_URL]"),
-        click.option(hosted_key_flag, "api_key", envvar="OPENAI_API_KEY",
-                     help="API key of the hosted API [env OPENAI_API_KEY, preferred: a flag shows in `ps`]; never logged"),
-        click.option("--model", default=None, help="hosted model name (required except with --strategy white-box)"),
-        click.option("--mode", type=click.Choice(["completions", "chat-prefix", "chat"]), default="completions",
-                     show_default=True, help="how the API continues a partial answer"),
-        click.option("--expert", default=None, help="expert: local HF model folder or name (the tuned small model)"),
-        click.option("--expert-adapter", default=None, type=click.Path(exists=True, file_okay=False),
-                     help="instead of --expert: a LoRA adapter folder applied over --anti-expert (one model in memory)"),
-        click.option("--anti-expert", required=True, help="anti-expert: the same small model before tuning"),
-        click.option("--top-k", type=click.IntRange(min=1), default=None,
-                     help="candidates per position asked of the API [default: 20; 5 on OpenAI's /v1/completions]"),
-        click.option("--hosted-tokenizer", default=None,
-                     help="hosted tokenizer if known: tiktoken:o200k_base, an OpenAI model name, or an HF tokenizer folder"),
-        click.option("--dialect", type=click.Choice(list(DIALECTS)), default=None,
-                     help="the hosted server's quirks: openai, vllm, llama.cpp, deepseek, mistral "
-                          "(detected from /v1/models when left out)"),
-        click.option("--expert-render", type=click.Choice(["auto", "chat", "raw"]), default="auto", show_default=True,
-                     help="expert prompt rendering: chat template or raw text"),
-        click.option("--anti-expert-render", type=click.Choice(["auto", "chat", "raw"]), default="auto",
-                     show_default=True),
-        click.option("--device", default=None, help="torch device for the small models (default: cuda, mps, else cpu)"),
-        click.option("--cache", "cache", default=None, type=click.Path(dir_okay=False),
-                     help="SQLite response cache: identical API requests are answered from it, not paid twice"),
-        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=C.DEFAULT_TIMEOUT,
-                     show_default=True, help="seconds per API request"),
-        click.option("--max-retries", type=click.IntRange(min=0), default=C.MAX_RETRIES, show_default=True,
-                     help="retries of a failed API request (429/5xx/timeouts/connection errors)"),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def _generation_options(fn: Any) -> Any:
-    """Decoding options shared by generate and batch (a batch line's own fields override them)."""
-    options = [
-        click.option("--alpha", type=float, default=1.0, show_default=True, help="strength of the expert/anti-expert offset"),
-        click.option("--max-tokens", type=int, default=64, show_default=True),
-        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy"),
-        click.option("--top-p", type=float, default=1.0, show_default=True),
-        click.option("--seed", type=int, default=None, help="seed for sampling"),
-        click.option("--stop", multiple=True, help="stop string (repeatable)"),
-        click.option("--strategy", type=click.Choice(["per-step", "speculative", "resample", "white-box"]),
-                     default="per-step", show_default=True,
-                     help="per-step: one API call per token; speculative: API-drawn chunks accepted or resampled; "
-                          "resample: whole answers reweighted (chat-only APIs); white-box: exact, base model local (--base)"),
-        click.option("--chunk", type=int, default=None, help="speculative: tokens per API call [default: adaptive, 4-32]"),
-        click.option("--samples", type=click.IntRange(min=1), default=None,
-                     help="resample: whole answers drawn per prompt [default: 16]"),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def _tuner_kwargs(o: dict[str, Any]) -> dict[str, Any]:
-    keys = ("base_url", "api_key", "model", "mode", "expert", "expert_adapter", "anti_expert", "top_k",
-            "hosted_tokenizer", "dialect", "device", "expert_render", "anti_expert_render", "cache", "timeout",
-            "max_retries")
-    return {k: o[k] for k in keys}
-
-
-def _generation_kwargs(o: dict[str, Any]) -> dict[str, Any]:
-    return {"max_tokens": o["max_tokens"], "alpha": o["alpha"], "temperature": o["temperature"], "top_p": o["top_p"],
-            "seed": o["seed"], "stop": list(o["stop"]) or None, "strategy": o["strategy"], "chunk": o["chunk"],
-            "samples": o["samples"]}
-
-
 @main.command()
-@_tuner_options
+@tuner_options
 @click.option("--base", default=None, help="white-box strategy: the large model, local (HF folder or name)")
 @click.option("--prompt", required=True, help="prompt text (sent as the user message in chat modes)")
-@_generation_options
+@generation_options()
 @click.option("--json", "as_json", is_flag=True, help="print text, usage and trace as one JSON object")
 @click.option("-v", "--verbose", count=True, help="log progress (-vv for debug)")
 def generate(**o: Any) -> None:
@@ -146,48 +79,56 @@ def generate(**o: Any) -> None:
         --expert ./expert --anti-expert ./base --prompt "Question: 2+3?" --max-tokens 16
     """
     _setup_logging(o["verbose"])
-    from ..errors import ConfigurationError
-
+    options = request_options(o)
     if o["strategy"] == "white-box":
-        from ..whitebox import WhiteBoxTuner
-
         if not o["base"]:
             raise ConfigurationError("the white-box strategy needs the large model locally: pass --base MODEL")
+        # white-box decodes token by token locally: the per-step options, no chunk or samples
+        request = GenerationRequest.build(prompt=o["prompt"], **dict(options, strategy=None, chunk=None, samples=None))
+        from ..whitebox import WhiteBoxTuner
+
         white = WhiteBoxTuner(base=o["base"], expert=o["expert"], expert_adapter=o["expert_adapter"],
                               anti_expert=o["anti_expert"], device=o["device"], expert_render=o["expert_render"],
                               anti_expert_render=o["anti_expert_render"])
-        options = _generation_kwargs(o)
-        options.pop("strategy"), options.pop("chunk"), options.pop("samples")
-        [result] = white.generate(o["prompt"], **options)
+        [result] = white.generate(request.prompt, max_tokens=request.max_tokens, alpha=request.alpha,
+                                  temperature=request.temperature, top_p=request.top_p, seed=request.seed,
+                                  stop=request.stop)
     else:
-        from ..tuner import ProxyTuner
-
         if o["base"]:
             raise ConfigurationError("--base is for --strategy white-box; black-box strategies reach the large model "
                                      "through --base-url/--model")
         if not o["model"]:
             raise ConfigurationError("no hosted model name: pass --model NAME")
-        with ProxyTuner(**_tuner_kwargs(o), check_hosted=True) as tuner:
-            result = tuner.generate(o["prompt"], **_generation_kwargs(o))
-    if o["as_json"]:
+        # checked before the hosted API is reached or a model loads
+        request = GenerationRequest.build(prompt=o["prompt"], **options)
+        from ..tuner import ProxyTuner
+
+        with ProxyTuner(**tuner_kwargs(o), check_hosted=True) as tuner:
+            result = tuner.generate(request=request)
+    _report(result, as_json=o["as_json"])
+
+
+def _report(result: Any, *, as_json: bool) -> None:
+    """The text on stdout and a usage line on stderr, or everything as one JSON object."""
+    if as_json:
         click.echo(json.dumps(result.to_dict(), ensure_ascii=False))
-    else:
-        click.echo(result.text)
-        u = result.usage
-        accepted = f", {u.acceptance_rate:.0%} of drafts accepted" if u.acceptance_rate is not None else ""
-        if result.ess is not None:
-            accepted += f", ESS {result.ess:.1f} of {len(result.samples)} samples"
-        for note in result.notes:
-            click.echo(f"note: {note}", err=True)
-        click.echo(
-            f"[{u.generated_tokens} tokens, {u.api_calls} API calls{accepted}, {u.prompt_tokens}+{u.completion_tokens} billed tokens, "
-            f"{u.api_seconds:.2f} s API, {u.scoring_seconds:.2f} s scoring, finish={result.finish_reason}]",
-            err=True,
-        )
+        return
+    click.echo(result.text)
+    u = result.usage
+    accepted = f", {u.acceptance_rate:.0%} of drafts accepted" if u.acceptance_rate is not None else ""
+    if result.ess is not None:
+        accepted += f", ESS {result.ess:.1f} of {len(result.samples)} samples"
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(
+        f"[{u.generated_tokens} tokens, {u.api_calls} API calls{accepted}, {u.prompt_tokens}+{u.completion_tokens} billed tokens, "
+        f"{u.api_seconds:.2f} s API, {u.scoring_seconds:.2f} s scoring, finish={result.finish_reason}]",
+        err=True,
+    )
 
 
 @main.command()
-@_tuner_options
+@tuner_options
 @click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False),
               help='JSONL, one prompt per line: {"id": ..., "prompt": ...} or {"id": ..., "messages": [...]}')
 @click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False),
@@ -198,14 +139,14 @@ def generate(**o: Any) -> None:
               help="a malformed line or a failed prompt: stop the run, or report it and go on")
 @click.option("--trace", is_flag=True, help="write each result's settings and per-step trace too")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
-@_generation_options
+@generation_options()
 @click.option("-v", "--verbose", count=True, help="log progress (-vv for debug)")
 def batch(**o: Any) -> None:
     """Run many prompts from a JSONL file; re-running the same command resumes.
 
     Each result is appended to --output (and flushed) as soon as it is done. After a crash or
     Ctrl-C, the same command skips the ids already written and finishes the rest. A line's own
-    max_tokens/alpha/temperature/top_p/seed/stop/strategy/chunk override the options.
+    max_tokens/alpha/temperature/top_p/seed/stop/strategy/chunk/samples override the options.
 
     \b
     Example:
@@ -216,9 +157,9 @@ def batch(**o: Any) -> None:
     from .batch import run_batch
 
     summary = run_batch(
-        o["input_path"], o["output_path"], tuner=_tuner_kwargs(o), concurrency=o["concurrency"],
+        o["input_path"], o["output_path"], tuner=tuner_kwargs(o), concurrency=o["concurrency"],
         on_error=o["on_error"], progress=False if o["no_progress"] else None, trace=o["trace"],
-        **_generation_kwargs(o),
+        **request_options(o),
     )
     parts = [f"{summary.written} written", f"{summary.skipped_done} already done"]
     if summary.bad_lines:
@@ -230,52 +171,21 @@ def batch(**o: Any) -> None:
         sys.exit(1)
 
 
-SERVE_KEYS = ("base_url", "model", "mode", "expert", "expert_adapter", "anti_expert", "top_k", "hosted_tokenizer",
-              "dialect", "expert_render", "anti_expert_render", "device", "cache", "timeout", "max_retries", "name",
-              "host", "port", "strategy", "alpha", "chunk", "max_tokens", "max_tokens_limit", "max_body_bytes")
-
-
-def _load_config(ctx: click.Context, _: Any, path: str | None) -> str | None:
-    """``--config FILE``: TOML whose keys are the option names; flags given on the command line win.
-    Keys are read at the top level or under a ``[serve]`` table; secrets stay in the environment."""
-    if not path:
-        return path
-    import tomllib
-
-    try:
-        with open(path, "rb") as handle:
-            data = tomllib.load(handle)
-    except OSError as exc:
-        raise click.BadParameter(f"cannot read {path} ({exc.strerror})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise click.BadParameter(f"{path} is not valid TOML ({exc})") from None
-    data = data.get("serve", data)
-    values = {str(k).replace("-", "_"): v for k, v in data.items()}
-    if "api_key" in values or "hosted_api_key" in values:
-        raise click.BadParameter(f"{path} holds an API key; keep keys in the environment "
-                                 "(OPENAI_API_KEY, BLACKBOX_PROXY_SERVER_KEY), not in files")
-    unknown = sorted(set(values) - set(SERVE_KEYS))
-    if unknown:
-        raise click.BadParameter(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(SERVE_KEYS)}")
-    ctx.default_map = {**(ctx.default_map or {}), **values}
-    return path
-
-
 @main.command()
-@click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True, expose_value=False,
-              help="TOML file with these settings (keys as option names, e.g. alpha = 1.5); flags win")
-@functools.partial(_tuner_options, hosted_key_flag="--hosted-api-key")
+@click.option("--config", type=click.Path(dir_okay=False), callback=load_serve_config, is_eager=True,
+              expose_value=False, help="TOML file with these settings (keys as option names, e.g. alpha = 1.5); flags win")
+@functools.partial(tuner_options, hosted_key_flag="--hosted-api-key")
 @click.option("--name", default=None, help="model name clients use [default: MODEL-proxy-tuned]")
 @click.option("--host", default="127.0.0.1", show_default=True, help="bind address (loopback unless told otherwise)")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
 @click.option("--api-key", "server_api_key", envvar="BLACKBOX_PROXY_SERVER_KEY", default=None,
               help="require `Authorization: Bearer KEY` from clients [env BLACKBOX_PROXY_SERVER_KEY]")
-@click.option("--strategy", type=click.Choice(["per-step", "speculative", "resample"]), default="per-step",
-              show_default=True, help="default strategy (a request's extra field `strategy` overrides it)")
-@click.option("--alpha", type=float, default=1.0, show_default=True, help="default alpha (extra field `alpha`)")
-@click.option("--chunk", type=click.IntRange(1, 64), default=None, help="speculative chunk [default: adaptive]")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
-              help="max_tokens when a request gives none")
+@generation_options(  # the defaults a request's extra body fields override
+    "strategy", "alpha", "chunk", "max_tokens",
+    strategy=dict(type=click.Choice(STRATEGIES), help="default strategy (a request's extra field `strategy` overrides it)"),
+    alpha=dict(help="default alpha (extra field `alpha`)"),
+    chunk=dict(type=click.IntRange(1, 64), help="speculative chunk [default: adaptive]"),
+    max_tokens=dict(type=click.IntRange(min=1), default=256, help="max_tokens when a request gives none"))
 @click.option("--max-tokens-limit", type=click.IntRange(min=1), default=4096, show_default=True)
 @click.option("--max-body-bytes", type=click.IntRange(min=1024), default=1 << 20, show_default=True)
 @click.option("-v", "--verbose", count=True)
@@ -298,7 +208,6 @@ def serve(**o: Any) -> None:
 
     import uvicorn
 
-    from ..errors import ConfigurationError
     from ..hosts.client import HostedClient
     from .tuned_server import create_tuned_app
     from ..tuner import AsyncProxyTuner
@@ -311,7 +220,7 @@ def serve(**o: Any) -> None:
             sock.bind((o["host"], o["port"]))
         except OSError as exc:
             raise ConfigurationError(f"cannot listen on {o['host']}:{o['port']} ({exc.strerror}); pick another --port") from None
-    kwargs = _tuner_kwargs(o)
+    kwargs = tuner_kwargs(o)
     # Reach the hosted API once before loading models: a bad URL, key or model fails here.
     probe = HostedClient(model=kwargs["model"], base_url=kwargs["base_url"], api_key=kwargs["api_key"],
                          mode=kwargs["mode"], dialect=kwargs["dialect"], timeout=kwargs["timeout"],
@@ -332,8 +241,7 @@ def serve(**o: Any) -> None:
 @click.option("--preset", type=click.Choice(["same-tokenizer", "cross-tokenizer"]), default="same-tokenizer",
               show_default=True, help="which embedded setup to measure")
 @click.option("--prompts", type=click.IntRange(min=1), default=8, show_default=True, help="held-out problems")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=24, show_default=True)
-@click.option("--alpha", type=float, default=1.0, show_default=True)
+@generation_options("max_tokens", "alpha", max_tokens=dict(type=click.IntRange(min=1), default=24))
 @click.option("--k-ref", type=click.IntRange(min=2), default=100, show_default=True,
               help="cross-tokenizer: the k whose pipeline output is the reference")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="fidelity", show_default=True,
@@ -349,7 +257,6 @@ def compare(preset: str, prompts: int, max_tokens: int, alpha: float, k_ref: int
     strategy draws. Writes OUT/fidelity.json, OUT/fidelity.md and PNG plots.
     """
     _setup_logging(verbose)
-    from ..errors import ConfigurationError
     from ..harness.fidelity import run_preset, write_report
 
     alpha_ok = alpha == alpha and abs(alpha) != float("inf")
@@ -422,8 +329,7 @@ def serve_model(model: str, host: str, port: int, name: str | None, max_top_logp
 
 @main.command()
 @click.option("--prompts", type=int, default=3, show_default=True, help="held-out problems to show")
-@click.option("--max-tokens", type=int, default=40, show_default=True)
-@click.option("--alpha", type=float, default=1.0, show_default=True)
+@generation_options("max_tokens", "alpha", max_tokens=dict(default=40))
 @click.option("--top-k", type=int, default=20, show_default=True)
 @click.option("--port", type=int, default=None, help="port for the hosted stand-in (default: a free one)")
 @click.option("-v", "--verbose", count=True)
