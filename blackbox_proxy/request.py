@@ -99,7 +99,9 @@ class GenerationRequest(BaseModel):
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompt(cls, value: Any) -> Any:
-        if value is not None and (not isinstance(value, str) or not value.strip()):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"the prompt must be text, got {type(value).__name__} {str(value)[:40]!r}")
+        if value is not None and not value.strip():
             raise ValueError("the prompt is empty; pass some text")
         return value
 
