@@ -60,7 +60,13 @@ class _TunerBase:
             legacy completions endpoint (its cap).
         dialect: ``openai`` | ``vllm`` | ``llama.cpp`` | ``deepseek`` | ``mistral`` (detected when left
             out; see ``hosts.dialects``).
-        expert_render, anti_expert_render: ``auto`` | ``chat`` | ``raw`` prompt rendering.
+        expert_render, anti_expert_render: ``auto`` | ``chat`` | ``raw`` prompt rendering of the
+            small models. ``auto`` renders them as the hosted model sees the prompt: raw text in
+            ``completions`` mode, their chat template (when they have one) in the chat modes, so
+            the three models continue the same context and the offsets measure the tuning, not the
+            formatting. Pass ``chat`` when the expert was tuned on chat-rendered prompts but the
+            hosted model continues raw text (the demo's arithmetic adapter; README, "Prompt
+            rendering"). Ignored for :class:`Scorer` objects, which carry their own.
         backoff: tokens dropped to reach a stable tokenisation boundary (aligner).
         timeout, max_retries: per-request timeout (s) and retries after the first attempt.
         cache: a SQLite file (or :class:`~blackbox_proxy.hosts.cache.ResponseCache`) so identical
@@ -123,12 +129,28 @@ class _TunerBase:
         )
         if check_hosted:
             self._check_hosted()
+        if expert_adapter is None:
+            renders = self._auto_render(expert_render), self._auto_render(anti_expert_render)
+        else:
+            renders = (self._adapter_render(expert_render, anti_expert_render),) * 2
         self.expert, self.anti_expert = load_small_models(
             expert=expert, anti_expert=anti_expert, expert_adapter=expert_adapter, device=device,
-            expert_render=expert_render, anti_expert_render=anti_expert_render,
+            expert_render=renders[0], anti_expert_render=renders[1],
         )
         self.same_vocab = bool(self.hosted_vocab is not None and self.hosted_vocab.same_as(self.expert.vocab))
         self.aligner = Aligner(self.expert.vocab, self.hosted_vocab, backoff=backoff)
+
+    def _auto_render(self, render: str) -> str:
+        """``auto`` follows the hosted prompt: raw in completions mode, else the chat template."""
+        return "raw" if render == "auto" and self.mode == "completions" else render
+
+    def _adapter_render(self, expert_render: str, anti_expert_render: str) -> str:
+        """An adapter pair is one model with one rendering: an explicit choice wins over ``auto``."""
+        chosen = {expert_render, anti_expert_render} - {"auto"}
+        if len(chosen) > 1:
+            raise ConfigurationError("with an expert adapter both small models are one model and share one prompt "
+                                     f"rendering; got expert {expert_render!r} and anti-expert {anti_expert_render!r}")
+        return self._auto_render(chosen.pop() if chosen else "auto")
 
     def _check_hosted(self) -> None:
         """Reach the hosted API before loading models (sync tuner only)."""

@@ -29,7 +29,8 @@ def test_generate_json_equals_library(server_a, saved_a):
     step = data["trace"][0]
     assert {"hosted_logprob", "delta", "prob"} <= set(step["candidates"][0])
     lib = ProxyTuner(base_url=server_a.base_url, model="tiny", hosted_tokenizer=str(saved_a["L"]), top_k=50,
-                     expert=Scorer.from_pretrained(str(saved_a["E"])), anti_expert=Scorer.from_pretrained(str(saved_a["A"])))
+                     expert=Scorer.from_pretrained(str(saved_a["E"]), render="raw"),
+                     anti_expert=Scorer.from_pretrained(str(saved_a["A"]), render="raw"))  # the CLI default here
     assert lib.generate("The quick brown", max_tokens=6).text == data["text"]
 
 
