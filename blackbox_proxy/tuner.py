@@ -25,6 +25,7 @@ from . import _constants as C
 from .decoding import DecodeParams, DecoderBase, PerStepDecoder, ResampleDecoder, SpeculativeDecoder
 from .errors import ConfigurationError, ModeNotSupportedError
 from .hosts.client import AsyncHostedClient, HostedClient
+from .hosts.discover import discover, text_prompt_warning
 from .local.scorer import load_small_models
 from .local.sessions import open_sessions
 from .request import STRATEGIES, GenerationRequest
@@ -112,8 +113,13 @@ class _TunerBase:
         self.top_k = top_k
         if batch_scoring is not None:
             self.batch_scoring = bool(batch_scoring)
+        discover = hosted_tokenizer is None or hosted_tokenizer == "auto"
+        off = isinstance(hosted_tokenizer, str) and hosted_tokenizer.lower() == "none"
         self.hosted_vocab: Vocabulary | None = (
-            load_hosted_vocabulary(hosted_tokenizer) if hosted_tokenizer is not None else None
+            None if discover or off else load_hosted_vocabulary(hosted_tokenizer)
+        )
+        self.hosted_tokenizer_source = (
+            "none (text prompts, as asked)" if off else "discovery pending" if discover else "given"
         )
         self.client = self._client_class(
             model=model,
@@ -137,8 +143,23 @@ class _TunerBase:
             expert=expert, anti_expert=anti_expert, expert_adapter=expert_adapter, device=device,
             expert_render=renders[0], anti_expert_render=renders[1],
         )
+        if discover:
+            self._discover_hosted_tokenizer()
         self.same_vocab = bool(self.hosted_vocab is not None and self.hosted_vocab.same_as(self.expert.vocab))
         self.aligner = Aligner(self.expert.vocab, self.hosted_vocab, backoff=backoff)
+
+    def _discover_hosted_tokenizer(self) -> None:
+        """Find the hosted tokenizer (``hosts/discover.py``) and hand it to the client; one warning
+        when none is found, since text prompts make proxy tuning inexact."""
+        found = discover(base_url=self.client.base_url, api_key=self.client.api_key_for_probes(),
+                         model=self.client.model, small_vocab=self.expert.vocab, timeout=min(self.client.timeout, 5.0))
+        self.hosted_tokenizer_source = found.source
+        if found.vocab is None:
+            logger.warning(text_prompt_warning(found.source))
+            return
+        logger.info("hosted tokenizer: %s", found.source)
+        self.hosted_vocab = found.vocab
+        self.client.use_vocabulary(found.vocab)
 
     def _auto_render(self, render: str) -> str:
         """``auto`` follows the hosted prompt: raw in completions mode, else the chat template."""
@@ -249,6 +270,7 @@ class _TunerBase:
             "max_tokens": params.max_tokens, "seed": params.seed, "expert": self.expert.name,
             "anti_expert": self.anti_expert.name,
             "hosted_tokenizer": self.hosted_vocab.name if self.hosted_vocab else None,
+            "hosted_tokenizer_source": self.hosted_tokenizer_source,
             "alignment": "token ids (same tokenizer)" if self.same_vocab else self.aligner.description,
             "token_prompts": hosted_prompt_ids is not None,
             "chunk": (req.chunk or "adaptive") if req.strategy == "speculative" else None,

@@ -242,3 +242,30 @@ def test_vllm_is_detected_and_matches_the_reference(reference, vllm):
                              greedy_runs=("per-step", "speculative-greedy", "chat-prefix"), exact_repeats=True)
     assert [g.api_calls for g in result.runs["resample"]] == [1] * len(result.runs["resample"])
     assert not result.errors
+
+
+def test_vllm_tokenizer_is_discovered(setup, vllm):
+    """Without a hosted tokenizer given, vLLM's /tokenize and the `root` of /v1/models lead to
+    the Gemma tokenizer on this machine, checked against vLLM's ids; the per-step greedy answers
+    equal the runs that named it."""
+    from blackbox_proxy import ProxyTuner
+
+    url, named = vllm
+    with ProxyTuner(base_url=url, model=NAME, expert=setup["expert"], anti_expert=setup["anti"], top_k=TOP_K,
+                    check_hosted=True) as tuner:
+        assert tuner.hosted_vocab is not None and tuner.hosted_vocab.same_as(_vocab(setup))
+        assert "/tokenize" in tuner.hosted_tokenizer_source and "Hugging Face" in tuner.hosted_tokenizer_source
+        assert tuner.client.token_prompts
+        for i, (prompt, gen) in enumerate(zip(setup["prompts"], named.runs["per-step"])):
+            assert tuner.generate(prompt, max_tokens=MAX_TOKENS, alpha=1.0, seed=i).text == gen.text
+
+
+def test_llama_cpp_tokenize_route_is_found_and_checked(setup, llama):
+    """llama-cpp-python answers /extras/tokenize but reports no `root` and serves the model under
+    an alias, so no local tokenizer can be named and checked: text prompts, said once."""
+    from blackbox_proxy import ProxyTuner
+
+    url, _ = llama
+    with ProxyTuner(base_url=url, model=NAME, expert=setup["expert"], anti_expert=setup["anti"], top_k=TOP_K) as tuner:
+        assert tuner.hosted_vocab is None
+        assert "/extras/tokenize answered" in tuner.hosted_tokenizer_source

@@ -57,6 +57,7 @@ def test_no_file_or_console_output_holds_the_key(tmp_path, keyed_server, saved_a
     base = [sys.executable, "-m", "blackbox_proxy.apps.cli", "batch", "-vv", "--base-url", keyed_server.base_url,
             "--model", "tiny", "--expert", str(saved_a["E"]), "--anti-expert", str(saved_a["A"]),
             "--expert-render", "raw", "--anti-expert-render", "raw", "--top-k", "8", "--max-tokens", "4",
+            "--hosted-tokenizer", "none",  # the fault script below counts requests: no discovery probes
             "--input", str(inp), "--output", str(out), "--cache", str(runs / "cache.sqlite"), "--trace",
             "--concurrency", "1", "--on-error", "skip", "--no-progress"]
     # /v1/models passes; the first completion is a 400 that quotes the Authorization header back,

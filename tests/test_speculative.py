@@ -102,7 +102,7 @@ def test_text_prompt_masks_only_the_replacement():
 def test_text_prompts_with_byte_pieces_never_crash(server_a, tok_a, scorers_a):
     """Random tiny models draw lone UTF-8 pieces; without a hosted tokenizer every chunk must
     still end on a whole character (found by a batch run that crashed in the residual draw)."""
-    t = make(server_a, scorers_a, top_k=8)
+    t = make(server_a, scorers_a, top_k=8, hosted_tokenizer="none")  # text prompts, as asked
     for i in range(12):
         result = t.generate(f"Question: {i}", max_tokens=6, temperature=1.0, seed=i, strategy="speculative")
         assert "\ufffd" not in result.text  # the continuation is whole UTF-8

@@ -17,6 +17,9 @@ Conventions worth knowing:
   two ids with the same string are merged (log-sum-exp) in completions' string-keyed dicts;
 - ``return_tokens_as_token_ids`` (as in vLLM) prints tokens as ``token_id:N``.
 
+It also answers vLLM's ``/tokenize`` and ``/detokenize`` (so clients can discover its tokenizer;
+``hosts/discover.py``) and reports ``root`` in ``/v1/models``.
+
 Left out: streaming, ``echo``, ``best_of``, tools; the generation itself
 (:mod:`blackbox_proxy.local.runner`) and the HTTP plumbing (:mod:`.openai_http`).
 """
@@ -37,7 +40,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionMessage, ChatComplet
 from openai.types.chat.chat_completion import Choice as ChatChoice, ChoiceLogprobs
 from openai.types.chat.chat_completion_token_logprob import TopLogprob
 from openai.types.completion_choice import Logprobs
-from pydantic import BaseModel, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from ..errors import ConfigurationError
 from ..local.runner import Generation, ModelRunner
@@ -79,6 +82,31 @@ class _LocalOptions(BaseModel):
                 raise ValueError(f"logit_bias needs token ids in [0, {size}) and values in [-100, 100]")
             out[token] = float(bias)
         return out
+
+
+class TokenizeBody(BaseModel):
+    """vLLM's ``/tokenize`` body (the text form): what a text prompt becomes on this server."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: Flag = True
+
+
+class DetokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = None
+    tokens: list[int]
+
+    @field_validator("tokens")
+    @classmethod
+    def _ids(cls, value: list[int], info: ValidationInfo) -> list[int]:
+        size = getattr(info.context, "vocab_size", 0)
+        if any(not 0 <= t < size for t in value):
+            raise ValueError(f"tokens must be ids in [0, {size})")
+        return value
 
 
 class LocalCompletionBody(_LocalOptions, CompletionBody):
@@ -180,8 +208,34 @@ def create_app(
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
         # openai.types has no model-list type (the SDK pages it), hence the plain wrapper
-        model = Model(id=runner.name, object="model", created=created, owned_by="blackbox-proxy")
+        # ``root``: where the weights and tokenizer came from, as vLLM reports it (a client may load
+        # that tokenizer locally and check it against /tokenize)
+        model = Model(id=runner.name, object="model", created=created, owned_by="blackbox-proxy",
+                      root=str(getattr(runner.tokenizer, "name_or_path", "") or runner.name))
         return {"object": "list", "data": [model.to_dict()]}
+
+    async def _named_body(request: Request, model: type[Any]) -> Any:
+        raw = await read_json(request, max_body_bytes)
+        if raw.get("model") not in (None, runner.name):
+            raise APIError(404, f"The model `{raw.get('model')}` does not exist. This server serves `{runner.name}`.",
+                           code="model_not_found", param="model")
+        return parse_body(model, raw, limits)
+
+    # vLLM's tokenizer routes (at the root as vLLM has them, and under /v1): clients find out which
+    # tokenizer this server's text prompts go through and send token ids instead.
+    @app.post("/tokenize")
+    @app.post("/v1/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        body = await _named_body(request, TokenizeBody)
+        ids = runner.encode_prompt(body.prompt) if body.add_special_tokens \
+            else list(runner.tokenizer.encode(body.prompt, add_special_tokens=False))
+        return {"tokens": ids, "count": len(ids), "max_model_len": runner.max_length}
+
+    @app.post("/detokenize")
+    @app.post("/v1/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        body = await _named_body(request, DetokenizeBody)
+        return {"prompt": runner.tokenizer.decode(body.tokens)}
 
     @app.get("/health")
     def health() -> dict[str, str]:

@@ -103,6 +103,16 @@ class _HostedBase:
     def __repr__(self) -> str:  # never shows the key
         return f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r}, mode={self.mode!r})"
 
+    def use_vocabulary(self, vocab: Vocabulary) -> None:
+        """Adopt the hosted tokenizer found after construction (``hosts/discover.py``)."""
+        parser = ResponseParser(vocab)
+        parser.host = self.parser.host
+        self.parser, self.vocab = parser, vocab
+
+    def api_key_for_probes(self) -> str:
+        """The key, for this package's own unbilled probes of the same host (tokenizer discovery)."""
+        return self._api_key
+
     # ----- what the host allows (its dialect's data) -----------------------------------------
 
     @property
