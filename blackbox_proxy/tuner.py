@@ -43,6 +43,15 @@ _DECODERS: dict[str, type] = {"per-step": PerStepDecoder, "speculative": Specula
                               "resample": ResampleDecoder}
 
 
+def _check_fits(who: str, prompt_tokens: int, max_tokens: int, context: int | None) -> None:
+    """Refuse before the first paid call a generation that cannot fit ``who``'s context."""
+    if context and prompt_tokens + max_tokens > context:
+        room = context - prompt_tokens
+        fix = f"pass max_tokens {room} or less" if room > 0 else "shorten the prompt"
+        raise ConfigurationError(f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is more than "
+                                 f"the context of {who} ({context} tokens); {fix}")
+
+
 class _TunerBase:
     """Configuration and non-I/O logic shared by :class:`ProxyTuner` and :class:`AsyncProxyTuner`.
 
@@ -121,6 +130,7 @@ class _TunerBase:
         self.hosted_tokenizer_source = (
             "none (text prompts, as asked)" if off else "discovery pending" if discover else "given"
         )
+        self.hosted_context: int | None = None  # tokens, when the host says (see hosts/discover.py)
         self.client = self._client_class(
             model=model,
             base_url=base_url,
@@ -154,6 +164,7 @@ class _TunerBase:
         found = discover(base_url=self.client.base_url, api_key=self.client.api_key_for_probes(),
                          model=self.client.model, small_vocab=self.expert.vocab, timeout=min(self.client.timeout, 5.0))
         self.hosted_tokenizer_source = found.source
+        self.hosted_context = found.context
         if found.vocab is None:
             logger.warning(text_prompt_warning(found.source))
             return
@@ -244,8 +255,12 @@ class _TunerBase:
             raise ConfigurationError(
                 f"top_k {top_k} is above what {self.client.dialect} allows in {self.mode} mode ({cap}); pass --top-k {cap} or less"
             )
-        for scorer in (self.expert, self.anti_expert):
-            scorer.prompt_ids(prompt=req.prompt, messages=req.message_dicts())  # raises if it does not fit
+        for role, scorer in (("expert", self.expert), ("anti-expert", self.anti_expert)):
+            ids = scorer.prompt_ids(prompt=req.prompt, messages=req.message_dicts())  # raises if the prompt alone does not fit
+            _check_fits(f"the {role}", len(ids), req.max_tokens, scorer.max_length)
+        if self.hosted_context and self.mode == "completions" and self.hosted_vocab is not None:
+            _check_fits(f"the hosted model {self.client.model!r}", len(self.hosted_vocab.encode_prompt(req.prompt or "")),
+                        req.max_tokens, self.hosted_context)
         return DecodeParams(req.alpha, req.temperature, req.top_p, req.max_tokens, top_k, req.stop, req.seed,
                             req.chunk)
 

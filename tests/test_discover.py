@@ -134,3 +134,22 @@ def test_warning_when_nothing_is_found_and_none_opts_out(server_b, saved_a, capl
                            anti_expert=str(saved_a["A"]), hosted_tokenizer="none", max_retries=0)
     assert quiet.hosted_vocab is None and quiet.hosted_tokenizer_source.startswith("none")
     assert not [r for r in caplog.records if "hosted tokenizer" in r.getMessage()]
+
+
+def test_context_limits_are_checked_before_the_first_call(server_a, saved_a):
+    """prompt + max_tokens against every model's context, before anything is paid: the tiny
+    models' context is 512; the hosted one is reported by /tokenize (max_model_len)."""
+    from blackbox_proxy import ConfigurationError
+
+    with ProxyTuner(base_url=server_a.base_url, model="tiny", expert=str(saved_a["E"]),
+                    anti_expert=str(saved_a["A"]), max_retries=0) as tuner:
+        assert tuner.hosted_context == 512
+        prompt = "word " * 100
+        n = len(tuner.expert.prompt_ids(prompt=prompt))
+        tuner.check_request(prompt, max_tokens=512 - n)  # fits exactly
+        with pytest.raises(ConfigurationError, match=rf"context of the expert \(512 tokens\); pass max_tokens {512 - n} or less"):
+            tuner.generate(prompt, max_tokens=513 - n)
+        tuner.hosted_context = n + 3  # a hosted model with less room than the small ones
+        with pytest.raises(ConfigurationError, match=r"context of the hosted model 'tiny' .* pass max_tokens 3 or less") as err:
+            tuner.check_request(prompt, max_tokens=4)
+        assert str(saved_a["E"]) not in str(err.value)  # roles and served names, not paths

@@ -49,10 +49,13 @@ PROBE_TIMEOUT = 5.0
 
 @dataclass(frozen=True)
 class Discovery:
-    """What was found: ``vocab`` (None when nothing was) and ``source``, said in words."""
+    """What was found: ``vocab`` (None when nothing was) and ``source``, said in words;
+    ``context``: the hosted model's context length when the tokenize route reports it (vLLM's and
+    this project's ``max_model_len``)."""
 
     vocab: Vocabulary | None
     source: str
+    context: int | None = None
 
 
 def _root(base_url: str) -> str:
@@ -69,8 +72,9 @@ def _routes(base_url: str, model: str) -> Iterator[tuple[str, dict[str, Any], bo
     yield f"{root}/extras/tokenize", {"model": model, "input": PROBE}, True
 
 
-def server_ids(http: httpx.Client, base_url: str, model: str) -> tuple[list[int], str] | None:
-    """The ids the host gives the probe text, and the route that answered (None: no route)."""
+def server_ids(http: httpx.Client, base_url: str, model: str) -> tuple[list[int], str, int | None] | None:
+    """The ids the host gives the probe text, the route that answered and the context length it
+    reports (None: no route)."""
     for url, body, _ in _routes(base_url, model):
         try:
             response = http.post(url, json=body)
@@ -85,11 +89,13 @@ def server_ids(http: httpx.Client, base_url: str, model: str) -> tuple[list[int]
         if response.status_code != 200:
             continue
         try:
-            tokens = response.json().get("tokens")
+            answer = response.json()
+            tokens, context = answer.get("tokens"), answer.get("max_model_len")
         except (ValueError, AttributeError):
             continue
         if isinstance(tokens, list) and tokens and all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-            return tokens, httpx.URL(url).path
+            good = isinstance(context, int) and not isinstance(context, bool) and context > 0
+            return tokens, httpx.URL(url).path, context if good else None
     return None
 
 
@@ -157,7 +163,7 @@ def discover(*, base_url: str, api_key: str, model: str, small_vocab: Vocabulary
         if vocab is not None:
             return Discovery(vocab, f"tiktoken's model table ({vocab.name} for {model!r}; the host has no tokenize route)")
         return Discovery(None, "none (no tokenize route, and the model name is not in tiktoken's table)")
-    ids, route = answered
+    ids, route, context = answered
     tried = []
     for label, load in candidates:
         vocab = load()
@@ -165,9 +171,9 @@ def discover(*, base_url: str, api_key: str, model: str, small_vocab: Vocabulary
             continue
         tried.append(label)
         if _matches(vocab, ids):
-            return Discovery(vocab, f"{label}, checked against the host's {route}")
+            return Discovery(vocab, f"{label}, checked against the host's {route}", context)
     return Discovery(None, f"none: the host's {route} answered, but no local tokenizer reproduces its ids "
-                           f"(tried {', '.join(tried) or 'nothing loadable'})")
+                           f"(tried {', '.join(tried) or 'nothing loadable'})", context)
 
 
 def text_prompt_warning(source: str) -> str:
