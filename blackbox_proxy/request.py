@@ -6,6 +6,12 @@
 and get the same checks and the same messages; :meth:`GenerationRequest.build` turns every
 failure into a one-line :class:`~blackbox_proxy.errors.ConfigurationError`.
 
+Text (the prompt, stop strings, message roles and contents) must be valid Unicode: a lone
+surrogate (JSON's ``"\\ud800"``, or a byte that is not UTF-8 in a command-line argument) is
+refused up front, naming the field, rather than failing in a tokenizer after the run began.
+``seed`` is a 64-bit signed integer (what the hosted APIs and ``torch.Generator`` take) and
+``alpha`` is within +-:data:`MAX_ALPHA`, where every strategy's maths stays finite.
+
 Left out: rules that depend on the tuner (the hosted mode, the host's top-k cap, the small
 models' context lengths); :meth:`blackbox_proxy.tuner.ProxyTuner.check_request` adds those.
 Each server adds its own limits (e.g. the most tokens per request) on top.
@@ -22,6 +28,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from .errors import ConfigurationError
 
 STRATEGIES = ("per-step", "speculative", "resample")
+# A seed is a 64-bit signed integer: OpenAI's API takes that range, torch.Generator.manual_seed
+# takes more, and a server's n choices (seed + i) stay within what torch takes.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+# The speculative and resample maths weigh the unseen tail by ((1 - P_E(C)) / (1 - P_A(C)))^alpha
+# with both masses >= 1% (maths/rejection.py): past |alpha| ~ 154 that overflows a float. Useful
+# values are 0.5 to 2.
+MAX_ALPHA = 100.0
 # the options a batch line or a request body may set (besides the prompt or messages)
 OPTION_NAMES = ("max_tokens", "alpha", "temperature", "top_p", "seed", "stop", "strategy", "chunk", "samples")
 
@@ -30,14 +43,49 @@ def check_strategy(value: Any) -> str:
     """``value`` if it names a strategy, else a ValueError that lists them (pydantic validators
     of every front end use it)."""
     if value not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {value!r}")
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {brief_repr(value)}")
     return value
 
 
-def _integer(name: str, value: Any, low: int | None = None, hint: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
-        bound = f" >= {low}" if low is not None else ""
-        raise ValueError(f"{name} must be an integer{bound}{hint}, got {value!r}")
+def _integer(name: str, value: Any, low: int | None = None, hint: str = "", high: int | None = None) -> int:
+    if (isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low)
+            or (high is not None and value > high)):
+        bound = (f" from {low} to {high}" if high is not None and low is not None
+                 else f" >= {low}" if low is not None else "")
+        raise ValueError(f"{name} must be an integer{bound}{hint}, got {brief_repr(value)}")
+    return value
+
+
+def brief_repr(value: Any, most: int = 60) -> str:
+    """``repr(value)`` cut to ``most`` characters, for messages that echo a bad value in one short line."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print (Python's 4300-digit limit)
+        return f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
+def check_text(name: str, value: str) -> str:
+    """``value`` if it is valid Unicode (encodes to UTF-8), else a ValueError naming ``name``.
+
+    A lone surrogate comes from JSON (``"\\ud800"``) or from a command-line argument holding a
+    byte that is not UTF-8 (Python reads it as U+DC80..U+DCFF); a tokenizer or a UTF-8 file
+    cannot take it.
+
+    >>> check_text("the prompt", "2+2=")
+    '2+2='
+    >>> check_text("the prompt", "2+2\\udcff")
+    Traceback (most recent call last):
+    ...
+    ValueError: the prompt is not valid Unicode text: a lone surrogate '\\udcff' at character 3 (from the command line: a byte that is not UTF-8); pass UTF-8 text
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = value[exc.start]
+        origin = " (from the command line: a byte that is not UTF-8)" if "\udc80" <= char <= "\udcff" else ""
+        raise ValueError(f"{name} is not valid Unicode text: a lone surrogate {char!r} at character {exc.start}"
+                         f"{origin}; pass UTF-8 text") from None
     return value
 
 
@@ -57,6 +105,8 @@ class Message(BaseModel):
         if (not isinstance(value, dict) or not isinstance(value.get("role"), str)
                 or not isinstance(value.get("content"), str)):
             raise ValueError("each message must be a dict with 'role' and 'content' (strings)")
+        check_text("a message's role", value["role"])
+        check_text("a message's content", value["content"])
         return value
 
 
@@ -95,15 +145,38 @@ class GenerationRequest(BaseModel):
         except ValidationError as exc:
             raise ConfigurationError(_first_message(exc)) from None
 
+    @classmethod
+    def check_defaults(cls, **options: Any) -> dict[str, Any]:
+        """``options`` (request fields, e.g. a server's default alpha and strategy) checked one at
+        a time with the request's own rules, as they will be when a request uses them; None means
+        unset. Returns the checked values; raises :class:`ConfigurationError` with the first problem.
+
+        >>> GenerationRequest.check_defaults(alpha=1.5, chunk=None)
+        {'alpha': 1.5, 'chunk': None}
+        >>> GenerationRequest.check_defaults(alpha=float("nan"))
+        Traceback (most recent call last):
+        ...
+        blackbox_proxy.errors.ConfigurationError: alpha must be a finite number, got nan
+        """
+        checked: dict[str, Any] = {}
+        for name, value in options.items():
+            if name not in OPTION_NAMES:
+                raise ConfigurationError(f"unknown option {name!r}; the options are: {', '.join(OPTION_NAMES)}")
+            try:
+                checked[name] = None if value is None else getattr(cls, f"_{name}")(value)
+            except ValueError as exc:
+                raise ConfigurationError(str(exc)) from None
+        return checked
+
     # ----- one field at a time (before pydantic converts anything) ---------------------------------
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompt(cls, value: Any) -> Any:
         if value is not None and not isinstance(value, str):
-            raise ValueError(f"the prompt must be text, got {type(value).__name__} {str(value)[:40]!r}")
+            raise ValueError(f"the prompt must be text, got {type(value).__name__} {brief_repr(value, 40)}")
         if value is not None and not value.strip():
             raise ValueError("the prompt is empty; pass some text")
-        return value
+        return value if value is None else check_text("the prompt", value)
 
     @field_validator("max_tokens", mode="before")
     @classmethod
@@ -114,7 +187,10 @@ class GenerationRequest(BaseModel):
     @classmethod
     def _alpha(cls, value: Any) -> float:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise ValueError(f"alpha must be a finite number, got {value!r}")
+            raise ValueError(f"alpha must be a finite number, got {brief_repr(value)}")
+        if abs(value) > MAX_ALPHA:
+            raise ValueError(f"alpha must be between -{MAX_ALPHA:g} and {MAX_ALPHA:g} (typical: 0.5 to 2), "
+                             f"got {brief_repr(value)}")
         return float(value)
 
     @field_validator("temperature", mode="before")
@@ -122,20 +198,20 @@ class GenerationRequest(BaseModel):
     def _temperature(cls, value: Any) -> float:
         if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
                 or value < 0):
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {value!r}")
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {brief_repr(value)}")
         return float(value)
 
     @field_validator("top_p", mode="before")
     @classmethod
     def _top_p(cls, value: Any) -> float:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 < value <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {value!r}")
+            raise ValueError(f"top_p must be in (0, 1], got {brief_repr(value)}")
         return float(value)
 
     @field_validator("seed", mode="before")
     @classmethod
     def _seed(cls, value: Any) -> int | None:
-        return None if value is None else _integer("seed", value)
+        return None if value is None else _integer("seed", value, SEED_MIN, " (64-bit)", SEED_MAX)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -143,10 +219,10 @@ class GenerationRequest(BaseModel):
         if value is None:
             return ()
         if isinstance(value, str):
-            return (value,) if value else ()
+            return (check_text("the stop string", value),) if value else ()
         if isinstance(value, (list, tuple)) and all(isinstance(s, str) and s for s in value):
-            return tuple(value)
-        raise ValueError(f"stop must be a string or a list of non-empty strings, got {value!r}")
+            return tuple(check_text("a stop string", s) for s in value)
+        raise ValueError(f"stop must be a string or a list of non-empty strings, got {brief_repr(value)}")
 
     _strategy = field_validator("strategy", mode="before")(lambda cls, value: check_strategy(value))
 

@@ -87,10 +87,11 @@ def test_malformed_lines_are_reported_with_their_line_numbers(tmp_path):
 
 def test_torn_last_line_is_removed_and_done_ids_are_read(tmp_path):
     out = tmp_path / "out.jsonl"
-    out.write_bytes(b'{"id": "a", "text": "x"}\n{"id": 2, "text": "y"}\n{"id": "c", "te')
+    out.write_bytes(b'{"id": "a", "text": "x", "finish_reason": "stop"}\n{"id": 2, "text": "y", "finish_reason": "stop"}\n'
+                    b'{"id": "c", "te')
     assert read_done(out) == {'"a"', "2"}
-    assert out.read_bytes().endswith(b'"y"}\n')
-    out.write_bytes(b'{"id": "a"}\nnot json\n{"id": "b"}\n')
+    assert out.read_bytes().endswith(b'"stop"}\n')
+    out.write_bytes(b'{"id": "a", "text": "x", "finish_reason": "length"}\nnot json\n{"id": "b"}\n')
     with pytest.raises(ConfigurationError, match="line 2 is not a result line"):
         read_done(out)
 

@@ -14,13 +14,23 @@ every other front end.
 
 Output: one JSON object per finished prompt, appended and flushed to disk as soon as it
 completes: ``id``, ``text``, ``finish_reason``, ``usage``, the copied fields, and ``trace``
-when asked. Running the same command again skips the ids already in the output (a line cut
-short by a crash is removed first) and finishes the rest: no prompt lost, none answered twice.
+when asked. Lines are strict JSON: a number that is not finite (a ``-inf`` logprob in a trace)
+is written as ``null``. Running the same command again skips the ids already in the output (a
+line cut short by a crash is removed first) and finishes the rest: no prompt lost, none
+answered twice.
 
-Every line is checked before the first API call: a malformed line is reported with its line
-number and either stops the run (``on_error="stop"``, the default) or is skipped
-(``"skip"``). A prompt whose generation fails (after the hosted client's retries) stops the run,
-or with ``"skip"`` is written to ``<output>.errors.jsonl`` and retried by the next run.
+Before the first paid call the output is opened, locked for the whole run (a second run on the
+same file is refused, not run twice) and checked: a file that is not results of this input (a
+copy of the input, say) is refused. A write that fails later (a full disk) stops the run with a
+one-line error; every result written so far is kept, whole, for the next run to skip.
+
+Every line is checked before the first API call, all of them: malformed lines (bad JSON, text
+that is not valid Unicode, options out of range) are reported together with their line numbers
+and either stop the run (``on_error="stop"``, the default) or are skipped (``"skip"``). A prompt
+whose generation fails (after the hosted client's retries) stops the run, or with ``"skip"`` is
+written to ``<output>.errors.jsonl`` and retried by the next run. That file holds the failures
+of the latest run only: it is replaced when a run starts generating, and removed when a run
+ends without failures.
 
 Prompts run concurrently (``concurrency`` at a time): their API calls overlap, and the small
 models' scoring of several prompts is batched into shared forwards by the tuner's
@@ -33,26 +43,36 @@ retries of failed API calls (the hosted client), and the command-line flags (``a
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
+import math
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .._logging import redact
 from ..errors import ConfigurationError, ProxyTuningError
-from ..request import OPTION_NAMES, GenerationRequest, Message
+from ..request import OPTION_NAMES, GenerationRequest, Message, brief_repr, check_text
 from .tasks import gather_or_cancel
 
 logger = logging.getLogger(__name__)
 
 ON_ERROR = ("stop", "skip")
 _READ = ("id", "prompt", "messages") + OPTION_NAMES
+MAX_DEPTH = 32  # how deep a line's fields may nest (a result is written with them, after it is paid)
+MIN_FREE_BYTES = 1 << 20  # less free space than this under the output: refused before any paid call
+_SHOWN = 8  # problems listed in one message
 
 
 class BatchInputError(ConfigurationError):
     """The input file has malformed lines (each reported with its line number)."""
+
+
+class BatchOutputError(ConfigurationError):
+    """The results file cannot be opened, locked, read as results or written."""
 
 
 @dataclass(frozen=True)
@@ -101,16 +121,46 @@ def id_key(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+class _NotJSON(str):
+    """Where a line says NaN, Infinity or -Infinity (Python writes them; JSON has no such value)."""
+
+
+def _check_values(obj: Any) -> None:
+    """Every string of a line (keys included) valid Unicode and nesting at most MAX_DEPTH deep,
+    or a ValueError naming the field: the line is written back with its result, after it is paid."""
+    stack: list[tuple[str, Any, int]] = [("", obj, 0)]
+    while stack:
+        where, value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"field {where!r} nests deeper than {MAX_DEPTH} levels; flatten it")
+        if isinstance(value, _NotJSON):
+            raise ValueError(f"field {where!r} is {value}, which is not a JSON value; use null, a number or a string")
+        if isinstance(value, str):
+            check_text(f"field {where!r}", value)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                inner = f"{where}.{key}" if where else key
+                check_text(f"a field name in {where or 'the line'!r}", key)
+                stack.append((inner, item, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item, depth + 1) for i, item in enumerate(value))
+
+
 def _parse_line(raw: str, line: int) -> BatchItem:
     try:
-        obj = json.loads(raw)
+        obj = json.loads(raw, parse_constant=_NotJSON)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not valid JSON ({exc.msg.removesuffix(' at')}, column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError(f"not usable JSON (nested too deeply; keep fields under {MAX_DEPTH} levels)") from None
+    except ValueError as exc:  # an integer longer than Python reads
+        raise ValueError(f"not valid JSON ({str(exc).splitlines()[0][:120]})") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+        raise ValueError(f"expected a JSON object, got {obj if isinstance(obj, _NotJSON) else type(obj).__name__}")
+    _check_values(obj)
     ident = obj.get("id", line)
     if isinstance(ident, bool) or not isinstance(ident, (str, int)) or ident == "":
-        raise ValueError(f"id must be a non-empty string or an integer, got {ident!r}")
+        raise ValueError(f"id must be a non-empty string or an integer, got {brief_repr(ident)}")
     prompt, messages = obj.get("prompt"), obj.get("messages")
     if (prompt is None) == (messages is None):
         raise ValueError('needs exactly one of "prompt" (text) or "messages" (a list of {role, content})')
@@ -125,6 +175,12 @@ def _parse_line(raw: str, line: int) -> BatchItem:
     return BatchItem(ident, line, asked.prompt, asked.messages, options, extra)
 
 
+def _joined(problems: list[str], advice: str) -> str:
+    """Problems as one line: the first few, a count of the rest, then what to do."""
+    shown = "; ".join(problems[:_SHOWN]) + (f"; and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else "")
+    return f"{shown}. {advice}"
+
+
 def read_items(path: str | os.PathLike, *, on_error: str = "stop") -> tuple[list[BatchItem], list[str]]:
     """Parse the input JSONL. Returns (items, problems); each problem names its line.
 
@@ -133,42 +189,54 @@ def read_items(path: str | os.PathLike, *, on_error: str = "stop") -> tuple[list
     """
     if on_error not in ON_ERROR:
         raise ConfigurationError(f"on_error must be one of {', '.join(ON_ERROR)}; got {on_error!r}")
-    path = Path(path)
+    items, problems = _read_lines(Path(path))
+    messages = [message for _, message in problems]
+    if messages and on_error == "stop":
+        raise BatchInputError(_joined(messages, "Fix the input, or pass --on-error skip to leave these lines out"))
+    return items, messages
+
+
+def _read_lines(path: Path) -> tuple[list[BatchItem], list[tuple[int, str]]]:
+    """(items, [(line number, problem)]) of the input file."""
     if not path.is_file():
         raise ConfigurationError(f"the input file {path} does not exist; pass a JSONL file with one prompt per line")
     items: list[BatchItem] = []
-    problems: list[str] = []
+    problems: list[tuple[int, str]] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8", errors="strict") as handle:
-        try:
+    try:
+        with open(path, encoding="utf-8", errors="strict") as handle:
             lines = list(handle)
-        except UnicodeDecodeError as exc:
-            raise BatchInputError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    except UnicodeDecodeError as exc:
+        raise BatchInputError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read the input file {path} ({exc.strerror}); check its permissions") from None
     for number, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
         try:
             item = _parse_line(raw, number)
         except ValueError as exc:
-            problems.append(f"{path.name} line {number}: {exc}")
+            problems.append((number, f"{path.name} line {number}: {exc}"))
             continue
         if item.key in seen:
-            problems.append(f"{path.name} line {number}: id {item.id!r} repeats line {seen[item.key]}; ids must be unique")
+            problems.append((number, f"{path.name} line {number}: id {brief_repr(item.id)} repeats line {seen[item.key]}; "
+                                     "ids must be unique"))
             continue
         seen[item.key] = number
         items.append(item)
-    if problems and on_error == "stop":
-        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise BatchInputError(f"{shown}. Fix the input, or pass --on-error skip to leave these lines out")
     return items, problems
+
+
+RESULT_KEYS = ("id", "text", "finish_reason")  # what every results line has (an input line has none of the last two)
 
 
 def read_done(path: str | os.PathLike) -> set[str]:
     """Ids already in a results file, after removing a last line cut short by a crash.
 
     A complete line always ends with a newline (results are written whole, newline included), so
-    bytes after the last newline are an unfinished write and are cut off. A broken line in the
-    middle is not ours to repair: it raises.
+    bytes after the last newline are an unfinished write and are cut off. A line in the middle
+    that is not a result (broken JSON, or an input line: no ``text``/``finish_reason``) is not
+    ours to repair: it raises.
     """
     path = Path(path)
     if not path.exists():
@@ -190,37 +258,159 @@ def read_done(path: str | os.PathLike) -> set[str]:
         try:
             obj = json.loads(raw)
             key = id_key(obj["id"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ConfigurationError(
-                f"the results file {path} line {number} is not a result line; move the file away or fix that line"
-            ) from None
+            result = all(k in obj for k in RESULT_KEYS)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError):
+            obj, result = None, False
+        if not result:
+            looks = " (it looks like an input line: is this a copy of the input?)" if isinstance(obj, dict) and (
+                "prompt" in obj or "messages" in obj) else ""
+            raise BatchOutputError(
+                f"the results file {path} line {number} is not a result line{looks}; pass another --output, or move "
+                "the file away"
+            )
         done.add(key)
     return done
 
 
-class _Appender:
-    """Appends whole lines, each flushed and fsynced before the next prompt is counted done."""
+def json_line(record: Any) -> str:
+    """``record`` as one line of strict JSON: numbers that are not finite (a ``-inf`` logprob)
+    become ``null``; text that UTF-8 cannot hold (a lone surrogate) is written as a ``\\u``
+    escape rather than failing. Ends with a newline.
 
-    def __init__(self, path: Path, *, mask_secrets: bool = False) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self.mask_secrets = mask_secrets
+    >>> json_line({"id": "é", "logprob": float("-inf")})
+    '{"id": "é", "logprob": null}\\n'
+    >>> json_line({"id": "\\ud800"})
+    '{"id": "\\\\ud800"}\\n'
+    """
+    clean = finite_json(record)
+    line = json.dumps(clean, ensure_ascii=False, allow_nan=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(clean, ensure_ascii=True, allow_nan=False)
+    return line + "\n"
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every float that is not finite replaced by None (JSON has no inf/nan);
+    dicts, lists and tuples are copied, anything else returned as is."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+class ResultsFile:
+    """The output of one run: opened, locked and checked before the first paid call, then
+    appended to line by line. Context manager.
+
+    Each line is written whole, then fsynced before the prompt counts as done; a write that fails
+    is undone (the file cut back to its last whole line) and raises :class:`BatchOutputError`.
+    The lock (``flock``, released when the file is closed, also by a crash) keeps a second run
+    off the same file. A file this run created and never wrote to is removed on close.
+
+    ``errors=True`` opens ``<output>.errors.jsonl`` instead: emptied on open (it holds the
+    latest run's failures only), not locked (the results file's lock covers it), messages
+    masked once more on the way to disk.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, errors: bool = False) -> None:
+        self.path = Path(path)
+        self.errors = errors
+        self.errors_path = self.path.with_name(self.path.name + ".errors.jsonl")
+        self.what = "errors file" if errors else "results file"
+        self.written = 0
         self._fd: int | None = None
+        self._created = False
+
+    def open(self) -> "ResultsFile":
+        path = self.path
+        if path.is_dir():
+            raise BatchOutputError(f"the output {path} is a folder; pass a file name, e.g. --output {path / 'results.jsonl'}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BatchOutputError(f"cannot create the folder {path.parent} for the results ({exc.strerror}); "
+                                   "pass another --output") from None
+        self._created = self.errors or not path.exists()
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if self.errors else 0)
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError as exc:
+            raise BatchOutputError(f"cannot open the {self.what} {path} for writing ({exc.strerror}); fix its "
+                                   "permissions or pass another --output") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise BatchOutputError(f"the output {path} is not a regular file; pass a file name with --output")
+            if not self.errors:
+                self._lock(fd)
+            space = os.fstatvfs(fd)
+            if space.f_bavail * space.f_frsize < MIN_FREE_BYTES:
+                raise BatchOutputError(f"the disk holding {path} is full; free some space or pass another --output")
+        except BaseException:
+            self._close(fd)
+            raise
+        self._fd = fd
+        return self
+
+    def _lock(self, fd: int) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._created = False  # another run's file
+            raise BatchOutputError(f"the results file {self.path} is in use by another batch run; wait for it to "
+                                   "finish, or pass another --output") from None
+        except OSError as exc:  # e.g. a network file system without locks
+            logger.warning("cannot lock %s (%s); make sure no other run writes to it", self.path, exc.strerror)
+
+    def read_done(self) -> set[str]:
+        """The ids already in the file (see :func:`read_done`); call with the file open (locked)."""
+        return read_done(self.path)
 
     def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, ensure_ascii=False) + "\n"
+        """Append ``record`` as one strict JSON line, flushed to disk."""
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        data = (redact(line) if self.mask_secrets else line).encode("utf-8")
-        written = 0
-        while written < len(data):
-            written += os.write(self._fd, data[written:])
-        os.fsync(self._fd)
+            raise RuntimeError(f"the {self.what} is not open")
+        line = json_line(record)
+        data = (redact(line) if self.errors else line).encode("utf-8")
+        start = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(self._fd, data[written:])
+            os.fsync(self._fd)
+        except OSError as exc:
+            try:
+                os.ftruncate(self._fd, start)  # no half line left behind
+            except OSError:
+                pass  # the next run removes a torn last line
+            raise BatchOutputError(
+                f"cannot write to {self.path} ({exc.strerror}) after {self.written} line(s) this run; what was "
+                "written is kept: free space (or fix the file) and run the same command again to finish the rest"
+            ) from None
+        self.written += 1
+
+    def _close(self, fd: int) -> None:
+        try:
+            if self._created and os.fstat(fd).st_size == 0:
+                self.path.unlink(missing_ok=True)  # removed while still locked: no other run saw it
+        except OSError:
+            pass
+        os.close(fd)  # releases the lock
 
     def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+            fd, self._fd = self._fd, None
+            self._close(fd)
+
+    def __enter__(self) -> "ResultsFile":
+        return self.open() if self._fd is None else self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def result_record(item: BatchItem, result: Any, *, trace: bool) -> dict[str, Any]:
@@ -245,6 +435,135 @@ def _progress(total: int, enabled: bool | None) -> Any:
                 smoothing=0.1)
 
 
+def _check_run(concurrency: Any, on_error: str, defaults: dict[str, Any]) -> None:
+    if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
+        raise ConfigurationError(f"concurrency must be an integer >= 1, got {concurrency!r}")
+    if on_error not in ON_ERROR:
+        raise ConfigurationError(f"on_error must be one of {', '.join(ON_ERROR)}; got {on_error!r}")
+    unknown = set(defaults) - set(OPTION_NAMES)
+    if unknown:
+        raise ConfigurationError(f"unknown generation option(s) {sorted(unknown)}; use {', '.join(OPTION_NAMES)}")
+
+
+@dataclass
+class _Plan:
+    """What a run will do, checked without a model: the prompts left, each with its request,
+    and the results file, open and locked."""
+
+    todo: list[tuple[BatchItem, GenerationRequest]]
+    results: ResultsFile
+    summary: BatchSummary
+
+
+def _plan(input_path: str | os.PathLike, output_path: str | os.PathLike, *, on_error: str,
+          defaults: dict[str, Any]) -> _Plan:
+    """Every line read and merged with the run's ``defaults``, the output opened, locked and read.
+    With ``on_error="stop"`` every problem of the lines left to do is raised at once."""
+    source, output = Path(input_path), Path(output_path)
+    same = source.resolve() == output.resolve()
+    if not same and source.exists() and output.exists():
+        same = os.path.samefile(source, output)
+    if same:
+        raise ConfigurationError("the output file is the input file; pass another --output")
+    items, problems = _read_lines(source)
+    requests: dict[str, GenerationRequest] = {}
+    merge_problems: dict[str, tuple[int, str]] = {}
+    for item in items:
+        try:
+            requests[item.key] = item.request(defaults)
+        except ConfigurationError as exc:
+            merge_problems[item.key] = (item.line, f"{source.name} line {item.line} (id {brief_repr(item.id)}): {exc}")
+    results = ResultsFile(output).open()
+    try:
+        done = results.read_done()
+        keys = {item.key for item in items}
+        if done and not done & keys:
+            raise BatchOutputError(f"the results file {output} holds results of another input (none of its {len(done)} "
+                                   f"ids is in {source.name}); pass another --output")
+        if done - keys:
+            logger.warning("%s holds %d id(s) that are not in %s", output, len(done - keys), source.name)
+        left = [item for item in items if item.key not in done]
+        bad = sorted(problems + [merge_problems[item.key] for item in left if item.key in merge_problems])
+        messages = [message for _, message in bad]
+        if messages and on_error == "stop":
+            raise BatchInputError(_joined(messages, "Fix the input, or pass --on-error skip to leave these lines out"))
+        for message in messages:
+            logger.warning("skipped: %s", message)
+        summary = BatchSummary(total=len(items), skipped_done=len(items) - len(left), bad_lines=len(messages))
+        todo = [(item, requests[item.key]) for item in left if item.key in requests]
+    except BaseException:
+        results.close()
+        raise
+    return _Plan(todo, results, summary)
+
+
+def _forget(path: Path) -> None:
+    """Remove a stale errors file (it described an earlier run)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise BatchOutputError(f"cannot remove the stale errors file {path} ({exc.strerror}); remove it by hand") from None
+
+
+async def _run(tuner: Any, plan: _Plan, source: str, *, concurrency: int, on_error: str, progress: bool | None,
+               trace: bool) -> BatchSummary:
+    summary, results = plan.summary, plan.results
+    if not plan.todo:
+        _forget(results.errors_path)  # nothing left to do: nothing failed
+        return summary
+    await tuner.client.check()
+    # Every line left is checked against the tuner before the first generation: nothing is paid
+    # for a run that will stop.
+    checked: list[tuple[BatchItem, GenerationRequest]] = []
+    bad: list[str] = []
+    for item, request in plan.todo:
+        try:
+            tuner.check_request(request=request)
+        except ConfigurationError as exc:
+            bad.append(f"{source} line {item.line} (id {brief_repr(item.id)}): {exc}")
+            continue
+        checked.append((item, request))
+    if bad and on_error == "stop":
+        raise BatchInputError(_joined(bad, "Fix these lines, or pass --on-error skip"))
+    for message in bad:
+        logger.warning("skipped: %s", message)
+    summary.bad_lines += len(bad)
+    if on_error == "skip":
+        errors: ResultsFile | None = ResultsFile(results.errors_path, errors=True).open()
+    else:
+        _forget(results.errors_path)
+        errors = None
+    semaphore = asyncio.Semaphore(concurrency)
+    bar = _progress(len(checked), progress)
+
+    async def one(item: BatchItem, request: GenerationRequest) -> None:
+        async with semaphore:
+            try:
+                result = await tuner.generate(request=request)
+            except Exception as exc:  # noqa: BLE001 - with --on-error skip, any failure of one prompt
+                if errors is None:
+                    if isinstance(exc, ProxyTuningError):
+                        raise ProxyTuningError(f"prompt {brief_repr(item.id)} (line {item.line}) failed: {exc}") from exc
+                    raise
+                errors.write({"id": item.id, "line": item.line, "error": str(exc), "type": type(exc).__name__})
+                summary.failed += 1
+                summary.errors_path = str(errors.path)
+                bar.set_postfix(failed=summary.failed)
+            else:
+                results.write(result_record(item, result, trace=trace))
+                summary.written += 1
+            bar.update(1)
+
+    tasks = [asyncio.ensure_future(one(item, request)) for item, request in checked]
+    try:
+        await gather_or_cancel(tasks)
+    finally:
+        bar.close()
+        if errors is not None:
+            errors.close()
+    return summary
+
+
 async def arun_batch(
     tuner: Any,
     input_path: str | os.PathLike,
@@ -261,71 +580,13 @@ async def arun_batch(
     :class:`~blackbox_proxy.request.GenerationRequest` fields (``max_tokens``, ``alpha``,
     ``strategy``...; None = the request's default); a line's own fields win.
     """
-    if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
-        raise ConfigurationError(f"concurrency must be an integer >= 1, got {concurrency!r}")
-    unknown = set(defaults) - set(OPTION_NAMES)
-    if unknown:
-        raise ConfigurationError(f"unknown generation option(s) {sorted(unknown)}; use {', '.join(OPTION_NAMES)}")
-    output = Path(output_path)
-    if Path(input_path).resolve() == output.resolve():
-        raise ConfigurationError("the output file is the input file; pass another --output")
-    items, problems = read_items(input_path, on_error=on_error)
-    summary = BatchSummary(total=len(items), bad_lines=len(problems))
-    for problem in problems:
-        logger.warning("skipped: %s", problem)
-    done = read_done(output)
-    todo = [item for item in items if item.key not in done]
-    summary.skipped_done = len(items) - len(todo)
-    if not todo:
-        return summary
-    await tuner.client.check()
-    # Every line is checked before the first generation: nothing is paid for a run that will stop.
-    checked: list[tuple[BatchItem, GenerationRequest]] = []
-    for item in todo:
-        try:
-            request = item.request(defaults)
-            tuner.check_request(request=request)
-        except ConfigurationError as exc:
-            message = f"{Path(input_path).name} line {item.line} (id {item.id!r}): {exc}"
-            if on_error == "stop":
-                raise BatchInputError(f"{message}. Fix the line, or pass --on-error skip") from None
-            logger.warning("skipped: %s", message)
-            summary.bad_lines += 1
-            continue
-        checked.append((item, request))
-    appender = _Appender(output)
-    # error messages are masked once more on the way to disk; results are not (ids and texts stay exact)
-    errors = _Appender(output.with_name(output.name + ".errors.jsonl"), mask_secrets=True) if on_error == "skip" else None
-    semaphore = asyncio.Semaphore(concurrency)
-    bar = _progress(len(checked), progress)
-
-    async def one(item: BatchItem, request: GenerationRequest) -> None:
-        async with semaphore:
-            try:
-                result = await tuner.generate(request=request)
-            except Exception as exc:  # noqa: BLE001 - with --on-error skip, any failure of one prompt
-                if errors is None:
-                    if isinstance(exc, ProxyTuningError):
-                        raise ProxyTuningError(f"prompt {item.id!r} (line {item.line}) failed: {exc}") from exc
-                    raise
-                errors.write({"id": item.id, "line": item.line, "error": str(exc), "type": type(exc).__name__})
-                summary.failed += 1
-                summary.errors_path = str(errors.path)
-                bar.set_postfix(failed=summary.failed)
-            else:
-                appender.write(result_record(item, result, trace=trace))
-                summary.written += 1
-            bar.update(1)
-
-    tasks = [asyncio.ensure_future(one(item, request)) for item, request in checked]
+    _check_run(concurrency, on_error, defaults)
+    plan = _plan(input_path, output_path, on_error=on_error, defaults=defaults)
     try:
-        await gather_or_cancel(tasks)
+        return await _run(tuner, plan, Path(input_path).name, concurrency=concurrency, on_error=on_error,
+                          progress=progress, trace=trace)
     finally:
-        bar.close()
-        appender.close()
-        if errors is not None:
-            errors.close()
-    return summary
+        plan.results.close()
 
 
 def run_batch(
@@ -339,8 +600,10 @@ def run_batch(
     trace: bool = False,
     **defaults: Any,
 ) -> BatchSummary:
-    """Synchronous batch run: builds an :class:`~blackbox_proxy.tuner.AsyncProxyTuner` from the
-    ``tuner`` keyword arguments, runs :func:`arun_batch` and closes it.
+    """Synchronous batch run: checks the input and opens (locks) the output, then builds an
+    :class:`~blackbox_proxy.tuner.AsyncProxyTuner` from the ``tuner`` keyword arguments, runs
+    the prompts left and closes it. A bad line, a busy or unwritable output fails before any
+    model loads.
 
     Example::
 
@@ -350,13 +613,15 @@ def run_batch(
     """
     from ..tuner import AsyncProxyTuner
 
-    read_items(input_path, on_error=on_error)  # a malformed file fails before any model loads
-    if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
-        raise ConfigurationError(f"concurrency must be an integer >= 1, got {concurrency!r}")
+    _check_run(concurrency, on_error, defaults)
+    plan = _plan(input_path, output_path, on_error=on_error, defaults=defaults)
 
     async def main() -> BatchSummary:
         async with AsyncProxyTuner(**tuner) as t:
-            return await arun_batch(t, input_path, output_path, concurrency=concurrency, on_error=on_error,
-                                    progress=progress, trace=trace, **defaults)
+            return await _run(t, plan, Path(input_path).name, concurrency=concurrency, on_error=on_error,
+                              progress=progress, trace=trace)
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    finally:
+        plan.results.close()

@@ -17,7 +17,6 @@ harness (demo, compare) load inside the command that needs them, so ``--help`` s
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import sys
 from typing import Any
@@ -26,7 +25,8 @@ import click
 
 from ..errors import ConfigurationError, ProxyTuningError
 from ..request import STRATEGIES, GenerationRequest
-from .cli_options import generation_options, load_serve_config, request_options, tuner_kwargs, tuner_options
+from .cli_options import (PORT, generation_options, load_serve_config, request_options, server_key,
+                          server_key_options, tuner_kwargs, tuner_options)
 
 
 def _fail(message: str) -> None:
@@ -68,7 +68,8 @@ def main() -> None:
 @click.option("--base", default=None, help="white-box strategy: the large model, local (HF folder or name)")
 @click.option("--prompt", required=True, help="prompt text (sent as the user message in chat modes)")
 @generation_options()
-@click.option("--json", "as_json", is_flag=True, help="print text, usage and trace as one JSON object")
+@click.option("--json", "as_json", is_flag=True,
+              help="print text, usage and trace as one strict JSON object (a -inf logprob is null)")
 @click.option("-v", "--verbose", count=True, help="log progress (-vv for debug)")
 def generate(**o: Any) -> None:
     """Generate proxy-tuned text (per-step: one API call per token; speculative: per chunk).
@@ -111,7 +112,9 @@ def generate(**o: Any) -> None:
 def _report(result: Any, *, as_json: bool) -> None:
     """The text on stdout and a usage line on stderr, or everything as one JSON object."""
     if as_json:
-        click.echo(json.dumps(result.to_dict(), ensure_ascii=False))
+        from .batch import json_line
+
+        click.echo(json_line(result.to_dict()), nl=False)
         return
     click.echo(result.text)
     u = result.usage
@@ -177,9 +180,8 @@ def batch(**o: Any) -> None:
 @functools.partial(tuner_options, hosted_key_flag="--hosted-api-key")
 @click.option("--name", default=None, help="model name clients use [default: MODEL-proxy-tuned]")
 @click.option("--host", default="127.0.0.1", show_default=True, help="bind address (loopback unless told otherwise)")
-@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
-@click.option("--api-key", "server_api_key", envvar="BLACKBOX_PROXY_SERVER_KEY", default=None,
-              help="require `Authorization: Bearer KEY` from clients [env BLACKBOX_PROXY_SERVER_KEY]")
+@click.option("--port", type=PORT, default=8080, show_default=True)
+@server_key_options
 @generation_options(  # the defaults a request's extra body fields override
     "strategy", "alpha", "chunk", "max_tokens",
     strategy=dict(type=click.Choice(STRATEGIES), help="default strategy (a request's extra field `strategy` overrides it)"),
@@ -204,22 +206,23 @@ def serve(**o: Any) -> None:
         -d '{"model": "base-model-proxy-tuned", "prompt": "Hello", "max_tokens": 16}'
     """
     _setup_logging(o["verbose"])
-    import socket
+    # The server's defaults, its key and its port are checked before the hosted API is probed or
+    # a model loads: a bad value fails now, not in every request's answer.
+    GenerationRequest.check_defaults(alpha=o["alpha"], strategy=o["strategy"], chunk=o["chunk"],
+                                     max_tokens=o["max_tokens"])
+    if o["max_tokens"] > o["max_tokens_limit"]:
+        raise ConfigurationError(f"--max-tokens {o['max_tokens']} (for requests that give none) is above "
+                                 f"--max-tokens-limit {o['max_tokens_limit']}; lower it or raise the limit")
+    key = server_key(click.get_current_context(), o["server_api_key"], o["server_api_key_file"])
+    from .openai_http import check_port
 
+    check_port(o["host"], o["port"])
     import uvicorn
 
     from ..hosts.client import HostedClient
-    from .tuned_server import create_tuned_app
     from ..tuner import AsyncProxyTuner
+    from .tuned_server import create_tuned_app
 
-    server_key = o["server_api_key"]
-    if server_key is not None and not server_key.strip():
-        raise ConfigurationError("--api-key is empty; pass a key, or leave the option out for an open server")
-    with socket.socket() as sock:
-        try:
-            sock.bind((o["host"], o["port"]))
-        except OSError as exc:
-            raise ConfigurationError(f"cannot listen on {o['host']}:{o['port']} ({exc.strerror}); pick another --port") from None
     kwargs = tuner_kwargs(o)
     # Reach the hosted API once before loading models: a bad URL, key or model fails here.
     probe = HostedClient(model=kwargs["model"], base_url=kwargs["base_url"], api_key=kwargs["api_key"],
@@ -229,7 +232,7 @@ def serve(**o: Any) -> None:
     probe.close()
     tuner = AsyncProxyTuner(**kwargs)
     name = o["name"] or f"{o['model']}-proxy-tuned"
-    app = create_tuned_app(tuner, name=name, api_key=server_key, alpha=o["alpha"], strategy=o["strategy"],
+    app = create_tuned_app(tuner, name=name, api_key=key, alpha=o["alpha"], strategy=o["strategy"],
                            chunk=o["chunk"], default_max_tokens=o["max_tokens"],
                            max_tokens_limit=o["max_tokens_limit"], max_body_bytes=o["max_body_bytes"])
     click.echo(f"serving {name} (hosted {o['model']} at {tuner.client.base_url}, {o['strategy']}, alpha {o['alpha']:g}) "
@@ -259,9 +262,7 @@ def compare(preset: str, prompts: int, max_tokens: int, alpha: float, k_ref: int
     _setup_logging(verbose)
     from ..harness.fidelity import run_preset, write_report
 
-    alpha_ok = alpha == alpha and abs(alpha) != float("inf")
-    if not alpha_ok:
-        raise ConfigurationError(f"alpha must be a finite number, got {alpha!r}")
+    GenerationRequest.check_defaults(alpha=alpha, max_tokens=max_tokens)
     report = run_preset(preset, prompts=prompts, max_tokens=max_tokens, alpha=alpha, k_ref=k_ref,
                         progress=False if no_progress else None)
     paths = write_report(report, out_dir)
@@ -274,22 +275,22 @@ def compare(preset: str, prompts: int, max_tokens: int, alpha: float, k_ref: int
 @main.command("serve-model")
 @click.argument("model")
 @click.option("--host", default="127.0.0.1", show_default=True, help="bind address (loopback unless told otherwise)")
-@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--port", type=PORT, default=8000, show_default=True)
 @click.option("--name", default=None, help="model name clients use (default: the folder name)")
-@click.option("--max-top-logprobs", type=int, default=20, show_default=True, help="cap on logprobs/top_logprobs")
+@click.option("--max-top-logprobs", type=click.IntRange(min=0), default=20, show_default=True,
+              help="cap on logprobs/top_logprobs")
 @click.option("--max-tokens-limit", type=click.IntRange(min=1), default=4096, show_default=True,
               help="cap on max_tokens per request")
 @click.option("--max-body-bytes", type=click.IntRange(min=1024), default=1 << 20, show_default=True,
               help="larger request bodies get a 413")
-@click.option("--api-key", envvar="BLACKBOX_PROXY_SERVER_KEY", default=None,
-              help="require `Authorization: Bearer KEY` from clients (401 otherwise) [env BLACKBOX_PROXY_SERVER_KEY]")
+@server_key_options
 @click.option("--cache-slots", type=click.IntRange(min=1), default=32, show_default=True,
               help="KV caches kept for interleaved clients (one per concurrent generation is ideal)")
 @click.option("--device", default=None, help="torch device (default: cuda, mps, else cpu)")
 @click.option("-v", "--verbose", count=True)
 def serve_model(model: str, host: str, port: int, name: str | None, max_top_logprobs: int,
-                max_tokens_limit: int, max_body_bytes: int, api_key: str | None, cache_slots: int,
-                device: str | None, verbose: int) -> None:
+                max_tokens_limit: int, max_body_bytes: int, server_api_key: str | None,
+                server_api_key_file: str | None, cache_slots: int, device: str | None, verbose: int) -> None:
     """Serve a local Hugging Face causal LM with OpenAI's API, logprobs included.
 
     \b
@@ -298,29 +299,22 @@ def serve_model(model: str, host: str, port: int, name: str | None, max_top_logp
       curl http://127.0.0.1:8000/v1/models
     """
     _setup_logging(verbose)
-    import socket
+    api_key = server_key(click.get_current_context(), server_api_key, server_api_key_file)
+    from .openai_http import check_port
 
+    check_port(host, port)  # before the model loads
     import uvicorn
 
-    from ..errors import ConfigurationError, ModelLoadError
+    from ..errors import ModelLoadError
     from ..local.runner import ModelRunner
     from .model_server import create_app
 
-    if max_top_logprobs < 0:
-        raise ConfigurationError(f"--max-top-logprobs must be >= 0, got {max_top_logprobs}")
-    with socket.socket() as sock:
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise ConfigurationError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port") from None
     try:
         runner = ModelRunner.from_pretrained(model, name=name, device=device, cache_slots=cache_slots)
     except ProxyTuningError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot load {model!r} ({type(exc).__name__}); pass a local Hugging Face model folder") from exc
-    if api_key is not None and not api_key.strip():
-        raise ConfigurationError("--api-key is empty; pass a key, or leave the option out for an open server")
     app = create_app(runner, max_top_logprobs=max_top_logprobs, max_tokens_limit=max_tokens_limit,
                      api_key=api_key, max_body_bytes=max_body_bytes)
     click.echo(f"serving {runner.name} at http://{host}:{port}/v1 (Ctrl-C stops)", err=True)
@@ -328,10 +322,10 @@ def serve_model(model: str, host: str, port: int, name: str | None, max_top_logp
 
 
 @main.command()
-@click.option("--prompts", type=int, default=3, show_default=True, help="held-out problems to show")
+@click.option("--prompts", type=click.IntRange(min=1), default=3, show_default=True, help="held-out problems to show")
 @generation_options("max_tokens", "alpha", max_tokens=dict(default=40))
-@click.option("--top-k", type=int, default=20, show_default=True)
-@click.option("--port", type=int, default=None, help="port for the hosted stand-in (default: a free one)")
+@click.option("--top-k", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--port", type=PORT, default=None, help="port for the hosted stand-in (default: a free one)")
 @click.option("-v", "--verbose", count=True)
 def demo(prompts: int, max_tokens: int, alpha: float, top_k: int, port: int | None, verbose: int) -> None:
     """Proxy-tune a real hosted model on loopback, no API key: Gemma-3-270M (base) steered by
@@ -341,6 +335,7 @@ def demo(prompts: int, max_tokens: int, alpha: float, top_k: int, port: int | No
     and proxy-tuned answers side by side.
     """
     _setup_logging(verbose)
+    GenerationRequest.check_defaults(alpha=alpha, max_tokens=max_tokens)
     from ..harness.demo import check_installed, run_demo
 
     check_installed()

@@ -7,20 +7,25 @@
   them, serve and the harness commands a few with their own defaults);
   :func:`request_options` turns their values back into GenerationRequest keywords.
 - :func:`load_serve_config` reads serve's ``--config FILE``.
+- :func:`server_key_options` / :func:`server_key`: a server's own client key, from the
+  environment, a file or (with a warning: it shows in ``ps``) the command line.
 
-Left out: checking values. Click only parses types (and a range where a flag names one);
-GenerationRequest and the tuner check the rest, so a flag, a batch line and an HTTP body get the
-same messages. The commands themselves live in :mod:`blackbox_proxy.apps.cli`.
+Left out: checking values. Click only parses types (and a range where a flag names one, e.g.
+ports 1-65535); GenerationRequest and the tuner check the rest, so a flag, a batch line and an
+HTTP body get the same messages. The commands themselves live in :mod:`blackbox_proxy.apps.cli`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
 from .. import _constants as C
+from ..errors import ConfigurationError
 from ..hosts.client import DIALECTS
 from ..request import STRATEGIES, GenerationRequest
 from ..types import MODES
@@ -63,13 +68,20 @@ def tuner_options(fn: Any, *, hosted_key_flag: str = "--api-key") -> Any:
         click.option("--cache", "cache", default=None, type=click.Path(dir_okay=False),
                      help="SQLite response cache: identical API requests are answered from it, not paid twice"),
         click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=C.DEFAULT_TIMEOUT,
-                     show_default=True, help="seconds per API request"),
+                     show_default=True, callback=_finite, help="seconds per API request"),
         click.option("--max-retries", type=click.IntRange(min=0), default=C.MAX_RETRIES, show_default=True,
                      help="retries of a failed API request (429/5xx/timeouts/connection errors)"),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def _finite(_: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """Click's FloatRange lets nan through (every comparison with it is false)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"must be a finite number, got {value}", param=param)
+    return value
 
 
 def tuner_kwargs(values: dict[str, Any]) -> dict[str, Any]:
@@ -163,3 +175,49 @@ def load_serve_config(ctx: click.Context, _: Any, path: str | None) -> str | Non
         raise click.BadParameter(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return path
+
+
+# ----- a server's own client key ----------------------------------------------------------------
+SERVER_KEY_ENV = "BLACKBOX_PROXY_SERVER_KEY"
+PORT = click.IntRange(1, 65535)
+
+
+def server_key_options(fn: Any) -> Any:
+    """``--api-key`` (or the environment) and ``--api-key-file``: the key clients must send."""
+    fn = click.option("--api-key-file", "server_api_key_file", type=click.Path(dir_okay=False), default=None,
+                      help="read the client key from this file (its first line)")(fn)
+    return click.option("--api-key", "server_api_key", envvar=SERVER_KEY_ENV, default=None,
+                        help=f"require `Authorization: Bearer KEY` from clients (401 otherwise) [env {SERVER_KEY_ENV}, "
+                             "preferred: a flag shows in `ps`; or --api-key-file]")(fn)
+
+
+def server_key(ctx: click.Context, key: str | None, key_file: str | None) -> str | None:
+    """The server's client key, or None for an open server: ``--api-key-file`` or the
+    environment, or ``--api-key`` on the command line with a warning (other users see it in
+    ``ps``). An empty or unreadable key is a :class:`ConfigurationError`."""
+    given = ctx.get_parameter_source("server_api_key") == click.core.ParameterSource.COMMANDLINE
+    if key_file is not None:
+        if given:
+            raise ConfigurationError("pass --api-key or --api-key-file, not both")
+        try:
+            lines = Path(key_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigurationError(f"cannot read --api-key-file {key_file} ({reason})") from None
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise ConfigurationError(f"--api-key-file {key_file} is empty; put the key on its first line")
+        if not key.isascii() or not key.isprintable():
+            raise ConfigurationError(f"--api-key-file {key_file} holds characters an HTTP header cannot carry; "
+                                     "use printable ASCII")
+        return key
+    if key is None:
+        return None
+    if not key.strip():
+        raise ConfigurationError("--api-key is empty; pass a key, or leave the option out for an open server")
+    if not key.isascii() or not key.strip().isprintable():
+        raise ConfigurationError("--api-key holds characters an HTTP header cannot carry; use printable ASCII")
+    if given:
+        click.echo(f"warning: --api-key on the command line shows in `ps` to every user of this machine; set "
+                   f"{SERVER_KEY_ENV} or pass --api-key-file instead", err=True)
+    return key.strip()

@@ -18,6 +18,7 @@ specifics (vocabulary ranges, chat templates, ``logit_bias``) and streaming resp
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import logging
@@ -33,7 +34,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
 
 from .._logging import register_secret
 from ..errors import ConfigurationError
-from ..request import Message
+from ..request import SEED_MAX, SEED_MIN, Message, check_text
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +64,9 @@ class APIError(Exception):
 
 def install_openai_plumbing(app: Any, *, api_key: str | None, max_body_bytes: int) -> None:
     """What every OpenAI-style app of this project shares: the optional bearer key on ``/v1``
-    routes (401), the body-size limit (413), and every error as OpenAI's error JSON (unknown
-    routes, bad JSON, :class:`APIError`, and a bare 500 without traceback for bugs)."""
+    routes and on the API description (``/docs``, ``/redoc``, ``/openapi.json``: 401 without
+    it), the body-size limit (413), and every error as OpenAI's error JSON (unknown routes, bad
+    JSON, :class:`APIError`, and a bare 500 without traceback for bugs)."""
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -76,10 +78,13 @@ def install_openai_plumbing(app: Any, *, api_key: str | None, max_body_bytes: in
             raise ValueError("api_key is empty; pass a real key or None for an open server")
         register_secret(api_key)
     expected = f"Bearer {api_key}".encode() if api_key else None
+    described = {getattr(app, name, None) for name in ("openapi_url", "docs_url", "redoc_url",
+                                                         "swagger_ui_oauth2_redirect_url")} - {None}
 
     @app.middleware("http")
     async def _guard(request: Request, call_next: Any) -> Any:
-        if expected is not None and request.url.path.startswith("/v1"):
+        path = request.url.path
+        if expected is not None and (path.startswith("/v1") or path in described):
             given = request.headers.get("authorization", "").strip().encode("utf-8", "replace")
             if not hmac.compare_digest(given, expected):
                 err = APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>` with this "
@@ -153,9 +158,9 @@ def checked_number(name: str, value: Any, kind: type, low: float | None = None, 
             raise ValueError(f"{name} must be a number, got {value!r}")
         value = float(value)
     if low is not None and value < low:
-        raise ValueError(f"{name} must be >= {low:g}, got {value!r}")
+        raise ValueError(f"{name} must be >= {low if kind is int else format(low, 'g')}, got {value!r}")
     if high is not None and value > high:
-        raise ValueError(f"{name} must be <= {high:g}, got {value!r}")
+        raise ValueError(f"{name} must be <= {high if kind is int else format(high, 'g')}, got {value!r}")
     return value
 
 
@@ -196,7 +201,7 @@ class SamplingBody(BaseModel):
     max_tokens: int | None = None
     temperature: number(float, 0.0, 2.0) = 1.0
     top_p: number(float, 0.0, 1.0) = 1.0
-    seed: number(int) = None
+    seed: number(int, SEED_MIN, SEED_MAX) = None
     stop: tuple[str, ...] = ()
     n: int = 1
 
@@ -221,6 +226,8 @@ class SamplingBody(BaseModel):
         stops = [value] if isinstance(value, str) else value
         if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
             raise ValueError("stop must be a string or a list of strings")
+        for s in stops:
+            check_text("a stop string", s)
         most = _limits(info).stop
         if most is not None and len(stops) > most:
             raise ValueError(f"at most {most} stop sequences")
@@ -245,7 +252,7 @@ class CompletionBody(SamplingBody):
         if isinstance(value, list) and len(value) == 1 and isinstance(value[0], one):
             value = value[0]  # a batch of one prompt
         if isinstance(value, str):
-            return value
+            return check_text("the prompt", value)
         if cls.token_prompts and isinstance(value, list) and all(
                 isinstance(i, int) and not isinstance(i, bool) for i in value):
             return tuple(value)
@@ -278,6 +285,10 @@ class ChatBody(SamplingBody):
         if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
             if cls.null_content:
                 value = [dict(m, content=m.get("content") or "") for m in value]
+            for m in value:
+                for part in ("role", "content"):
+                    if isinstance(m.get(part), str):
+                        check_text(f"a message's {part}", m[part])
             try:
                 return tuple(Message.model_validate(m) for m in value)
             except ValidationError:
@@ -322,12 +333,42 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def check_port(host: str, port: int) -> None:
-    """Raise :class:`ConfigurationError` when ``port`` on ``host`` cannot be listened on."""
-    with socket.socket() as sock:
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise ConfigurationError(f"port {port} on {host} is in use ({exc.strerror}); pick another with --port") from None
+    """Raise :class:`ConfigurationError` when uvicorn could not listen on ``host``:``port``, with
+    the reason: the port is busy, the host is not an address of this machine or does not
+    resolve, or the port needs privileges.
+
+    Binds as uvicorn (asyncio) does: every address ``host`` resolves to (IPv4 or IPv6), with
+    SO_REUSEADDR, so a port left in TIME_WAIT by a server that just stopped counts as free.
+    """
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ConfigurationError(f"--port must be from 1 to 65535, got {port!r}")
+    try:
+        addresses = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+                                       socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else "not a valid host name"
+        raise ConfigurationError(f"cannot listen on {host!r}: the host does not resolve ({reason}); pass an address "
+                                 "of this machine with --host, e.g. 127.0.0.1 or ::1") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise ConfigurationError(_bind_error(host, port, exc)) from None
+
+
+def _bind_error(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {port} on {host} is in use by another program; pick another with --port"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"cannot listen on {host}: it is not an address of this machine; pass one with --host "
+                "(127.0.0.1 or ::1 for loopback, 0.0.0.0 for every interface)")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"no permission to listen on port {port} on {host} (ports below 1024 need root); pick another with --port"
+    return f"cannot listen on {host}:{port} ({exc.strerror}); check --host and --port"
 
 
 class ServerThread:

@@ -1,7 +1,10 @@
 """An optional response cache: identical hosted API requests are not paid for twice.
 
 A SQLite file maps a request (base URL, endpoint and the JSON body sent; never the API key) to
-the JSON answer. Only complete answers are stored. WAL journaling and a busy timeout make it safe
+the JSON answer. Only complete answers are stored, and never a secret in them: a host that
+echoes the request's ``Authorization`` header or the key in a successful body has the key
+(every secret registered with :func:`~blackbox_proxy._logging.register_secret`), any bearer
+token, and the value of any field named like a key replaced by ``***`` before the row is written. WAL journaling and a busy timeout make it safe
 for several processes and threads writing at once; a write that loses a race for the same key
 keeps the first answer.
 
@@ -16,18 +19,61 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from .._logging import redact
 from ..errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 _TABLE = "responses"
+MASK = "***"
+# "Bearer <token>" as a header value (case-insensitive scheme, a token of 8+ token characters)
+_BEARER = re.compile(r"(?i)\b(bearer)(\s+)[A-Za-z0-9\-._~+/]{8,}=*")
+# field names whose value is a credential wherever they appear in a body
+# (not "token": every logprob entry has one)
+_SECRET_FIELDS = re.compile(r"(?i)^(authorization|proxy-authorization|x-api-key|api[-_]?key|openai[-_]api[-_]key|"
+                            r"access[-_]token|bearer[-_]token)$")
+
+
+def scrub(body: str) -> str:
+    """``body`` (a JSON answer) without credentials: registered secrets, bearer tokens and the
+    values of fields named like keys become ``***``. Returned unchanged (same text) when it
+    holds none, so ordinary answers are stored verbatim.
+
+    >>> scrub('{"id": "x", "echo": {"Authorization": "Bearer sk-abcdef123456"}}')
+    '{"id": "x", "echo": {"Authorization": "***"}}'
+    >>> scrub('{"text": "the bearer of bad news"}')
+    '{"text": "the bearer of bad news"}'
+    """
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return _BEARER.sub(rf"\1\2{MASK}", redact(body))
+    changed = [False]
+
+    def clean(value: Any, key: str | None = None) -> Any:
+        if isinstance(value, str):
+            if key is not None and _SECRET_FIELDS.match(key) and value:
+                out = MASK
+            else:
+                out = _BEARER.sub(rf"\1\2{MASK}", redact(value))
+            changed[0] |= out != value
+            return out
+        if isinstance(value, dict):
+            return {k: clean(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    cleaned = clean(data)
+    return json.dumps(cleaned, ensure_ascii=False) if changed[0] else body
 
 
 class ResponseCache:
@@ -96,12 +142,14 @@ class ResponseCache:
         return row[0] if row else None
 
     def put(self, key: str, body: str) -> None:
-        """Store an answer; a write that fails (the file locked too long, a full disk) is logged,
-        not raised: the answer is already paid for and the generation goes on."""
+        """Store an answer, credentials scrubbed (see :func:`scrub`); a write that fails (the file
+        locked too long, a full disk) is logged, not raised: the answer is already paid for and
+        the generation goes on."""
+        body = scrub(body)
         try:
             with self._lock:
                 self._db.execute(f"INSERT OR IGNORE INTO {_TABLE} VALUES (?, ?, ?)", (key, body, time.time()))
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, UnicodeEncodeError) as exc:  # e.g. a lone surrogate in the answer
             logger.warning("could not store an answer in the response cache %s (%s)", self.path, exc)
 
     def __len__(self) -> int:

@@ -123,8 +123,11 @@ class Scorer:
         render: str = "auto",
     ) -> tuple["Scorer", "Scorer"]:
         """(expert, anti_expert) from ONE model in memory: ``base`` with the LoRA ``adapter``
-        switched on for the expert and off for the anti-expert (peft's adapter toggling)."""
+        switched on for the expert and off for the anti-expert (peft's adapter toggling).
+
+        The adapter must have been trained on ``base``: see :func:`check_adapter_base`."""
         anti = cls.from_pretrained(base, device=device, dtype=dtype, render=render, name=str(base))
+        check_adapter_base(str(adapter), anti.model, str(base))
         try:
             from peft import PeftModel
         except ImportError:
@@ -234,6 +237,109 @@ class Scorer:
                 worst,
             )
         return self._tree_ok
+
+
+ADAPTER_CHECK_ENV = "BLACKBOX_PROXY_ADAPTER_BASE_CHECK"  # "off": a mismatch warns instead of failing
+_IDENTITY = ("architectures", "model_type", "vocab_size", "hidden_size", "num_hidden_layers")
+
+
+def _short_name(name_or_path: str) -> str:
+    """The last part of a model's name or path, lower case ("HuggingFaceTB/SmolLM2-135M" and
+    "~/models/smollm2-135m/" both give "smollm2-135m")."""
+    return str(name_or_path).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower()
+
+
+def _config_of(name_or_path: str) -> dict[str, Any] | None:
+    """The config.json of a model folder, or of a model in the offline Hugging Face cache; None
+    when neither is here (nothing is downloaded)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(name_or_path).expanduser()
+    try:
+        if (folder / "config.json").is_file():
+            return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(name_or_path, local_files_only=True).to_dict()
+    except Exception:  # noqa: BLE001 - not found, not readable: cannot decide
+        return None
+
+
+def _weights_differ(folder: str, model: Any) -> bool | None:
+    """Whether the safetensors weights in ``folder`` differ from ``model``'s own (a few rows of
+    one tensor both hold, compared); None when that cannot be read."""
+    from pathlib import Path
+
+    try:
+        from safetensors import safe_open
+
+        files = sorted(Path(folder).expanduser().glob("*.safetensors"))
+        if not files:
+            return None
+        mine = dict(model.named_parameters())
+        with safe_open(str(files[0]), framework="pt") as handle:
+            for name in handle.keys():
+                if name in mine and mine[name].ndim >= 1 and tuple(handle.get_slice(name).get_shape()) == tuple(mine[name].shape):
+                    theirs = handle.get_slice(name)[:4].float()
+                    ours = mine[name].detach()[:4].float().cpu()
+                    return not torch.allclose(theirs, ours, rtol=1e-2, atol=1e-3)
+    except Exception:  # noqa: BLE001
+        return None
+    return None
+
+
+def check_adapter_base(adapter: str, model: Any, base: str) -> None:
+    """Refuse a LoRA ``adapter`` trained on another model than ``model`` (loaded from ``base``).
+
+    peft loads any adapter whose shapes fit, so an adapter trained on, say, the base model of a
+    family applied to its instruct model gives offsets that mean nothing, silently. The
+    adapter's ``base_model_name_or_path`` is compared with the model's identity: the same name
+    (last path part, any case) passes; otherwise, when that base can be read here (a folder, or
+    the offline Hugging Face cache), a different architecture, vocabulary, width or depth, or the
+    same shapes with different weights, is a :class:`ConfigurationError`. When it cannot be
+    decided (no recorded base, a name not available here) a warning says so.
+    ``BLACKBOX_PROXY_ADAPTER_BASE_CHECK=off`` turns a refusal into a warning.
+    """
+    import json
+    import os
+    from pathlib import Path
+
+    config_path = Path(adapter).expanduser() / "adapter_config.json"
+    if not config_path.is_file():
+        return  # not a local adapter folder: peft reports that
+    try:
+        recorded = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return  # peft reports an unreadable config
+    ours = {_short_name(base), _short_name(getattr(model.config, "_name_or_path", "") or base)}
+    if not recorded:
+        logger.warning("the LoRA adapter %s does not say which model it was trained on; make sure it is %s", adapter, base)
+        return
+    if _short_name(recorded) in ours:
+        return
+    theirs = _config_of(str(recorded))
+    if theirs is None:
+        logger.warning("the LoRA adapter %s was trained on %r, which is not available here to compare with %s; "
+                       "if %s is not that model, the expert's offsets mean nothing", adapter, recorded, base, base)
+        return
+    mine = model.config.to_dict()
+    differ = [f"{k} {theirs.get(k)!r} vs {mine.get(k)!r}" for k in _IDENTITY if theirs.get(k) != mine.get(k)]
+    if not differ:
+        weights = _weights_differ(str(recorded), model) if Path(str(recorded)).expanduser().is_dir() else None
+        if weights is False:
+            return  # the same model under another name
+        if weights is None:
+            logger.warning("the LoRA adapter %s was trained on %r, a model of the same shapes as %s under another "
+                           "name; if it is not the same model, the expert's offsets mean nothing", adapter, recorded, base)
+            return
+        differ = ["the same shapes, other weights"]
+    message = (f"the LoRA adapter {adapter} was trained on {recorded!r}, not on {base!r} ({'; '.join(differ)}); pass "
+               f"the model it was trained on as the anti-expert (or set {ADAPTER_CHECK_ENV}=off to load it anyway)")
+    if os.environ.get(ADAPTER_CHECK_ENV, "").strip().lower() in ("off", "0", "false", "no"):
+        logger.warning("%s", message)
+        return
+    raise ConfigurationError(message)
 
 
 def load_scorer(spec: Any, *, device: str | None, render: str, role: str) -> Scorer:

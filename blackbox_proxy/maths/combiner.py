@@ -71,18 +71,30 @@ def tuned_distribution(scores: torch.Tensor, temperature: float = 1.0, top_p: fl
 
     ``temperature == 0`` gives a one-hot argmax (ties go to the lowest index, i.e. the
     candidate the hosted model ranks highest).
+
+    Computed in float64 as softmax((scores - max) / T), so no finite alpha or temperature gives
+    NaN: a subnormal T tends to the argmax, a huge T to uniform. A NaN score (e.g. -inf + inf)
+    counts as -inf; when some scores are +inf the mass is shared equally among them (the limit).
+
+    >>> tuned_distribution(torch.tensor([0.0, -1.0]), temperature=1e-320).tolist()
+    [1.0, 0.0]
+    >>> tuned_distribution(torch.tensor([math.inf, 3.0, math.inf, -math.inf]), temperature=1.0).tolist()
+    [0.5, 0.0, 0.5, 0.0]
     """
     if scores.ndim != 1 or scores.numel() == 0:
         raise ValueError(f"scores must be a non-empty 1-D tensor, got shape {tuple(scores.shape)}")
     validate_temperature(temperature)
     validate_top_p(top_p)
     scores = scores.double()
+    scores = torch.where(torch.isnan(scores), torch.full_like(scores, -math.inf), scores)
     if temperature == 0 or not torch.isfinite(scores).any():
         probs = torch.zeros_like(scores)
-        finite = torch.where(torch.isnan(scores), torch.full_like(scores, -math.inf), scores)
-        probs[int(torch.argmax(finite))] = 1.0
+        probs[int(torch.argmax(scores))] = 1.0
         return probs
-    probs = torch.softmax(scores / temperature, dim=-1)
+    top = scores == math.inf
+    if top.any():
+        return top.double() / float(top.sum())
+    probs = torch.softmax((scores - scores.max()) / temperature, dim=-1)
     if top_p < 1.0:
         probs = top_p_filter(probs, top_p)
     return probs
