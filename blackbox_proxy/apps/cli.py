@@ -342,5 +342,10 @@ def demo(prompts: int, max_tokens: int, alpha: float, top_k: int, port: int | No
     run_demo(prompts=prompts, max_tokens=max_tokens, alpha=alpha, port=port, top_k=top_k, echo=click.echo)
 
 
+from .eval_command import eval_command  # noqa: E402 - the command is defined in its own module
+
+main.add_command(eval_command)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
