@@ -57,13 +57,17 @@ def tuner_options(fn: Any, *, hosted_key_flag: str = "--api-key") -> Any:
         click.option("--top-k", type=click.IntRange(min=1), default=None,
                      help="candidates per position asked of the API [default: 20; 5 on OpenAI's /v1/completions]"),
         click.option("--hosted-tokenizer", default=None,
-                     help="hosted tokenizer if known: tiktoken:o200k_base, an OpenAI model name, or an HF tokenizer folder"),
+                     help="the hosted tokenizer (found by default through the host's tokenize route or tiktoken's model "
+                          "table): tiktoken:o200k_base, an OpenAI model name, an HF tokenizer folder, or 'none' for "
+                          "text prompts"),
         click.option("--dialect", type=click.Choice(list(DIALECTS)), default=None,
                      help="the hosted server's quirks: openai, vllm, llama.cpp, deepseek, mistral "
                           "(detected from /v1/models when left out)"),
         click.option("--expert-render", type=_RENDERS, default="auto", show_default=True,
-                     help="expert prompt rendering: chat template or raw text"),
-        click.option("--anti-expert-render", type=_RENDERS, default="auto", show_default=True),
+                     help="expert prompt rendering: chat template or raw text; auto = as the hosted model sees it "
+                          "(raw in completions mode, chat template in the chat modes)"),
+        click.option("--anti-expert-render", type=_RENDERS, default="auto", show_default=True,
+                     help="the same for the anti-expert (with --expert-adapter one choice applies to both)"),
         click.option("--device", default=None, help="torch device for the small models (default: cuda, mps, else cpu)"),
         click.option("--cache", "cache", default=None, type=click.Path(dir_okay=False),
                      help="SQLite response cache: identical API requests are answered from it, not paid twice"),
