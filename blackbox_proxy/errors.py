@@ -15,6 +15,11 @@ class ConfigurationError(ProxyTuningError, ValueError):
     """An argument or option has a value the library cannot use (alpha, top_k, prompt...)."""
 
 
+class ContextLimitError(ConfigurationError):
+    """A text does not fit a model's context (a small model's, or the hosted one's). Raised
+    mid-generation, the tuner stops there with ``finish_reason="length"`` instead."""
+
+
 class ModeNotSupportedError(ConfigurationError):
     """The hosted mode cannot do what was asked (e.g. continue a partial answer in ``chat``)."""
 

@@ -89,8 +89,37 @@ def check_text(name: str, value: str) -> str:
     return value
 
 
+def message_text(content: Any) -> str:
+    """A message's ``content`` as text: a string, or a list of content parts (what current
+    OpenAI clients send) whose ``text`` parts are joined with newlines (as vLLM does); any other
+    part type (``image_url``, ``input_audio``, ``file``...) is a ValueError naming it.
+
+    >>> message_text([{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}])
+    'Hi\\nthere'
+    >>> message_text([{"type": "image_url", "image_url": {"url": "x"}}])
+    Traceback (most recent call last):
+    ...
+    ValueError: a message's content part of type 'image_url' is not supported; send text parts only
+    """
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        raise ValueError("each message must be a dict with 'role' and 'content' (a string or a list of text parts)")
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            name = brief_repr(kind) if isinstance(kind, str) else "(missing or not a string)"
+            raise ValueError(f"a message's content part of type {name} is not supported; send text parts only")
+        if not isinstance(part.get("text"), str):
+            raise ValueError("a text content part needs 'text' (a string)")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
 class Message(BaseModel):
-    """One chat message: ``role`` and text ``content``."""
+    """One chat message: ``role`` and text ``content`` (a list of text parts is joined, see
+    :func:`message_text`)."""
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
@@ -102,9 +131,9 @@ class Message(BaseModel):
     def _shape(cls, value: Any) -> Any:
         if isinstance(value, Message):
             return value
-        if (not isinstance(value, dict) or not isinstance(value.get("role"), str)
-                or not isinstance(value.get("content"), str)):
+        if not isinstance(value, dict) or not isinstance(value.get("role"), str) or "content" not in value:
             raise ValueError("each message must be a dict with 'role' and 'content' (strings)")
+        value = dict(value, content=message_text(value["content"]))
         check_text("a message's role", value["role"])
         check_text("a message's content", value["content"])
         return value

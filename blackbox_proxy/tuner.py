@@ -9,6 +9,11 @@ hosted API (and, for async, run local scoring in worker threads so the event loo
 Generation options are :class:`~blackbox_proxy.request.GenerationRequest` fields, given as
 keywords (``tuner.generate("Hi", max_tokens=8, alpha=2)``) or as one request object
 (``tuner.generate(request=GenerationRequest(...))``).
+
+A generation that runs into a context limit after paid calls (a small model needing more tokens
+than the hosted count, :class:`~blackbox_proxy.errors.ContextLimitError`, or the hosted API's
+400 "maximum context length") stops there with ``finish_reason="length"`` and the text so far;
+before any paid call the error is raised.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 
 from . import _constants as C
 from .decoding import DecodeParams, DecoderBase, PerStepDecoder, ResampleDecoder, SpeculativeDecoder
-from .errors import ConfigurationError, ModeNotSupportedError
+from .errors import ConfigurationError, ContextLimitError, HostedBadRequestError, ModeNotSupportedError
 from .hosts.client import AsyncHostedClient, HostedClient
 from .hosts.discover import discover, text_prompt_warning
 from .local.scorer import load_small_models
@@ -50,6 +55,28 @@ def _check_fits(who: str, prompt_tokens: int, max_tokens: int, context: int | No
         fix = f"pass max_tokens {room} or less" if room > 0 else "shorten the prompt"
         raise ConfigurationError(f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is more than "
                                  f"the context of {who} ({context} tokens); {fix}")
+
+
+def _context_limit(exc: BaseException) -> bool:
+    """Whether ``exc`` says a text outgrew a model's context: a small model's
+    (:class:`ContextLimitError`) or the hosted one's (its 400 "maximum context length...", as
+    OpenAI, vLLM and llama.cpp word it)."""
+    if isinstance(exc, ContextLimitError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, HostedBadRequestError) and "context" in text and any(
+        word in text for word in ("maximum", "length", "exceed", "too long", "too many tokens"))
+
+
+def _stop_at_context(decoder: DecoderBase, exc: BaseException, paid: bool) -> None:
+    """End ``decoder`` with ``finish_reason="length"`` (the text so far) when ``exc`` is a context
+    limit reached after paid calls; otherwise re-raise it. The decoders change no state before
+    :meth:`observe` appends, so the text so far is consistent."""
+    if not paid or not _context_limit(exc):
+        raise exc
+    logger.warning("the generation reached a model's context limit after %d tokens; it stops there "
+                   "(finish_reason length): %s", decoder.generated, exc)
+    decoder.finish_reason = "length"
 
 
 class _TunerBase:
@@ -335,10 +362,15 @@ class ProxyTuner(_TunerBase):
         decoder = self.decoder(prompt, request=request, **options)
         try:
             while not decoder.done:
-                hosted_request = decoder.request()
-                started = time.perf_counter()
-                results = self.client.complete(hosted_request)
-                decoder.observe(results, time.perf_counter() - started)
+                paid = decoder.usage.api_calls > 0
+                try:
+                    hosted_request = decoder.request()
+                    started = time.perf_counter()
+                    results = self.client.complete(hosted_request)
+                    paid = True
+                    decoder.observe(results, time.perf_counter() - started)
+                except (ContextLimitError, HostedBadRequestError) as exc:
+                    _stop_at_context(decoder, exc, paid)
         finally:
             decoder.expert.close()
             decoder.anti_expert.close()
@@ -402,10 +434,16 @@ class AsyncProxyTuner(_TunerBase):
         shown = ""
         try:
             while not decoder.done:
-                hosted_request = decoder.request()
-                started = time.perf_counter()
-                results = await self.client.complete(hosted_request)
-                await self._in_thread(decoder.observe, results, time.perf_counter() - started)
+                paid = decoder.usage.api_calls > 0
+                try:
+                    hosted_request = decoder.request()
+                    started = time.perf_counter()
+                    results = await self.client.complete(hosted_request)
+                    paid = True
+                    await self._in_thread(decoder.observe, results, time.perf_counter() - started)
+                except (ContextLimitError, HostedBadRequestError) as exc:
+                    _stop_at_context(decoder, exc, paid)
+                    break
                 text = decoder.stable_text()
                 if not decoder.done and len(text) > len(shown) and text.startswith(shown):
                     yield StreamEvent(text[len(shown):])

@@ -110,7 +110,7 @@ def test_continue_final_message(server_a, tok_a, models_a):
         ("completions", {"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens must be >= 1"),
         ("completions", {"model": "tiny", "prompt": ""}, 400, "prompt is empty"),
         ("completions", {"model": "tiny", "prompt": [1, 99999]}, 400, "token ids must be integers"),
-        ("completions", {"model": "tiny", "prompt": "x", "stream": True}, 400, "stream"),
+        ("completions", {"model": "tiny", "prompt": "x", "stream": True, "stream_options": 3}, 400, "stream_options"),
         ("chat/completions", {"model": "tiny", "messages": []}, 400, "messages must be"),
     ],
 )

@@ -214,7 +214,7 @@ def serve(**o: Any) -> None:
         raise ConfigurationError(f"--max-tokens {o['max_tokens']} (for requests that give none) is above "
                                  f"--max-tokens-limit {o['max_tokens_limit']}; lower it or raise the limit")
     key = server_key(click.get_current_context(), o["server_api_key"], o["server_api_key_file"])
-    from .openai_http import check_port
+    from .openai_http import UVICORN_OPTIONS, check_port
 
     check_port(o["host"], o["port"])
     import uvicorn
@@ -237,7 +237,8 @@ def serve(**o: Any) -> None:
                            max_tokens_limit=o["max_tokens_limit"], max_body_bytes=o["max_body_bytes"])
     click.echo(f"serving {name} (hosted {o['model']} at {tuner.client.base_url}, {o['strategy']}, alpha {o['alpha']:g}) "
                f"at http://{o['host']}:{o['port']}/v1 (Ctrl-C stops)", err=True)
-    uvicorn.run(app, host=o["host"], port=o["port"], log_level="warning" if o["verbose"] == 0 else "info")
+    uvicorn.run(app, host=o["host"], port=o["port"], log_level="warning" if o["verbose"] == 0 else "info",
+                **UVICORN_OPTIONS)
 
 
 @main.command()
@@ -300,7 +301,7 @@ def serve_model(model: str, host: str, port: int, name: str | None, max_top_logp
     """
     _setup_logging(verbose)
     api_key = server_key(click.get_current_context(), server_api_key, server_api_key_file)
-    from .openai_http import check_port
+    from .openai_http import UVICORN_OPTIONS, check_port
 
     check_port(host, port)  # before the model loads
     import uvicorn
@@ -318,7 +319,7 @@ def serve_model(model: str, host: str, port: int, name: str | None, max_top_logp
     app = create_app(runner, max_top_logprobs=max_top_logprobs, max_tokens_limit=max_tokens_limit,
                      api_key=api_key, max_body_bytes=max_body_bytes)
     click.echo(f"serving {runner.name} at http://{host}:{port}/v1 (Ctrl-C stops)", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning" if verbose == 0 else "info")
+    uvicorn.run(app, host=host, port=port, log_level="warning" if verbose == 0 else "info", **UVICORN_OPTIONS)
 
 
 @main.command()

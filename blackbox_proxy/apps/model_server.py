@@ -4,7 +4,7 @@ It serves a :class:`~blackbox_proxy.local.runner.ModelRunner` (any local Hugging
 with ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``, returning logprobs in
 OpenAI's exact shapes: ``tokens`` / ``token_logprobs`` / ``top_logprobs`` / ``text_offset`` for
 completions, ``content`` entries with ``bytes`` for chat. It honours temperature, top_p, seed,
-stop, max_tokens, n and logit_bias, accepts token-id prompts, continues a final assistant
+stop, max_tokens, n, logit_bias and echo, accepts token-id prompts, continues a final assistant
 message (vLLM's ``continue_final_message``), and refuses more top logprobs than
 ``max_top_logprobs`` with a 400. It is the hosted stand-in for tests and the demo, and lets a
 user compare black-box results against the white-box truth.
@@ -20,7 +20,26 @@ Conventions worth knowing:
 It also answers vLLM's ``/tokenize`` and ``/detokenize`` (so clients can discover its tokenizer;
 ``hosts/discover.py``) and reports ``root`` in ``/v1/models``.
 
-Left out: streaming, ``echo``, ``best_of``, tools; the generation itself
+It also answers ``GET /v1/models/{id}`` (404 for another id). Chat ``content`` may be a list
+of text parts (joined with newlines); other part types are a 400 naming the type. At most 16
+stop sequences of 1,024 characters together.
+
+Refused with a 400 that names the field, unless given a neutral value (0 penalties, ``best_of``
+1, ``response_format`` ``{"type": "text"}``, ``tool_choice`` "none"...; the list is
+:data:`REFUSED`, the neutral values ``openai_http.NEUTRAL_VALUES``): ``presence_penalty``,
+``frequency_penalty``, ``repetition_penalty``, ``response_format``, ``tools``, ``tool_choice``,
+``functions``, ``function_call``, ``best_of``, ``suffix``, ``prediction``, ``audio``,
+``modalities``, ``web_search_options``, ``reasoning_effort``, vLLM's ``min_tokens``, ``top_k``,
+``min_p``, ``ignore_eos`` and ``guided_*``.
+Other unknown fields (``user``, ``metadata``...) change nothing and are ignored.
+
+``echo`` (completions) puts the prompt's text and logprobs before the answer (the first prompt
+token's logprob is null); with ``max_tokens: 0`` only the prompt is scored, as lm-eval's
+``local-completions`` asks. ``stream=true`` answers in server-sent events once the generation is
+done: one event per choice (with its logprobs), a usage event when
+``stream_options.include_usage``, then ``[DONE]``; not token by token.
+
+Left out: token-by-token streaming, ``best_of``, tools; the generation itself
 (:mod:`blackbox_proxy.local.runner`) and the HTTP plumbing (:mod:`.openai_http`).
 """
 
@@ -34,22 +53,28 @@ from typing import Any, ClassVar
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from openai.types import Completion, CompletionChoice, CompletionUsage, Model
-from openai.types.chat import ChatCompletion, ChatCompletionMessage, ChatCompletionTokenLogprob
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage, ChatCompletionTokenLogprob
 from openai.types.chat.chat_completion import Choice as ChatChoice, ChoiceLogprobs
+from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice, ChoiceDelta
 from openai.types.chat.chat_completion_token_logprob import TopLogprob
 from openai.types.completion_choice import Logprobs
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 
 from ..errors import ConfigurationError
-from ..local.runner import Generation, ModelRunner
-from .openai_http import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_LIMIT, APIError, BodyLimits, ChatBody,
-                          CompletionBody, Flag, install_openai_plumbing, parse_body, read_json)
+from ..local.runner import Generation, ModelRunner, Sampled
+from .openai_http import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_LIMIT, NEUTRAL_VALUES, SSE_DONE, APIError,
+                          BodyLimits, ChatBody, CompletionBody, Flag, add_model_routes, install_openai_plumbing,
+                          parse_body, read_json, refuse_unsupported, sse_event)
 
 __all__ = ["DEFAULT_MAX_TOP_LOGPROBS", "create_app"]
 
 DEFAULT_MAX_TOP_LOGPROBS = 20
+MAX_STOP = 16  # stop sequences per request (and 1,024 characters together: BodyLimits.stop_chars)
+# answer-changing fields this server does not honour: a 400 naming them unless neutral
+# (logit_bias, logprobs, top_logprobs and echo are honoured)
+REFUSED = tuple(k for k in NEUTRAL_VALUES if k not in ("logit_bias", "logprobs", "top_logprobs", "echo"))
 
 
 @dataclass(frozen=True)
@@ -111,6 +136,13 @@ class DetokenizeBody(BaseModel):
 
 class LocalCompletionBody(_LocalOptions, CompletionBody):
     nullable: ClassVar[frozenset[str]] = CompletionBody.nullable | _LocalOptions.nullable
+    fewest_tokens: ClassVar[int] = 0
+
+    @model_validator(mode="after")
+    def _zero_needs_echo(self) -> "LocalCompletionBody":
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens must be >= 1 (0 only with echo=true, for the prompt's logprobs), got 0")
+        return self
 
 
 class LocalChatBody(_LocalOptions, ChatBody):
@@ -139,7 +171,7 @@ def create_app(
     app = FastAPI(title=f"blackbox-proxy model server ({runner.name})")
     created = int(time.time())
     install_openai_plumbing(app, api_key=api_key, max_body_bytes=max_body_bytes)
-    limits = _LocalLimits(max_tokens=max_tokens_limit, n=16, top_logprobs=max_top_logprobs,
+    limits = _LocalLimits(max_tokens=max_tokens_limit, n=16, top_logprobs=max_top_logprobs, stop=MAX_STOP,
                           vocab_size=runner.vocab.size)
 
     async def _body(request: Request, model: type[Any]) -> Any:
@@ -147,10 +179,26 @@ def create_app(
         if raw.get("model") != runner.name:
             raise APIError(404, f"The model `{raw.get('model')}` does not exist. This server serves `{runner.name}`.",
                            code="model_not_found", param="model")
+        refuse_unsupported(raw, REFUSED, server="this model server")
         body = parse_body(model, raw, limits)
-        if body.stream:
-            raise APIError(400, "stream=true is not supported by this server", param="stream")
+        options = raw.get("stream_options")
+        if body.stream and options is not None and not isinstance(options, dict):
+            raise APIError(400, "stream_options must be an object such as {\"include_usage\": true}",
+                           param="stream_options")
         return body
+
+    def _include_usage(body: Any) -> bool:
+        """``stream_options.include_usage``, read only when streaming (as OpenAI does)."""
+        return bool(body.stream and ((body.model_extra or {}).get("stream_options") or {}).get("include_usage"))
+
+    def _sse(chunks: list[dict[str, Any]]) -> StreamingResponse:
+        """A whole answer as server-sent events: one per choice, then usage if asked, then [DONE]."""
+        async def events() -> Any:
+            for chunk in chunks:
+                yield sse_event(chunk)
+            yield SSE_DONE
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     def _check_length(prompt_ids: list[int], max_tokens: int) -> int:
         if not prompt_ids:
@@ -165,7 +213,7 @@ def create_app(
         return max_tokens
 
     async def _generate(prompt_ids: list[int], body: Any, default_max: int, top_k: int) -> list[Generation]:
-        max_tokens = _check_length(prompt_ids, body.max_tokens or default_max)
+        max_tokens = _check_length(prompt_ids, default_max if body.max_tokens is None else body.max_tokens)
         return await asyncio.to_thread(
             runner.generate, prompt_ids, max_tokens=max_tokens, top_k=top_k, temperature=body.temperature,
             top_p=body.top_p, seed=body.seed, stop=list(body.stop), n=body.n, logit_bias=body.logit_bias)
@@ -178,22 +226,38 @@ def create_app(
     def _text(token_id: int, as_ids: bool) -> str:
         return f"token_id:{token_id}" if as_ids else runner.token_text(token_id)
 
-    def _completion_logprobs(gen: Generation, offset: int, as_ids: bool) -> Logprobs:
+    def _completion_logprobs(gen: Generation, offset: int, as_ids: bool,
+                             echoed: tuple[list[int], tuple[Sampled, ...]] | None = None) -> Logprobs:
         tokens, token_logprobs, tops, offsets = [], [], [], []
+        if echoed is not None:  # the prompt's tokens first; its first token has no logprob (null)
+            prompt_ids, scored = echoed
+            at = 0
+            for i, tid in enumerate(prompt_ids):
+                tokens.append(_text(tid, as_ids))
+                token_logprobs.append(None if i == 0 else scored[i - 1].logprob)
+                tops.append(None if i == 0 else _top_dict(scored[i - 1], as_ids))
+                offsets.append(at)
+                if tid not in runner.vocab.end_ids:
+                    at += len((runner.vocab.token_bytes[tid] or b"").decode("utf-8", errors="replace"))
         for s in gen.tokens:
             tokens.append(_text(s.token_id, as_ids))
             token_logprobs.append(s.logprob)
-            entry: dict[str, float] = {}
-            for tid, value in s.top:
-                key = _text(tid, as_ids)
-                # float32 log-sum-exp, as this server has always merged same-text tokens
-                entry[key] = value if key not in entry else float(
-                    torch.logaddexp(torch.tensor(entry[key]), torch.tensor(value)))
-            tops.append(entry)
+            tops.append(_top_dict(s, as_ids))
             offsets.append(offset)
             if s.token_id not in runner.vocab.end_ids:
                 offset += len((runner.vocab.token_bytes[s.token_id] or b"").decode("utf-8", errors="replace"))
-        return Logprobs(tokens=tokens, token_logprobs=token_logprobs, top_logprobs=tops, text_offset=offsets)
+        # construct(): echo's first entries are null, which the SDK type does not list
+        return Logprobs.construct(tokens=tokens, token_logprobs=token_logprobs, top_logprobs=tops,
+                                  text_offset=offsets)
+
+    def _top_dict(s: Sampled, as_ids: bool) -> dict[str, float]:
+        entry: dict[str, float] = {}
+        for tid, value in s.top:
+            key = _text(tid, as_ids)
+            # float32 log-sum-exp, as this server has always merged same-text tokens
+            entry[key] = value if key not in entry else float(
+                torch.logaddexp(torch.tensor(entry[key]), torch.tensor(value)))
+        return entry
 
     def _chat_logprobs(gen: Generation, as_ids: bool) -> ChoiceLogprobs:
         return ChoiceLogprobs(content=[
@@ -205,14 +269,10 @@ def create_app(
             for s in gen.tokens
         ])
 
-    @app.get("/v1/models")
-    def models() -> dict[str, Any]:
-        # openai.types has no model-list type (the SDK pages it), hence the plain wrapper
-        # ``root``: where the weights and tokenizer came from, as vLLM reports it (a client may load
-        # that tokenizer locally and check it against /tokenize)
-        model = Model(id=runner.name, object="model", created=created, owned_by="blackbox-proxy",
-                      root=str(getattr(runner.tokenizer, "name_or_path", "") or runner.name))
-        return {"object": "list", "data": [model.to_dict()]}
+    # ``root``: where the weights and tokenizer came from, as vLLM reports it (a client may load
+    # that tokenizer locally and check it against /tokenize)
+    add_model_routes(app, Model(id=runner.name, object="model", created=created, owned_by="blackbox-proxy",
+                                root=str(getattr(runner.tokenizer, "name_or_path", "") or runner.name)))
 
     async def _named_body(request: Request, model: type[Any]) -> Any:
         raw = await read_json(request, max_body_bytes)
@@ -244,20 +304,30 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(request: Request) -> JSONResponse:
         body = await _body(request, LocalCompletionBody)
-        if body.echo:
-            raise APIError(400, "echo is not supported by this server", param="echo")
         prompt = body.prompt
         prompt_ids = (runner.encode_prompt(prompt) if prompt else []) if isinstance(prompt, str) else list(prompt)
         gens = await _generate(prompt_ids, body, 16, body.logprobs or 0)
         start = len(prompt) if isinstance(prompt, str) else 0
+        echoed, head = None, ""
+        if body.echo:  # the prompt's own logprobs and text before the answer (as lm-eval asks)
+            head = prompt if isinstance(prompt, str) else runner.tokenizer.decode(prompt_ids)
+            start = len(head)
+            if body.logprobs is not None:
+                echoed = (prompt_ids, await asyncio.to_thread(runner.prompt_logprobs, prompt_ids, body.logprobs))
         choices = [
-            CompletionChoice(index=index, text=gen.text, finish_reason=gen.finish_reason,
+            CompletionChoice(index=index, text=head + gen.text, finish_reason=gen.finish_reason,
                              logprobs=None if body.logprobs is None else _completion_logprobs(
-                                 gen, start, body.return_tokens_as_token_ids))
+                                 gen, start, body.return_tokens_as_token_ids, echoed))
             for index, gen in enumerate(gens)
         ]
         completion = Completion(id=f"cmpl-{uuid.uuid4().hex}", object="text_completion", created=int(time.time()),
                                 model=runner.name, choices=choices, usage=_usage(prompt_ids, gens))
+        if body.stream:
+            head = {k: v for k, v in completion.to_dict().items() if k not in ("choices", "usage")}
+            chunks = [dict(head, choices=[c.to_dict()]) for c in choices]
+            if _include_usage(body):
+                chunks.append(dict(head, choices=[], usage=completion.usage.to_dict()))
+            return _sse(chunks)
         return JSONResponse(completion.to_dict())
 
     @app.post("/v1/chat/completions")
@@ -282,6 +352,18 @@ def create_app(
         completion = ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex}", object="chat.completion",
                                     created=int(time.time()), model=runner.name, choices=choices,
                                     usage=_usage(prompt_ids, gens))
+        if body.stream:
+            def chunk(chunk_choices: list[Any], **extra: Any) -> dict[str, Any]:
+                return ChatCompletionChunk.construct(id=completion.id, object="chat.completion.chunk",
+                                                     created=completion.created, model=runner.name,
+                                                     choices=chunk_choices, **extra).to_dict()
+
+            chunks = [chunk([ChunkChoice.construct(
+                index=c.index, delta=ChoiceDelta.construct(role="assistant", content=c.message.content),
+                logprobs=c.logprobs, finish_reason=c.finish_reason)]) for c in choices]
+            if _include_usage(body):
+                chunks.append(chunk([], usage=completion.usage))
+            return _sse(chunks)
         return JSONResponse(completion.to_dict())
 
     return app

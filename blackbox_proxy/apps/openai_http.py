@@ -7,9 +7,15 @@
   (``/v1/chat/completions``), whose 400 messages echo the bad value; :class:`BodyLimits` holds
   the limits that differ between servers;
 - :func:`sse_event` / :data:`SSE_DONE`: server-sent events as OpenAI streams them;
-- :class:`ServerThread`, :func:`free_port`, :func:`check_port`: an app on loopback in a thread.
+- :func:`add_model_routes`: ``/v1/models`` and ``/v1/models/{id}``;
+- :func:`refuse_unsupported` / :data:`NEUTRAL_VALUES`: a 400 naming an answer-changing field a
+  server does not honour (neutral values pass);
+- :class:`ServerThread`, :func:`free_port`, :func:`check_port`: an app on loopback in a thread,
+  with :data:`UVICORN_OPTIONS` (keep-alive 5 s, 64 KiB headers, 256 connections); a request
+  body must arrive within :data:`BODY_TIMEOUT` seconds (408).
 
-In a body, JSON ``null`` means "the default" for the numeric options and ``stop``; unknown
+In a body, JSON ``null`` means "the default" for the numeric options and ``stop``; a chat message's
+``content`` may be a list of text parts (see :func:`blackbox_proxy.request.message_text`); unknown
 fields are kept (``model_extra``) for each server to accept, refuse or ignore.
 
 Left out: routes and response bodies (each server builds its own from ``openai.types``), model
@@ -34,13 +40,20 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
 
 from .._logging import register_secret
 from ..errors import ConfigurationError
-from ..request import SEED_MAX, SEED_MIN, Message, check_text
+from ..request import SEED_MAX, SEED_MIN, Message, brief_repr, check_text
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS_LIMIT = 4096
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB of request JSON
 SSE_DONE = "data: [DONE]\n\n"
+BODY_TIMEOUT = 30.0  # seconds a client may take to send its request body (then 408)
+# uvicorn's settings for both servers (ServerThread, and the CLI's uvicorn.run): an idle
+# keep-alive connection closes after 5 s, a request's headers may hold at most 64 KiB, and at
+# most 256 connections are served at once (503 beyond). uvicorn has no timeout for a request
+# still arriving; :func:`read_json` bounds the body's (BODY_TIMEOUT, 408).
+UVICORN_OPTIONS: dict[str, Any] = {"timeout_keep_alive": 5, "h11_max_incomplete_event_size": 64 * 1024,
+                                   "limit_concurrency": 256, "timeout_graceful_shutdown": 5}
 
 
 class APIError(Exception):
@@ -117,10 +130,22 @@ def install_openai_plumbing(app: Any, *, api_key: str | None, max_body_bytes: in
         return JSONResponse(err.body(), status_code=500)
 
 
-async def read_json(request: Any, max_body_bytes: int) -> dict[str, Any]:
-    """The request's JSON object, read within ``max_body_bytes`` (413) or a 400 that says why."""
+async def read_json(request: Any, max_body_bytes: int, *, timeout: float | None = None) -> dict[str, Any]:
+    """The request's JSON object, read within ``max_body_bytes`` (413) and ``timeout`` seconds
+    (408; default :data:`BODY_TIMEOUT`), or a 400 that says why."""
+    import asyncio
+
     raw = b""
-    async for part in request.stream():  # bounded even without a content-length header
+    deadline = asyncio.get_running_loop().time() + (BODY_TIMEOUT if timeout is None else timeout)
+    parts = request.stream().__aiter__()
+    while True:  # bounded in size even without a content-length header, and in time for slow senders
+        try:
+            async with asyncio.timeout_at(deadline):
+                part = await parts.__anext__()
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise APIError(408, "the request body took too long to arrive; send it at once") from None
         raw += part
         if len(raw) > max_body_bytes:
             raise APIError(413, f"the request body is larger than this server's limit of {max_body_bytes} bytes")
@@ -184,6 +209,7 @@ class BodyLimits:
     n: int = 16
     top_logprobs: int = 20
     stop: int | None = None  # the most stop sequences; None: any number
+    stop_chars: int = 1024  # the most characters of all stop sequences together
 
 
 def _limits(info: ValidationInfo) -> BodyLimits:
@@ -196,6 +222,7 @@ class SamplingBody(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
     nullable: ClassVar[frozenset[str]] = frozenset({"max_tokens", "temperature", "top_p", "seed", "stop", "n"})
+    fewest_tokens: ClassVar[int] = 1  # the least max_tokens (0 where echo asks only the prompt's logprobs)
 
     stream: Flag = False
     max_tokens: int | None = None
@@ -218,7 +245,8 @@ class SamplingBody(BaseModel):
     @field_validator("max_tokens", "n", mode="before")
     @classmethod
     def _bounded(cls, value: Any, info: ValidationInfo) -> int:
-        return checked_number(info.field_name, value, int, 1, getattr(_limits(info), info.field_name))
+        low = cls.fewest_tokens if info.field_name == "max_tokens" else 1
+        return checked_number(info.field_name, value, int, low, getattr(_limits(info), info.field_name))
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -230,7 +258,11 @@ class SamplingBody(BaseModel):
             check_text("a stop string", s)
         most = _limits(info).stop
         if most is not None and len(stops) > most:
-            raise ValueError(f"at most {most} stop sequences")
+            raise ValueError(f"at most {most} stop sequences on this server, got {len(stops)}")
+        chars = sum(map(len, stops))
+        if chars > _limits(info).stop_chars:
+            raise ValueError(f"the stop sequences may hold at most {_limits(info).stop_chars} characters together "
+                             f"on this server, got {chars}")
         return tuple(stops)
 
 
@@ -285,14 +317,15 @@ class ChatBody(SamplingBody):
         if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
             if cls.null_content:
                 value = [dict(m, content=m.get("content") or "") for m in value]
+            messages = []
             for m in value:
-                for part in ("role", "content"):
-                    if isinstance(m.get(part), str):
-                        check_text(f"a message's {part}", m[part])
-            try:
-                return tuple(Message.model_validate(m) for m in value)
-            except ValidationError:
-                pass
+                try:
+                    messages.append(Message.model_validate(m))
+                except ValidationError as exc:  # its own reason (a lone surrogate, an image part...)
+                    original = (exc.errors()[0].get("ctx") or {}).get("error")
+                    raise ValueError(str(original) if isinstance(original, Exception)
+                                     else "messages must be {role, content} with text content") from None
+            return tuple(messages)
         raise ValueError("messages must be a non-empty list of {role, content} with text content")
 
     @field_validator("top_logprobs", mode="before")
@@ -305,6 +338,53 @@ class ChatBody(SamplingBody):
         if k > most:
             raise ValueError(f"top_logprobs must be at most {most} on this server, got {k}")
         return k
+
+
+# Fields that change the answer and that a server may not do, with the values that change
+# nothing (those pass). Each server refuses the ones it does not honour (see refuse_unsupported).
+NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
+    "echo": (False, None), "best_of": (1, None), "suffix": (None, ""),
+    "presence_penalty": (0, None), "frequency_penalty": (0, None), "repetition_penalty": (1, None),
+    "logit_bias": (None, {}), "logprobs": (None, False, 0), "top_logprobs": (None, 0),
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "prediction": (None,), "audio": (None,), "modalities": (None, ["text"]), "web_search_options": (None,),
+    "min_tokens": (None, 0), "top_k": (None, -1, 0), "min_p": (None, 0), "ignore_eos": (None, False),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "reasoning_effort": (None,),
+}
+
+
+def refuse_unsupported(raw: dict[str, Any], fields: Any, *, server: str) -> None:
+    """A 400 naming the first of ``fields`` that ``raw`` sets to a value that would change the
+    answer (:data:`NEUTRAL_VALUES` lists the values that do not)."""
+    def same(value: Any, neutral: Any) -> bool:
+        if isinstance(neutral, (int, float)) and not isinstance(neutral, bool):  # 0 and 0.0, never False
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and value == neutral
+        return type(value) is type(neutral) and value == neutral
+
+    for key in fields:
+        if key in raw and not any(same(raw[key], v) for v in NEUTRAL_VALUES[key]):
+            raise APIError(400, f"{key} is not supported by {server}; leave it out (got {brief_repr(raw[key])})",
+                           param=key)
+
+
+def add_model_routes(app: Any, model: Any) -> None:
+    """``GET /v1/models`` and ``GET /v1/models/{id}`` (the SDK's ``models.retrieve``; 404 for an
+    id this server does not serve) for the one ``model`` (an ``openai.types.Model``)."""
+    from fastapi.responses import JSONResponse
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        # openai.types has no model-list type (the SDK pages it), hence the plain wrapper
+        return {"object": "list", "data": [model.to_dict()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    def retrieve(model_id: str) -> Any:
+        if model_id != model.id:
+            raise APIError(404, f"The model `{model_id}` does not exist. This server serves `{model.id}`.",
+                           code="model_not_found", param="model")
+        return JSONResponse(model.to_dict())
 
 
 Body = TypeVar("Body", bound=SamplingBody)
@@ -385,7 +465,8 @@ class ServerThread:
 
         self.host = host
         self.port = port or free_port(host)
-        config = uvicorn.Config(app, host=host, port=self.port, log_level="warning", lifespan="off")
+        config = uvicorn.Config(app, host=host, port=self.port, log_level="warning", lifespan="off",
+                                **UVICORN_OPTIONS)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -22,6 +22,20 @@ when the hosted API fails (its reason, never its key). Chat routes need a tuner 
 mode, or ``chat`` (one-token answers, or whole answers with ``strategy: resample``); a
 ``completions``-mode tuner serves ``/v1/completions``.
 
+Also ``GET /v1/models/{id}`` (404 for another id). Chat ``content`` may be a list of text parts
+(joined with newlines); other part types are a 400 naming the type. At most 4 stop sequences.
+Refused with a 400 that names the field unless neutral (:data:`REFUSED`; neutral values in
+``openai_http.NEUTRAL_VALUES``): ``logprobs``/``top_logprobs``, ``echo``, ``best_of``, ``suffix``,
+``logit_bias``, ``presence_penalty``, ``frequency_penalty``, ``repetition_penalty``,
+``response_format`` (other than text), ``tools``, ``tool_choice``, ``functions``,
+``function_call``, ``prediction``, ``audio``, ``modalities``, ``web_search_options``,
+``reasoning_effort`` and vLLM's ``min_tokens``, ``top_k``, ``min_p``, ``ignore_eos``, ``guided_*``.
+
+Error messages name the served model and the small models' roles ("the expert"), never their
+names or paths on this machine. A client that disconnects cancels its generation, streaming or
+not: no more hosted calls are made for it. A generation that reaches a model's context limit
+after paid calls ends with ``finish_reason: "length"`` and the text so far (see the tuner).
+
 Left out: ``logprobs`` of the tuned distribution, ``echo``, ``best_of``, ``suffix``, tools; the
 HTTP plumbing and body models (:mod:`.openai_http`).
 """
@@ -30,13 +44,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from openai.types import Completion, CompletionChoice, CompletionUsage, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
 from openai.types.chat.chat_completion import Choice as ChatChoice
@@ -47,16 +62,19 @@ from .._logging import redact
 from ..errors import ConfigurationError, HostedAPIError, ProxyTuningError
 from ..request import GenerationRequest, check_strategy
 from ..types import GenerationResult
-from .openai_http import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_LIMIT, SSE_DONE, APIError, BodyLimits,
-                          ChatBody, CompletionBody, checked_number, install_openai_plumbing, number, parse_body,
-                          read_json, sse_event)
+from .openai_http import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_LIMIT, NEUTRAL_VALUES, SSE_DONE, APIError,
+                          BodyLimits, ChatBody, CompletionBody, add_model_routes, checked_number,
+                          install_openai_plumbing, number, parse_body, read_json, refuse_unsupported, sse_event)
 from .tasks import gather_or_cancel
 
 logger = logging.getLogger(__name__)
 
 MAX_N = 8
 DEFAULT_MAX_TOKENS = 256
-_UNSUPPORTED = {"echo": False, "best_of": 1, "suffix": None, "tools": None, "functions": None}
+MAX_STOP = 4  # stop sequences per request (each is held back from the stream while it could begin)
+# answer-changing fields the tuned model does not honour: a 400 naming them unless neutral
+# (logprobs / top_logprobs have their own 400)
+REFUSED = tuple(k for k in NEUTRAL_VALUES if k not in ("logprobs", "top_logprobs"))
 
 
 class _ProxyOptions(BaseModel):
@@ -92,14 +110,39 @@ class TunedChatBody(_ProxyOptions, ChatBody):
     nullable: ClassVar[frozenset[str]] = ChatBody.nullable | _ProxyOptions.nullable
 
 
-def _error_for(exc: ProxyTuningError) -> APIError:
-    """The HTTP answer to a library error: the request's fault (400) or the hosted API's (502)."""
-    message = redact(str(exc))
+def _public_names(tuner: Any) -> Callable[[str], str]:
+    """A function that rewrites a message for a remote client: the small models' names (often
+    file paths on this machine) become their roles."""
+    names = [(getattr(tuner.expert, "name", None), "the expert"),
+             (getattr(tuner.anti_expert, "name", None), "the anti-expert")]
+    vocab = getattr(tuner, "hosted_vocab", None)
+    names.append((getattr(vocab, "name", None), "the hosted tokenizer"))
+    names = sorted(((str(n), role) for n, role in names if n), key=lambda pair: -len(pair[0]))
+    if not names:
+        return lambda message: message
+    # a name counts when it stands alone (quoted or not), not inside a longer word or path
+    pattern = re.compile("|".join(f"(?<![\\w/.+-])(?:'{re.escape(n)}'|{re.escape(n)})(?![\\w/+-]|\\.\\w)"
+                                  for n, _ in names))
+    roles = {n: role for n, role in reversed(names)}
+    return lambda message: pattern.sub(lambda m: roles[m.group(0).strip("'")], message)
+
+
+def _error_for(exc: ProxyTuningError, public: Callable[[str], str] = lambda m: m) -> APIError:
+    """The HTTP answer to a library error: the request's fault (400) or the hosted API's (502),
+    its message rewritten by ``public`` (no local paths)."""
+    message = public(redact(str(exc)))
     if isinstance(exc, HostedAPIError):
         return APIError(502, f"the hosted API failed: {message}", type_="upstream_error")
     if isinstance(exc, ConfigurationError):
         return APIError(400, message)
     return APIError(500, message, type_="server_error")
+
+
+async def _disconnected(http: Request) -> None:
+    """Return when the client closes the connection (the body has been read, so the next ASGI
+    message is the disconnect; a finished response ends the wait by cancelling it)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
 
 
 def create_tuned_app(
@@ -138,7 +181,8 @@ def create_tuned_app(
     app = FastAPI(title=f"blackbox-proxy tuned model ({name})")
     created = int(time.time())
     install_openai_plumbing(app, api_key=api_key, max_body_bytes=max_body_bytes)
-    limits = BodyLimits(max_tokens=max_tokens_limit, n=MAX_N, stop=4)
+    limits = BodyLimits(max_tokens=max_tokens_limit, n=MAX_N, stop=MAX_STOP)
+    public = _public_names(tuner)
 
     async def _body(request: Request, model: type[Any]) -> Any:
         raw = await read_json(request, max_body_bytes)
@@ -146,9 +190,7 @@ def create_tuned_app(
             raise APIError(404, f"The model `{raw.get('model')}` does not exist. This server serves `{name}`.",
                            code="model_not_found", param="model")
         # what this server does not do is said before the body is checked
-        for key, default in _UNSUPPORTED.items():
-            if raw.get(key, default) not in (default, None):
-                raise APIError(400, f"{key} is not supported by the tuned model server", param=key)
+        refuse_unsupported(raw, REFUSED, server="the tuned model server")
         if raw.get("logprobs") not in (None, False, 0) or raw.get("top_logprobs") not in (None, 0):
             raise APIError(400, "the tuned model server does not return logprobs; leave logprobs out", param="logprobs")
         body = parse_body(model, raw, limits)
@@ -167,17 +209,30 @@ def create_tuned_app(
                 chunk=chunk if body.chunk is None else body.chunk, samples=body.samples)
             tuner.check_request(request=request)
         except ProxyTuningError as exc:
-            raise _error_for(exc) from None
+            raise _error_for(exc, public) from None
         return request
 
-    async def _generate(request: GenerationRequest, n: int) -> list[GenerationResult]:
+    async def _generate(request: GenerationRequest, n: int, http: Request) -> list[GenerationResult] | None:
+        """The n answers, or None when the client went away first (the generations are then
+        cancelled: no more hosted calls for an answer nobody reads)."""
         seeds = [None if request.seed is None else request.seed + i for i in range(n)]
         tasks = [asyncio.ensure_future(tuner.generate(request=request.model_copy(update={"seed": seed})))
                  for seed in seeds]
+        work = asyncio.ensure_future(gather_or_cancel(tasks))  # one failure stops the other choices
+        gone = asyncio.ensure_future(_disconnected(http))
         try:
-            await gather_or_cancel(tasks)  # one failure stops the other choices (no more API calls)
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this handler itself is cancelled
+            for task in (gone, work, *tasks):
+                task.cancel()
+            await asyncio.gather(gone, work, *tasks, return_exceptions=True)
+        if not work.done() or work.cancelled():
+            logger.info("the client disconnected; its generation was cancelled")
+            return None
+        try:
+            work.result()
         except ProxyTuningError as exc:
-            raise _error_for(exc) from None
+            raise _error_for(exc, public) from None
         return [task.result() for task in tasks]
 
     def _usage(request: GenerationRequest, results: list[GenerationResult]) -> CompletionUsage:
@@ -219,17 +274,13 @@ def create_tuned_app(
                         yield sse_event(final(choices=[], usage=_usage(request, [event.result]),
                                               proxy_usage=_proxy_usage([event.result])))
         except ProxyTuningError as exc:
-            yield sse_event(_error_for(exc).body())
+            yield sse_event(_error_for(exc, public).body())
         except Exception as exc:  # noqa: BLE001 - headers are sent: say so in the stream
             logger.exception("streamed generation failed")
             yield sse_event(APIError(500, f"internal error ({type(exc).__name__})", type_="server_error").body())
         yield SSE_DONE
 
-    @app.get("/v1/models")
-    def models() -> dict[str, Any]:
-        # openai.types has no model-list type (the SDK pages it), hence the plain wrapper
-        model = Model(id=name, object="model", created=created, owned_by="blackbox-proxy-tuned")
-        return {"object": "list", "data": [model.to_dict()]}
+    add_model_routes(app, Model(id=name, object="model", created=created, owned_by="blackbox-proxy-tuned"))
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -247,7 +298,9 @@ def create_tuned_app(
 
             final = (lambda **kw: _completion(rid, stamp, **kw)) if body.include_usage() else None
             return StreamingResponse(_stream(request, piece, final), media_type="text/event-stream")
-        results = await _generate(request, body.n)
+        results = await _generate(request, body.n, http)
+        if results is None:
+            return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
         return JSONResponse(_completion(
             rid, stamp, [CompletionChoice.construct(text=r.text, index=i, logprobs=None, finish_reason=r.finish_reason)
                   for i, r in enumerate(results)],
@@ -274,7 +327,9 @@ def create_tuned_app(
 
             final = (lambda **kw: _chat_chunk(rid, stamp, **kw)) if body.include_usage() else None
             return StreamingResponse(_stream(request, piece, final), media_type="text/event-stream")
-        results = await _generate(request, body.n)
+        results = await _generate(request, body.n, http)
+        if results is None:
+            return Response(status_code=499)
         completion = ChatCompletion.construct(
             id=rid, object="chat.completion", created=stamp, model=name,
             choices=[ChatChoice.construct(index=i, message=ChatCompletionMessage(role="assistant", content=r.text),

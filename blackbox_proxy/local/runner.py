@@ -137,6 +137,25 @@ class ModelRunner:
             return [self._one(prompt_ids, max_tokens, temperature, top_p, stop, top_k, generator, logit_bias or {})
                     for _ in range(n)]
 
+    def prompt_logprobs(self, prompt_ids: list[int], top_k: int) -> tuple[Sampled, ...]:
+        """For every prompt token after the first: its logprob given the tokens before it and the
+        ``top_k`` most likely tokens there (what ``echo`` reports; the first token has none).
+        One forward over the prompt."""
+        if len(prompt_ids) < 2:
+            return ()
+        device = next(self.model.parameters()).device
+        with self.lock, torch.no_grad():
+            logits = self.model(torch.tensor([list(prompt_ids)], device=device)).logits[0, :-1]
+        out = []
+        for row, token in zip(logits, prompt_ids[1:]):  # row i predicts token i + 1
+            logprobs = torch.log_softmax(row.float(), -1).cpu()
+            top: tuple[tuple[int, float], ...] = ()
+            if top_k > 0:
+                values, indices = torch.topk(logprobs, min(top_k, logprobs.shape[0]))
+                top = tuple((int(i), _finite(float(v))) for v, i in zip(values, indices))
+            out.append(Sampled(int(token), _finite(float(logprobs[token])), top))
+        return tuple(out)
+
     def _one(self, prompt_ids, max_tokens, temperature, top_p, stop, top_k, generator, logit_bias) -> Generation:
         ids = list(prompt_ids)
         out: list[Sampled] = []

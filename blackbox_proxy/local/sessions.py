@@ -4,7 +4,10 @@ A :class:`ScorerSession` keeps the KV cache of everything stable so far (prompt 
 continuation tokens), extends it as text is appended, rolls it back when re-tokenisation
 changes an earlier token, and scores every candidate path of one or several positions in one
 forward. When the expert and anti-expert are one peft model with its adapter on and off,
-:func:`open_sessions` pairs them as two rows of one batch (:class:`PairedSession`).
+:func:`open_sessions` pairs them as two rows of one batch (:class:`PairedSession`), run by
+:class:`AdapterRows` (the base weights once for both rows, the low-rank update on the expert's
+row only). A new generation starts from the cached KV of the last prompt's common prefix
+(:class:`PromptStore`: a shared system prompt or few-shot examples are computed once).
 
 Left out: the forward itself (``engine.py``) and sharing forwards with concurrent generations
 (``batching.py``, used when ``batching=True``).
@@ -12,15 +15,18 @@ Left out: the forward itself (``engine.py``) and sharing forwards with concurren
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
-from ..errors import ConfigurationError
+from ..errors import ContextLimitError
 from .batching import model_queue
-from .engine import CachedContext, Path_
+from .engine import CachedContext, Path_, cache_from_layers, cache_layers, cache_length
 
 # The scorers here are :class:`~blackbox_proxy.local.scorer.Scorer` objects; not imported (the
 # scorer module imports this one).
@@ -29,26 +35,211 @@ Scorer = Any
 logger = logging.getLogger(__name__)
 
 
+class AdapterRows:
+    """Forward context running a peft LoRA model as a batch whose rows have the adapter on or
+    off (``pattern``, tiled over the batch: ``(True, False)`` = expert row, anti-expert row).
+
+    Inside it each LoRA linear layer computes ``y = W x + b`` for every row and adds
+    ``scale * B A x`` on the "on" rows only: peft's own arithmetic, without its mixed-batch
+    (``adapter_names``) bookkeeping, whose per-layer indexing and hooks cost about as much as
+    the base forward on a CPU. ``layers`` is None for what this does not cover (DoRA and other
+    variants, several active adapters, merged or quantised layers, training mode); the pairing
+    check then falls back to peft's mixed batch. Run it under the model's lock: it swaps the
+    layers' ``forward`` for the duration of one forward.
+
+    Example::
+
+        rows = AdapterRows(peft_model, "default", (True, False))
+        with torch.inference_mode(), rows():
+            logits = peft_model(input_ids=ids.expand(2, -1)).logits  # row 0 expert, row 1 base
+    """
+
+    def __init__(self, model: Any, adapter: str, pattern: tuple[bool, ...] = (True, False)) -> None:
+        self.model, self.adapter, self.pattern = model, adapter, tuple(bool(p) for p in pattern)
+        self.layers = _plain_lora_layers(model, adapter)
+        self.ok: bool | None = None if self.layers else False  # set by the pairing check
+        self._on: dict[tuple[int, Any], torch.Tensor | None] = {}
+        self._forwards = [(module, self._layer_forward(*weights)) for module, *weights in self.layers or ()]
+
+    def rows_on(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Indices of the batch rows that get the adapter (None: all of them)."""
+        batch = x.shape[0]
+        if x.dim() < 3 or batch % len(self.pattern):
+            raise RuntimeError(f"adapter rows need inputs [batch, sequence, features] with a batch of "
+                               f"{len(self.pattern)} rows per context, got {tuple(x.shape)}")
+        key = (batch, x.device)
+        if key not in self._on:
+            on = [i for i in range(batch) if self.pattern[i % len(self.pattern)]]
+            self._on[key] = None if len(on) == batch else torch.tensor(on, dtype=torch.long, device=x.device)
+        return self._on[key]
+
+    def _layer_forward(self, weight: torch.Tensor, bias: Any, a: torch.Tensor, b: torch.Tensor, b_bias: Any,
+                       scale: float) -> Any:
+        functional = torch.nn.functional
+
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            y = functional.linear(x, weight, bias)
+            on = self.rows_on(x)
+            if on is not None and not len(on):
+                return y
+            part = x if on is None else x.index_select(0, on)
+            delta = functional.linear(functional.linear(part.to(a.dtype), a), b, b_bias).to(y.dtype)
+            return y.add_(delta, alpha=scale) if on is None else y.index_add_(0, on, delta, alpha=scale)
+
+        return forward
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        patched = []
+        try:
+            for module, forward in self._forwards:
+                module.forward = forward
+                patched.append(module)
+            yield
+        finally:
+            for module in patched:
+                module.__dict__.pop("forward", None)
+
+
+def _plain_lora_layers(model: Any, adapter: str) -> list[tuple] | None:
+    """(module, W, b, A, B, B's bias, scale) of every LoRA layer, or None when one of them is
+    not a plain LoRA linear layer with ``adapter`` as its only active adapter."""
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+        from peft.tuners.lora.layer import LoraLayer
+    except ImportError:
+        return None
+    out = []
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        base = getattr(module, "base_layer", None)
+        if (type(module) is not LoraLinear or type(base) is not torch.nn.Linear or module.training
+                or list(module.active_adapters) != [adapter] or adapter not in module.lora_A or module.merged
+                or module.disable_adapters or module.fan_in_fan_out or adapter in getattr(module, "lora_variant", {})
+                or module.use_dora.get(adapter, False)):
+            return None
+        lora_b = module.lora_B[adapter]
+        out.append((module, base.weight, base.bias, module.lora_A[adapter].weight, lora_b.weight, lora_b.bias,
+                    float(module.scaling[adapter])))
+    return out or None
+
+
+_ROWS: "weakref.WeakKeyDictionary[Any, dict[tuple, AdapterRows]]" = weakref.WeakKeyDictionary()
+_ROWS_GUARD = threading.Lock()
+
+
+def adapter_rows(model: Any, adapter: str, pattern: tuple[bool, ...] = (True, False)) -> AdapterRows:
+    """The one :class:`AdapterRows` of a model, adapter and row pattern (so that the scoring
+    queue sees one forward context and batches its contexts together)."""
+    with _ROWS_GUARD:
+        per_model = _ROWS.setdefault(model, {})
+        key = (adapter, tuple(pattern))
+        if key not in per_model:
+            per_model[key] = AdapterRows(model, adapter, pattern)
+        return per_model[key]
+
+
+def _pair_matches(expert: "Scorer", anti: "Scorer", **pair: Any) -> bool:
+    """Whether a two-row forward (adapter on, off) gives what the two toggled forwards give, on a
+    short probe (probabilities within 2e-3 in float32, 2e-2 otherwise)."""
+    probe = expert.vocab.encode_text("The quick brown fox jumps over the lazy dog, twice.")[:5] or [0, 1]
+    with expert.lock:
+        try:
+            both = CachedContext(expert.model, rows=2, **pair).score_rows(probe, ())[()]
+            one = CachedContext(expert.model, forward_context=expert.forward_context).extend_to(probe)
+            other = CachedContext(anti.model, forward_context=anti.forward_context).extend_to(probe)
+        except Exception as exc:  # noqa: BLE001 - peft versions without mixed batches, odd layer shapes
+            logger.info("two-row adapter batch (%s) unavailable for %s (%s)", ", ".join(pair), expert.name,
+                        type(exc).__name__)
+            return False
+    worst = max(float((both[0].exp() - one.exp()).abs().max()), float((both[1].exp() - other.exp()).abs().max()))
+    return worst < (2e-3 if next(expert.model.parameters()).dtype == torch.float32 else 2e-2)
+
+
 def check_mixed_batch(expert: "Scorer", anti: "Scorer") -> bool:
-    """True when one peft forward with ``adapter_names=[adapter, "__base__"]`` gives what the
-    two toggled forwards give (checked once per pair on a short probe)."""
+    """True when the expert and anti-expert (one peft model, adapter on and off) can be scored as
+    two rows of one forward: by :class:`AdapterRows`, else by peft's mixed batch
+    (``adapter_names=[adapter, "__base__"]``); each checked once per pair on a short probe
+    against the two toggled forwards."""
     if expert._mixed_ok is not None:
         return expert._mixed_ok
     ok = False
     if expert.model is anti.model and expert.adapter is True and anti.adapter is False and expert.adapter_name:
-        probe = expert.vocab.encode_text("The quick brown fox jumps over the lazy dog, twice.")[:5] or [0, 1]
-        with expert.lock:
-            try:
-                pair = CachedContext(expert.model, rows=2, forward_kwargs={"adapter_names": [expert.adapter_name, "__base__"]})
-                both = pair.score_rows(probe, ())[()]
-                one = CachedContext(expert.model, forward_context=expert.forward_context).extend_to(probe)
-                other = CachedContext(anti.model, forward_context=anti.forward_context).extend_to(probe)
-                worst = max(float((both[0].exp() - one.exp()).abs().max()), float((both[1].exp() - other.exp()).abs().max()))
-                ok = worst < (2e-3 if next(expert.model.parameters()).dtype == torch.float32 else 2e-2)
-            except Exception as exc:  # noqa: BLE001 - peft versions without mixed batches
-                logger.info("mixed adapter batch unavailable for %s (%s)", expert.name, type(exc).__name__)
+        rows = adapter_rows(expert.model, expert.adapter_name)
+        if rows.ok is None:
+            rows.ok = _pair_matches(expert, anti, forward_context=rows)
+        ok = rows.ok or _pair_matches(expert, anti, forward_kwargs=_peft_mixed(expert))
     expert._mixed_ok = ok
     return ok
+
+
+def _peft_mixed(expert: "Scorer") -> dict[str, Any]:
+    return {"adapter_names": [expert.adapter_name, "__base__"]}
+
+
+def _forward_setup(scorer: "Scorer", rows: int) -> dict[str, Any]:
+    """CachedContext arguments for a scorer alone (rows=1) or an adapter pair (rows=2): the
+    checked :class:`AdapterRows` when there is one, else peft's own ways."""
+    if scorer.adapter is not None and scorer.adapter_name:
+        pair = adapter_rows(scorer.model, scorer.adapter_name)
+        if pair.ok:
+            pattern = (True, False) if rows == 2 else (bool(scorer.adapter),)
+            return {"forward_context": adapter_rows(scorer.model, scorer.adapter_name, pattern)}
+    if rows == 2:
+        return {"forward_kwargs": _peft_mixed(scorer)}
+    return {"forward_context": scorer.forward_context}
+
+
+class PromptStore:
+    """The KV cache of the last prompt run in one way (an owner such as a scorer, and a kind such
+    as "pair"), so that a later generation whose prompt shares a prefix with it (a system
+    prompt, few-shot examples) starts from a copy instead of recomputing it. One entry per
+    (owner, kind): memory is one prompt's cache. Keys and values of a prefix do not depend on
+    what follows it (causal attention), so a seeded context scores what a fresh one does, up
+    to float rounding (other matrix shapes).
+
+    Example::
+
+        store.seed(scorer, "plain", context, prompt_ids)   # before the first forward
+        ...                                                 # forwards
+        store.save(scorer, "plain", context, len(prompt_ids))
+    """
+
+    def __init__(self) -> None:
+        self._entries: "weakref.WeakKeyDictionary[Any, dict[Any, tuple]]" = weakref.WeakKeyDictionary()
+        self._guard = threading.Lock()
+
+    def save(self, owner: Any, kind: Any, context: "CachedContext", n: int) -> bool:
+        """Remember the first ``n`` tokens of ``context`` (ids and cache) for ``(owner, kind)``."""
+        layers = cache_layers(context.cache)
+        if not layers or n < 1 or len(context.ids) < n or cache_length(context.cache) < n:
+            return False
+        snapshot = tuple((k[:, :, :n].clone(), v[:, :, :n].clone()) for k, v in layers)
+        with self._guard:
+            self._entries.setdefault(owner, {})[kind] = (tuple(context.ids[:n]), snapshot)
+        return True
+
+    def seed(self, owner: Any, kind: Any, context: "CachedContext", ids: Sequence[int]) -> int:
+        """Give an empty ``context`` the cached longest common prefix with ``ids``; returns its length."""
+        with self._guard:
+            entry = self._entries.get(owner, {}).get(kind)
+        if entry is None or context.cache is not None:
+            return 0
+        stored, layers = entry
+        common = 0
+        for a, b in zip(stored, ids):
+            if a != b:
+                break
+            common += 1
+        if common == 0:
+            return 0
+        context.cache = cache_from_layers([(k[:, :, :common].clone(), v[:, :, :common].clone()) for k, v in layers])
+        context.ids, context.last_logprobs = list(stored[:common]), None
+        return common
+
+
+PROMPTS = PromptStore()  # one prompt's cache per scorer (and per adapter pair)
 
 
 def _score_groups(
@@ -79,11 +270,12 @@ def _score_groups(
 
 
 def _check_lengths(scorer: "Scorer", ids: Sequence[int], paths: Sequence[Path_], longest: int | None = None) -> bool:
-    """Refuse texts longer than the model's context; tell whether the tree mask may be used."""
+    """Refuse texts longer than the model's context (:class:`ContextLimitError`: mid-generation the
+    tuner stops there, finish_reason "length"); tell whether the tree mask may be used."""
     if longest is None:
         longest = len(ids) + max((len(p) for p in paths), default=0)
     if scorer.max_length and longest > scorer.max_length:
-        raise ConfigurationError(
+        raise ContextLimitError(
             f"the text is {longest} tokens for {scorer.name}, whose context is {scorer.max_length}; "
             "lower max_tokens or shorten the prompt"
         )
@@ -104,7 +296,9 @@ class ScorerSession:
         self.scorer = scorer
         self.batching = batching
         self.prompt_ids = list(prompt_ids)
-        self.context = CachedContext(scorer.model, forward_context=scorer.forward_context)
+        self.context = CachedContext(scorer.model, **_forward_setup(scorer, 1))
+        self.reused = PROMPTS.seed(scorer, "alone", self.context, self.prompt_ids)  # prompt tokens not recomputed
+        self._saved = False
         self.forwards = 0
 
     def distributions(self, continuation_ids: Sequence[int], paths: Sequence[Path_] = ()) -> dict[Path_, torch.Tensor]:
@@ -116,8 +310,11 @@ class ScorerSession:
         """:meth:`distributions` for several continuations at once (one forward when each is a
         prefix of the longest, e.g. the positions of a speculative chunk)."""
         self.forwards += 1
-        return [{k: v[0] for k, v in d.items()}
-                for d in _score_groups(self.scorer, self.context, self.prompt_ids, groups, self.batching)]
+        out = _score_groups(self.scorer, self.context, self.prompt_ids, groups, self.batching)
+        if not self._saved:
+            self._saved = True
+            PROMPTS.save(self.scorer, "alone", self.context, len(self.prompt_ids))
+        return [{k: v[0] for k, v in d.items()} for d in out]
 
     def close(self) -> None:
         self.context.reset()
@@ -132,8 +329,8 @@ class _SharedPair:
         self.expert = expert
         self.batching = batching
         self.prompt_ids = list(prompt_ids)
-        self.context = CachedContext(expert.model, rows=2,
-                                     forward_kwargs={"adapter_names": [expert.adapter_name, "__base__"]})
+        self.context = CachedContext(expert.model, rows=2, **_forward_setup(expert, 2))
+        self.reused = PROMPTS.seed(expert, "pair", self.context, self.prompt_ids)
         self._key: tuple | None = None
         self._rows: list[dict[Path_, torch.Tensor]] = []
         self.forwards = 0
@@ -142,6 +339,8 @@ class _SharedPair:
         key = tuple((tuple(c), tuple(p)) for c, p in groups)
         if key != self._key:
             self._rows = _score_groups(self.expert, self.context, self.prompt_ids, groups, self.batching)
+            if not self.forwards:
+                PROMPTS.save(self.expert, "pair", self.context, len(self.prompt_ids))
             self._key = key
             self.forwards += 1
         return self._rows
