@@ -28,6 +28,7 @@ from typing import Any
 
 from . import _constants as C
 from .decoding import DecodeParams, DecoderBase, PerStepDecoder, ResampleDecoder, SpeculativeDecoder
+from .context_limits import check_fits as _check_fits, stop_at_context as _stop_at_context
 from .errors import ConfigurationError, ContextLimitError, HostedBadRequestError, ModeNotSupportedError
 from .hosts.client import AsyncHostedClient, HostedClient
 from .hosts.discover import discover, text_prompt_warning
@@ -46,37 +47,6 @@ CONTEXT_MISMATCH = 8.0  # nats: the anti-expert's cross-entropy on the hosted ca
 logger = logging.getLogger(__name__)
 _DECODERS: dict[str, type] = {"per-step": PerStepDecoder, "speculative": SpeculativeDecoder,
                               "resample": ResampleDecoder}
-
-
-def _check_fits(who: str, prompt_tokens: int, max_tokens: int, context: int | None) -> None:
-    """Refuse before the first paid call a generation that cannot fit ``who``'s context."""
-    if context and prompt_tokens + max_tokens > context:
-        room = context - prompt_tokens
-        fix = f"pass max_tokens {room} or less" if room > 0 else "shorten the prompt"
-        raise ConfigurationError(f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is more than "
-                                 f"the context of {who} ({context} tokens); {fix}")
-
-
-def _context_limit(exc: BaseException) -> bool:
-    """Whether ``exc`` says a text outgrew a model's context: a small model's
-    (:class:`ContextLimitError`) or the hosted one's (its 400 "maximum context length...", as
-    OpenAI, vLLM and llama.cpp word it)."""
-    if isinstance(exc, ContextLimitError):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, HostedBadRequestError) and "context" in text and any(
-        word in text for word in ("maximum", "length", "exceed", "too long", "too many tokens"))
-
-
-def _stop_at_context(decoder: DecoderBase, exc: BaseException, paid: bool) -> None:
-    """End ``decoder`` with ``finish_reason="length"`` (the text so far) when ``exc`` is a context
-    limit reached after paid calls; otherwise re-raise it. The decoders change no state before
-    :meth:`observe` appends, so the text so far is consistent."""
-    if not paid or not _context_limit(exc):
-        raise exc
-    logger.warning("the generation reached a model's context limit after %d tokens; it stops there "
-                   "(finish_reason length): %s", decoder.generated, exc)
-    decoder.finish_reason = "length"
 
 
 class _TunerBase:

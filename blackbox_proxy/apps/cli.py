@@ -214,7 +214,7 @@ def serve(**o: Any) -> None:
         raise ConfigurationError(f"--max-tokens {o['max_tokens']} (for requests that give none) is above "
                                  f"--max-tokens-limit {o['max_tokens_limit']}; lower it or raise the limit")
     key = server_key(click.get_current_context(), o["server_api_key"], o["server_api_key_file"])
-    from .openai_http import UVICORN_OPTIONS, check_port
+    from .loopback import UVICORN_OPTIONS, check_port
 
     check_port(o["host"], o["port"])
     import uvicorn
@@ -301,7 +301,7 @@ def serve_model(model: str, host: str, port: int, name: str | None, max_top_logp
     """
     _setup_logging(verbose)
     api_key = server_key(click.get_current_context(), server_api_key, server_api_key_file)
-    from .openai_http import UVICORN_OPTIONS, check_port
+    from .loopback import UVICORN_OPTIONS, check_port
 
     check_port(host, port)  # before the model loads
     import uvicorn

@@ -10,9 +10,9 @@
 - :func:`add_model_routes`: ``/v1/models`` and ``/v1/models/{id}``;
 - :func:`refuse_unsupported` / :data:`NEUTRAL_VALUES`: a 400 naming an answer-changing field a
   server does not honour (neutral values pass);
-- :class:`ServerThread`, :func:`free_port`, :func:`check_port`: an app on loopback in a thread,
-  with :data:`UVICORN_OPTIONS` (keep-alive 5 s, 64 KiB headers, 256 connections); a request
-  body must arrive within :data:`BODY_TIMEOUT` seconds (408).
+- a request body must arrive within :data:`BODY_TIMEOUT` seconds (408);
+- re-exported from :mod:`.loopback`: :class:`ServerThread`, :func:`free_port`, :func:`check_port`,
+  :data:`UVICORN_OPTIONS` (running an app, and the port check).
 
 In a body, JSON ``null`` means "the default" for the numeric options and ``stop``; a chat message's
 ``content`` may be a list of text parts (see :func:`blackbox_proxy.request.message_text`); unknown
@@ -24,14 +24,10 @@ specifics (vocabulary ranges, chat templates, ``logit_bias``) and streaming resp
 
 from __future__ import annotations
 
-import errno
 import hmac
 import json
 import logging
 import math
-import socket
-import threading
-import time
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, TypeVar
 
@@ -39,8 +35,8 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
                       field_validator, model_validator)
 
 from .._logging import register_secret
-from ..errors import ConfigurationError
 from ..request import SEED_MAX, SEED_MIN, Message, brief_repr, check_text
+from .loopback import UVICORN_OPTIONS, ServerThread, check_port, free_port  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +44,6 @@ DEFAULT_MAX_TOKENS_LIMIT = 4096
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB of request JSON
 SSE_DONE = "data: [DONE]\n\n"
 BODY_TIMEOUT = 30.0  # seconds a client may take to send its request body (then 408)
-# uvicorn's settings for both servers (ServerThread, and the CLI's uvicorn.run): an idle
-# keep-alive connection closes after 5 s, a request's headers may hold at most 64 KiB, and at
-# most 256 connections are served at once (503 beyond). uvicorn has no timeout for a request
-# still arriving; :func:`read_json` bounds the body's (BODY_TIMEOUT, 408).
-UVICORN_OPTIONS: dict[str, Any] = {"timeout_keep_alive": 5, "h11_max_incomplete_event_size": 64 * 1024,
-                                   "limit_concurrency": 256, "timeout_graceful_shutdown": 5}
 
 
 class APIError(Exception):
@@ -400,95 +390,3 @@ def parse_body(model: type[Body], body: dict[str, Any], limits: BodyLimits) -> B
         original = (error.get("ctx") or {}).get("error")
         message = str(original) if isinstance(original, Exception) else f"{'.'.join(map(str, where))}: {error['msg']}"
         raise APIError(400, message, param=str(where[0]) if where else None) from None
-
-
-# ----- running on loopback ------------------------------------------------------------------------
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def check_port(host: str, port: int) -> None:
-    """Raise :class:`ConfigurationError` when uvicorn could not listen on ``host``:``port``, with
-    the reason: the port is busy, the host is not an address of this machine or does not
-    resolve, or the port needs privileges.
-
-    Binds as uvicorn (asyncio) does: every address ``host`` resolves to (IPv4 or IPv6), with
-    SO_REUSEADDR, so a port left in TIME_WAIT by a server that just stopped counts as free.
-    """
-    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-        raise ConfigurationError(f"--port must be from 1 to 65535, got {port!r}")
-    try:
-        addresses = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
-                                       socket.AI_PASSIVE)
-    except (socket.gaierror, UnicodeError, ValueError) as exc:
-        reason = exc.strerror if isinstance(exc, socket.gaierror) else "not a valid host name"
-        raise ConfigurationError(f"cannot listen on {host!r}: the host does not resolve ({reason}); pass an address "
-                                 "of this machine with --host, e.g. 127.0.0.1 or ::1") from None
-    for family, kind, proto, _, address in addresses:
-        with socket.socket(family, kind, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind(address)
-            except OSError as exc:
-                raise ConfigurationError(_bind_error(host, port, exc)) from None
-
-
-def _bind_error(host: str, port: int, exc: OSError) -> str:
-    if exc.errno == errno.EADDRINUSE:
-        return f"port {port} on {host} is in use by another program; pick another with --port"
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return (f"cannot listen on {host}: it is not an address of this machine; pass one with --host "
-                "(127.0.0.1 or ::1 for loopback, 0.0.0.0 for every interface)")
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return f"no permission to listen on port {port} on {host} (ports below 1024 need root); pick another with --port"
-    return f"cannot listen on {host}:{port} ({exc.strerror}); check --host and --port"
-
-
-class ServerThread:
-    """Run an ASGI app with uvicorn in a background thread (tests, the demo). Context manager.
-
-    Example::
-
-        with ServerThread(create_app(runner), port=0) as server:
-            print(server.base_url)   # http://127.0.0.1:PORT/v1
-    """
-
-    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0) -> None:
-        import uvicorn
-
-        self.host = host
-        self.port = port or free_port(host)
-        config = uvicorn.Config(app, host=host, port=self.port, log_level="warning", lifespan="off",
-                                **UVICORN_OPTIONS)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
-
-    def start(self, timeout: float = 30.0) -> "ServerThread":
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the model server did not start on {self.host}:{self.port}")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-    def __enter__(self) -> "ServerThread":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
