@@ -179,3 +179,27 @@ def test_one_id_and_created_per_streamed_response(served, sdk, monkeypatch):
                                          stream=True, stream_options={"include_usage": True}))
     assert len(chunks) >= 3
     assert len({c.created for c in chunks}) == 1 and len({c.id for c in chunks}) == 1
+
+
+def test_several_prompts_and_token_id_prompts(sdk, kw_completions, tok_a):
+    """A list of prompts (as lm-eval's local-completions sends) is answered in OpenAI's order: the
+    n choices of prompt 0, then of prompt 1; hosted token ids are read with the hosted tokenizer."""
+    library = ProxyTuner(**kw_completions)
+    prompts = ["The quick brown", "A café in", "Numbers: 1, 2,"]
+    want = [library.generate(p, max_tokens=6, temperature=0.0).text for p in prompts]
+    resp = sdk.completions.create(model="tiny-tuned", prompt=prompts, max_tokens=6, temperature=0, n=2)
+    assert [c.index for c in resp.choices] == list(range(6))
+    assert [c.text for c in resp.choices] == [w for w in want for _ in range(2)]
+    assert resp.usage.completion_tokens == 2 * sum(len(c) for c in [library.generate(p, max_tokens=6,
+                                                                                      temperature=0.0).trace for p in prompts])
+    ids = tok_a.encode("A café in", add_special_tokens=False)
+    by_ids = sdk.completions.create(model="tiny-tuned", prompt=ids, max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == want[1]
+    mixed = sdk.completions.create(model="tiny-tuned", prompt=[ids, "The quick brown"], max_tokens=6, temperature=0)
+    assert [c.text for c in mixed.choices] == [want[1], want[0]]
+    with pytest.raises(openai.BadRequestError, match="token ids"):
+        sdk.completions.create(model="tiny-tuned", prompt=[10 ** 6], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="several prompts"):
+        sdk.completions.create(model="tiny-tuned", prompt=prompts, max_tokens=2, stream=True)
+    with pytest.raises(openai.BadRequestError, match="up to 16"):
+        sdk.completions.create(model="tiny-tuned", prompt=["x"] * 17, max_tokens=2)

@@ -3,7 +3,8 @@
 Any application that speaks the OpenAI API can use the tuned model (hosted API + expert +
 anti-expert + strategy + alpha) without changing a line: point its base URL here.
 
-Routes: ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``, with ``stream=true``
+Routes: ``/v1/models``, ``/v1/completions`` (a text prompt, hosted token ids, or a list of up to
+:data:`MAX_PROMPTS` of either, answered in OpenAI's order) and ``/v1/chat/completions``, with ``stream=true``
 (server-sent events, one event per piece of text as it is decided), ``max_tokens``,
 ``temperature`` (default 1, as OpenAI), ``top_p``, ``stop``, ``seed`` and ``n`` (up to 8, not
 with streaming). Extra body fields ``alpha``, ``strategy``, ``chunk`` and ``samples`` override
@@ -56,11 +57,11 @@ from openai.types import Completion, CompletionChoice, CompletionUsage, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
 from openai.types.chat.chat_completion import Choice as ChatChoice
 from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice, ChoiceDelta
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from .._logging import redact
 from ..errors import ConfigurationError, HostedAPIError, ProxyTuningError
-from ..request import GenerationRequest, check_strategy
+from ..request import GenerationRequest, check_strategy, check_text
 from ..types import GenerationResult
 from .openai_http import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_LIMIT, NEUTRAL_VALUES, SSE_DONE, APIError,
                           BodyLimits, ChatBody, CompletionBody, add_model_routes, checked_number,
@@ -100,10 +101,37 @@ class _ProxyOptions(BaseModel):
         return bool(self.stream_options.get("include_usage"))
 
 
+MAX_PROMPTS = 16  # prompts in one /v1/completions body (each answered n times)
+
+
 class TunedCompletionBody(_ProxyOptions, CompletionBody):
+    """``prompt``: one text, one list of hosted token ids, or a list of either (OpenAI's batch,
+    as lm-eval's ``local-completions`` sends): always a tuple of prompts here."""
+
     nullable: ClassVar[frozenset[str]] = CompletionBody.nullable | _ProxyOptions.nullable
-    token_prompts: ClassVar[bool] = False
-    prompt_error: ClassVar[str] = "prompt must be one text string (token-id and multiple prompts are not supported)"
+    prompt_error: ClassVar[str] = ("prompt must be a string, a list of token ids, or a list of up to "
+                                   f"{MAX_PROMPTS} of either")
+
+    prompt: tuple[Any, ...] = Field(default=None, validate_default=True)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, value: Any) -> tuple[Any, ...]:
+        def ids(v: Any) -> bool:
+            return isinstance(v, list) and bool(v) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+
+        prompts = [value] if isinstance(value, str) or ids(value) else value
+        if not isinstance(prompts, list) or not 1 <= len(prompts) <= MAX_PROMPTS:
+            raise ValueError(cls.prompt_error)
+        out: list[Any] = []
+        for one in prompts:
+            if isinstance(one, str):
+                out.append(check_text("the prompt", one))
+            elif ids(one):
+                out.append(tuple(one))
+            else:
+                raise ValueError(cls.prompt_error)
+        return tuple(out)
 
 
 class TunedChatBody(_ProxyOptions, ChatBody):
@@ -235,6 +263,15 @@ def create_tuned_app(
             raise _error_for(exc, public) from None
         return [task.result() for task in tasks]
 
+    async def _generate_all(requests: list[GenerationRequest], n: int,
+                            http: Request) -> list[list[GenerationResult]] | None:
+        """:func:`_generate` for several prompts at once (their calls overlap); None when the
+        client went away."""
+        tasks = [asyncio.ensure_future(_generate(r, n, http)) for r in requests]
+        await gather_or_cancel(tasks)  # one failure cancels the other prompts (no more paid calls)
+        groups = [task.result() for task in tasks]
+        return None if any(g is None for g in groups) else groups
+
     def _usage(request: GenerationRequest, results: list[GenerationResult]) -> CompletionUsage:
         prompt_tokens = len(tuner.expert.prompt_ids(prompt=request.prompt, messages=request.message_dicts()))
         completion = sum(r.usage.generated_tokens for r in results)
@@ -286,11 +323,47 @@ def create_tuned_app(
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    def _prompt_text(prompt: str | tuple[int, ...]) -> str:
+        """A prompt as text: token ids are the hosted model's (decoded with its tokenizer)."""
+        if isinstance(prompt, str):
+            return prompt
+        vocab = tuner.hosted_vocab
+        if vocab is None:
+            raise APIError(400, "token-id prompts need the hosted tokenizer, which this server does not know; "
+                                "send text, or start serve with --hosted-tokenizer", param="prompt")
+        if any(not 0 <= i < vocab.size or vocab.token_bytes[i] is None for i in prompt):
+            raise APIError(400, f"prompt token ids must be text tokens of the hosted tokenizer (0 to {vocab.size - 1})",
+                           param="prompt")
+        try:
+            return vocab.bytes_of(prompt).decode("utf-8")
+        except UnicodeDecodeError:
+            raise APIError(400, "the prompt's token ids do not decode to whole UTF-8 text", param="prompt") from None
+
     @app.post("/v1/completions")
     async def completions(http: Request) -> Any:
         body = await _body(http, TunedCompletionBody)
-        request = await _request(body, body.prompt, None)
+        if body.stream and len(body.prompt) > 1:
+            raise APIError(400, "stream=true with several prompts is not supported; send one request per prompt",
+                           param="prompt")
+        requests = [await _request(body, _prompt_text(p), None) for p in body.prompt]
         rid, stamp = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if len(requests) > 1:
+            # OpenAI's order: the n choices of prompt 0, then those of prompt 1, ...
+            results = await _generate_all(requests, body.n, http)
+            if results is None:
+                return Response(status_code=499)
+            flat = [r for group in results for r in group]
+            usage = _usage(requests[0], results[0])
+            for request, group in zip(requests[1:], results[1:]):
+                more = _usage(request, group)
+                usage = CompletionUsage(prompt_tokens=usage.prompt_tokens + more.prompt_tokens,
+                                        completion_tokens=usage.completion_tokens + more.completion_tokens,
+                                        total_tokens=usage.total_tokens + more.total_tokens)
+            return JSONResponse(_completion(
+                rid, stamp, [CompletionChoice.construct(text=r.text, index=i, logprobs=None,
+                                                        finish_reason=r.finish_reason) for i, r in enumerate(flat)],
+                usage=usage, proxy_usage=_proxy_usage(flat)))
+        request = requests[0]
         if body.stream:
             def piece(text: str | None, finish: str | None) -> dict[str, Any]:
                 return _completion(rid, stamp, [CompletionChoice.construct(text=text or "", index=0, logprobs=None,
