@@ -36,7 +36,8 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 # values are 0.5 to 2.
 MAX_ALPHA = 100.0
 # the options a batch line or a request body may set (besides the prompt or messages)
-OPTION_NAMES = ("max_tokens", "alpha", "temperature", "top_p", "seed", "stop", "strategy", "chunk", "samples")
+OPTION_NAMES = ("max_tokens", "alpha", "temperature", "top_p", "seed", "stop", "strategy", "chunk", "samples",
+                "tail_calls")
 
 
 def check_strategy(value: Any) -> str:
@@ -163,6 +164,7 @@ class GenerationRequest(BaseModel):
     strategy: str = "per-step"
     chunk: int | None = None  # speculative: fixed chunk length; None = adaptive
     samples: int | None = None  # resample: answers drawn; None = the default
+    tail_calls: int = 1  # speculative: most tail-probe calls per rejection (0: the candidates-only rule)
 
     @classmethod
     def build(cls, **options: Any) -> "GenerationRequest":
@@ -259,6 +261,11 @@ class GenerationRequest(BaseModel):
     @classmethod
     def _chunk(cls, value: Any) -> int | None:
         return None if value is None else _integer("chunk", value, 1, " (or left out for adaptive)")
+
+    @field_validator("tail_calls", mode="before")
+    @classmethod
+    def _tail_calls(cls, value: Any) -> int:
+        return _integer("tail_calls", value, 0, " (0 turns tail probes off)", high=8)
 
     @field_validator("samples", mode="before")
     @classmethod

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -34,6 +33,8 @@ from .hosts.client import AsyncHostedClient, HostedClient
 from .hosts.discover import discover, text_prompt_warning
 from .local.scorer import load_small_models
 from .local.sessions import open_sessions
+from .rendering import (MISMATCH_WARNING, adapter_render, auto_render, hosted_chat_text, read_template,
+                        renderings_disagree)
 from .request import STRATEGIES, GenerationRequest
 from .tokens.aligner import Aligner
 from .tokens.loaders import load_hosted_vocabulary
@@ -43,7 +44,6 @@ from .types import MODES, GenerationResult, StreamEvent
 __all__ = ["AsyncProxyTuner", "ProxyTuner", "STRATEGIES"]
 
 DEFAULT_SAMPLES = 16
-CONTEXT_MISMATCH = 8.0  # nats: the anti-expert's cross-entropy on the hosted candidates that calls for a warning
 logger = logging.getLogger(__name__)
 _DECODERS: dict[str, type] = {"per-step": PerStepDecoder, "speculative": SpeculativeDecoder,
                               "resample": ResampleDecoder}
@@ -78,6 +78,9 @@ class _TunerBase:
         timeout, max_retries: per-request timeout (s) and retries after the first attempt.
         cache: a SQLite file (or :class:`~blackbox_proxy.hosts.cache.ResponseCache`) so identical
             hosted requests are answered without paying again.
+        chat_template: a Jinja chat template (the text, or a file holding it) for chat messages
+            sent to a ``completions`` host; by default the hosted tokenizer's template when it has
+            one, else the expert's (the small models render messages with their own templates).
         batch_scoring: share the small models' forwards among concurrent generations
             (:mod:`blackbox_proxy.local.batching`); on by default in the async tuner.
     """
@@ -108,6 +111,7 @@ class _TunerBase:
         check_hosted: bool = False,
         cache: Any = None,
         batch_scoring: bool | None = None,
+        chat_template: str | None = None,
     ) -> None:
         if mode not in MODES:
             raise ConfigurationError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -117,6 +121,7 @@ class _TunerBase:
             raise ConfigurationError(f"backoff must be >= 0, got {backoff}")
         self.mode = mode
         self.top_k = top_k
+        self.chat_template = read_template(chat_template)
         if batch_scoring is not None:
             self.batch_scoring = bool(batch_scoring)
         discover = hosted_tokenizer is None or hosted_tokenizer == "auto"
@@ -170,16 +175,10 @@ class _TunerBase:
         self.client.use_vocabulary(found.vocab)
 
     def _auto_render(self, render: str) -> str:
-        """``auto`` follows the hosted prompt: raw in completions mode, else the chat template."""
-        return "raw" if render == "auto" and self.mode == "completions" else render
+        return auto_render(render, self.mode)
 
     def _adapter_render(self, expert_render: str, anti_expert_render: str) -> str:
-        """An adapter pair is one model with one rendering: an explicit choice wins over ``auto``."""
-        chosen = {expert_render, anti_expert_render} - {"auto"}
-        if len(chosen) > 1:
-            raise ConfigurationError("with an expert adapter both small models are one model and share one prompt "
-                                     f"rendering; got expert {expert_render!r} and anti-expert {anti_expert_render!r}")
-        return self._auto_render(chosen.pop() if chosen else "auto")
+        return adapter_render(expert_render, anti_expert_render, self.mode)
 
     def _check_hosted(self) -> None:
         """Reach the hosted API before loading models (sync tuner only)."""
@@ -187,25 +186,13 @@ class _TunerBase:
     _warned_renderings = False
 
     def _check_renderings(self, decoder: DecoderBase) -> None:
-        """Warn once when the small models render the prompt as a chat while the hosted model
-        continues raw text (completions mode) and the anti-expert finds the hosted model's own
-        first candidates implausible: the two then see different contexts, and the offsets
-        swamp the hosted model. The signal is the anti-expert's cross-entropy on the hosted
-        candidates (weighted by their hosted probability), measured on the embedded pair: 2.8
-        and 3.1 nats on the demo's one-shot prompts, 9.4 to 18.2 on five plain prompts."""
-        renders = {self.expert.render, self.anti_expert.render}
-        if self._warned_renderings or self.mode != "completions" or renders == {"raw"} or not decoder.steps:
+        """Warn once when chat-rendered small models find the raw hosted prompt's candidates
+        implausible (:func:`blackbox_proxy.rendering.renderings_disagree`)."""
+        if self._warned_renderings or self.mode != "completions" or not decoder.steps:
             return
-        pairs = [(math.exp(c.hosted_logprob), -c.anti_expert_logprob) for c in decoder.steps[0].candidates
-                 if math.isfinite(c.anti_expert_logprob)]
-        mass = sum(p for p, _ in pairs)
-        if mass > 0 and sum(p * x for p, x in pairs) / mass > CONTEXT_MISMATCH:
+        if renderings_disagree({self.expert.render, self.anti_expert.render}, decoder.steps[0].candidates):
             type(self)._warned_renderings = True
-            logger.warning(
-                "the expert/anti-expert render the prompt with a chat template while the hosted model continues "
-                "raw text (completions mode), and the anti-expert finds the hosted model's own candidates "
-                "implausible; for plain prompts pass --expert-render raw --anti-expert-render raw (render='raw'), "
-                "or use --mode chat-prefix")
+            logger.warning(MISMATCH_WARNING)
 
     def top_k_for_mode(self) -> int:
         """The k asked of the API: ``top_k`` if given, else the default for this host."""
@@ -244,22 +231,30 @@ class _TunerBase:
                 "token only: use --strategy resample (whole answers, reweighted), max_tokens=1 (one-token answers), "
                 "or --mode completions / --mode chat-prefix (a host that continues an assistant prefix)"
             )
-        if self.mode == "completions" and req.prompt is None:
-            raise ConfigurationError("completions mode takes a text prompt; pass prompt=TEXT or use a chat mode")
         top_k = self.top_k_for_mode()
         cap = self.client.top_k_cap
         if cap is not None and top_k > cap:
             raise ConfigurationError(
                 f"top_k {top_k} is above what {self.client.dialect} allows in {self.mode} mode ({cap}); pass --top-k {cap} or less"
             )
+        text = self.prompt_text(req)
         for role, scorer in (("expert", self.expert), ("anti-expert", self.anti_expert)):
-            ids = scorer.prompt_ids(prompt=req.prompt, messages=req.message_dicts())  # raises if the prompt alone does not fit
+            ids = scorer.prompt_ids(prompt=text, messages=req.message_dicts())  # raises if the prompt alone does not fit
             _check_fits(f"the {role}", len(ids), req.max_tokens, scorer.max_length)
         if self.hosted_context and self.mode == "completions" and self.hosted_vocab is not None:
-            _check_fits(f"the hosted model {self.client.model!r}", len(self.hosted_vocab.encode_prompt(req.prompt or "")),
+            _check_fits(f"the hosted model {self.client.model!r}", len(self.hosted_vocab.encode_prompt(text or "")),
                         req.max_tokens, self.hosted_context)
         return DecodeParams(req.alpha, req.temperature, req.top_p, req.max_tokens, top_k, req.stop, req.seed,
-                            req.chunk)
+                            req.chunk, req.tail_calls)
+
+    def prompt_text(self, req: GenerationRequest) -> str | None:
+        """The text the hosted model continues in completions mode: the prompt, or chat messages
+        rendered with a chat template (:func:`blackbox_proxy.rendering.hosted_chat_text`); None
+        in the chat modes, where the host renders the messages itself."""
+        if self.mode != "completions" or req.messages is None:
+            return req.prompt
+        return hosted_chat_text(req.message_dicts() or [], template=self.chat_template,
+                                hosted_vocab=self.hosted_vocab, expert_tokenizer=self.expert.tokenizer)
 
     def decoder(self, prompt: str | None = None, *, request: GenerationRequest | None = None,
                 **options: Any) -> DecoderBase:
@@ -267,14 +262,15 @@ class _TunerBase:
         req = self.request_for(prompt, request, **options)
         params = self.check_request(request=req)
         messages = req.message_dicts()
+        text = self.prompt_text(req)
         expert_session, anti_session = open_sessions(
-            self.expert, self.expert.prompt_ids(prompt=req.prompt, messages=messages),
-            self.anti_expert, self.anti_expert.prompt_ids(prompt=req.prompt, messages=messages),
+            self.expert, self.expert.prompt_ids(prompt=text, messages=messages),
+            self.anti_expert, self.anti_expert.prompt_ids(prompt=text, messages=messages),
             batching=self.batch_scoring,
         )
         hosted_prompt_ids = None
         if self.mode == "completions" and self.client.token_prompts and self.hosted_vocab is not None:
-            hosted_prompt_ids = self.hosted_vocab.encode_prompt(req.prompt or "")
+            hosted_prompt_ids = self.hosted_vocab.encode_prompt(text or "")
         samples = req.samples or DEFAULT_SAMPLES
         settings = {
             "strategy": req.strategy, "mode": self.mode, "model": self.client.model, "alpha": params.alpha,
@@ -291,11 +287,13 @@ class _TunerBase:
         extra = {"samples": samples, "max_per_call": self.client.max_choices} if req.strategy == "resample" else {}
         decoder = _DECODERS[req.strategy](
             **extra, mode=self.mode, expert=expert_session, anti_expert=anti_session, aligner=self.aligner,
-            params=params, same_vocab=self.same_vocab, prompt=req.prompt, messages=req.message_pairs(),
+            params=params, same_vocab=self.same_vocab, prompt=text, messages=req.message_pairs(),
             hosted_prompt_ids=hosted_prompt_ids, settings=settings,
         )
         if self.hosted_vocab is not None:
             decoder.end_ids = tuple(sorted(self.hosted_vocab.end_ids))
+        decoder.logit_bias_cap = self.client.logit_bias_cap  # tail probes (speculative) need logit_bias
+        decoder.max_choices = self.client.max_choices
         return decoder
 
 

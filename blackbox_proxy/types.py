@@ -141,7 +141,8 @@ class ChunkTrace:
     position examined; ``accepted`` how many drafts were kept; ``rejected_at`` the index of the
     first rejected draft (None if none); ``replacement`` the token drawn there from the residual
     (or the tuned argmax, greedy); ``log_z`` and ``tail`` the normaliser of each examined
-    position and how its unseen tail was weighted.
+    position and how its unseen tail was weighted (bounds, or what a tail probe found);
+    ``tail_calls`` the tail probes' API calls made while walking this chunk.
     """
 
     index: int
@@ -156,12 +157,14 @@ class ChunkTrace:
     api_seconds: float
     scoring_seconds: float
     notes: tuple[str, ...] = ()
+    tail_calls: int = 0
 
 
 @dataclass(frozen=True)
 class Usage:
     """Totals of one generation. ``draft_tokens``/``accepted_drafts``: speculative drafts
-    examined and accepted."""
+    examined and accepted; ``tail_calls``: speculative tail probes, API calls also counted in
+    ``api_calls`` (:mod:`blackbox_proxy.maths.tail`)."""
 
     api_calls: int = 0
     prompt_tokens: int = 0
@@ -171,6 +174,7 @@ class Usage:
     scoring_seconds: float = 0.0
     draft_tokens: int = 0
     accepted_drafts: int = 0
+    tail_calls: int = 0
 
     def __add__(self, other: "Usage") -> "Usage":
         return Usage(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))

@@ -359,3 +359,15 @@ def test_a_possible_end_inside_a_chunk_is_asked_alone(tok_a, concentrated_models
                              same_vocab=True, prompt="x", hosted_prompt_ids=prompt)
     dec.observe([HostedResult("", (maybe_end, first), "length", HostedUsage())], 0.0)
     assert dec.hosted_ids == [] and dec.request().max_tokens == 1
+
+
+def test_a_chunk_whose_first_draw_has_no_text_is_chosen_like_per_step(server_a, scorers_a, tok_a):
+    """Tiny models at temperature 1 sometimes draw <|im_start|>, which has no text: the API shows
+    no drawn token there. Found by the batch fault test once tail probes shifted the draws: the
+    generation used to fail ("a chunk without the drawn tokens' logprobs")."""
+    from test_batch import WORDS
+
+    t = make(server_a, scorers_a, top_k=8, hosted_tokenizer=tok_a)
+    result = t.generate(f"{WORDS[131 % len(WORDS)]} 131", strategy="speculative", temperature=1.0, seed=131, max_tokens=6)
+    notes = [n for c in result.chunks for n in c.notes] + [n for s in result.trace for n in s.notes]
+    assert any("has no text" in n for n in notes), notes

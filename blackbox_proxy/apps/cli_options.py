@@ -35,7 +35,7 @@ Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 # ----- the tuner ------------------------------------------------------------------------------
 TUNER_KEYS = ("base_url", "api_key", "model", "mode", "expert", "expert_adapter", "anti_expert", "top_k",
               "hosted_tokenizer", "dialect", "device", "expert_render", "anti_expert_render", "cache", "timeout",
-              "max_retries")
+              "max_retries", "chat_template")
 _RENDERS = click.Choice(["auto", "chat", "raw"])
 
 
@@ -68,6 +68,9 @@ def tuner_options(fn: Any, *, hosted_key_flag: str = "--api-key") -> Any:
                           "(raw in completions mode, chat template in the chat modes)"),
         click.option("--anti-expert-render", type=_RENDERS, default="auto", show_default=True,
                      help="the same for the anti-expert (with --expert-adapter one choice applies to both)"),
+        click.option("--chat-template", default=None, type=click.Path(dir_okay=False),
+                     help="a Jinja chat template file for chat messages sent to a completions host (default: the "
+                          "hosted tokenizer's, else the expert's)"),
         click.option("--device", default=None, help="torch device for the small models (default: cuda, mps, else cpu)"),
         click.option("--cache", "cache", default=None, type=click.Path(dir_okay=False),
                      help="SQLite response cache: identical API requests are answered from it, not paid twice"),
@@ -109,6 +112,9 @@ GENERATION_OPTIONS: dict[str, dict[str, Any]] = {
              "resample: whole answers reweighted (chat-only APIs); white-box: exact, base model local (--base)"),
     "chunk": dict(type=int, help="speculative: tokens per API call [default: adaptive, 4-32]"),
     "samples": dict(type=click.IntRange(min=1), help="resample: whole answers drawn per prompt [default: 16]"),
+    "tail_calls": dict(type=int, show_default=True,
+                       help="speculative: most API calls per rejection that probe beyond the top-k (logit_bias; "
+                            "0 = candidates only)"),
 }
 
 

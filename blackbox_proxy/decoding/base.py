@@ -51,6 +51,8 @@ class DecodeParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     chunk: int | None = None  # speculative: fixed chunk length, None = adaptive
+    tail_calls: int = 1  # speculative: most tail-probe calls per position (0: candidates-only rule)
+    tail_draws: int = 16  # speculative: draws per tail probe (over several calls when the host caps n)
 
 
 def _same_vocab_logprobs(dist: torch.Tensor, candidates: Sequence[Candidate], vocab: Vocabulary) -> list[float]:
@@ -123,6 +125,11 @@ class DecoderBase:
         self.end_ids: tuple[int, ...] = ()  # hosted end ids, when the hosted vocabulary is known
         self._end_hidden = False  # the API ended without logprobs: ask again with the end banned
         self.whole_answers = False  # chat mode keeps one token unless a strategy appends whole answers
+        # What the host allows (set by the tuner from the client): logit_bias entries honoured on
+        # the draw (0: none known; the speculative strategy then asks no tail probes), choices per call.
+        self.logit_bias_cap = 0
+        self.max_choices = 1
+        self.full_scores: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # see _score_positions
 
     @property
     def done(self) -> bool:
@@ -134,26 +141,30 @@ class DecoderBase:
         return self.hosted_prompt_ids is not None and self.hosted_ids is not None
 
     # ----- requests ------------------------------------------------------------------------------
-    def _sendable_text(self) -> tuple[str, bytes]:
+    def _sendable_text(self, continuation: bytes | None = None) -> tuple[str, bytes]:
         """The continuation as text, and the incomplete UTF-8 tail that text cannot carry.
         (Text-prompt generations only ever hold valid UTF-8; a switch from token-id prompts
         mid-way may leave invalid bytes, which are sent as U+FFFD.)"""
-        complete, tail = split_utf8(self.continuation)
+        complete, tail = split_utf8(self.continuation if continuation is None else continuation)
         return complete.decode("utf-8", errors="replace"), tail
 
-    def _request(self, *, max_tokens: int, temperature: float, seed: int | None = None) -> HostedRequest:
+    def _request(self, *, max_tokens: int, temperature: float, seed: int | None = None,
+                 after: tuple[bytes, list[int] | None] | None = None) -> HostedRequest:
+        """The request continuing the text so far, or ``after`` = (continuation bytes, hosted ids)
+        when given (a position inside a chunk being walked)."""
         common = dict(mode=self.mode, max_tokens=max_tokens, top_k=self.params.top_k, temperature=temperature,
                       top_p=1.0, seed=seed)
+        continuation, ids = after if after is not None else (self.continuation, self.hosted_ids)
         if self._end_hidden:
             # OpenAI reports no logprobs when it samples the end; banning it for the draw (logit_bias
             # does not change returned logprobs) brings the position back with the end among the top-k.
             common["logit_bias"] = tuple((i, -100.0) for i in self.end_ids)
         if self.mode == "completions":
-            if self.token_prompts:
-                return HostedRequest(prompt=tuple(self.hosted_prompt_ids + self.hosted_ids), **common)
-            text, _ = self._sendable_text()
+            if self.hosted_prompt_ids is not None and ids is not None:
+                return HostedRequest(prompt=tuple(self.hosted_prompt_ids + ids), **common)
+            text, _ = self._sendable_text(continuation)
             return HostedRequest(prompt=(self.prompt or "") + text, **common)
-        text, _ = self._sendable_text()
+        text, _ = self._sendable_text(continuation)
         return HostedRequest(messages=self.messages, assistant_prefix=text, **common)
 
     def _count_call(self, result: HostedResult, api_seconds: float) -> None:
@@ -193,7 +204,10 @@ class DecoderBase:
         """log P_E and log P_A of every candidate of several positions, in one batched forward
         per model. Each item: (continuation bytes before the position, hosted ids before it or
         None, candidates). Returns per position (expert logprobs, anti-expert logprobs), and
-        the alignment used."""
+        the alignment used. With one tokenizer the small models' whole next-token log
+        distributions of each position are kept in ``self.full_scores`` (expert, anti-expert)
+        ``[V]`` each (the speculative tail probe reads the tail's weights there), else None."""
+        self.full_scores = None
         ids_known = all(h is not None and all(c.token_id is not None or c.is_end for c in cands)
                         for _, h, cands in items)
         if self.same_vocab and ids_known:
@@ -201,6 +215,7 @@ class DecoderBase:
             dists_e = self.expert.distributions_groups(groups)
             dists_a = self.anti_expert.distributions_groups(groups)
             vocab = self.aligner.small
+            self.full_scores = [(de[()], da[()]) for de, da in zip(dists_e, dists_a)]
             out = [(_same_vocab_logprobs(de[()], cands, vocab), _same_vocab_logprobs(da[()], cands, vocab))
                    for de, da, (_, _, cands) in zip(dists_e, dists_a, items)]
             return self._exclude_silent(out, items), "token ids (same tokenizer)"

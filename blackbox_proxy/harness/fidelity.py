@@ -9,11 +9,17 @@ every position t and for every k, against the exact proxy-tuned distribution p~_
   KL(q || p~) (finite: q's support lies inside p~'s), and whether its argmax is p~'s;
 - ``floor``: the mass of p~ outside the k candidates, the least TV any method that only puts
   mass on the top-k can reach;
-- ``speculative``: the TV of the distribution the speculative strategy actually draws from at
-  that position, computed exactly (:func:`~blackbox_proxy.maths.rejection.speculative_distribution`):
-  drafts from the full p_L, accepted with min(1, w/Z^), otherwise replaced from the residual,
-  with the strategy's own Z^ over the top-k plus the draft (tail weight estimated as in
-  ``maths.rejection.tail_log_weight``);
+- ``speculative``: the TV of the distribution the speculative strategy draws from at that
+  position. Same tokenizer, with tail probes (:func:`~blackbox_proxy.maths.tail.probed_distribution`:
+  exact given a probe's draws, averaged over ``PROBE_SAMPLES`` simulated probes of
+  ``tail_draws`` draws from the exact tilted p_L, seeded; the Monte Carlo noise only adds to the
+  TV), with ``tail_calls_per_token``, the probability that a position asks a probe (one call;
+  each walked position yields one token). ``speculative_old``: the candidates-only rule, what
+  hosts without ``logit_bias`` get, computed exactly
+  (:func:`~blackbox_proxy.maths.rejection.speculative_distribution`: drafts from the full p_L,
+  accepted with min(1, w/Z^), Z^ over the top-k plus the draft with the small models' tail
+  weight, residual over those). Cross-tokenizer the strategy keeps the candidates-only rule, so
+  both columns are that rule there;
 - ``alignment``: the byte aligner's P_M(b | s) against the model's own token probability
   for the top candidates whose bytes tokenise back to themselves, at positions whose context is
   the canonical tokenisation of its text (same tokenizer only; elsewhere the two are different
@@ -44,8 +50,10 @@ import torch
 from ..maths import combiner
 from ..maths.metrics import kl_divergence, mass_outside, total_variation
 from ..maths.rejection import speculative_distribution
+from ..maths.tail import DEFAULT_DRAWS, probed_distribution
 
 KS = (1, 2, 5, 10, 20, "all")
+PROBE_SAMPLES = 64  # simulated probes per position and k (the probed TV's Monte Carlo)
 
 
 @dataclass
@@ -82,9 +90,10 @@ class Totals:
 
 def _position(totals: Totals, ks: Sequence[Any], k_all: int, target: torch.Tensor, p_l: torch.Tensor,
               lp_e: torch.Tensor, lp_a: torch.Tensor, order: torch.Tensor, hosted_lp: torch.Tensor,
-              delta: torch.Tensor, alpha: float) -> None:
+              delta: torch.Tensor, alpha: float, probes: dict[str, Any] | None = None) -> None:
     """Metrics of one position. ``order``: universe indices of the API's candidates, best first;
-    ``hosted_lp``/``delta``: the pipeline's numbers for them (same order)."""
+    ``hosted_lp``/``delta``: the pipeline's numbers for them (same order). ``probes``: the tail
+    probes' settings (``generator``, ``cap``, ``draws``), or None where the strategy asks none."""
     totals.positions += 1
     best = int(torch.argmax(target))
     for k in ks:
@@ -92,28 +101,37 @@ def _position(totals: Totals, ks: Sequence[Any], k_all: int, target: torch.Tenso
         cand = order[:kk]
         q = torch.zeros_like(target)
         q[cand] = combiner.tuned_distribution(hosted_lp[:kk] + alpha * delta[:kk], 1.0, 1.0)
-        spec = speculative_distribution(p_l, lp_e, lp_a, alpha, cand)
+        old = speculative_distribution(p_l, lp_e, lp_a, alpha, cand)
+        spec, asked = old, 0.0
+        if probes is not None:
+            spec, asked = probed_distribution(p_l, lp_e, lp_a, alpha, cand, samples=PROBE_SAMPLES, **probes)
         totals.add(str(k), per_step_tv=total_variation(q, target), per_step_kl=kl_divergence(q, target),
                    top1_agreement=float(int(torch.argmax(q)) == best),
                    floor_tv=mass_outside(target, cand),
-                   speculative_tv=total_variation(spec, target))
+                   speculative_tv=total_variation(spec, target), speculative_old_tv=total_variation(old, target),
+                   tail_calls_per_token=asked)
 
 
 def run_same_tokenizer(white: Any, tuner: Any, prompts: Sequence[str], *, alpha: float, max_tokens: int,
                        ks: Sequence[Any] = KS, references: Sequence[Sequence[int]] | None = None,
-                       alignment_candidates: int = 20, progress: bool | None = None) -> dict[str, Any]:
+                       alignment_candidates: int = 20, progress: bool | None = None,
+                       tail_draws: int = DEFAULT_DRAWS, seed: int = 0) -> dict[str, Any]:
     """Fidelity when the hosted model shares the small models' tokenizer (exact p~ exists).
 
     ``white``: a :class:`~blackbox_proxy.whitebox.WhiteBoxTuner` over the base and the pair;
     ``tuner``: a :class:`~blackbox_proxy.tuner.ProxyTuner` whose API serves that base and
     allows ``top_k`` = the whole vocabulary. ``references``: token ids per prompt (default: the
-    white-box greedy continuation).
+    white-box greedy continuation). The speculative column uses tail probes of ``tail_draws``
+    draws under the host's ``logit_bias`` cap (none when the client knows of none), simulated
+    from ``seed``.
     """
     from tqdm.auto import tqdm
 
     vocab = white.vocab
     k_all = vocab.size
     tuner.client.check()  # detect the dialect: token-id prompts and ids in the answers
+    cap = tuner.client.logit_bias_cap
+    probes = dict(generator=torch.Generator().manual_seed(seed), cap=cap, draws=tail_draws) if cap else None
     if references is None:
         references = white.generate_ids(prompts, max_tokens=max_tokens, alpha=alpha)
     totals = Totals()
@@ -135,7 +153,7 @@ def run_same_tokenizer(white: Any, tuner: Any, prompts: Sequence[str], *, alpha:
                 target = torch.softmax(scores, 0)
                 _position(totals, ks, len(cands), target, lp_l[t].double().exp(), lp_e[t], lp_a[t], order,
                           torch.tensor([c.logprob for c in cands], dtype=torch.float64),
-                          torch.tensor(e, dtype=torch.float64) - torch.tensor(a, dtype=torch.float64), alpha)
+                          torch.tensor(e, dtype=torch.float64) - torch.tensor(a, dtype=torch.float64), alpha, probes)
                 if vocab.encode_bytes(decoder.continuation) == list(ref[:t]):  # the context is canonical too
                     totals.alignment_errors.extend(
                         _alignment_errors(decoder, cands[:alignment_candidates], lp_e[t], vocab))
@@ -148,7 +166,7 @@ def run_same_tokenizer(white: Any, tuner: Any, prompts: Sequence[str], *, alpha:
             decoder.expert.close()
             decoder.anti_expert.close()
     out = totals.summary()
-    out["k_all"] = k_all
+    out.update(k_all=k_all, tail_probes=dict(draws=tail_draws, logit_bias_cap=cap, samples=PROBE_SAMPLES) if cap else None)
     return out
 
 
@@ -215,8 +233,9 @@ def run_cross_tokenizer(tuner: Any, prompts: Sequence[str], *, alpha: float, max
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Fidelity: {report.get('preset', 'custom')}", "",
              f"{report.get('description', '')}", "",
-             "| k | per-step TV | per-step KL | top-1 agreement | floor TV | per-step TV / floor | speculative TV |",
-             "|---|---|---|---|---|---|---|"]
+             "| k | per-step TV | per-step KL | top-1 agreement | floor TV | per-step TV / floor | speculative TV "
+             "| tail calls per token | speculative TV, candidates only |",
+             "|---|---|---|---|---|---|---|---|---|"]
     def num(x: float) -> str:
         return f"{x:.4f}" if x >= 1e-3 or x == 0 else f"{x:.1e}"
 
@@ -224,9 +243,16 @@ def markdown(report: dict[str, Any]) -> str:
         ratio = row.get("per_step_tv_over_floor")
         lines.append(f"| {k} | {num(row['per_step_tv'])} | {num(row['per_step_kl'])} | {row['top1_agreement']:.2%} | "
                      f"{num(row['floor_tv'])} | {'-' if ratio is None else f'{ratio:.3f}'} | "
-                     f"{num(row['speculative_tv'])} |")
+                     f"{num(row['speculative_tv'])} | {row.get('tail_calls_per_token', 0.0):.3f} | "
+                     f"{num(row.get('speculative_old_tv', row['speculative_tv']))} |")
     lines.append("")
     lines.append(f"{report['positions']} positions over {report.get('prompts', '?')} prompts.")
+    probes = report.get("tail_probes")
+    if probes:
+        lines.append(f"Speculative with tail probes: {probes['draws']} draws per probe (one call), logit_bias "
+                     f"cap {probes['logit_bias_cap']}; TV averaged over {probes['samples']} simulated probes per "
+                     "position (Monte Carlo noise only adds to it). Tail calls per token: the probability that a "
+                     "position asks a probe. Candidates only: what hosts without logit_bias get.")
     if "alignment" in report:
         al = report["alignment"]
         lines.append(f"Alignment alone ({al['candidates']} candidates that tokenise back to themselves, canonical "
@@ -254,7 +280,9 @@ def plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
         if metric == "tv":
             ax.plot(xs, [r["per_step_tv"] for r in rows], "o-", label="per-step")
-            ax.plot(xs, [r["speculative_tv"] for r in rows], "s-", label="speculative")
+            ax.plot(xs, [r["speculative_tv"] for r in rows], "s-", label="speculative (tail probes)")
+            ax.plot(xs, [r.get("speculative_old_tv", r["speculative_tv"]) for r in rows], "^:",
+                    label="speculative (candidates only)")
             ax.plot(xs, [r["floor_tv"] for r in rows], "k--", label="floor (mass outside top-k)")
             ax.set_yscale("symlog", linthresh=1e-3)
             name = "fidelity_tv.png"

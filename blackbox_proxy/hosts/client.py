@@ -144,6 +144,13 @@ class _HostedBase:
         return C.DEFAULT_TOP_K if cap is None else min(cap, C.DEFAULT_TOP_K)
 
     @property
+    def logit_bias_cap(self) -> int:
+        """The most ``logit_bias`` entries this host honours on the draw while returning the
+        model's own logprobs; 0 when not known to (the speculative strategy then asks no tail
+        probes and keeps its candidates-only rule)."""
+        return self._host.logit_bias_cap
+
+    @property
     def max_choices(self) -> int:
         """The most choices (``n``) one call can return."""
         return self._host.max_choices or C.MAX_CHOICES_PER_CALL
@@ -196,6 +203,9 @@ class _HostedBase:
         if request.seed is not None:
             common["seed"] = request.seed
         if request.logit_bias:
+            if host.logit_bias_cap and len(request.logit_bias) > host.logit_bias_cap:
+                raise ConfigurationError(f"{host.name} takes at most {host.logit_bias_cap} logit_bias entries; "
+                                         f"{len(request.logit_bias)} were asked")
             common["logit_bias"] = {str(token): bias for token, bias in request.logit_bias}
         for name, value in host.body_defaults(self.vocab).items():
             extra.setdefault(name, value)  # the user's own extra body wins

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
                         Generator[HostedRequest, list[HostedResult], list[HostedResult]]]
 
 
+OPENAI_MAX_LOGIT_BIAS = 300  # entries OpenAI accepts in one request's logit_bias
+
+
 def _no_body(vocab: "Vocabulary | None") -> dict[str, Any]:
     return {}
 
@@ -50,7 +53,9 @@ class Dialect:
     sets them (``vocab``: the hosted tokenizer, or None); ``token_prompts``: the completions
     prompt may be hosted token ids; ``max_choices``: the most choices (``n``) one call returns,
     None when the host honours ``n``; ``top_k_caps``: the most top logprobs per mode (a mode
-    left out: unknown, the server says); ``continue_prefix(text) -> (assistant message, body
+    left out: unknown, the server says); ``logit_bias_cap``: the most ``logit_bias`` entries the
+    host honours on the draw while returning the model's own logprobs (0: not known to, so the
+    speculative strategy asks no tail probes there); ``continue_prefix(text) -> (assistant message, body
     fields)``: how chat-prefix continues a partial answer, or ``prefix_refusal``, a message
     (``{base_url}`` filled in) for a host that cannot.
 
@@ -71,6 +76,7 @@ class Dialect:
     token_prompts: bool = False
     max_choices: int | None = None
     top_k_caps: Mapping[str, int] = field(default_factory=dict)
+    logit_bias_cap: int = 0
     continue_prefix: Callable[[str], tuple[dict[str, Any], dict[str, Any]]] | None = None
     prefix_refusal: str | None = None
     printed_keys: bool = False

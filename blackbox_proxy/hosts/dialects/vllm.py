@@ -3,15 +3,17 @@
 Special tokens kept in the output (else an end token prints as ``""``), hosted token ids in the
 answers when the hosted tokenizer is known (``token_id:N``: exact ids, no lossy bytes for
 partial characters), token-id prompts, and ``continue_final_message`` for chat-prefix.
-Detected from ``owned_by`` in ``/v1/models``. What it leaves out: ``--max-logprobs`` on the
-server caps k (20 by default); the server says so when asked for more.
+Detected from ``owned_by`` in ``/v1/models``. ``logit_bias`` biases the draw only (vLLM returns
+the raw model's logprobs; this project's server does the same); no cap of its own, OpenAI's 300 is
+used so that measurements here carry over. What it leaves out: ``--max-logprobs`` on the server
+caps k (20 by default); the server says so when asked for more.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from . import Dialect, register
+from . import OPENAI_MAX_LOGIT_BIAS, Dialect, register
 
 
 def _body(vocab: Any) -> dict[str, Any]:
@@ -34,5 +36,6 @@ register(Dialect(
     detect_order=30,
     body_defaults=_body,
     token_prompts=True,
+    logit_bias_cap=OPENAI_MAX_LOGIT_BIAS,
     continue_prefix=_continue,
 ))
