@@ -60,3 +60,29 @@ def test_an_adapter_pair_shares_one_rendering(server_a, tmp_path, saved_a, model
 
     with pytest.raises(ConfigurationError, match="share one prompt rendering"):
         ProxyTuner(**common, expert_render="chat", anti_expert_render="raw")
+
+
+def test_hosted_chat_text_sources(tok_a, tmp_path):
+    """Messages for a completions host: the given template, else the hosted tokenizer's, else the
+    expert's; none at all is a one-line error naming the option."""
+    import copy
+
+    from blackbox_proxy import ConfigurationError
+    from blackbox_proxy.rendering import hosted_chat_text, read_template
+    from blackbox_proxy.tokens.loaders import vocabulary_from_hf
+
+    messages = [{"role": "user", "content": "Hi"}]
+    hosted = vocabulary_from_hf(tok_a)
+    plain = copy.deepcopy(tok_a)
+    plain.chat_template = None
+    own = tok_a.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert hosted_chat_text(messages, template=None, hosted_vocab=hosted, expert_tokenizer=plain) == own
+    assert hosted_chat_text(messages, template=None, hosted_vocab=None, expert_tokenizer=tok_a) == own
+    file = tmp_path / "t.jinja"
+    file.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant] ")
+    given = read_template(str(file))
+    assert hosted_chat_text(messages, template=given, hosted_vocab=hosted, expert_tokenizer=tok_a) == "[user] Hi\n[assistant] "
+    with pytest.raises(ConfigurationError, match="--chat-template"):
+        hosted_chat_text(messages, template=None, hosted_vocab=vocabulary_from_hf(plain), expert_tokenizer=plain)
+    with pytest.raises(ConfigurationError, match="cannot read the chat template file"):
+        read_template(str(tmp_path / "missing.jinja"))

@@ -132,8 +132,6 @@ def test_errors(served, sdk):
         bad.completions.create(model="tiny-tuned", prompt="Hi", max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="does not return logprobs"):
         sdk.completions.create(model="tiny-tuned", prompt="Hi", max_tokens=2, logprobs=3)
-    with pytest.raises(openai.BadRequestError, match="serves /v1/completions only"):
-        sdk.chat.completions.create(model="tiny-tuned", messages=[{"role": "user", "content": "Hi"}])
     with pytest.raises(openai.BadRequestError, match="alpha must be a number"):
         sdk.completions.create(model="tiny-tuned", prompt="Hi", max_tokens=2, extra_body={"alpha": "strong"})
     with pytest.raises(openai.BadRequestError, match="speculative strategy samples"):
@@ -203,3 +201,22 @@ def test_several_prompts_and_token_id_prompts(sdk, kw_completions, tok_a):
         sdk.completions.create(model="tiny-tuned", prompt=prompts, max_tokens=2, stream=True)
     with pytest.raises(openai.BadRequestError, match="up to 16"):
         sdk.completions.create(model="tiny-tuned", prompt=["x"] * 17, max_tokens=2)
+
+
+def test_chat_on_a_completions_host(sdk, kw_completions, tok_a):
+    """A base model behind a completions API serves chat clients: the messages are rendered with
+    the hosted tokenizer's chat template for the hosted model (the small models use their own), so
+    a chat request equals a completion of that rendering; streaming with the SDK gives the same."""
+    library = ProxyTuner(**kw_completions)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about a café"}]
+    rendered = tok_a.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert library.prompt_text(library.request_for(messages=messages)) == rendered
+    chat = library.generate(messages=messages, max_tokens=8)
+    assert chat.settings["token_prompts"] is True and chat.text
+    resp = sdk.chat.completions.create(model="tiny-tuned", messages=messages, max_tokens=8, temperature=0)
+    assert resp.choices[0].message.content == chat.text
+    text, finish = streamed(sdk.chat.completions.create(model="tiny-tuned", messages=messages, max_tokens=8,
+                                                         temperature=0, stream=True))
+    assert (text, finish) == (chat.text, chat.finish_reason)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Tell me"}, {"type": "text", "text": "about a café"}]}]
+    assert sdk.chat.completions.create(model="tiny-tuned", messages=parts, max_tokens=4, temperature=0).choices[0].message.content

@@ -19,9 +19,10 @@ scoring shares forwards through the scoring queue (:mod:`blackbox_proxy.local.ba
 
 Errors are OpenAI's error JSON: 400 for a request the tuned model cannot serve (with the reason),
 401 without the server's own ``api_key`` when one is set, 404 for another model name, and 502
-when the hosted API fails (its reason, never its key). Chat routes need a tuner in ``chat-prefix``
-mode, or ``chat`` (one-token answers, or whole answers with ``strategy: resample``); a
-``completions``-mode tuner serves ``/v1/completions``.
+when the hosted API fails (its reason, never its key). Chat works in every mode: on a
+``completions`` host the messages are rendered with a chat template (the tuner's ``chat_template``,
+else the hosted tokenizer's, else the expert's; the small models use their own), as Liu et al. did
+for base models; ``chat`` mode gives one-token answers, or whole answers with ``strategy: resample``.
 
 Also ``GET /v1/models/{id}`` (404 for another id). Chat ``content`` may be a list of text parts
 (joined with newlines); other part types are a 400 naming the type. At most 4 stop sequences.
@@ -382,9 +383,6 @@ def create_tuned_app(
     @app.post("/v1/chat/completions")
     async def chat(http: Request) -> Any:
         body = await _body(http, TunedChatBody)
-        if tuner.mode == "completions":
-            raise APIError(400, "this tuned model serves /v1/completions only (its hosted API is used in "
-                                "completions mode); start `serve` with --mode chat-prefix for chat")
         request = await _request(body, None, body.messages)
         rid, stamp = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:

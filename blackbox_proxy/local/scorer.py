@@ -149,8 +149,13 @@ class Scorer:
 
     # ----- prompts -----------------------------------------------------------------------------
     def prompt_ids(self, *, prompt: str | None = None, messages: Sequence[dict[str, str]] | None = None) -> list[int]:
-        """Token ids of the rendered prompt (the continuation is appended after these)."""
-        if self.render == "chat":
+        """Token ids of the rendered prompt (the continuation is appended after these).
+
+        Chat messages are rendered with this model's chat template whatever ``render`` says (they
+        have no raw form); without a template, ``prompt`` (the hosted model's rendering) is used.
+        A text prompt is rendered as ``render`` says."""
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        if self.render == "chat" or (messages is not None and has_template):
             if messages is None:
                 messages = [{"role": "user", "content": prompt or ""}]
             text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)

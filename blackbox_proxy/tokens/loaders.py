@@ -142,7 +142,7 @@ def vocabulary_from_hf(tokenizer: Any, *, end_ids: Iterable[int] = (), name: str
     prefix: list[int] = []
     if plain and with_special[len(with_special) - len(plain) :] == plain:
         prefix = with_special[: len(with_special) - len(plain)]
-    return Vocabulary(
+    vocab = Vocabulary(
         token_bytes,
         encode=encode,
         end_ids=hf_end_ids(tokenizer, special_text, end_ids),
@@ -150,6 +150,25 @@ def vocabulary_from_hf(tokenizer: Any, *, end_ids: Iterable[int] = (), name: str
         name=name or str(getattr(tokenizer, "name_or_path", "") or "tokenizer"),
         prompt_prefix_ids=prefix,
     )
+    if getattr(tokenizer, "chat_template", None):
+        vocab.render_chat = functools.partial(render_chat, tokenizer)
+    return vocab
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], template: str | None = None) -> str:
+    """``messages`` as the text of a prompt for the model's reply, with ``tokenizer``'s chat
+    template (or ``template``, a Jinja string). A leading BOS the template writes is left out when
+    the tokenizer adds one to every encoded prompt anyway (the server would double it)."""
+    try:
+        text = tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception as exc:  # noqa: BLE001 - jinja and template errors
+        raise ConfigurationError(f"cannot apply the chat template: {str(exc).splitlines()[0][:160]}") from None
+    bos = getattr(tokenizer, "bos_token", None)
+    adds_bos = bos is not None and getattr(tokenizer, "bos_token_id", None) in tokenizer.encode("a", add_special_tokens=True)
+    if bos and adds_bos and text.startswith(bos):
+        text = text[len(bos):]
+    return text
 
 
 _TIKTOKEN_FILES = {

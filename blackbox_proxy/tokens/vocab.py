@@ -105,6 +105,8 @@ class Vocabulary:
         self._byte_tokens = {b[0]: ids[0] for b, ids in self._by_bytes.items() if len(b) == 1}
         self._roundtrip_warned = False
         self._extensions: dict[bytes, tuple[bytes, ...]] = {}
+        # messages -> prompt text with this tokenizer's chat template, when it has one (HF loaders)
+        self.render_chat: Callable[[list[dict[str, str]]], str] | None = None
         self._canonical: dict[bytes, int] = {}
 
     # ----- lookups -------------------------------------------------------------------------
