@@ -177,3 +177,18 @@ def test_adapter_base_of_another_architecture_or_unknown(bases, tok_a, tmp_path,
     with caplog.at_level(logging.WARNING):
         Scorer.pair_from_adapter(str(ours), str(tmp_path / "unknown-adapter"), render="raw")
     assert "was trained on 'some-org/not-here-135M', which is not available here" in caplog.text
+
+
+def test_a_hosted_answer_that_cannot_be_cached_is_still_used():
+    """A host's text with a lone surrogate cannot be written as JSON: the paid answer is used and
+    only left out of the cache (it used to raise after the call was paid)."""
+    from openai.types import Completion, CompletionChoice
+
+    from blackbox_proxy.hosts.client import HostedClient
+
+    bad = Completion.construct(id="x", object="text_completion", created=1, model="m", choices=[
+        CompletionChoice.construct(text="a\ud800", index=0, finish_reason="stop", logprobs=None)])
+    good = Completion.construct(id="x", object="text_completion", created=1, model="m", choices=[
+        CompletionChoice.construct(text="a", index=0, finish_reason="stop", logprobs=None)])
+    assert HostedClient.cache_body(bad) is None
+    assert '"text":"a"' in HostedClient.cache_body(good)

@@ -282,6 +282,16 @@ class _HostedBase:
 
     from_cache = staticmethod(answer_from_json)  # the SDK object stored by ResponseCache.put
 
+    @staticmethod
+    def cache_body(response: Any) -> str | None:
+        """The answer as the cache stores it, or None when it cannot be written (a lone surrogate
+        in the host's text): the paid answer is still used, only not cached."""
+        try:
+            return response.model_dump_json()
+        except (UnicodeError, ValueError) as exc:
+            logger.warning("a hosted answer could not be cached (%s); it is used, not stored", type(exc).__name__)
+            return None
+
     def _site(self) -> Site:
         return Site(self.base_url, self.model, self.mode, self.timeout, self.max_retries, self._api_key)
 
@@ -345,8 +355,9 @@ class HostedClient(_HostedBase):
         create = self._create(endpoint)
         results, response = self._with_retries(lambda: create(**kwargs),
                                                lambda r: (self.parse_all(endpoint, r, request), r))
-        if key:
-            self.cache.put(key, response.model_dump_json())
+        stored = self.cache_body(response) if key else None
+        if stored is not None:
+            self.cache.put(key, stored)
         return results
 
     def close(self) -> None:
@@ -403,8 +414,9 @@ class AsyncHostedClient(_HostedBase):
         create = self._create(endpoint)
         results, response = await self._with_retries(lambda: create(**kwargs),
                                                      lambda r: (self.parse_all(endpoint, r, request), r))
-        if key:
-            await asyncio.to_thread(self.cache.put, key, response.model_dump_json())
+        stored = self.cache_body(response) if key else None
+        if stored is not None:
+            await asyncio.to_thread(self.cache.put, key, stored)
         return results
 
     async def close(self) -> None:
