@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from .engine import cache_from_layers as _cache_from
+from .engine import cache_layers as _layers
 from .engine import new_cache
 
 Path_ = tuple[int, ...]
@@ -42,39 +44,6 @@ class _Request:
         self.done = False
         self.result: list[dict[Path_, torch.Tensor]] | None = None
         self.error: BaseException | None = None
-
-
-def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """Per-layer (keys, values) ``[rows, heads, length, dim]`` of a plain dynamic cache, [] for
-    an empty one, None for anything else (sliding or quantised layers...)."""
-    if cache is None:
-        return []
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        out = []
-        for layer in layers:
-            if type(layer).__name__ != "DynamicLayer":
-                return None
-            keys = getattr(layer, "keys", None)
-            if keys is None:
-                if out:
-                    return None
-                continue  # not initialised yet
-            out.append((keys, layer.values))
-        return out
-    key_cache = getattr(cache, "key_cache", None)  # older transformers
-    if key_cache is not None:
-        return list(zip(key_cache, cache.value_cache))
-    return None
-
-
-def _cache_from(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    for index, (keys, values) in enumerate(layers):
-        cache.update(keys, values, index)
-    return cache
 
 
 class ScoringQueue:
@@ -174,9 +143,10 @@ class ScoringQueue:
             dtype = next(context.model.parameters()).dtype
             kwargs = {"attention_mask": plan.mask_rows(dtype, context.device)[None, None],
                       "position_ids": torch.tensor([plan.positions], device=context.device)}
+        first = plan.first_needed
         try:
-            logits = context._forward(plan.inputs, **kwargs)
-            request.result = context.complete(plan, torch.log_softmax(logits, dim=-1))
+            logits = context._forward(plan.inputs, first, **kwargs)
+            request.result = context.complete(plan, torch.log_softmax(logits, dim=-1), first)
         except BaseException as exc:  # noqa: BLE001
             context.reset()
             request.error = exc
@@ -228,11 +198,15 @@ class ScoringQueue:
             layers.append((torch.cat(ks, 0), torch.cat(vs, 0)))
         cache = _cache_from(layers) if big_k else None
         kwargs = _merged_kwargs(contexts)
+        skip = min(plan.first_needed for _, plan in members)  # no row reads an output before it
+        if skip and first.keeps_logits:
+            kwargs["logits_to_keep"] = big_q - skip
         try:
             with torch.inference_mode(), first._forward_context():
                 out = model(input_ids=input_ids, cache=cache if cache is not None else new_cache(), use_cache=True,
                             attention_mask=mask, position_ids=positions, **kwargs)
-            logprobs = torch.log_softmax(out.logits.float(), dim=-1)
+            logits = out.logits if out.logits.shape[1] == big_q - skip else out.logits[:, skip:]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
             grown = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
             after = _layers(grown)
             if after is None:
@@ -254,7 +228,7 @@ class ScoringQueue:
             context = request.context
             context.cache = _cache_from(own)
             try:
-                request.result = context.complete(plan, logprobs[block, : len(plan.inputs)])
+                request.result = context.complete(plan, logprobs[block, : len(plan.inputs) - skip], skip)
             except BaseException as exc:  # noqa: BLE001
                 context.reset()
                 request.error = exc

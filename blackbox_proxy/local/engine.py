@@ -6,8 +6,11 @@ forward pass. The batched scoring is tree attention (as in SpecInfer/Medusa): th
 paths share the cached context and often their first tokens, so they are laid out as the nodes
 of a trie in one sequence of length N, each node attending to the cache and to its own
 ancestors only, with position ids set to its depth. One forward, batch size 1, no copy of the
-cache; afterwards the N new cache entries are cropped. :class:`ForwardPlan` is what one such
-forward feeds the model (shared with the scoring queue, which merges several plans).
+cache; afterwards the N new cache entries are cropped. Only the outputs that are read (the
+last new token, the anchors, the trie nodes) are projected onto the vocabulary (transformers'
+``logits_to_keep``): a prompt's other positions skip the largest matrix of a small model.
+:class:`ForwardPlan` is what one such forward feeds the model (shared with the scoring queue,
+which merges several plans).
 
 Left out: tokenizers, prompt rendering and model loading (``scorer.py``), per-generation
 sessions (``sessions.py``) and sharing forwards between generations (``batching.py``).
@@ -16,6 +19,7 @@ sessions (``sessions.py``) and sharing forwards between generations (``batching.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 import weakref
 from collections.abc import Sequence
@@ -62,6 +66,47 @@ def cache_length(cache: Any) -> int:
     return int(cache.get_seq_length()) if cache is not None else 0
 
 
+def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per-layer (keys, values) ``[rows, heads, length, dim]`` of a plain dynamic cache, [] for
+    an empty one, None for anything else (sliding or quantised layers...)."""
+    if cache is None:
+        return []
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        out = []
+        for layer in layers:
+            if type(layer).__name__ != "DynamicLayer":
+                return None
+            keys = getattr(layer, "keys", None)
+            if keys is None:
+                if out:
+                    return None
+                continue  # not initialised yet
+            out.append((keys, layer.values))
+        return out
+    key_cache = getattr(cache, "key_cache", None)  # older transformers
+    if key_cache is not None:
+        return list(zip(key_cache, cache.value_cache))
+    return None
+
+
+def cache_from_layers(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    cache = new_cache()
+    for index, (keys, values) in enumerate(layers):
+        cache.update(keys, values, index)
+    return cache
+
+
+def takes_logits_to_keep(model: Any) -> bool:
+    """Whether the model's forward can skip the vocabulary projection of positions nobody reads
+    (transformers' ``logits_to_keep``); peft models are asked about their base model."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class ForwardPlan:
     """What one :meth:`CachedContext.score_groups` call feeds the model: the context ``ids``,
     the ``keep`` cached tokens it reuses, the ``new`` tokens after them, then one input per trie
@@ -76,6 +121,15 @@ class ForwardPlan:
     @property
     def inputs(self) -> list[int]:
         return self.new + [path[-1] for _, path in self.order]
+
+    @property
+    def first_needed(self) -> int:
+        """Index of the first input whose output is read: the last new token, an earlier anchor's
+        token, or the first trie node. The outputs before it (most of a prompt) are not needed."""
+        if not self.new:
+            return 0
+        earlier = [anchor - 1 - self.keep for anchor, _ in self.groups if anchor < len(self.ids)]
+        return min([len(self.new) - 1] + earlier)
 
     @property
     def positions(self) -> list[int]:
@@ -125,16 +179,23 @@ class CachedContext:
         self.cache: Any = None
         self.last_logprobs: torch.Tensor | None = None  # [rows, V]
         self.tree_ok: bool | None = None  # set by the caller's self-check
+        self.keeps_logits = takes_logits_to_keep(model)
 
-    def _forward(self, input_ids: Sequence[int], **kwargs: Any) -> torch.Tensor:
-        """logits ``[rows, len(input_ids), V]`` (float32)."""
+    def _forward(self, input_ids: Sequence[int], logits_from: int = 0, **kwargs: Any) -> torch.Tensor:
+        """logits ``[rows, len(input_ids) - logits_from, V]`` (float32) of the inputs from index
+        ``logits_from`` on (the others are not projected onto the vocabulary when the model allows)."""
         ids = torch.tensor([list(input_ids)] * self.rows, dtype=torch.long, device=self.device)
         if "position_ids" in kwargs:
             kwargs["position_ids"] = kwargs["position_ids"].expand(self.rows, -1)
+        if logits_from and self.keeps_logits:
+            kwargs["logits_to_keep"] = len(input_ids) - logits_from
         with torch.inference_mode(), self._forward_context():
             out = self.model(input_ids=ids, cache=self.cache, use_cache=True, **kwargs, **self.forward_kwargs)
         self.cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        return out.logits.float()
+        logits = out.logits
+        if logits.shape[1] == len(input_ids) and logits_from:
+            logits = logits[:, logits_from:]  # the model ignored logits_to_keep
+        return logits.float()
 
     def reset(self) -> None:
         self.ids, self.cache, self.last_logprobs = [], None, None
@@ -179,12 +240,13 @@ class CachedContext:
             mask = plan.mask_rows(dtype, self.device)
             kwargs = {"attention_mask": mask[None, None],
                       "position_ids": torch.tensor([plan.positions], device=self.device)}
+        first = plan.first_needed
         try:
-            logits = self._forward(plan.inputs, **kwargs)
+            logits = self._forward(plan.inputs, first, **kwargs)
         except BaseException:
             self.reset()  # the cache may hold part of this call: start clean next time
             raise
-        return self.complete(plan, torch.log_softmax(logits, dim=-1))
+        return self.complete(plan, torch.log_softmax(logits, dim=-1), first)
 
     def prepare(self, ids: Sequence[int], groups: Sequence[tuple[int, Sequence[Path_]]]) -> "ForwardPlan":
         """Plan :meth:`score_groups`: crop the cache to the reusable prefix and lay out the new
@@ -223,22 +285,23 @@ class CachedContext:
             self.cache.crop(keep - cache_length(self.cache))
         return ForwardPlan(ids, groups, nodes, keep, ids[keep:])
 
-    def complete(self, plan: "ForwardPlan", logprobs: torch.Tensor) -> list[dict[Path_, torch.Tensor]]:
-        """Finish :meth:`score_groups` from the forward's log-probs ``[rows, n_new + n_nodes, V]``:
-        drop the trie's cache entries, remember the context, and pick each group's outputs."""
+    def complete(self, plan: "ForwardPlan", logprobs: torch.Tensor, first: int = 0) -> list[dict[Path_, torch.Tensor]]:
+        """Finish :meth:`score_groups` from the forward's log-probs ``[rows, n_inputs - first, V]``
+        (inputs from index ``first`` on): drop the trie's cache entries, remember the context,
+        and pick each group's outputs."""
         n_new, n_ctx = len(plan.new), len(plan.ids)
         extra = cache_length(self.cache) - n_ctx
         if extra > 0:
             self.cache.crop(-extra)
         if n_new:
-            self.last_logprobs = logprobs[:, n_new - 1]
+            self.last_logprobs = logprobs[:, n_new - 1 - first]
         self.ids = plan.ids
         out: list[dict[Path_, torch.Tensor]] = []
         for anchor, _ in plan.groups:
-            root = self.last_logprobs if anchor == n_ctx else logprobs[:, anchor - 1 - plan.keep]
+            root = self.last_logprobs if anchor == n_ctx else logprobs[:, anchor - 1 - plan.keep - first]
             out.append({(): root})
         for (g, path), i in plan.nodes.items():
-            out[g][path] = logprobs[:, n_new + i]
+            out[g][path] = logprobs[:, n_new + i - first]
         return out
 
     def _sequential_groups(
