@@ -188,11 +188,8 @@ class SpeculativeDecoder(DecoderBase):
         if not usable and unresolved:
             self._one_step = True
             return None
-        if not usable and positions[0].candidates and positions[0].sampled is None:
-            # the first draw has no text (e.g. a special token the API prints as nothing): there
-            # is no draft to test, so this position is chosen among its candidates like per-step
-            notes.append("the draw at this position has no text (a special token); chosen among the candidates "
-                         "like per-step")
+        if not usable and positions[0].candidates and positions[0].sampled is None:  # a draw with no text
+            notes.append("the draw at this position has no text (a special token); chosen like per-step")
             self._choose_per_step(positions[0], api_seconds, notes, 0.0 if self.greedy else 1.0, 1.0)
             return None
         if not usable:
