@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -132,7 +131,8 @@ def main() -> None:
         rows.append({
             "variant": v, "steps": s["steps"], "scoring_s_per_step": s["scoring"] / max(1, s["steps"]),
             "ratio": statistics.median(a / b for a, b in zip(s["per_problem"], stats[first]["per_problem"])),
-            "calls_per_step": s["calls"] / max(1, s["steps"]), "positions_per_call": s["positions"] / max(1, s["calls"]),
+            "calls_per_step": s["calls"] / max(1, s["steps"]),
+            "positions_per_call": s["positions"] / max(1, s["calls"]),
             "row_positions_per_step": s["row_positions"] / max(1, s["steps"]),
             "api_s_per_step": s["api"] / max(1, s["steps"]), "same_text": s["texts"] == stats[first]["texts"],
             "max_offset_gap_vs_oracle": worst_gap(s["offsets"], stats[oracle]["offsets"]),
