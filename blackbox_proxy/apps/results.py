@@ -38,17 +38,11 @@ def id_key(value: Any) -> str:
 RESULT_KEYS = ("id", "text", "finish_reason")  # what every results line has (an input line has none of the last two)
 
 
-def read_done(path: str | os.PathLike) -> set[str]:
-    """Ids already in a results file, after removing a last line cut short by a crash.
-
-    A complete line always ends with a newline (results are written whole, newline included), so
-    bytes after the last newline are an unfinished write and are cut off. A line in the middle
-    that is not a result (broken JSON, or an input line: no ``text``/``finish_reason``) is not
-    ours to repair: it raises.
-    """
-    path = Path(path)
+def whole_lines(path: Path) -> list[str]:
+    """The lines of a results file (none if it does not exist), after cutting off bytes after the
+    last newline: a line is written whole with its newline, so those are an interrupted write."""
     if not path.exists():
-        return set()
+        return []
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
     if end < len(data):
@@ -58,9 +52,20 @@ def read_done(path: str | os.PathLike) -> set[str]:
             handle.truncate(end)
             handle.flush()
             os.fsync(handle.fileno())
-        data = data[:end]
+    return data[:end].decode("utf-8", errors="replace").splitlines()
+
+
+def read_done(path: str | os.PathLike) -> set[str]:
+    """Ids already in a results file, after removing a last line cut short by a crash.
+
+    A complete line always ends with a newline (results are written whole, newline included), so
+    bytes after the last newline are an unfinished write and are cut off. A line in the middle
+    that is not a result (broken JSON, or an input line: no ``text``/``finish_reason``) is not
+    ours to repair: it raises.
+    """
+    path = Path(path)
     done: set[str] = set()
-    for number, raw in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+    for number, raw in enumerate(whole_lines(path), 1):
         if not raw.strip():
             continue
         try:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..apps.results import ResultsFile, id_key
+from ..apps.results import ResultsFile, id_key, whole_lines
 from ..apps.tasks import gather_or_cancel
 from ..errors import ConfigurationError, ProxyTuningError
 from .systems import Settings, System, open_systems
@@ -50,18 +50,8 @@ def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
     line always ends with its newline). A broken line in the middle is not ours to repair: it
     raises."""
     path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        logger.warning("%s ends with an unfinished line (%d bytes, from an interrupted run); removing it",
-                       path, len(data) - end)
-        with open(path, "r+b") as handle:
-            handle.truncate(end)
-            os.fsync(handle.fileno())
     records = []
-    for number, raw in enumerate(data[:end].decode("utf-8", errors="replace").splitlines(), 1):
+    for number, raw in enumerate(whole_lines(path), 1):
         if not raw.strip():
             continue
         try:
