@@ -50,6 +50,8 @@ _EXPORTS = {
     "arun_batch": "apps.batch",
     "load_hosted_vocabulary": "tokens.loaders",
     "run_batch": "apps.batch",
+    "teacher_force": "forcing",
+    "teacher_force_async": "forcing",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -388,9 +388,9 @@ class AsyncProxyTuner(_TunerBase):
 
     async def stream(self, prompt: str | None = None, *, request: GenerationRequest | None = None,
                      **options: Any) -> AsyncIterator[StreamEvent]:
-        """:meth:`generate`, as it happens: a :class:`StreamEvent` with the new text after every
-        API call that added some, and a last one carrying the :class:`GenerationResult`. The
-        pieces add up to the result's text.
+        """:meth:`generate`, as it happens: a :class:`StreamEvent` with the new text (and trace
+        steps) after every API call that added some, and a last one carrying the
+        :class:`GenerationResult`. The pieces add up to the result's text.
 
         Example::
 
@@ -399,7 +399,7 @@ class AsyncProxyTuner(_TunerBase):
         """
         await self.client.check()
         decoder = await self._in_thread(self.decoder, prompt, request=request, **options)
-        shown = ""
+        shown, sent = "", 0  # text and trace steps handed out so far
         try:
             while not decoder.done:
                 paid = decoder.usage.api_calls > 0
@@ -414,15 +414,16 @@ class AsyncProxyTuner(_TunerBase):
                     break
                 text = decoder.stable_text()
                 if not decoder.done and len(text) > len(shown) and text.startswith(shown):
-                    yield StreamEvent(text[len(shown):])
-                    shown = text
+                    yield StreamEvent(text[len(shown):], steps=tuple(decoder.steps[sent:]))
+                    shown, sent = text, len(decoder.steps)
         finally:
             decoder.expert.close()
             decoder.anti_expert.close()
         self._check_renderings(decoder)
         result = decoder.result()
         # The stable text never changes afterwards, so what was shown is a prefix of the result.
-        yield StreamEvent(result.text[len(shown):] if result.text.startswith(shown) else "", result)
+        yield StreamEvent(result.text[len(shown):] if result.text.startswith(shown) else "", result,
+                          tuple(decoder.steps[sent:]))
 
     async def close(self) -> None:
         await self.client.close()

@@ -226,7 +226,9 @@ class GenerationResult:
 @dataclass(frozen=True)
 class StreamEvent:
     """A piece of a streamed generation: ``text`` is new since the previous event (whole
-    characters, never taken back); the last event has ``result`` set."""
+    characters, never taken back); ``steps``: the per-step trace entries decided since the
+    previous event (their tokens may lie past ``text``, held back); the last event has ``result`` set."""
 
     text: str
     result: GenerationResult | None = None
+    steps: tuple[StepTrace, ...] = ()

@@ -130,8 +130,9 @@ def test_errors(served, sdk):
     bad = openai.OpenAI(base_url=served.base_url, api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.completions.create(model="tiny-tuned", prompt="Hi", max_tokens=2)
-    with pytest.raises(openai.BadRequestError, match="does not return logprobs"):
-        sdk.completions.create(model="tiny-tuned", prompt="Hi", max_tokens=2, logprobs=3)
+    with pytest.raises(openai.BadRequestError, match="logprobs of the tuned distribution are returned with strategy"):
+        sdk.completions.create(model="tiny-tuned", prompt="Hi", max_tokens=2, logprobs=3, temperature=1,
+                               extra_body={"strategy": "speculative"})
     with pytest.raises(openai.BadRequestError, match="alpha must be a number"):
         sdk.completions.create(model="tiny-tuned", prompt="Hi", max_tokens=2, extra_body={"alpha": "strong"})
     with pytest.raises(openai.BadRequestError, match="speculative strategy samples"):

@@ -26,20 +26,32 @@ for base models; ``chat`` mode gives one-token answers, or whole answers with ``
 
 Also ``GET /v1/models/{id}`` (404 for another id). Chat ``content`` may be a list of text parts
 (joined with newlines); other part types are a 400 naming the type. At most 4 stop sequences.
-Refused with a 400 that names the field unless neutral (:data:`REFUSED`; neutral values in
-``openai_http.NEUTRAL_VALUES``): ``logprobs``/``top_logprobs``, ``echo``, ``best_of``, ``suffix``,
-``logit_bias``, ``presence_penalty``, ``frequency_penalty``, ``repetition_penalty``,
-``response_format`` (other than text), ``tools``, ``tool_choice``, ``functions``,
-``function_call``, ``prediction``, ``audio``, ``modalities``, ``web_search_options``,
-``reasoning_effort`` and vLLM's ``min_tokens``, ``top_k``, ``min_p``, ``ignore_eos``, ``guided_*``.
+Refused with a 400 that names the field unless neutral (:data:`~.tuned_bodies.REFUSED`; neutral
+values in ``openai_http.NEUTRAL_VALUES``): ``best_of``, ``suffix``, ``logit_bias``,
+``presence_penalty``, ``frequency_penalty``, ``repetition_penalty``, ``response_format`` (other
+than text), ``tools``, ``tool_choice``, ``functions``, ``function_call``, ``prediction``,
+``audio``, ``modalities``, ``web_search_options``, ``reasoning_effort``, vLLM's ``min_tokens``,
+``top_k``, ``min_p``, ``ignore_eos``, ``guided_*``, and ``echo`` on chat.
+
+Logprobs (:mod:`.served_logprobs`): completions ``logprobs: N`` and chat ``logprobs: true,
+top_logprobs: N`` return the TUNED distribution over the hosted candidates (at temperature 1,
+as vLLM reports its raw distribution): each token's log p^ and the N best candidates, streaming
+included (an event carries the tokens its text shows; held-back and end tokens come with the
+last one). With the per-step strategy only (its trace holds every token's distribution); the
+others answer a 400 that says so. ``echo`` (completions) puts the prompt before the answer;
+with ``logprobs`` the prompt's tokens are the hosted tokenizer's, each scored by teacher forcing
+(the first null), then come the generated tokens; ``max_tokens: 0`` scores the prompt alone.
+lm-eval's ``local-completions`` loglikelihood requests (``echo``, ``logprobs``, ``max_tokens`` 1,
+or 0 in older versions) work as they are (:mod:`.served_echo`: what is refused, and why a token
+outside the hosted top-k is null).
 
 Error messages name the served model and the small models' roles ("the expert"), never their
 names or paths on this machine. A client that disconnects cancels its generation, streaming or
 not: no more hosted calls are made for it. A generation that reaches a model's context limit
 after paid calls ends with ``finish_reason: "length"`` and the text so far (see the tuner).
 
-Left out: ``logprobs`` of the tuned distribution, ``echo``, ``best_of``, ``suffix``, tools; the
-HTTP plumbing and body models (:mod:`.openai_http`).
+Left out: ``best_of``, ``suffix``, tools; the bodies and refusals (:mod:`.tuned_bodies`), the HTTP
+plumbing (:mod:`.openai_http`).
 """
 
 from __future__ import annotations
@@ -49,8 +61,8 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from typing import Any, ClassVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -58,85 +70,24 @@ from openai.types import Completion, CompletionChoice, CompletionUsage, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
 from openai.types.chat.chat_completion import Choice as ChatChoice
 from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice, ChoiceDelta
-from pydantic import BaseModel, Field, field_validator
 
 from .._logging import redact
 from ..errors import ConfigurationError, HostedAPIError, ProxyTuningError
-from ..request import GenerationRequest, check_strategy, check_text
-from ..types import GenerationResult
-from .openai_http import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_LIMIT, NEUTRAL_VALUES, SSE_DONE, APIError,
-                          BodyLimits, ChatBody, CompletionBody, add_model_routes, checked_number,
-                          install_openai_plumbing, number, parse_body, read_json, refuse_unsupported, sse_event)
+from ..request import GenerationRequest, check_strategy
+from ..types import GenerationResult, Usage
+from .openai_http import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_LIMIT, SSE_DONE, APIError, BodyLimits,
+                          add_model_routes, checked_number, install_openai_plumbing, parse_body, read_json,
+                          refuse_unsupported, sse_event)
+from .served_echo import echo
+from .served_logprobs import READERS, StreamedTokens, TokenLogprobs, chat_logprobs, completion_logprobs
 from .tasks import gather_or_cancel
+from .tuned_bodies import (MAX_N, MAX_PROMPTS, MAX_STOP, REFUSED, REFUSED_CHAT, TunedChatBody,  # noqa: F401
+                           TunedCompletionBody, check_asks, logprobs_asked)
 
 logger = logging.getLogger(__name__)
 
-MAX_N = 8
 DEFAULT_MAX_TOKENS = 256
-MAX_STOP = 4  # stop sequences per request (each is held back from the stream while it could begin)
-# answer-changing fields the tuned model does not honour: a 400 naming them unless neutral
-# (logprobs / top_logprobs have their own 400)
-REFUSED = tuple(k for k in NEUTRAL_VALUES if k not in ("logprobs", "top_logprobs"))
-
-
-class _ProxyOptions(BaseModel):
-    """The extra body fields of a tuned request (null = the server's default)."""
-
-    nullable: ClassVar[frozenset[str]] = frozenset({"alpha", "chunk", "samples"})
-
-    alpha: number(float) = None
-    strategy: str | None = None
-    chunk: number(int, 1, 64) = None
-    samples: number(int, 1, 256) = None
-    stream_options: Any = None
-
-    _strategy = field_validator("strategy", mode="before")(lambda cls, value: check_strategy(value))
-
-    def include_usage(self) -> bool:
-        """``stream_options.include_usage`` (read only when streaming, as OpenAI does)."""
-        if self.stream_options is None:
-            return False
-        if not isinstance(self.stream_options, dict):
-            raise APIError(400, "stream_options must be an object such as {\"include_usage\": true}",
-                           param="stream_options")
-        return bool(self.stream_options.get("include_usage"))
-
-
-MAX_PROMPTS = 16  # prompts in one /v1/completions body (each answered n times)
-
-
-class TunedCompletionBody(_ProxyOptions, CompletionBody):
-    """``prompt``: one text, one list of hosted token ids, or a list of either (OpenAI's batch,
-    as lm-eval's ``local-completions`` sends): always a tuple of prompts here."""
-
-    nullable: ClassVar[frozenset[str]] = CompletionBody.nullable | _ProxyOptions.nullable
-    prompt_error: ClassVar[str] = ("prompt must be a string, a list of token ids, or a list of up to "
-                                   f"{MAX_PROMPTS} of either")
-
-    prompt: tuple[Any, ...] = Field(default=None, validate_default=True)
-
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def _prompt(cls, value: Any) -> tuple[Any, ...]:
-        def ids(v: Any) -> bool:
-            return isinstance(v, list) and bool(v) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
-
-        prompts = [value] if isinstance(value, str) or ids(value) else value
-        if not isinstance(prompts, list) or not 1 <= len(prompts) <= MAX_PROMPTS:
-            raise ValueError(cls.prompt_error)
-        out: list[Any] = []
-        for one in prompts:
-            if isinstance(one, str):
-                out.append(check_text("the prompt", one))
-            elif ids(one):
-                out.append(tuple(one))
-            else:
-                raise ValueError(cls.prompt_error)
-        return tuple(out)
-
-
-class TunedChatBody(_ProxyOptions, ChatBody):
-    nullable: ClassVar[frozenset[str]] = ChatBody.nullable | _ProxyOptions.nullable
+Found = list[tuple[TokenLogprobs, int]] | None  # a streamed piece's tokens and their offsets (None: not asked)
 
 
 def _public_names(tuner: Any) -> Callable[[str], str]:
@@ -213,18 +164,17 @@ def create_tuned_app(
     limits = BodyLimits(max_tokens=max_tokens_limit, n=MAX_N, stop=MAX_STOP)
     public = _public_names(tuner)
 
-    async def _body(request: Request, model: type[Any]) -> Any:
+    async def _body(request: Request, model: type[Any], refused: tuple[str, ...]) -> Any:
         raw = await read_json(request, max_body_bytes)
         if raw.get("model") != name:
             raise APIError(404, f"The model `{raw.get('model')}` does not exist. This server serves `{name}`.",
                            code="model_not_found", param="model")
         # what this server does not do is said before the body is checked
-        refuse_unsupported(raw, REFUSED, server="the tuned model server")
-        if raw.get("logprobs") not in (None, False, 0) or raw.get("top_logprobs") not in (None, 0):
-            raise APIError(400, "the tuned model server does not return logprobs; leave logprobs out", param="logprobs")
+        refuse_unsupported(raw, refused, server="the tuned model server")
         body = parse_body(model, raw, limits)
         if body.stream and body.n > 1:
             raise APIError(400, "stream=true with n > 1 is not supported; send n separate requests", param="n")
+        check_asks(body, body.strategy or strategy, tuner)
         return body
 
     async def _request(body: Any, prompt: str | None, messages: Any) -> GenerationRequest:
@@ -232,7 +182,8 @@ def create_tuned_app(
         try:
             await tuner.client.check()
             request = GenerationRequest.build(
-                prompt=prompt, messages=messages, max_tokens=body.max_tokens or default_max_tokens,
+                prompt=prompt, messages=messages,
+                max_tokens=default_max_tokens if body.max_tokens is None else max(1, body.max_tokens),
                 temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=list(body.stop) or None,
                 alpha=alpha if body.alpha is None else body.alpha, strategy=body.strategy or strategy,
                 chunk=chunk if body.chunk is None else body.chunk, samples=body.samples)
@@ -241,13 +192,11 @@ def create_tuned_app(
             raise _error_for(exc, public) from None
         return request
 
-    async def _generate(request: GenerationRequest, n: int, http: Request) -> list[GenerationResult] | None:
-        """The n answers, or None when the client went away first (the generations are then
+    async def _run(works: list[Awaitable[Any]], http: Request) -> list[Any] | None:
+        """The works' answers, or None when the client went away first (they are then
         cancelled: no more hosted calls for an answer nobody reads)."""
-        seeds = [None if request.seed is None else request.seed + i for i in range(n)]
-        tasks = [asyncio.ensure_future(tuner.generate(request=request.model_copy(update={"seed": seed})))
-                 for seed in seeds]
-        work = asyncio.ensure_future(gather_or_cancel(tasks))  # one failure stops the other choices
+        tasks = [asyncio.ensure_future(w) for w in works]
+        work = asyncio.ensure_future(gather_or_cancel(tasks))  # one failure stops the others
         gone = asyncio.ensure_future(_disconnected(http))
         try:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -263,6 +212,11 @@ def create_tuned_app(
         except ProxyTuningError as exc:
             raise _error_for(exc, public) from None
         return [task.result() for task in tasks]
+
+    async def _generate(request: GenerationRequest, n: int, http: Request) -> list[GenerationResult] | None:
+        """The n answers (seeds seed, seed + 1, ...), or None when the client went away."""
+        seeds = [None if request.seed is None else request.seed + i for i in range(n)]
+        return await _run([tuner.generate(request=request.model_copy(update={"seed": seed})) for seed in seeds], http)
 
     async def _generate_all(requests: list[GenerationRequest], n: int,
                             http: Request) -> list[list[GenerationResult]] | None:
@@ -288,6 +242,9 @@ def create_tuned_app(
                 "scoring_seconds": round(u.scoring_seconds, 4), "draft_tokens": u.draft_tokens,
                 "accepted_drafts": u.accepted_drafts}
 
+    def _tokens(request: GenerationRequest, result: GenerationResult) -> list[TokenLogprobs]:
+        return READERS[request.strategy](result, tuner.hosted_vocab)
+
     # Responses are built with openai.types' construct() (no validation): a finish_reason may come
     # from the hosted API (resample) and be one those types do not list, and a streamed completion
     # chunk has finish_reason null, which Completion's choice type does not allow either.
@@ -300,14 +257,21 @@ def create_tuned_app(
         return ChatCompletionChunk.construct(id=rid, object="chat.completion.chunk", created=stamp,
                                              model=name, choices=choices, **extra).to_dict()
 
-    async def _stream(request: GenerationRequest, piece: Callable[[str | None, str | None], dict[str, Any]],
-                      final: Callable[..., dict[str, Any]] | None) -> AsyncIterator[str]:
+    async def _stream(request: GenerationRequest, piece: Callable[[str | None, str | None, Found], dict[str, Any]],
+                      final: Callable[..., dict[str, Any]] | None, logprobs: bool) -> AsyncIterator[str]:
+        tokens = StreamedTokens(request.strategy, tuner.hosted_vocab) if logprobs else None
+        shown = 0
         try:
             async for event in tuner.stream(request=request):
+                shown += len(event.text)
+                found = tokens.add(event.steps, shown) if tokens is not None else None
                 if event.text:
-                    yield sse_event(piece(event.text, None))
+                    yield sse_event(piece(event.text, None, found))
+                    found = [] if found is not None else None
                 if event.result is not None:
-                    yield sse_event(piece(None, event.result.finish_reason))
+                    if tokens is not None and found is not None:
+                        found += tokens.finish(event.result)
+                    yield sse_event(piece(None, event.result.finish_reason, found))
                     if final is not None:
                         yield sse_event(final(choices=[], usage=_usage(request, [event.result]),
                                               proxy_usage=_proxy_usage([event.result])))
@@ -340,71 +304,89 @@ def create_tuned_app(
         except UnicodeDecodeError:
             raise APIError(400, "the prompt's token ids do not decode to whole UTF-8 text", param="prompt") from None
 
+    async def _echoed(body: Any, requests: list[GenerationRequest], http: Request) -> tuple[Any, Any] | None:
+        """Echo with logprobs (:mod:`.served_echo`): ([[result]] per prompt, [[logprobs]] per prompt)."""
+        most = default_max_tokens if body.max_tokens is None else body.max_tokens
+        answers = await _run([echo(tuner, p, alpha=r.alpha, max_tokens=most, temperature=r.temperature, top_p=r.top_p,
+                                   seed=r.seed) for p, r in zip(body.prompt, requests)], http)
+        if answers is None:
+            return None
+        return [[a.result] for a in answers], [[completion_logprobs(a.tokens, body.logprobs)] for a in answers]
+
     @app.post("/v1/completions")
     async def completions(http: Request) -> Any:
-        body = await _body(http, TunedCompletionBody)
+        body = await _body(http, TunedCompletionBody, REFUSED)
         if body.stream and len(body.prompt) > 1:
             raise APIError(400, "stream=true with several prompts is not supported; send one request per prompt",
                            param="prompt")
-        requests = [await _request(body, _prompt_text(p), None) for p in body.prompt]
+        texts = [_prompt_text(p) for p in body.prompt]
+        requests = [await _request(body, text, None) for text in texts]
         rid, stamp = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        if len(requests) > 1:
-            # OpenAI's order: the n choices of prompt 0, then those of prompt 1, ...
-            results = await _generate_all(requests, body.n, http)
-            if results is None:
-                return Response(status_code=499)
-            flat = [r for group in results for r in group]
-            usage = _usage(requests[0], results[0])
-            for request, group in zip(requests[1:], results[1:]):
-                more = _usage(request, group)
-                usage = CompletionUsage(prompt_tokens=usage.prompt_tokens + more.prompt_tokens,
-                                        completion_tokens=usage.completion_tokens + more.completion_tokens,
-                                        total_tokens=usage.total_tokens + more.total_tokens)
-            return JSONResponse(_completion(
-                rid, stamp, [CompletionChoice.construct(text=r.text, index=i, logprobs=None,
-                                                        finish_reason=r.finish_reason) for i, r in enumerate(flat)],
-                usage=usage, proxy_usage=_proxy_usage(flat)))
-        request = requests[0]
+        asked = logprobs_asked(body)
+        # text_offset counts from the prompt's start when the prompt is text or echoed (as OpenAI)
+        starts = [0 if body.echo or not isinstance(p, str) else len(p) for p in body.prompt]
         if body.stream:
-            def piece(text: str | None, finish: str | None) -> dict[str, Any]:
-                return _completion(rid, stamp, [CompletionChoice.construct(text=text or "", index=0, logprobs=None,
-                                                                    finish_reason=finish)])
+            def piece(text: str | None, finish: str | None, found: Found) -> dict[str, Any]:
+                logprobs = None if found is None else completion_logprobs(
+                    [t for t, _ in found], body.logprobs, starts[0], [at for _, at in found])
+                return _completion(rid, stamp, [CompletionChoice.construct(text=text or "", index=0, logprobs=logprobs,
+                                                                           finish_reason=finish)])
 
             final = (lambda **kw: _completion(rid, stamp, **kw)) if body.include_usage() else None
-            return StreamingResponse(_stream(request, piece, final), media_type="text/event-stream")
-        results = await _generate(request, body.n, http)
-        if results is None:
+            return StreamingResponse(_stream(requests[0], piece, final, asked), media_type="text/event-stream")
+        logprobs = None
+        if body.echo and asked:
+            done = await _echoed(body, requests, http)
+            groups, logprobs = done if done is not None else (None, None)
+        elif body.echo and body.max_tokens == 0:  # the prompt alone, nothing to call
+            groups = [[GenerationResult(text="", finish_reason="length", usage=Usage())] * body.n for _ in requests]
+        else:
+            groups = await _generate_all(requests, body.n, http)
+        if groups is None:
             return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
-        return JSONResponse(_completion(
-            rid, stamp, [CompletionChoice.construct(text=r.text, index=i, logprobs=None, finish_reason=r.finish_reason)
-                  for i, r in enumerate(results)],
-            usage=_usage(request, results), proxy_usage=_proxy_usage(results)))
+        if logprobs is None and asked:
+            logprobs = [[completion_logprobs(_tokens(r, res), body.logprobs, start) for res in group]
+                        for r, group, start in zip(requests, groups, starts)]
+        # OpenAI's order: the n choices of prompt 0, then those of prompt 1, ...
+        choices = [CompletionChoice.construct(text=(text if body.echo else "") + res.text, index=len(group) * i + j,
+                                              logprobs=None if logprobs is None else logprobs[i][j],
+                                              finish_reason=res.finish_reason)
+                   for i, (text, group) in enumerate(zip(texts, groups)) for j, res in enumerate(group)]
+        usages = [_usage(r, group) for r, group in zip(requests, groups)]
+        usage = CompletionUsage(prompt_tokens=sum(u.prompt_tokens for u in usages),
+                                completion_tokens=sum(u.completion_tokens for u in usages),
+                                total_tokens=sum(u.total_tokens for u in usages))
+        return JSONResponse(_completion(rid, stamp, choices, usage=usage,
+                                        proxy_usage=_proxy_usage([r for group in groups for r in group])))
 
     @app.post("/v1/chat/completions")
     async def chat(http: Request) -> Any:
-        body = await _body(http, TunedChatBody)
+        body = await _body(http, TunedChatBody, REFUSED_CHAT)
         request = await _request(body, None, body.messages)
         rid, stamp = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        top = body.top_logprobs or 0
         if body.stream:
             first = [True]
 
-            def piece(text: str | None, finish: str | None) -> dict[str, Any]:
+            def piece(text: str | None, finish: str | None, found: Found) -> dict[str, Any]:
                 delta: dict[str, Any] = {"role": "assistant"} if first[0] else {}
                 first[0] = False
                 if text:
                     delta["content"] = text
+                logprobs = None if found is None else chat_logprobs([t for t, _ in found], top)
                 return _chat_chunk(rid, stamp, [ChunkChoice.construct(index=0, delta=ChoiceDelta.construct(**delta),
-                                                               logprobs=None, finish_reason=finish)])
+                                                                      logprobs=logprobs, finish_reason=finish)])
 
             final = (lambda **kw: _chat_chunk(rid, stamp, **kw)) if body.include_usage() else None
-            return StreamingResponse(_stream(request, piece, final), media_type="text/event-stream")
+            return StreamingResponse(_stream(request, piece, final, body.logprobs), media_type="text/event-stream")
         results = await _generate(request, body.n, http)
         if results is None:
             return Response(status_code=499)
         completion = ChatCompletion.construct(
             id=rid, object="chat.completion", created=stamp, model=name,
             choices=[ChatChoice.construct(index=i, message=ChatCompletionMessage(role="assistant", content=r.text),
-                                          logprobs=None, finish_reason=r.finish_reason)
+                                          logprobs=chat_logprobs(_tokens(request, r), top) if body.logprobs else None,
+                                          finish_reason=r.finish_reason)
                      for i, r in enumerate(results)],
             usage=_usage(request, results), proxy_usage=_proxy_usage(results))
         return JSONResponse(completion.to_dict())

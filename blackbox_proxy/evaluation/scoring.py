@@ -4,30 +4,27 @@
   (``"B"``, ``" B"``, ``"\\nB"``). A letter's probability is the summed probability of the tokens
   that read as it: over the whole vocabulary for local models, over the API's candidates for
   the hosted and proxy-tuned systems (whose distribution lives on those candidates only).
-- Teacher forcing, per step (:func:`forced_step`): the per-step strategy's tuned distribution
-  at a position, softmax over the candidates C of logprob_L + alpha·(log P_E − log P_A)
-  (temperature 1, the same :mod:`~blackbox_proxy.maths.combiner` maths), read at the reference
-  token. A reference token outside C is a *miss*: it has no tuned probability, the text goes on
-  with it appended, and the miss is counted (coverage), never given a made-up probability.
+- Teacher forcing, per step: :mod:`blackbox_proxy.forcing` (shared with ``serve``'s ``echo``;
+  :func:`forced_step` is re-exported here): the per-step strategy's tuned distribution at a
+  position, softmax over the candidates C of logprob_L + alpha·(log P_E − log P_A) (temperature
+  1), read at the reference token. A reference token outside C is a *miss*: it has no tuned
+  probability, the text goes on with it appended, and the miss is counted (coverage), never
+  given a made-up probability.
 - Teacher forcing, local (:func:`forward_logprobs`): one forward of a local model over the
   prompt and the reference ids (full vocabulary, so nothing is missed).
 
-:func:`forced_step` reads the decoder's candidate scoring and appending methods
-(``_consistent``, ``_score_positions``, ``_append``), as ``harness/fidelity.py`` does: the
-decoders have no public teacher-forcing entry yet. Left out: running systems (``systems.py``).
+Left out: running systems (``systems.py``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..maths import combiner
-from ..types import Candidate
+from ..forcing import ForcedStep, forced_step  # noqa: F401 - re-exported (evaluation's teacher forcing)
 
 
 def reads_as(text: str, letter: str) -> bool:
@@ -98,59 +95,3 @@ def sequence_loglik(logprobs: torch.Tensor, ids: Sequence[int]) -> list[float]:
     if not ids:
         return []
     return logprobs[torch.arange(len(ids)), torch.tensor(list(ids))].double().tolist()
-
-
-def _whole(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-@dataclass(frozen=True)
-class ForcedStep:
-    """One teacher-forced position: ``logprob`` of the reference token under the tuned
-    distribution (None: a miss), the candidate appended, and why it missed."""
-
-    logprob: float | None
-    appended: Candidate
-    miss: str = ""
-
-
-def forced_step(decoder: Any, candidates: Sequence[Candidate], remaining: bytes, target: tuple[int, bytes] | None,
-                alpha: float) -> ForcedStep:
-    """Score ``candidates`` at the decoder's position, read the tuned log-probability of the
-    reference token and append it. The reference token is ``target`` (its hosted id and bytes,
-    when the hosted vocabulary is known) or else the longest candidate whose bytes begin
-    ``remaining``; a miss without a hosted vocabulary appends the next whole character."""
-    cands, _ = decoder._consistent(list(candidates))
-    hit: int | None = None
-    if target is not None:
-        target_id, target_bytes = target
-        hit = next((i for i, c in enumerate(cands) if not c.is_end and (
-            c.token_id == target_id if c.token_id is not None else c.data == target_bytes)), None)
-        fallback = Candidate(text=target_bytes.decode("utf-8", errors="replace"), data=target_bytes,
-                             logprob=-math.inf, token_id=target_id)
-    else:
-        best = [(len(c.data), i) for i, c in enumerate(cands) if not c.is_end and c.data and remaining.startswith(c.data)]
-        hit = max(best)[1] if best else None
-        width = next((n for n in range(1, 5) if _whole(remaining[:n])), 1)
-        fallback = Candidate(text=remaining[:width].decode("utf-8", errors="replace"), data=remaining[:width],
-                             logprob=-math.inf)
-    if hit is None:
-        decoder._append(fallback)
-        return ForcedStep(None, fallback, "not among the candidates" if cands else "no candidates")
-    hosted = torch.tensor([c.logprob for c in cands], dtype=torch.float64)
-    if alpha == 0:
-        scores = hosted
-    else:
-        ids = list(decoder.hosted_ids) if decoder.hosted_ids is not None else None
-        [(lp_e, lp_a)], _ = decoder._score_positions([(decoder.continuation, ids, cands)])
-        delta = torch.tensor(lp_e, dtype=torch.float64) - torch.tensor(lp_a, dtype=torch.float64)
-        scores = combiner.proxy_scores(hosted, delta, alpha)
-    logprob = float(torch.log_softmax(scores, dim=0)[hit])
-    decoder._append(cands[hit])
-    if not math.isfinite(logprob):
-        return ForcedStep(None, cands[hit], "tuned probability 0 (no evidence from the small models)")
-    return ForcedStep(logprob, cands[hit])

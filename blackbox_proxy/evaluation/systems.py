@@ -153,41 +153,13 @@ class TunedSystem(System):
         return record
 
     async def loglik(self, item: EvalItem) -> dict[str, Any]:
-        from .scoring import forced_step
+        from ..forcing import teacher_force_async
 
-        tuner = self.tuner
-        await tuner.client.check()
-        vocab = tuner.hosted_vocab
-        remaining = item.reference.encode("utf-8")
-        ids = vocab.encode_bytes(remaining) if vocab is not None else None
-        steps = len(ids) if ids is not None else len(item.reference)
-        decoder = await asyncio.to_thread(tuner.decoder, **self._input(item), max_tokens=steps + 1, alpha=self.alpha,
-                                          temperature=0.0, strategy="per-step")
-        logprobs: list[float | None] = []
-        pieces: list[bytes] = []
-        misses: list[str] = []
-        calls = prompt_tokens = completion_tokens = 0
-        try:
-            while remaining:
-                [result] = await tuner.client.complete(decoder.request())
-                calls += 1 + result.extra_calls
-                prompt_tokens += result.usage.prompt_tokens
-                completion_tokens += result.usage.completion_tokens
-                candidates = result.positions[0].candidates if result.positions else ()
-                target = (ids[len(pieces)], vocab.bytes_of([ids[len(pieces)]])) if ids is not None else None
-                step = await asyncio.to_thread(forced_step, decoder, candidates, remaining, target, self.alpha)
-                if not step.appended.data:  # cannot happen with whole candidates; never loop forever
-                    raise ConfigurationError(f"teacher forcing made no progress on item {item.id!r}")
-                remaining = remaining[len(step.appended.data):]
-                logprobs.append(step.logprob)
-                pieces.append(step.appended.data)
-                if step.miss:
-                    misses.append(step.miss)
-        finally:
-            decoder.expert.close()
-            decoder.anti_expert.close()
-        record = loglik_record(logprobs, pieces, misses)
-        record["usage"] = {"api_calls": calls, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+        forced = await teacher_force_async(self.tuner, item.reference, alpha=self.alpha, **self._input(item))
+        record = loglik_record(forced.logprobs, forced.pieces, forced.misses)
+        u = forced.usage
+        record["usage"] = {"api_calls": u.api_calls, "prompt_tokens": u.prompt_tokens,
+                           "completion_tokens": u.completion_tokens}
         return record
 
 
