@@ -11,8 +11,8 @@ time a remote API would take: ttft (default 0.4 s) plus per_token (15 ms) for ea
 token, the ttft jittered by ±jitter (10%, seeded). The unmodified ProxyTuner, with the SmolLM2
 expert/anti-expert pair, talks to it through its normal client.
 
-Per strategy and decoding (per-step greedy, speculative greedy, speculative sampling at
-temperature 1) on the demo's held-out problems it reports: API calls per generated token; API
+Per strategy and decoding (per-step greedy; speculative greedy and speculative sampling at
+temperature 1, each with one draft per call and with the default adaptive multi-draft calls) on the demo's held-out problems it reports: API calls per generated token; API
 wait and wall time as multiples of plain generation (one call that produces the same tokens:
 ttft + per_token × (tokens − 1) per answer, the physical limit); local scoring seconds per
 token; billed prompt and completion tokens per generated token; the cost of 1,000 generated
@@ -44,10 +44,12 @@ from blackbox_proxy.harness.replay import LatencyModel, ReplayHost  # noqa: E402
 from blackbox_proxy.harness.tasks import STOP, problems, score  # noqa: E402
 from blackbox_proxy.types import Usage  # noqa: E402
 
-RUNS = (("per-step", "greedy", 0.0), ("speculative", "greedy", 0.0), ("speculative", "sampling", 1.0))
+# (strategy, decoding, temperature, drafts per call: None = the default, adaptive)
+RUNS = (("per-step", "greedy", 0.0, None), ("speculative", "greedy", 0.0, 1), ("speculative", "greedy", 0.0, None),
+        ("speculative", "sampling", 1.0, 1), ("speculative", "sampling", 1.0, None))
 PRICE_PROMPT, PRICE_COMPLETION = 1.50, 2.00  # $ per million tokens: gpt-3.5-turbo-instruct's list price
 MISS_HINT = ("run benchmarks/remote.py again with --record (and the same --problems, --max-tokens, --alpha, --top-k, "
-             "--chunk) to fill it from the hosted stand-in")
+             "--chunk, --drafts) to fill it from the hosted stand-in")
 
 
 def run_workload(base_url: str, args: argparse.Namespace, items: list, pair: tuple, gemma: Path,
@@ -59,13 +61,17 @@ def run_workload(base_url: str, args: argparse.Namespace, items: list, pair: tup
                     top_k=args.top_k, check_hosted=True) as tuner:
         tuner.generate(items[0].hosted_prompt(), max_tokens=3)  # warm-up, self-checks
         prompt_tokens = [len(tuner.hosted_vocab.encode_prompt(p.hosted_prompt())) for p in items]
-        for strategy, decoding, temperature in RUNS:
+        for strategy, decoding, temperature, drafts in RUNS:
+            if strategy == "speculative":
+                drafts = args.drafts if drafts is None else drafts
+                decoding += ", 1 draft" if drafts == 1 else f", drafts ≤ {drafts}" if drafts else ", adaptive drafts"
             total, wall, plain, plain_cost, right = Usage(), 0.0, 0.0, 0.0, 0
             for i, p in enumerate(items):
                 started = time.perf_counter()
                 r = tuner.generate(p.hosted_prompt(), max_tokens=args.max_tokens, stop=STOP, alpha=args.alpha,
                                    temperature=temperature, seed=i, strategy=strategy,
-                                   chunk=args.chunk if strategy == "speculative" else None)
+                                   chunk=args.chunk if strategy == "speculative" else None,
+                                   drafts=drafts if strategy == "speculative" else None)
                 wall += time.perf_counter() - started
                 total = total + r.usage
                 right += score(r.text, p)["strict"]
@@ -85,6 +91,8 @@ def run_workload(base_url: str, args: argparse.Namespace, items: list, pair: tup
                 "cost_vs_plain": cost / plain_cost if plain_cost else None,
                 "correct": f"{right}/{len(items)}",
                 "acceptance_rate": total.acceptance_rate,
+                # chunk calls' drafts over all calls but tail probes (a position asked alone has none)
+                "drafts_per_call": total.draft_sequences / max(1, total.api_calls - total.tail_calls),
                 "api_calls": total.api_calls, "api_seconds": total.api_seconds, "wall_seconds": wall,
                 "plain_seconds": plain, "scoring_seconds": total.scoring_seconds,
                 "prompt_tokens": total.prompt_tokens, "completion_tokens": total.completion_tokens,
@@ -118,6 +126,7 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=1.0, help="proxy-tuning strength (default 1)")
     ap.add_argument("--top-k", type=int, default=20, help="top logprobs per position (default 20)")
     ap.add_argument("--chunk", type=int, default=None, help="speculative chunk (default: adaptive)")
+    ap.add_argument("--drafts", type=int, default=None, help="speculative: most drafts per call (default: adaptive)")
     ap.add_argument("--ttft", type=float, default=0.4, help="modelled time to first token, s (default 0.4)")
     ap.add_argument("--per-token", type=float, default=0.015, help="modelled time per further token, s (default 0.015)")
     ap.add_argument("--jitter", type=float, default=0.1, help="ttft varies by ±this fraction (default 0.1)")
@@ -147,8 +156,8 @@ def main() -> None:
           f"token ({source}); prices ${args.price_prompt:g} / ${args.price_completion:g} per million prompt / "
           "completion tokens")
     print("| strategy | decoding | alpha | tokens | calls / token | API wait / plain | wall / plain | scoring s / token "
-          "| billed prompt / token | billed completion / token | $ / 1k tokens | cost / plain | correct |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| billed prompt / token | billed completion / token | $ / 1k tokens | cost / plain | drafts / call | correct |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     def ratio(value: float | None) -> str:
         return "—" if value is None else f"{value:.1f}"
 
@@ -156,7 +165,7 @@ def main() -> None:
         print(f"| {r['strategy']} | {r['decoding']} | {r['alpha']:g} | {r['tokens']} | {r['calls_per_token']:.2f} "
               f"| {ratio(r['api_wait_vs_plain'])} | {ratio(r['wall_vs_plain'])} | {r['scoring_s_per_token']:.3f} "
               f"| {r['prompt_tokens_per_token']:.0f} | {r['completion_tokens_per_token']:.2f} "
-              f"| {r['usd_per_1k_tokens']:.4f} | {ratio(r['cost_vs_plain'])} | {r['correct']} |")
+              f"| {r['usd_per_1k_tokens']:.4f} | {ratio(r['cost_vs_plain'])} | {r['drafts_per_call']:.1f} | {r['correct']} |")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 MAX_ALPHA = 100.0
 # the options a batch line or a request body may set (besides the prompt or messages)
 OPTION_NAMES = ("max_tokens", "alpha", "temperature", "top_p", "seed", "stop", "strategy", "chunk", "samples",
-                "tail_calls")
+                "tail_calls", "drafts")
 
 
 def check_strategy(value: Any) -> str:
@@ -165,6 +165,7 @@ class GenerationRequest(BaseModel):
     chunk: int | None = None  # speculative: fixed chunk length; None = adaptive
     samples: int | None = None  # resample: answers drawn; None = the default
     tail_calls: int = 1  # speculative: most tail-probe calls per rejection (0: the candidates-only rule)
+    drafts: int | None = None  # speculative: most drafts per chunk call; None = adaptive (up to 4)
 
     @classmethod
     def build(cls, **options: Any) -> "GenerationRequest":
@@ -266,6 +267,12 @@ class GenerationRequest(BaseModel):
     @classmethod
     def _tail_calls(cls, value: Any) -> int:
         return _integer("tail_calls", value, 0, " (0 turns tail probes off)", high=8)
+
+    @field_validator("drafts", mode="before")
+    @classmethod
+    def _drafts(cls, value: Any) -> int | None:
+        return None if value is None else _integer("drafts", value, 1, " (1: one draft per call; left out: adaptive)",
+                                                   high=16)
 
     @field_validator("samples", mode="before")
     @classmethod

@@ -245,7 +245,7 @@ class _TunerBase:
             _check_fits(f"the hosted model {self.client.model!r}", len(self.hosted_vocab.encode_prompt(text or "")),
                         req.max_tokens, self.hosted_context)
         return DecodeParams(req.alpha, req.temperature, req.top_p, req.max_tokens, top_k, req.stop, req.seed,
-                            req.chunk, req.tail_calls)
+                            req.chunk, req.tail_calls, drafts=req.drafts)
 
     def prompt_text(self, req: GenerationRequest) -> str | None:
         """The text the hosted model continues in completions mode: the prompt, or chat messages

@@ -163,8 +163,9 @@ class ChunkTrace:
 @dataclass(frozen=True)
 class Usage:
     """Totals of one generation. ``draft_tokens``/``accepted_drafts``: speculative drafts
-    examined and accepted; ``tail_calls``: speculative tail probes, API calls also counted in
-    ``api_calls`` (:mod:`blackbox_proxy.maths.tail`)."""
+    examined and accepted (multi-draft: tree nodes); ``tail_calls``: speculative tail probes, API
+    calls also counted in ``api_calls`` (:mod:`blackbox_proxy.maths.tail`); ``draft_sequences``:
+    drafts drawn by chunk calls (n per call, 1 for a single draft; every draft's tokens are billed)."""
 
     api_calls: int = 0
     prompt_tokens: int = 0
@@ -175,6 +176,7 @@ class Usage:
     draft_tokens: int = 0
     accepted_drafts: int = 0
     tail_calls: int = 0
+    draft_sequences: int = 0
 
     def __add__(self, other: "Usage") -> "Usage":
         return Usage(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))

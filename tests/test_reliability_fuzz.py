@@ -44,7 +44,7 @@ VALID = {
     "max_tokens": st.integers(1, 64), "alpha": st.floats(-100, 100), "temperature": st.floats(0, 1e300),
     "top_p": st.floats(1e-9, 1.0), "seed": st.integers(-(2 ** 63), 2 ** 63 - 1),
     "stop": st.lists(PLAIN.filter(bool), max_size=3), "strategy": st.just("per-step"), "chunk": st.integers(1, 64),
-    "samples": st.none(), "tail_calls": st.integers(0, 8), "prompt": PLAIN.filter(str.strip), "id": st.one_of(PLAIN.filter(bool), st.integers()),
+    "samples": st.none(), "tail_calls": st.integers(0, 8), "drafts": st.integers(1, 16), "prompt": PLAIN.filter(str.strip), "id": st.one_of(PLAIN.filter(bool), st.integers()),
     "messages": st.lists(st.fixed_dictionaries({"role": st.just("user"), "content": PLAIN.filter(str.strip)}),
                          min_size=1, max_size=2),
     "ref": st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), PLAIN),

@@ -115,6 +115,8 @@ GENERATION_OPTIONS: dict[str, dict[str, Any]] = {
     "tail_calls": dict(type=int, show_default=True,
                        help="speculative: most API calls per rejection that probe beyond the top-k (logit_bias; "
                             "0 = candidates only)"),
+    "drafts": dict(type=int, help="speculative: most drafts per API call (n choices, verified as a tree) "
+                                  "[default: adaptive, 1-4]"),
 }
 
 

@@ -1,7 +1,8 @@
 """What a request to ``blackbox-proxy serve`` may ask: its bodies, limits and refusals.
 
 - :class:`TunedCompletionBody` / :class:`TunedChatBody`: OpenAI's bodies (:mod:`.openai_http`)
-  plus the tuned model's extra fields ``alpha``, ``strategy``, ``chunk`` and ``samples``;
+  plus the tuned model's extra fields ``alpha``, ``strategy``, ``chunk``, ``samples``,
+  ``drafts`` and ``tail_calls``;
   a completions prompt is one text, hosted token ids, or a list of up to :data:`MAX_PROMPTS`
   of either; ``max_tokens`` 0 only with ``echo``.
 - :data:`REFUSED`: answer-changing fields the tuned model does not honour (a 400 naming them
@@ -34,12 +35,14 @@ REFUSED_CHAT = REFUSED + ("echo",)
 class _ProxyOptions(BaseModel):
     """The extra body fields of a tuned request (null = the server's default)."""
 
-    nullable: ClassVar[frozenset[str]] = frozenset({"alpha", "chunk", "samples"})
+    nullable: ClassVar[frozenset[str]] = frozenset({"alpha", "chunk", "samples", "drafts", "tail_calls"})
 
     alpha: number(float) = None
     strategy: str | None = None
     chunk: number(int, 1, 64) = None
     samples: number(int, 1, 256) = None
+    drafts: number(int, 1, 16) = None
+    tail_calls: number(int, 0, 8) = None
     stream_options: Any = None
 
     _strategy = field_validator("strategy", mode="before")(lambda cls, value: check_strategy(value))

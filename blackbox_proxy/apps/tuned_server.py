@@ -7,7 +7,7 @@ Routes: ``/v1/models``, ``/v1/completions`` (a text prompt, hosted token ids, or
 :data:`MAX_PROMPTS` of either, answered in OpenAI's order) and ``/v1/chat/completions``, with ``stream=true``
 (server-sent events, one event per piece of text as it is decided), ``max_tokens``,
 ``temperature`` (default 1, as OpenAI), ``top_p``, ``stop``, ``seed`` and ``n`` (up to 8, not
-with streaming). Extra body fields ``alpha``, ``strategy``, ``chunk`` and ``samples`` override
+with streaming). Extra body fields ``alpha``, ``strategy``, ``chunk``, ``samples``, ``drafts`` and ``tail_calls`` override
 the server's defaults per request. A body becomes a
 :class:`~blackbox_proxy.request.GenerationRequest` (its checks and messages, a 400 when one
 fails) within this server's limits. ``usage`` counts the prompt with the small models' tokenizer
@@ -186,7 +186,8 @@ def create_tuned_app(
                 max_tokens=default_max_tokens if body.max_tokens is None else max(1, body.max_tokens),
                 temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=list(body.stop) or None,
                 alpha=alpha if body.alpha is None else body.alpha, strategy=body.strategy or strategy,
-                chunk=chunk if body.chunk is None else body.chunk, samples=body.samples)
+                chunk=chunk if body.chunk is None else body.chunk, samples=body.samples,
+                drafts=body.drafts, tail_calls=body.tail_calls)
             tuner.check_request(request=request)
         except ProxyTuningError as exc:
             raise _error_for(exc, public) from None
