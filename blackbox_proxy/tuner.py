@@ -21,14 +21,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from . import _constants as C
 from .decoding import DecodeParams, DecoderBase, PerStepDecoder, ResampleDecoder, SpeculativeDecoder
-from .context_limits import check_fits as _check_fits, stop_at_context as _stop_at_context
-from .errors import ConfigurationError, ContextLimitError, HostedBadRequestError, ModeNotSupportedError
+from .context_limits import check_fits as _check_fits
+from .errors import ConfigurationError, ModeNotSupportedError
 from .hosts.client import AsyncHostedClient, HostedClient
 from .hosts.discover import discover, text_prompt_warning
 from .local.scorer import load_small_models
@@ -36,6 +35,7 @@ from .local.sessions import open_sessions
 from .rendering import (MISMATCH_WARNING, adapter_render, auto_render, hosted_chat_text, read_template,
                         renderings_disagree)
 from .request import STRATEGIES, GenerationRequest
+from .rounds import round_async, round_sync
 from .tokens.aligner import Aligner
 from .tokens.loaders import load_hosted_vocabulary
 from .tokens.vocab import Vocabulary
@@ -330,23 +330,28 @@ class ProxyTuner(_TunerBase):
         decoder = self.decoder(prompt, request=request, **options)
         try:
             while not decoder.done:
-                paid = decoder.usage.api_calls > 0
-                try:
-                    hosted_request = decoder.request()
-                    started = time.perf_counter()
-                    results = self.client.complete(hosted_request)
-                    paid = True
-                    decoder.observe(results, time.perf_counter() - started)
-                except (ContextLimitError, HostedBadRequestError) as exc:
-                    _stop_at_context(decoder, exc, paid)
+                round_sync(self.client, decoder, self._prefetcher())
         finally:
             decoder.expert.close()
             decoder.anti_expert.close()
         self._check_renderings(decoder)
         return decoder.result()
 
+    def _prefetcher(self) -> Any:
+        """One worker thread for :meth:`DecoderBase.prefetch` (torch releases the GIL)."""
+        if self._prefetch_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._prefetch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blackbox-proxy-prefetch")
+        return self._prefetch_pool
+
+    _prefetch_pool: Any = None
+
     def close(self) -> None:
         self.client.close()
+        if self._prefetch_pool is not None:
+            self._prefetch_pool.shutdown(wait=True)
+            self._prefetch_pool = None
 
     def __enter__(self) -> "ProxyTuner":
         return self
@@ -402,16 +407,7 @@ class AsyncProxyTuner(_TunerBase):
         shown, sent = "", 0  # text and trace steps handed out so far
         try:
             while not decoder.done:
-                paid = decoder.usage.api_calls > 0
-                try:
-                    hosted_request = decoder.request()
-                    started = time.perf_counter()
-                    results = await self.client.complete(hosted_request)
-                    paid = True
-                    await self._in_thread(decoder.observe, results, time.perf_counter() - started)
-                except (ContextLimitError, HostedBadRequestError) as exc:
-                    _stop_at_context(decoder, exc, paid)
-                    break
+                await round_async(self.client, decoder, self._in_thread)
                 text = decoder.stable_text()
                 if not decoder.done and len(text) > len(shown) and text.startswith(shown):
                     yield StreamEvent(text[len(shown):], steps=tuple(decoder.steps[sent:]))

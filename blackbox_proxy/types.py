@@ -165,7 +165,9 @@ class Usage:
     """Totals of one generation. ``draft_tokens``/``accepted_drafts``: speculative drafts
     examined and accepted (multi-draft: tree nodes); ``tail_calls``: speculative tail probes, API
     calls also counted in ``api_calls`` (:mod:`blackbox_proxy.maths.tail`); ``draft_sequences``:
-    drafts drawn by chunk calls (n per call, 1 for a single draft; every draft's tokens are billed)."""
+    drafts drawn by chunk calls (n per call, 1 for a single draft; every draft's tokens are billed);
+    ``overlapped_seconds``: small-model work done while an API call was in flight (not in
+    ``scoring_seconds``: it adds no wall time when the API is remote)."""
 
     api_calls: int = 0
     prompt_tokens: int = 0
@@ -177,6 +179,7 @@ class Usage:
     accepted_drafts: int = 0
     tail_calls: int = 0
     draft_sequences: int = 0
+    overlapped_seconds: float = 0.0
 
     def __add__(self, other: "Usage") -> "Usage":
         return Usage(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))

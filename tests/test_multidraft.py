@@ -334,3 +334,37 @@ def test_sampled_multidraft_over_http_repeats_with_a_seed(server_a, tok_a, score
     b = t.generate("A café in", max_tokens=12, temperature=1.0, seed=4, strategy="speculative", drafts=3)
     assert a.text == b.text and a.usage.draft_sequences > 0
     assert a.usage.completion_tokens >= a.usage.generated_tokens
+
+
+# ----- small-model work while the API call is in flight ---------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["per-step", "speculative"])
+def test_prefetch_while_waiting_changes_nothing_but_the_timing(server_a, tok_a, scorers_a, scorers_b, strategy,
+                                                              monkeypatch):
+    """The prefetch runs the small models over the committed text during each call; the texts
+    and every candidate's tuned probability are those of a run without it."""
+    import asyncio
+
+    from blackbox_proxy import AsyncProxyTuner
+    from blackbox_proxy.decoding.base import DecoderBase
+
+    for scorers in (scorers_a, scorers_b):
+        t = make(server_a, scorers, top_k=20, hosted_tokenizer=tok_a)
+        with_it = t.generate("A café in Zürich sells", max_tokens=12, strategy=strategy)
+        assert with_it.usage.overlapped_seconds > 0
+        with monkeypatch.context() as m:
+            m.setattr(DecoderBase, "prefetch", lambda self: None)
+            without = t.generate("A café in Zürich sells", max_tokens=12, strategy=strategy)
+        assert without.usage.overlapped_seconds == 0
+        assert with_it.text == without.text
+        for a, b in zip(with_it.trace, without.trace):
+            assert [c.prob for c in a.candidates] == pytest.approx([c.prob for c in b.candidates], abs=1e-6)
+
+        async def run_async():
+            async with AsyncProxyTuner(base_url=server_a.base_url, model="tiny", expert=scorers[0],
+                                       anti_expert=scorers[1], max_retries=0, top_k=20, hosted_tokenizer=tok_a) as at:
+                return await at.generate("A café in Zürich sells", max_tokens=12, strategy=strategy)
+
+        async_result = asyncio.run(run_async())
+        assert async_result.text == with_it.text and async_result.usage.overlapped_seconds > 0

@@ -186,6 +186,31 @@ class DecoderBase:
         return False
 
     # ----- scoring ---------------------------------------------------------------------------
+    def prefetch(self) -> None:
+        """Run the small models over the text committed so far, while the API call for the next
+        position is in flight: their KV caches then hold the context, and the scoring that
+        follows the answer computes only the candidates (all of it, for one position on the
+        same tokenizer, whose distribution is now known). Changes no result; a failure here is
+        left to the scoring that follows, which meets it again."""
+        if self.done or not self.prefetch_useful:
+            return
+        started = time.perf_counter()
+        if self.same_vocab and self.hosted_ids is not None:
+            ids = list(self.hosted_ids)
+        else:
+            ids, _ = self.aligner.split_context(self.continuation)
+        try:
+            self.expert.distributions_groups([(ids, ())])
+            self.anti_expert.distributions_groups([(ids, ())])
+        except Exception:  # noqa: BLE001 - the real scoring raises it with its context
+            return
+        self.usage = self.usage + Usage(overlapped_seconds=time.perf_counter() - started)
+
+    @property
+    def prefetch_useful(self) -> bool:
+        """Whether the next request's answer will be scored after the committed text."""
+        return True
+
     def _consistent(self, candidates: Sequence[Candidate], before: bytes | None = None) -> tuple[list[Candidate], int]:
         """Candidates a text prompt can carry on from, and how many were excluded.
 

@@ -88,6 +88,10 @@ class SpeculativeDecoder(TailProbes, DecoderBase):
         request = self._request(max_tokens=n, temperature=1.0, seed=seed)
         return dataclasses.replace(request, n=drafts) if drafts > 1 else request
 
+    @property
+    def prefetch_useful(self) -> bool:
+        return self._walking is None  # a tail probe's answer needs no small-model scoring
+
     def drafts_next(self) -> int:
         """Drafts the next chunk call asks for (:func:`~blackbox_proxy.decoding.multidraft.choose_drafts`):
         1 where the host returns one choice per call, the user capped it at 1, or (sampling
