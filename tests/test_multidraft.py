@@ -368,3 +368,28 @@ def test_prefetch_while_waiting_changes_nothing_but_the_timing(server_a, tok_a, 
 
         async_result = asyncio.run(run_async())
         assert async_result.text == with_it.text and async_result.usage.overlapped_seconds > 0
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_text_prompt_trees_end_on_whole_characters(server_a, tok_a, scorers_a, temperature):
+    """Without a hosted tokenizer (text prompts) random tiny models draw lone UTF-8 pieces; every
+    tree walk must still leave a whole-character continuation, greedy and sampled."""
+    t = make(server_a, scorers_a, top_k=8, hosted_tokenizer="none")
+    drafted = 0
+    for i in range(8):
+        result = t.generate(f"Question: {i}", max_tokens=6, temperature=temperature, seed=i, strategy="speculative",
+                            drafts=4)
+        assert "\ufffd" not in result.text
+        drafted += result.usage.draft_sequences
+    assert drafted > 8  # several drafts per call were asked
+
+
+def test_text_prompt_greedy_equals_per_step(server_a, tok_a, scorers_b):
+    """With text prompts, greedy speculative (one draft or a tree) chooses among the candidates
+    a text prompt can end on, as per-step greedy does: the same text."""
+    t = make(server_a, scorers_b, top_k=20, hosted_tokenizer="none")
+    for prompt in ["A café in Zürich sells", "Question: 7", "Numbers: 1 2"]:
+        per_step = t.generate(prompt, max_tokens=10)
+        for drafts in (1, 4):
+            spec = t.generate(prompt, max_tokens=10, strategy="speculative", drafts=drafts)
+            assert spec.text == per_step.text, (prompt, drafts)

@@ -78,17 +78,23 @@ def test_greedy_walk():
     assert walk_greedy([agree, agree], 1.0).rejected_at is None
 
 
-def test_text_prompt_masks_only_the_replacement():
-    """With text prompts (``allowed``), drafts ending inside a character may be accepted (the
-    chunk is cut back to a whole character later); a replacement must end on a whole one, and
-    when none can, the walk stops at the rejection with no replacement."""
+def test_text_prompt_masks():
+    """With text prompts (``allowed``): greedy takes the argmax over the candidates a text prompt
+    can end on, as per-step greedy does (a draft outside them is rejected, whatever its score);
+    sampling may accept a draft ending inside a character (the chunk is cut back to a whole
+    character later), and its replacement must end on a whole one; when none can, the walk
+    stops at the rejection with no replacement."""
     none = torch.tensor([False, False])
+    both = torch.tensor([True, True])
     agree = row([0.7, 0.3], [0.0, 0.0], 0)
     flips = row([0.6, 0.4], [0.0, 1.0], 0)
-    walk = walk_greedy([agree, flips], 1.0, [none, none])  # draft 0 at t=0 is the argmax: kept
+    walk = walk_greedy([agree, flips], 1.0, [both, none])  # t=0 kept; at t=1 nothing can end a character
     assert (walk.accepted, walk.rejected_at, walk.replacement) == (1, 1, None)
-    walk = walk_greedy([agree, row([0.6, 0.4], [0.0, -1.0], 1)], 1.0, [none, torch.tensor([True, False])])
+    walk = walk_greedy([agree, row([0.6, 0.4], [0.0, -1.0], 1)], 1.0, [both, torch.tensor([True, False])])
     assert (walk.accepted, walk.rejected_at, walk.replacement) == (1, 1, 0)
+    # the draft is the argmax over C but leaves half a character: rejected, the best whole one replaces it
+    walk = walk_greedy([agree], 1.0, [torch.tensor([False, True])])
+    assert (walk.accepted, walk.rejected_at, walk.replacement) == (0, 0, 1)
     gen = torch.Generator().manual_seed(0)
     ruled_out = row([0.6, 0.4], [-math.inf, LOG(3)], 0)
     walk = walk_sampled([ruled_out], 1.0, gen, [none])

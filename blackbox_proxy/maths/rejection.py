@@ -77,7 +77,8 @@ Reaching the tail (issue 16)
    ``tail_calls = 0``, a probe answered with a banned token or with logprobs that are not the
    model's own (checked on its top-1), and text prompts whose prefix ends inside a character.
 
-Greedy variant: drafts are accepted while they are the proxy-tuned argmax over C; the argmax
+Greedy variant: drafts are accepted while they are the proxy-tuned argmax over C (over the
+candidates a text prompt can end on, with text prompts: per-step greedy's set); the argmax
 replaces the first one that is not.
 
 Example (known answer: p_L = (.5, .3, .2), w = (1, 2, .5), so Z = 1.2)::
@@ -249,20 +250,22 @@ def walk_sampled(positions: Sequence[PositionScore], alpha: float, generator: to
 
 def walk_greedy(positions: Sequence[PositionScore], alpha: float,
                 allowed: Sequence[torch.Tensor | None] | None = None) -> Walk:
-    """Accept the API's greedy drafts while they are the proxy-tuned argmax over C; the
-    replacement at the first mismatch is the argmax over the ``allowed`` candidates (bool
-    ``[C_t]``: those a text prompt can end on), or none when no candidate is allowed there."""
+    """Accept the API's greedy drafts while they are the proxy-tuned argmax over C, taken over
+    the ``allowed`` candidates when given (bool ``[C_t]``: those a text prompt can end on, the
+    set per-step greedy chooses among); the replacement at the first mismatch is that argmax,
+    or none when no candidate is allowed there."""
     for t, pos in enumerate(positions):
         scores = pos.hosted_logprobs.double() + alpha * pos.delta.double()
-        if int(torch.argmax(scores)) == pos.draft:
-            continue
         mask = allowed[t] if allowed is not None else None
         if mask is not None:
             if not bool(mask.any()):
                 return Walk(t, t, None, (1.0,) * t + (0.0,), (), (), (
                     f"position {t}: rejected, and no candidate ends on a whole UTF-8 character (text prompt)",))
             scores = torch.where(mask, scores, torch.full_like(scores, -math.inf))
-        return Walk(t, t, int(torch.argmax(scores)), (1.0,) * t + (0.0,), (), (), ())
+        best = int(torch.argmax(scores))
+        if best == pos.draft:
+            continue
+        return Walk(t, t, best, (1.0,) * t + (0.0,), (), (), ())
     return Walk(len(positions), None, None, (1.0,) * len(positions), (), (), ())
 
 

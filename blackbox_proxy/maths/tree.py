@@ -147,20 +147,17 @@ def node_sampled(node: NodeScore, alpha: float, uniforms: Sequence[float], gener
 
 def node_greedy(node: NodeScore, alpha: float, top: torch.Tensor, mask: torch.Tensor | None = None) -> NodeStep:
     """Keep the first child that is the proxy-tuned argmax over the candidates in ``top`` (bool
-    ``[C]``: the API's top-k, what per-step greedy chooses among), else output that argmax, taken
-    over the candidates in ``mask`` too when given (bool ``[C]``: those a text prompt can end on;
-    as in :func:`~blackbox_proxy.maths.rejection.walk_greedy`, only the output is masked)."""
+    ``[C]``: the API's top-k) and in ``mask`` when given (bool ``[C]``: those a text prompt can
+    end on), i.e. over what per-step greedy chooses among; else output that argmax."""
     scores = node.hosted_logprobs.double() + alpha * node.delta.double()
-    best = int(torch.argmax(torch.where(top, scores, torch.full_like(scores, -math.inf))))
+    allowed = top if mask is None else top & mask
+    if not bool(allowed.any()):
+        return NodeStep(None, None, (0.0,) * len(node.children), math.nan, "",
+                        "rejected, and no candidate ends on a whole UTF-8 character (text prompt)")
+    best = int(torch.argmax(torch.where(allowed, scores, torch.full_like(scores, -math.inf))))
     for j, child in enumerate(node.children):
         if child == best:
             return NodeStep(j, None, (0.0,) * j + (1.0,), math.nan, "")
-    if mask is not None:
-        allowed = top & mask
-        if not bool(allowed.any()):
-            return NodeStep(None, None, (0.0,) * len(node.children), math.nan, "",
-                            "rejected, and no candidate ends on a whole UTF-8 character (text prompt)")
-        best = int(torch.argmax(torch.where(allowed, scores, torch.full_like(scores, -math.inf))))
     return NodeStep(None, best, (0.0,) * len(node.children), math.nan, "")
 
 
