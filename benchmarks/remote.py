@@ -12,8 +12,10 @@ token, the ttft jittered by ±jitter (10%, seeded). The unmodified ProxyTuner, w
 expert/anti-expert pair, talks to it through its normal client.
 
 Per strategy and decoding (per-step greedy; speculative greedy and speculative sampling at
-temperature 1, each with one draft per call and with the default adaptive multi-draft calls)
-on the demo's held-out problems it reports: API calls per generated token; API wait and wall time as multiples of plain generation (one call that produces the same tokens:
+temperature 1, each with one draft per call and with several (greedy's default: adaptive, up to 4;
+sampling's default is one draft, so its row with several drafts uses --drafts 4's cap))
+on the demo's held-out problems it reports: API calls per generated token; API wait and wall
+time as multiples of plain generation (one call that produces the same tokens:
 ttft + per_token × (tokens − 1) per answer, the physical limit); local scoring seconds per
 token after the answers arrived, and overlapped with the calls (the prefetch); billed prompt
 and completion tokens per generated token; the cost of 1,000 generated
@@ -47,7 +49,7 @@ from blackbox_proxy.types import Usage  # noqa: E402
 
 # (strategy, decoding, temperature, drafts per call: None = the default, adaptive)
 RUNS = (("per-step", "greedy", 0.0, None), ("speculative", "greedy", 0.0, 1), ("speculative", "greedy", 0.0, None),
-        ("speculative", "sampling", 1.0, 1), ("speculative", "sampling", 1.0, None))
+        ("speculative", "sampling", 1.0, None), ("speculative", "sampling", 1.0, 4))
 PRICE_PROMPT, PRICE_COMPLETION = 1.50, 2.00  # $ per million tokens: gpt-3.5-turbo-instruct's list price
 MISS_HINT = ("run benchmarks/remote.py again with --record (and the same --problems, --max-tokens, --alpha, --top-k, "
              "--chunk, --drafts) to fill it from the hosted stand-in")
@@ -65,7 +67,8 @@ def run_workload(base_url: str, args: argparse.Namespace, items: list, pair: tup
         for strategy, decoding, temperature, drafts in RUNS:
             if strategy == "speculative":
                 drafts = args.drafts if drafts is None else drafts
-                decoding += ", 1 draft" if drafts == 1 else f", drafts ≤ {drafts}" if drafts else ", adaptive drafts"
+                default = "adaptive drafts" if temperature == 0 else "1 draft"
+                decoding += ", 1 draft" if drafts == 1 else f", drafts ≤ {drafts}" if drafts else f", {default} (default)"
             total, wall, plain, plain_cost, right = Usage(), 0.0, 0.0, 0.0, 0
             for i, p in enumerate(items):
                 started = time.perf_counter()

@@ -165,7 +165,7 @@ class GenerationRequest(BaseModel):
     chunk: int | None = None  # speculative: fixed chunk length; None = adaptive
     samples: int | None = None  # resample: answers drawn; None = the default
     tail_calls: int = 1  # speculative: most tail-probe calls per rejection (0: the candidates-only rule)
-    drafts: int | None = None  # speculative: most drafts per chunk call; None = adaptive (up to 4)
+    drafts: int | None = None  # speculative: most drafts per chunk call; None = greedy adaptive up to 4, sampling 1
 
     @classmethod
     def build(cls, **options: Any) -> "GenerationRequest":

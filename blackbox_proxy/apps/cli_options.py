@@ -116,7 +116,7 @@ GENERATION_OPTIONS: dict[str, dict[str, Any]] = {
                        help="speculative: most API calls per rejection that probe beyond the top-k (logit_bias; "
                             "0 = candidates only)"),
     "drafts": dict(type=int, help="speculative: most drafts per API call (n choices, verified as a tree) "
-                                  "[default: adaptive, 1-4]"),
+                                  "[default: greedy adaptive 1-4, sampling 1]"),
 }
 
 

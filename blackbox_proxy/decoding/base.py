@@ -53,7 +53,7 @@ class DecodeParams:
     chunk: int | None = None  # speculative: fixed chunk length, None = adaptive
     tail_calls: int = 1  # speculative: most tail-probe calls per position (0: candidates-only rule)
     tail_draws: int = 16  # speculative: draws per tail probe (over several calls when the host caps n)
-    drafts: int | None = None  # speculative: most drafts per chunk call (n choices), None = adaptive up to 4
+    drafts: int | None = None  # speculative: most drafts per chunk call (n choices); None = greedy adaptive up to 4, sampling 1
 
 
 def _same_vocab_logprobs(dist: torch.Tensor, candidates: Sequence[Candidate], vocab: Vocabulary) -> list[float]:

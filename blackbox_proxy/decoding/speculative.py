@@ -20,10 +20,10 @@ Two sampled walks of one draft:
   and at any position where a probe cannot be asked or was answered wrongly.
 
 *Several drafts per call* (``multidraft.py``): where the host returns n choices per call, a
-chunk call asks for up to ``params.drafts`` (adaptive, at most 4 by default) drafts, walked as a
-token tree (:mod:`blackbox_proxy.maths.tree`: multi-round rejection, exact like one draft; the
-greedy walk keeps the longest path that is the tuned argmax). Sampling keeps one draft where
-tail probes apply unless ``drafts`` is given (the tree walk uses the candidates-only rule).
+chunk call asks for up to ``params.drafts`` drafts (greedy: adaptive, at most 4 by default;
+sampling: one unless ``drafts`` is given), walked as a token tree (:mod:`blackbox_proxy.maths.tree`:
+multi-round rejection, exact like one draft, with the candidates-only rule for the tail; the
+greedy walk keeps the longest path that is the tuned argmax).
 
 What this module adds to the maths: the requests (seeded from the decoder's generator), scoring
 every walked position in one batched forward per model, cutting a chunk where a draft is
@@ -94,13 +94,12 @@ class SpeculativeDecoder(TailProbes, DecoderBase):
 
     def drafts_next(self) -> int:
         """Drafts the next chunk call asks for (:func:`~blackbox_proxy.decoding.multidraft.choose_drafts`):
-        1 where the host returns one choice per call, the user capped it at 1, or (sampling
-        without a cap given) where tail probes apply, which the single-draft walk alone uses."""
+        1 where the host returns one choice per call or the user capped it at 1, and when
+        sampling unless ``drafts`` is given: on the embedded default, sampled trees saved no
+        calls and cost 3x the scoring (benchmarks/remote.py), and the single-draft walk alone
+        asks tail probes."""
         cap = min(self.params.drafts or DEFAULT_MAX_DRAFTS, self.max_choices)
-        if cap <= 1 or self.mode == "chat":
-            return 1
-        if not self.greedy and self.params.drafts is None and self.params.tail_calls > 0 and self.logit_bias_cap > 0 \
-                and self.same_vocab:
+        if cap <= 1 or self.mode == "chat" or (not self.greedy and self.params.drafts is None):
             return 1
         return choose_drafts(self.tree.first_accepted, self.tree.nodes, cap)
 
