@@ -2,7 +2,7 @@
 
     python benchmarks/remote.py [--problems 6] [--max-tokens 40] [--alpha 1] [--json]
         [--ttft 0.4] [--per-token 0.015] [--jitter 0.1] [--price-prompt 1.5] [--price-completion 2.0]
-        [--recording PATH] [--record]
+        [--recording PATH] [--record] [--drafts N] [--no-prefetch]
 
 A hosted stand-in on the same 2 cores says nothing about a remote API's wall time, so the hosted
 model is replayed: its answers (Gemma-3-270M behind `serve-model`, the embedded default) are
@@ -145,11 +145,17 @@ def main() -> None:
                     help="the recorded answers, JSON lines (default: under the model cache)")
     ap.add_argument("--record", action="store_true", help="fill misses from the hosted stand-in, then measure")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ap.add_argument("--no-prefetch", action="store_true",
+                    help="do not run the small models while a call is in flight (to measure what it hides)")
     args = ap.parse_args()
     if args.problems < 1 or args.max_tokens < 1 or args.top_k < 1 or (args.chunk is not None and args.chunk < 1):
         ap.error("--problems, --max-tokens, --top-k and --chunk must be >= 1")
     if args.price_prompt < 0 or args.price_completion < 0:
         ap.error("prices must be >= 0")
+    if args.no_prefetch:
+        from blackbox_proxy.decoding.base import DecoderBase
+
+        DecoderBase.prefetch = lambda self: None  # the old behaviour: all scoring after each answer
     try:
         latency = LatencyModel(ttft=args.ttft, per_token=args.per_token, jitter=args.jitter, seed=args.seed)
         rows, source = measure(args, latency)
