@@ -7,15 +7,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from ..maths.rejection import PositionScore
 from ..types import Candidate, HostedPosition, HostedResult
-
-if TYPE_CHECKING:
-    from .probe_walk import Tail
 
 MAX_STALLED_CHUNKS = 8  # chunks in a row that add nothing before giving up
 # Adaptive chunk length: bounds, and the prior on the acceptance rate (3 of 4 drafts accepted).
@@ -57,5 +54,5 @@ class ChunkWalk:
     accepted: int = 0
     rejected_at: int | None = None
     replacement: Candidate | None = None
-    paused: "Tail | None" = None
+    paused: Any = None  # a probe_walk.Tail while the walk waits for a tail probe
     tail_calls: int = 0
