@@ -62,3 +62,8 @@ class HostedRateLimitError(HostedAPIError):
 
 class HostedResponseError(HostedAPIError):
     """The hosted API answered, but without the logprobs the method needs."""
+
+
+class ScorerBackendError(ProxyTuningError):
+    """A remote scoring backend (``--scorer-url``, e.g. vLLM) failed or answered something
+    unusable in the middle of a generation."""

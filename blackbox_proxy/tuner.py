@@ -83,6 +83,10 @@ class _TunerBase:
             one, else the expert's (the small models render messages with their own templates).
         batch_scoring: share the small models' forwards among concurrent generations
             (:mod:`blackbox_proxy.local.batching`); on by default in the async tuner.
+        scorer_url: a vLLM server that serves the small models (:mod:`blackbox_proxy.local.vllm_scorer`);
+            ``expert`` and ``anti_expert`` then name served models (e.g. a LoRA module and its base).
+            Default: the models run in this process. Scoring backends built by hand (a
+            :class:`~blackbox_proxy.local.backend.ScoringBackend`) can be passed as expert/anti_expert.
     """
 
     _client_class: type = HostedClient
@@ -112,6 +116,7 @@ class _TunerBase:
         cache: Any = None,
         batch_scoring: bool | None = None,
         chat_template: str | None = None,
+        scorer_url: str | None = None,
     ) -> None:
         if mode not in MODES:
             raise ConfigurationError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -153,7 +158,7 @@ class _TunerBase:
             renders = (self._adapter_render(expert_render, anti_expert_render),) * 2
         self.expert, self.anti_expert = load_small_models(
             expert=expert, anti_expert=anti_expert, expert_adapter=expert_adapter, device=device,
-            expert_render=renders[0], anti_expert_render=renders[1],
+            expert_render=renders[0], anti_expert_render=renders[1], scorer_url=scorer_url,
         )
         if discover:
             self._discover_hosted_tokenizer()

@@ -84,6 +84,8 @@ def generate(**o: Any) -> None:
     if o["strategy"] == "white-box":
         if not o["base"]:
             raise ConfigurationError("the white-box strategy needs the large model locally: pass --base MODEL")
+        if o["scorer_url"]:
+            raise ConfigurationError("--scorer-url is for the black-box strategies; white-box runs all three models here")
         # white-box decodes token by token locally: the per-step options, no chunk or samples
         request = GenerationRequest.build(prompt=o["prompt"], **dict(options, strategy=None, chunk=None, samples=None))
         from ..whitebox import WhiteBoxTuner

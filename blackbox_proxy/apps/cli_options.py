@@ -35,7 +35,7 @@ Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 # ----- the tuner ------------------------------------------------------------------------------
 TUNER_KEYS = ("base_url", "api_key", "model", "mode", "expert", "expert_adapter", "anti_expert", "top_k",
               "hosted_tokenizer", "dialect", "device", "expert_render", "anti_expert_render", "cache", "timeout",
-              "max_retries", "chat_template")
+              "max_retries", "chat_template", "scorer_url")
 _RENDERS = click.Choice(["auto", "chat", "raw"])
 
 
@@ -71,6 +71,9 @@ def tuner_options(fn: Any, *, hosted_key_flag: str = "--api-key") -> Any:
         click.option("--chat-template", default=None, type=click.Path(dir_okay=False),
                      help="a Jinja chat template file for chat messages sent to a completions host (default: the "
                           "hosted tokenizer's, else the expert's)"),
+        click.option("--scorer-url", envvar="BLACKBOX_PROXY_SCORER_URL", default=None,
+                     help="a vLLM server that serves the small models; --expert and --anti-expert then name its "
+                          "models (e.g. a LoRA module and its base) [env BLACKBOX_PROXY_SCORER_URL]"),
         click.option("--device", default=None, help="torch device for the small models (default: cuda, mps, else cpu)"),
         click.option("--cache", "cache", default=None, type=click.Path(dir_okay=False),
                      help="SQLite response cache: identical API requests are answered from it, not paid twice"),

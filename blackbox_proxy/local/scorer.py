@@ -21,6 +21,7 @@ import torch
 from ..errors import ConfigurationError, ModelLoadError, TokenizerMismatchError
 from ..tokens.loaders import vocabulary_from_hf
 from ..tokens.vocab import Vocabulary
+from .backend import ScoringBackend, render_prompt_ids, resolve_render
 from .engine import CachedContext, model_lock, select_device
 from .sessions import ScorerSession
 
@@ -58,15 +59,10 @@ class Scorer:
     ) -> None:
         if adapter is not None and not hasattr(model, "disable_adapter"):
             raise ConfigurationError("adapter=True/False needs a peft model (PeftModel) with a LoRA adapter")
-        if render not in ("auto", "chat", "raw"):
-            raise ConfigurationError(f"render must be 'auto', 'chat' or 'raw', got {render!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name or str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
-        has_template = bool(getattr(tokenizer, "chat_template", None))
-        if render == "chat" and not has_template:
-            raise ConfigurationError(f"{self.name} has no chat template; use render='raw'")
-        self.render = ("chat" if has_template else "raw") if render == "auto" else render
+        self.render = resolve_render(render, tokenizer, self.name)
         self.adapter = adapter
         self.adapter_name: str | None = None
         if adapter is not None:
@@ -154,25 +150,8 @@ class Scorer:
         Chat messages are rendered with this model's chat template whatever ``render`` says (they
         have no raw form); without a template, ``prompt`` (the hosted model's rendering) is used.
         A text prompt is rendered as ``render`` says."""
-        has_template = bool(getattr(self.tokenizer, "chat_template", None))
-        if self.render == "chat" or (messages is not None and has_template):
-            if messages is None:
-                messages = [{"role": "user", "content": prompt or ""}]
-            text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-            ids = list(self.tokenizer.encode(text, add_special_tokens=False))
-        else:
-            if prompt is None:
-                raise ConfigurationError(
-                    f"{self.name} renders raw text (no chat template): pass prompt=TEXT, not messages"
-                )
-            ids = list(self.tokenizer.encode(prompt, add_special_tokens=True))
-        if not ids:
-            raise ConfigurationError(f"the prompt renders to no tokens for {self.name}; pass a non-empty prompt")
-        if self.max_length and len(ids) >= self.max_length:
-            raise ConfigurationError(
-                f"the prompt is {len(ids)} tokens for {self.name}, whose context is {self.max_length}; shorten it"
-            )
-        return ids
+        return render_prompt_ids(self.tokenizer, self.render, self.name, self.max_length, prompt=prompt,
+                                 messages=messages)
 
     # ----- forward helpers ----------------------------------------------------------------------
     def forward_context(self) -> Any:
@@ -347,9 +326,10 @@ def check_adapter_base(adapter: str, model: Any, base: str) -> None:
     raise ConfigurationError(message)
 
 
-def load_scorer(spec: Any, *, device: str | None, render: str, role: str) -> Scorer:
-    """``spec`` itself when it is a :class:`Scorer`, else the model it names, loaded."""
-    if isinstance(spec, Scorer):
+def load_scorer(spec: Any, *, device: str | None, render: str, role: str) -> ScoringBackend:
+    """``spec`` itself when it is a :class:`Scorer` or another scoring backend
+    (:class:`~blackbox_proxy.local.backend.ScoringBackend`), else the model it names, loaded."""
+    if isinstance(spec, (Scorer, ScoringBackend)):
         return spec
     if not isinstance(spec, str) or not spec:
         raise ConfigurationError(f"{role} must be a model name/path or a Scorer, got {spec!r}")
@@ -357,8 +337,15 @@ def load_scorer(spec: Any, *, device: str | None, render: str, role: str) -> Sco
 
 
 def load_small_models(*, expert: Any, anti_expert: Any, expert_adapter: str | None, device: str | None,
-                      expert_render: str, anti_expert_render: str) -> tuple[Scorer, Scorer]:
-    """(expert, anti-expert) scorers: two models, or one base with a LoRA adapter on and off."""
+                      expert_render: str, anti_expert_render: str,
+                      scorer_url: str | None = None) -> tuple[ScoringBackend, ScoringBackend]:
+    """(expert, anti-expert) scorers: two models, or one base with a LoRA adapter on and off; with
+    ``scorer_url``, the two models of that name served by vLLM (:mod:`blackbox_proxy.local.vllm_scorer`)."""
+    if scorer_url is not None:
+        from .vllm_scorer import connect
+
+        return connect(scorer_url, expert=expert, anti_expert=anti_expert, expert_adapter=expert_adapter,
+                       expert_render=expert_render, anti_expert_render=anti_expert_render)
     if expert_adapter is not None:
         if expert is not None:
             raise ConfigurationError("pass either an expert model or an expert adapter (over the anti-expert), not both")

@@ -378,8 +378,14 @@ def open_sessions(expert: Scorer, expert_ids: Sequence[int], anti: Scorer, anti_
                   *, batching: bool = False) -> tuple[Any, Any]:
     """Sessions for the expert and anti-expert: one batched pair when they are the same peft
     model with the adapter on/off and see the same prompt tokens, else two plain sessions.
-    ``batching``: share forwards with concurrent generations (:mod:`blackbox_proxy.local.batching`)."""
-    if list(expert_ids) == list(anti_ids) and check_mixed_batch(expert, anti):
+    ``batching``: share forwards with concurrent generations (:mod:`blackbox_proxy.local.batching`).
+    A backend with ``open_pair`` (:mod:`blackbox_proxy.local.backend`) pairs its own sessions."""
+    pair = getattr(expert, "open_pair", None)
+    sessions = pair(expert_ids, anti, anti_ids, batching=batching) if pair is not None else None
+    if sessions is not None:
+        return sessions
+    local = hasattr(expert, "_mixed_ok") and hasattr(anti, "model")  # two local Scorers
+    if local and list(expert_ids) == list(anti_ids) and check_mixed_batch(expert, anti):
         shared = _SharedPair(expert, anti, expert_ids, batching=batching)
         return PairedSession(shared, expert, 0), PairedSession(shared, anti, 1)
     return expert.session(expert_ids, batching=batching), anti.session(anti_ids, batching=batching)
