@@ -116,7 +116,11 @@ class DecoderBase:
         self.hosted_prompt_ids = list(hosted_prompt_ids) if hosted_prompt_ids is not None else None
         self.settings = dict(settings or {})
         self.generator = torch.Generator()
-        self.generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        # Greedy decoding draws nothing itself; its generator only seeds the API's draws (multi-draft
+        # chunks), so it is fixed: the same greedy generation sends the same requests (a response
+        # cache or a recording answers them again).
+        seed = params.seed if params.seed is not None else 0 if params.temperature == 0 else None
+        self.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
         self.continuation = b""
         self.hosted_ids: list[int] | None = []  # None once a chosen token has no known id
         self.generated = 0
