@@ -8,7 +8,6 @@ A context limit met after paid calls ends the generation there with ``finish_rea
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
@@ -40,18 +39,16 @@ def round_sync(client: Any, decoder: DecoderBase, pool: Executor) -> None:
 async def round_async(client: Any, decoder: DecoderBase,
                       in_thread: Callable[..., Awaitable[Any]]) -> None:
     """One round with an :class:`~blackbox_proxy.hosts.client.AsyncHostedClient`; local work
-    (prefetch, observe) runs through ``in_thread`` so the event loop stays free."""
+    (observe) runs through ``in_thread`` so the event loop stays free. No prefetch here: the
+    async tuner's forwards are shared with concurrent generations (the scoring queue), and a
+    prefetch in that queue made the batches, hence the last float bits and a near tie, depend on
+    timing; a repeated batch then sent a request its response cache did not hold. Concurrent
+    generations already overlap scoring with each other's API waits."""
     paid = decoder.usage.api_calls > 0
     try:
         request = decoder.request()
         started = time.perf_counter()
-        call = asyncio.ensure_future(client.complete(request))
-        try:
-            await in_thread(decoder.prefetch)
-        except BaseException:
-            call.cancel()
-            raise
-        results = await call
+        results = await client.complete(request)
         paid = True
         await in_thread(decoder.observe, results, time.perf_counter() - started)
     except (ContextLimitError, HostedBadRequestError) as exc:
