@@ -44,14 +44,6 @@ __all__ = ["ForcedStep", "ForcedText", "TeacherForcing", "drive_async", "forced_
            "open_forcing", "teacher_force", "teacher_force_async"]
 
 
-def _whole(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
 @dataclass(frozen=True)
 class ForcedStep:
     """One teacher-forced position: ``logprob`` of the reference token under the tuned
@@ -86,7 +78,9 @@ def forced_step(decoder: Any, candidates: Sequence[Candidate], remaining: bytes,
     else:
         best = [(len(c.data), i) for i, c in enumerate(cands) if not c.is_end and c.data and remaining.startswith(c.data)]
         hit = max(best)[1] if best else None
-        width = next((n for n in range(1, 5) if _whole(remaining[:n])), 1)
+        from .decoding.base import is_utf8  # (torch-bound; imported when forcing runs)
+
+        width = next((n for n in range(1, 5) if is_utf8(remaining[:n])), 1)
         fallback = Candidate(text=remaining[:width].decode("utf-8", errors="replace"), data=remaining[:width],
                              logprob=-math.inf)
     if hit is None and not (cands and top_on_miss):
