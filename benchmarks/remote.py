@@ -2,7 +2,7 @@
 
     python benchmarks/remote.py [--problems 6] [--max-tokens 40] [--alpha 1] [--json]
         [--ttft 0.4] [--per-token 0.015] [--jitter 0.1] [--price-prompt 1.5] [--price-completion 2.0]
-        [--recording PATH] [--record] [--drafts N] [--no-prefetch]
+        [--recording PATH] [--record] [--drafts N] [--no-prefetch] [--no-stream]
 
 A hosted stand-in on the same 2 cores says nothing about a remote API's wall time, so the hosted
 model is replayed: its answers (Gemma-3-270M behind `serve-model`, the embedded default) are
@@ -11,9 +11,9 @@ time a remote API would take: ttft (default 0.4 s) plus per_token (15 ms) for ea
 token, the ttft jittered by ±jitter (10%, seeded). The unmodified ProxyTuner, with the SmolLM2
 expert/anti-expert pair, talks to it through its normal client.
 
-Per strategy and decoding (per-step greedy; speculative greedy and speculative sampling at
-temperature 1, each with one draft per call and with several (greedy's default: adaptive, up to 4;
-sampling's default is one draft, so its row with several drafts uses --drafts 4's cap))
+Per strategy and decoding (per-step greedy; speculative greedy with whole chunks of one draft,
+of adaptive drafts (up to 4), and streamed (the default on this host: one draft per call, each
+stream closed at its first rejection); speculative sampling at temperature 1, whole and streamed)
 on the demo's held-out problems it reports: API calls per generated token; API wait and wall
 time as multiples of plain generation (one call that produces the same tokens:
 ttft + per_token × (tokens − 1) per answer, the physical limit); local scoring seconds per
@@ -47,9 +47,10 @@ from blackbox_proxy.harness.replay import LatencyModel, ReplayHost  # noqa: E402
 from blackbox_proxy.harness.tasks import STOP, problems, score  # noqa: E402
 from blackbox_proxy.types import Usage  # noqa: E402
 
-# (strategy, decoding, temperature, drafts per call: None = the default, adaptive)
-RUNS = (("per-step", "greedy", 0.0, None), ("speculative", "greedy", 0.0, 1), ("speculative", "greedy", 0.0, None),
-        ("speculative", "sampling", 1.0, None), ("speculative", "sampling", 1.0, 4))
+# (strategy, decoding, temperature, drafts per call: None = the default, streamed chunks)
+RUNS = (("per-step", "greedy", 0.0, None, False), ("speculative", "greedy", 0.0, 1, False),
+        ("speculative", "greedy", 0.0, None, False), ("speculative", "greedy", 0.0, None, True),
+        ("speculative", "sampling", 1.0, None, False), ("speculative", "sampling", 1.0, None, True))
 PRICE_PROMPT, PRICE_COMPLETION = 1.50, 2.00  # $ per million tokens: gpt-3.5-turbo-instruct's list price
 MISS_HINT = ("run benchmarks/remote.py again with --record (and the same --problems, --max-tokens, --alpha, --top-k, "
              "--chunk, --drafts) to fill it from the hosted stand-in")
@@ -64,11 +65,16 @@ def run_workload(base_url: str, args: argparse.Namespace, items: list, pair: tup
                     top_k=args.top_k, check_hosted=True) as tuner:
         tuner.generate(items[0].hosted_prompt(), max_tokens=3)  # warm-up, self-checks
         prompt_tokens = [len(tuner.hosted_vocab.encode_prompt(p.hosted_prompt())) for p in items]
-        for strategy, decoding, temperature, drafts in RUNS:
+        host_streams = tuner.client.streams_logprobs  # the dialect streams logprobs (this project's server: yes)
+        for strategy, decoding, temperature, drafts, streamed in RUNS:
+            if streamed and (args.no_stream or not host_streams):
+                continue
             if strategy == "speculative":
                 drafts = args.drafts if drafts is None else drafts
-                default = "adaptive drafts" if temperature == 0 else "1 draft"
-                decoding += ", 1 draft" if drafts == 1 else f", drafts ≤ {drafts}" if drafts else f", {default} (default)"
+                default = "adaptive drafts" if temperature == 0 and not streamed else "1 draft"
+                decoding += ", 1 draft" if drafts == 1 else f", drafts ≤ {drafts}" if drafts else f", {default}"
+                decoding += ", streamed (default)" if streamed else ", whole chunks"
+            tuner.client.stream_chunks = streamed
             total, wall, plain, plain_cost, right = Usage(), 0.0, 0.0, 0.0, 0
             for i, p in enumerate(items):
                 started = time.perf_counter()
@@ -145,6 +151,7 @@ def main() -> None:
                     help="the recorded answers, JSON lines (default: under the model cache)")
     ap.add_argument("--record", action="store_true", help="fill misses from the hosted stand-in, then measure")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ap.add_argument("--no-stream", action="store_true", help="leave out the rows with streamed chunks")
     ap.add_argument("--no-prefetch", action="store_true",
                     help="do not run the small models while a call is in flight (to measure what it hides)")
     args = ap.parse_args()

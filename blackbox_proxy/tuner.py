@@ -87,6 +87,9 @@ class _TunerBase:
             ``expert`` and ``anti_expert`` then name served models (e.g. a LoRA module and its base).
             Default: the models run in this process. Scoring backends built by hand (a
             :class:`~blackbox_proxy.local.backend.ScoringBackend`) can be passed as expert/anti_expert.
+        stream_chunks: stream speculative chunk calls and close each at its first rejected draft
+            (:mod:`blackbox_proxy.hosts.streaming`); None (default): where the host's dialect
+            streams logprobs (OpenAI, vLLM, this project's servers).
     """
 
     _client_class: type = HostedClient
@@ -117,6 +120,7 @@ class _TunerBase:
         batch_scoring: bool | None = None,
         chat_template: str | None = None,
         scorer_url: str | None = None,
+        stream_chunks: bool | None = None,
     ) -> None:
         if mode not in MODES:
             raise ConfigurationError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -149,6 +153,7 @@ class _TunerBase:
             max_retries=max_retries,
             token_prompts=token_prompts,
             cache=cache,
+            stream_chunks=stream_chunks,
         )
         if check_hosted:
             self._check_hosted()
@@ -299,6 +304,7 @@ class _TunerBase:
             decoder.end_ids = tuple(sorted(self.hosted_vocab.end_ids))
         decoder.logit_bias_cap = self.client.logit_bias_cap  # tail probes (speculative) need logit_bias
         decoder.max_choices = self.client.max_choices
+        decoder.stream_chunks = self.client.streams_logprobs
         return decoder
 
 

@@ -101,6 +101,7 @@ class HostedRequest:
     seed: int | None = None
     n: int = 1
     logit_bias: tuple[tuple[int, float], ...] = ()
+    stream: bool = False  # a speculative chunk the decoder can walk as it arrives (hosts/streaming.py)
 
 
 @dataclass(frozen=True)

@@ -350,7 +350,8 @@ def test_prefetch_while_waiting_changes_nothing_but_the_timing(server_a, tok_a, 
     from blackbox_proxy.decoding.base import DecoderBase
 
     for scorers in (scorers_a, scorers_b):
-        t = make(server_a, scorers, top_k=20, hosted_tokenizer=tok_a)
+        # whole chunks: a streamed chunk's walk is overlapped work too (test_streamed.py)
+        t = make(server_a, scorers, top_k=20, hosted_tokenizer=tok_a, stream_chunks=False)
         with_it = t.generate("A café in Zürich sells", max_tokens=12, strategy=strategy)
         assert with_it.usage.overlapped_seconds > 0
         with monkeypatch.context() as m:

@@ -35,7 +35,7 @@ Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 # ----- the tuner ------------------------------------------------------------------------------
 TUNER_KEYS = ("base_url", "api_key", "model", "mode", "expert", "expert_adapter", "anti_expert", "top_k",
               "hosted_tokenizer", "dialect", "device", "expert_render", "anti_expert_render", "cache", "timeout",
-              "max_retries", "chat_template", "scorer_url")
+              "max_retries", "chat_template", "scorer_url", "stream_chunks")
 _RENDERS = click.Choice(["auto", "chat", "raw"])
 
 
@@ -81,6 +81,9 @@ def tuner_options(fn: Any, *, hosted_key_flag: str = "--api-key") -> Any:
                      show_default=True, callback=_finite, help="seconds per API request"),
         click.option("--max-retries", type=click.IntRange(min=0), default=C.MAX_RETRIES, show_default=True,
                      help="retries of a failed API request (429/5xx/timeouts/connection errors)"),
+        click.option("--stream-chunks/--no-stream-chunks", "stream_chunks", default=None,
+                     help="speculative: stream each chunk call and close it at the first rejected draft [default: on "
+                          "where the host streams logprobs (OpenAI, vLLM, this project's servers)]"),
     ]
     for option in reversed(options):
         fn = option(fn)

@@ -134,6 +134,7 @@ class DecoderBase:
         # the draw (0: none known; the speculative strategy then asks no tail probes), choices per call.
         self.logit_bias_cap = 0
         self.max_choices = 1
+        self.stream_chunks = False  # the host streams logprobs: chunk calls can be walked as they arrive
         self.full_scores: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # see _score_positions
 
     @property

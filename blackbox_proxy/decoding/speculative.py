@@ -46,16 +46,17 @@ import torch
 
 from ..errors import HostedResponseError
 from ..maths.rejection import PositionScore, walk_greedy, walk_sampled
-from ..types import Candidate, ChunkTrace, HostedRequest, HostedResult, Usage
+from ..types import Candidate, ChunkTrace, HostedPosition, HostedRequest, HostedResult, Usage
 from .base import DecoderBase, is_utf8
-from .chunks import MAX_STALLED_CHUNKS, ChunkWalk, adaptive_chunk
+from .chunks import MAX_CHUNK, MAX_STALLED_CHUNKS, ChunkWalk, adaptive_chunk
 from .multidraft import DEFAULT_MAX_DRAFTS, TreeStats, choose_drafts, walk_tree
 from .probe_walk import TailProbes
+from .streamed import StreamedWalk
 
 __all__ = ["SpeculativeDecoder", "adaptive_chunk"]
 
 
-class SpeculativeDecoder(TailProbes, DecoderBase):
+class SpeculativeDecoder(StreamedWalk, TailProbes, DecoderBase):
     """Speculative proxy tuning: one API call per chunk of drafts. See the module docstring.
 
     ``params.temperature`` must be 1 (sampling) or 0 (greedy); ``params.chunk`` fixes the chunk
@@ -80,13 +81,23 @@ class SpeculativeDecoder(TailProbes, DecoderBase):
             return self._probe_request(self._walking)
         if self._end_hidden or self._one_step:
             return self._request(max_tokens=1, temperature=0.0)
-        n = max(1, min(self.chunk, self.params.max_tokens - self.generated))
         drafts = self.drafts_next()
+        streamed = drafts == 1 and self._streams_next()
+        n = max(1, min((self.params.chunk or MAX_CHUNK) if streamed else self.chunk,
+                       self.params.max_tokens - self.generated))
         if self.greedy and drafts == 1:
-            return self._request(max_tokens=n, temperature=0.0)
+            return dataclasses.replace(self._request(max_tokens=n, temperature=0.0), stream=streamed)
         seed = int(torch.randint(0, 2**31 - 1, (), generator=self.generator))
         request = self._request(max_tokens=n, temperature=1.0, seed=seed)
-        return dataclasses.replace(request, n=drafts) if drafts > 1 else request
+        return dataclasses.replace(request, n=drafts, stream=streamed)
+
+    def _streams_next(self) -> bool:
+        """Whether the next chunk call is streamed and walked as it arrives (``streamed.py``): on a
+        host that streams logprobs, unless its walk may pause for a tail probe (same tokenizer,
+        sampling, ``tail_calls`` >= 1 and a host whose ``logit_bias`` biases only the draw)."""
+        probes = (not self.greedy and self.tail_off is None and self.params.tail_calls > 0
+                  and self.logit_bias_cap > 0 and self.same_vocab and self.hosted_ids is not None)
+        return self.stream_chunks and self.mode != "chat" and not probes
 
     @property
     def prefetch_useful(self) -> bool:
@@ -99,7 +110,7 @@ class SpeculativeDecoder(TailProbes, DecoderBase):
         calls and cost 3x the scoring (benchmarks/remote.py), and the single-draft walk alone
         asks tail probes."""
         cap = min(self.params.drafts or DEFAULT_MAX_DRAFTS, self.max_choices)
-        if cap <= 1 or self.mode == "chat" or (not self.greedy and self.params.drafts is None):
+        if cap <= 1 or self.mode == "chat" or (self.params.drafts is None and (not self.greedy or self._streams_next())):
             return 1
         return choose_drafts(self.tree.first_accepted, self.tree.nodes, cap)
 
@@ -128,6 +139,8 @@ class SpeculativeDecoder(TailProbes, DecoderBase):
             self._choose_per_step(result.positions[0], api_seconds, notes, 0.0 if self.greedy else 1.0, 1.0)
             return None
         self.usage = self.usage + Usage(draft_sequences=len(results))
+        if self._streaming is not None:
+            return self.finish_streamed(result, api_seconds)
         if len(results) > 1:
             walk = walk_tree(self, results, api_seconds, self.tree)
             if walk is not None:
@@ -146,16 +159,10 @@ class SpeculativeDecoder(TailProbes, DecoderBase):
         usable = []
         unresolved = False
         for pos in positions:
-            if pos.end_unresolved:
-                # an entry that may be the end is not resolved inside a chunk; the position is
-                # asked alone, where the client resolves it
-                notes.append("a top entry that may be the end of text; the chunk was cut there")
-                unresolved = True
-                break
-            if pos.sampled is None or not pos.candidates or not any(
-                c is pos.sampled or c == pos.sampled for c in pos.candidates
-            ):
-                notes.append("the API did not report a drawn token's logprob; the chunk was cut there")
+            reason = self._unwalkable(pos)
+            if reason is not None:
+                notes.append(reason)
+                unresolved = pos.end_unresolved
                 break
             usable.append(pos)
         if not usable and unresolved:
@@ -179,19 +186,8 @@ class SpeculativeDecoder(TailProbes, DecoderBase):
             if ids is not None:
                 ids = ids + [pos.sampled.token_id] if pos.sampled.token_id is not None else None
         scored, alignment = self._score_positions(items)
-        rows = []
-        allowed = []
-        for (lp_e, lp_a), (cont, _, cands), pos in zip(scored, items, usable):
-            e = torch.tensor(lp_e, dtype=torch.float64)
-            a = torch.tensor(lp_a, dtype=torch.float64)
-            draft = next((i for i, c in enumerate(cands) if c is pos.sampled), None)
-            rows.append(PositionScore(torch.tensor([c.logprob for c in cands], dtype=torch.float64), e - a, e, a,
-                                      draft if draft is not None else cands.index(pos.sampled)))
-            allowed.append(None if self.token_prompts else
-                           torch.tensor([c.is_end or is_utf8(cont + c.data) for c in cands]))
-        silent = sum(v == -math.inf for lp_e, _ in scored for v in lp_e)
-        if silent:
-            notes.append(f"{silent} candidate(s) the small models cannot say excluded (no evidence: both at the floor)")
+        rows, allowed, more = self._rows(scored, items, usable)
+        notes += more
         chunk = ChunkWalk(result, api_seconds, usable, items, rows, allowed, self.full_scores, alignment, unresolved, notes)
         if self.greedy or not self._probes_possible(chunk):
             walk = (walk_greedy(rows, self.params.alpha, allowed) if self.greedy
@@ -205,6 +201,38 @@ class SpeculativeDecoder(TailProbes, DecoderBase):
             return self._finish(chunk)
         chunk.scoring += time.perf_counter() - started
         return self._advance(chunk)
+
+    @staticmethod
+    def _unwalkable(pos: HostedPosition) -> str | None:
+        """Why a chunk walk stops before ``pos`` (the position is then asked anew), or None."""
+        if pos.end_unresolved:
+            # an entry that may be the end is not resolved inside a chunk; the position is
+            # asked alone, where the client resolves it
+            return "a top entry that may be the end of text; the chunk was cut there"
+        if pos.sampled is None or not pos.candidates or not any(
+            c is pos.sampled or c == pos.sampled for c in pos.candidates
+        ):
+            return "the API did not report a drawn token's logprob; the chunk was cut there"
+        return None
+
+    def _rows(self, scored: list[tuple[list[float], list[float]]],
+              items: Sequence[tuple[bytes, list[int] | None, Sequence[Candidate]]],
+              usable: Sequence[HostedPosition]) -> tuple[list[PositionScore], list[torch.Tensor | None], list[str]]:
+        """The walk's rows of scored positions, the candidates a text prompt can end on at each,
+        and a note on candidates excluded for want of evidence."""
+        rows, allowed = [], []
+        for (lp_e, lp_a), (cont, _, cands), pos in zip(scored, items, usable):
+            e = torch.tensor(lp_e, dtype=torch.float64)
+            a = torch.tensor(lp_a, dtype=torch.float64)
+            draft = next((i for i, c in enumerate(cands) if c is pos.sampled), None)
+            rows.append(PositionScore(torch.tensor([c.logprob for c in cands], dtype=torch.float64), e - a, e, a,
+                                      draft if draft is not None else cands.index(pos.sampled)))
+            allowed.append(None if self.token_prompts else
+                           torch.tensor([c.is_end or is_utf8(cont + c.data) for c in cands]))
+        silent = sum(v == -math.inf for lp_e, _ in scored for v in lp_e)
+        notes = ([f"{silent} candidate(s) the small models cannot say excluded (no evidence: both at the floor)"]
+                 if silent else [])
+        return rows, allowed, notes
 
     # ----- the end of a chunk ------------------------------------------------------------------
     def _finish(self, chunk: ChunkWalk) -> ChunkTrace:

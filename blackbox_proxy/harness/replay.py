@@ -261,10 +261,13 @@ def _choice_deltas(choice: dict[str, Any], chat: bool, fallback_tokens: int) -> 
             + [(last, {"index": index, "delta": {}, "logprobs": None, "finish_reason": finish})])
 
 
-def stream_events(path: str, answer: dict[str, Any], *, include_usage: bool = False) -> list[tuple[int, str]]:
+def stream_events(path: str, answer: dict[str, Any], *, include_usage: bool = False,
+                  continuous_usage: bool = False) -> list[tuple[int, str]]:
     """The SSE events of a recorded answer streamed as OpenAI and vLLM do, one token per chunk;
     each with the token position whose time releases it. Joined, the chunks' texts are the
-    answer's text and their logprobs its logprobs; the last event is ``data: [DONE]``."""
+    answer's text and their logprobs its logprobs; the last event is ``data: [DONE]``.
+    ``continuous_usage`` (vLLM's ``continuous_usage_stats``): every chunk carries the usage so
+    far, the prompt's tokens and one completion token per position out (over all choices)."""
     chat = path.rstrip("/").endswith("chat/completions")
     head = {k: answer[k] for k in ("id", "created", "model", "system_fingerprint") if k in answer}
     head["object"] = "chat.completion.chunk" if chat else "text_completion"
@@ -272,7 +275,18 @@ def stream_events(path: str, answer: dict[str, Any], *, include_usage: bool = Fa
     parts = sorted(((position, i, part) for choice in _choices(answer)
                     for i, (position, part) in enumerate(_choice_deltas(choice, chat, tokens))),
                    key=lambda x: (x[0], x[2]["index"], x[1]))
-    events = [(position, sse_event(dict(head, choices=[part]))) for position, _, part in parts]
+    prompt_tokens = int((answer.get("usage") or {}).get("prompt_tokens") or 0)
+    choices = max(1, len(_choices(answer)))
+
+    def chunk(position: int, part: dict[str, Any]) -> dict[str, Any]:
+        out = dict(head, choices=[part])
+        if continuous_usage:
+            done = min(tokens, position + 1) * choices
+            out["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": done,
+                            "total_tokens": prompt_tokens + done}
+        return out
+
+    events = [(position, sse_event(chunk(position, part))) for position, _, part in parts]
     last = max((position for position, _ in events), default=0)
     if include_usage and answer.get("usage") is not None:
         events.append((last, sse_event(dict(head, choices=[], usage=answer["usage"]))))
@@ -375,12 +389,15 @@ def create_replay_app(recording: Recording, *, latency: LatencyModel | None = No
             return Response(answer.body.encode("utf-8"), status_code=answer.status, media_type=answer.content_type)
         options = parsed.get("stream_options")
         usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        events = stream_events(path, recorded, include_usage=usage)
+        continuous = isinstance(options, dict) and bool(options.get("continuous_usage_stats"))
+        events = stream_events(path, recorded, include_usage=usage, continuous_usage=continuous)
 
         async def release() -> AsyncIterator[str]:
             for position, event in events:
                 if delayed:
                     await wait_until(latency.first_token(u) + latency.per_token * position)
+                if await request.is_disconnected():
+                    return  # the client closed the stream (a speculative chunk rejected a draft)
                 yield event
 
         return StreamingResponse(release(), media_type="text/event-stream")

@@ -36,7 +36,7 @@ from ..errors import (ConfigurationError, HostedAPIError, HostedAuthenticationEr
                       HostedModelNotFoundError, HostedResponseError)
 from ..tokens.vocab import Vocabulary
 from ..types import MODES, HostedRequest, HostedResult
-from . import dialects
+from . import dialects, streaming
 from .cache import ResponseCache
 from .dialects import DIALECTS, UNKNOWN, Dialect
 from .retry import Site, async_retrying, one_line, retrying
@@ -68,6 +68,7 @@ class _HostedBase:
         token_prompts: bool | None = None,
         extra_body: dict[str, Any] | None = None,
         cache: "ResponseCache | str | os.PathLike | None" = None,
+        stream_chunks: bool | None = None,
     ) -> None:
         if mode not in MODES:
             raise ConfigurationError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -97,6 +98,8 @@ class _HostedBase:
         self._token_prompts = token_prompts
         self._checked = False
         self._rng = random.Random()
+        self.stream_chunks = stream_chunks  # None: where the dialect streams logprobs (streaming.py)
+        self.stream_off = False  # the host streamed text without logprobs
         self._own_cache = cache is not None and not isinstance(cache, ResponseCache)
         self.cache: ResponseCache | None = ResponseCache(cache) if self._own_cache else cache
 
@@ -154,6 +157,17 @@ class _HostedBase:
     def max_choices(self) -> int:
         """The most choices (``n``) one call can return."""
         return self._host.max_choices or C.MAX_CHOICES_PER_CALL
+
+    @property
+    def streams_logprobs(self) -> bool:
+        """Speculative chunks are streamed, closed at the first rejection (``streaming.py``)."""
+        return streaming.enabled(self, self._host)
+
+    stream_options = property(lambda self: dict(self._host.stream_options))  # of a streamed call
+
+    def streams(self, request: HostedRequest) -> bool:
+        """Whether ``complete_streamed`` streams this request (else it is one whole call)."""
+        return request.stream and request.n == 1 and self.streams_logprobs
 
     # ----- /v1/models ----------------------------------------------------------------------
 
@@ -345,6 +359,11 @@ class HostedClient(_HostedBase):
         except StopIteration as done:
             return done.value
 
+    def complete_streamed(self, request: HostedRequest, watch: streaming.Watch) -> list[HostedResult]:
+        """:meth:`complete`, streamed where :meth:`streams` says: ``watch(positions so far)`` after
+        each event, True closes the stream (:func:`~blackbox_proxy.hosts.streaming.call`)."""
+        return streaming.call(self, request, watch) if self.streams(request) else self.complete(request)
+
     def _call(self, request: HostedRequest) -> list[HostedResult]:
         self.check()
         endpoint, kwargs = self.build(request)
@@ -403,6 +422,10 @@ class AsyncHostedClient(_HostedBase):
                 ask = steps.send(await self._call(ask))
         except StopIteration as done:
             return done.value
+
+    async def complete_streamed(self, request: HostedRequest, watch: streaming.Watch) -> list[HostedResult]:
+        """See :meth:`HostedClient.complete_streamed`."""
+        return await (streaming.call_async(self, request, watch) if self.streams(request) else self.complete(request))
 
     async def _call(self, request: HostedRequest) -> list[HostedResult]:
         await self.check()

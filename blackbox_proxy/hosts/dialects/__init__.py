@@ -64,6 +64,10 @@ class Dialect:
     ask more to tell whether an entry is the end of text
     (:attr:`~blackbox_proxy.types.HostedPosition.end_unresolved` is what decoders see).
 
+    Streaming (:mod:`~blackbox_proxy.hosts.streaming`): ``streams_logprobs``, the host streams
+    logprobs with each event (speculative chunks are then streamed by default);
+    ``stream_options``, the ``stream_options`` body field of a streamed call.
+
     ``note``: one line for ``-v`` logs, what the dialect changes.
     """
 
@@ -83,9 +87,12 @@ class Dialect:
     split_tops: Callable[..., Any] | None = None
     recover_drawn: Callable[..., Any] | None = None
     resolve_end: "FollowUp | None" = None
+    streams_logprobs: bool = False
+    stream_options: Mapping[str, Any] = field(default_factory=lambda: {"include_usage": True})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "top_k_caps", MappingProxyType(dict(self.top_k_caps)))  # read-only
+        object.__setattr__(self, "stream_options", MappingProxyType(dict(self.stream_options)))
 
     def matches(self, host: str, owners: set[str]) -> bool:
         return any(word in host for word in self.host_words) or bool(owners & self.owners)

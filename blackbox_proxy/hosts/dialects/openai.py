@@ -14,11 +14,12 @@ from . import OPENAI_MAX_LOGIT_BIAS, Dialect, register
 register(Dialect(
     name="openai",
     note="completions: up to 5 logprobs, token-id prompts; chat: up to 20 top logprobs; no assistant prefix; "
-         "logit_bias up to 300 entries",
+         "logit_bias up to 300 entries; streams logprobs",
     host_words=("openai.com",),
     detect_order=90,
     token_prompts=True,
     logit_bias_cap=OPENAI_MAX_LOGIT_BIAS,
+    streams_logprobs=True,
     top_k_caps={"completions": C.OPENAI_COMPLETIONS_MAX_LOGPROBS, "chat-prefix": C.OPENAI_CHAT_MAX_TOP_LOGPROBS,
                 "chat": C.OPENAI_CHAT_MAX_TOP_LOGPROBS},
 ))

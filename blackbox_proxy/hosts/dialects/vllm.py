@@ -31,11 +31,13 @@ def _continue(prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
 register(Dialect(
     name="vllm",
     note="skip_special_tokens false, return_tokens_as_token_ids (with the hosted tokenizer), token-id "
-         "prompts, continue_final_message for chat-prefix; --max-logprobs caps k (20 by default)",
+         "prompts, continue_final_message for chat-prefix, usage with every streamed event; --max-logprobs caps k (20 by default)",
     owners=frozenset({"vllm", "blackbox-proxy"}),
     detect_order=30,
     body_defaults=_body,
     token_prompts=True,
     logit_bias_cap=OPENAI_MAX_LOGIT_BIAS,
     continue_prefix=_continue,
+    streams_logprobs=True,
+    stream_options={"include_usage": True, "continuous_usage_stats": True},  # usage with every event
 ))
