@@ -298,3 +298,27 @@ def test_a_closed_stream_is_cached_and_not_paid_again(recording, scorers_b, tok_
         # the rerun asked the host /v1/models once (the client's check), and every chunk from the cache
         assert host.stats.replayed == calls + 1 and first.usage.api_calls > 1
     assert again.text == first.text and any(c.rejected_at is not None for c in first.chunks)
+
+
+def test_chat_prefix_chunks_stream_too(server_a, tok_a, models_a, tmp_path):
+    """chat-prefix: the replay streams chat chunks one token per event (``logprobs.content``);
+    streamed and whole chunks give the same answer, and the stream is read to its rejection only."""
+    from blackbox_proxy import Scorer
+
+    scorers = (Scorer(models_a[1], tok_a, render="chat", name="Ec"), Scorer(models_a[2], tok_a, render="chat", name="Ac"))
+    messages = [{"role": "user", "content": "Tell me about a café"}]
+
+    def run(base_url, streamed):
+        with ProxyTuner(base_url=base_url, model="tiny", expert=scorers[0], anti_expert=scorers[1], mode="chat-prefix",
+                        hosted_tokenizer=tok_a, top_k=10, max_retries=0, stream_chunks=streamed) as t:
+            return t.generate(messages=messages, max_tokens=12, strategy="speculative", chunk=12, **RUNS[0])
+
+    with ReplayHost(tmp_path / "chat.jsonl", upstream=server_a.base_url) as host:
+        recorded = run(host.base_url, False)
+    with ReplayHost(tmp_path / "chat.jsonl", latency=LatencyModel(ttft=0.01, per_token=0.05, jitter=0.0)) as host:
+        whole, streamed = run(host.base_url, False), run(host.base_url, True)
+        assert not host.stats.missed
+    assert streamed.text == whole.text == recorded.text
+    assert [(c.accepted, c.rejected_at) for c in streamed.chunks] == [(c.accepted, c.rejected_at) for c in whole.chunks]
+    assert any(c.rejected_at is not None and c.rejected_at < 8 for c in whole.chunks)
+    assert streamed.usage.completion_tokens < whole.usage.completion_tokens  # closed at the rejections
