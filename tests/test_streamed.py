@@ -259,7 +259,7 @@ def _without_logprobs(body: bytes) -> bytes:
     return "\n".join(out).encode()
 
 
-def test_a_stream_cut_mid_chunk_keeps_what_arrived(recording, server_a, scorers_b, tok_a):
+def test_a_stream_cut_mid_chunk_keeps_what_arrived(recording, server_a, scorers_b, tok_a, caplog):
     """The connection dies after 3 events of every stream: the positions read are walked as a
     shorter chunk, nothing is lost, and greedy output is that of whole chunks."""
     with ReplayHost(recording) as host, _tuner(host.base_url, scorers_b, tok_a, stream_chunks=False) as t:
@@ -268,8 +268,10 @@ def test_a_stream_cut_mid_chunk_keeps_what_arrived(recording, server_a, scorers_
     app = StreamFault(create_replay_app(recording, upstream=server_a.base_url), cut_after=3)
     with ServerThread(app) as server, _tuner(server.base_url, scorers_b, tok_a) as t:
         t.client.stream_chunks = True  # an unknown host: streamed because asked
-        cut = t.generate(PROMPT, max_tokens=16, strategy="speculative", chunk=16, **RUNS[0])
+        with caplog.at_level(logging.INFO, logger="blackbox_proxy.hosts.streaming"):
+            cut = t.generate(PROMPT, max_tokens=16, strategy="speculative", chunk=16, **RUNS[0])
     assert app.streams >= 1
+    assert any("broke after 3 tokens" in r.getMessage() for r in caplog.records)
     assert cut.text == whole.text  # greedy: any chunking gives the per-step greedy text
 
 

@@ -152,23 +152,28 @@ def chunk_dict(chunk: Any) -> dict[str, Any]:
     return chunk.to_dict() if hasattr(chunk, "to_dict") else dict(chunk)
 
 
-def broken_stream(exc: BaseException) -> bool:
-    """A stream that failed while being read (not an error raised by the watch)."""
-    import httpx
-    import openai
+_TRANSPORTS = ("httpx", "httpx2", "httpcore", "httpcore2", "h11", "openai")  # openai 3.x reads with httpx2, a fork
 
-    return isinstance(exc, (httpx.HTTPError, openai.APIError, json.JSONDecodeError))
+
+def broken_stream(exc: BaseException) -> bool:
+    """A stream that failed while being read: the HTTP stack's errors (whichever httpx the SDK
+    uses), a socket's, or an event that is not JSON; not an error of this package."""
+    root = type(exc).__module__.split(".")[0]
+    return root in _TRANSPORTS or isinstance(exc, (OSError, json.JSONDecodeError))
 
 
 def as_connection_error(exc: BaseException, url: str) -> BaseException:
     """A read failure before any position, as the error the retry policy retries."""
-    import httpx
     import openai
 
+    try:  # the HTTP package the SDK is built on (openai 3.x: httpx2, a fork of httpx)
+        import httpx2 as http
+    except ImportError:
+        import httpx as http
     if isinstance(exc, openai.APIError):
         return exc
     return openai.APIConnectionError(message=f"the stream broke ({type(exc).__name__})",
-                                     request=httpx.Request("POST", url))
+                                     request=http.Request("POST", url))
 
 
 class Reader:
