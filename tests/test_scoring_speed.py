@@ -179,27 +179,32 @@ def test_queue_projects_only_read_positions(tok_a, models_a):
 
 
 def test_prompt_prefix_is_reused_across_sessions(scorers_a, monkeypatch):
+    """Whole prompt blocks (32, 64, ... tokens) are reused, and a seeded session scores exactly
+    (bit for bit) what a fresh one does: what a process served before changes no answer."""
     store = PromptStore()
     monkeypatch.setattr(sessions, "PROMPTS", store)
     scorer = scorers_a[0]
+    scorer.check_tree_attention()  # its probe forwards out of the way
     calls = Calls(scorer.model)
     try:
-        shared = [5, 6, 7, 8, 9, 10, 11]
-        first = scorer.session(shared + [40, 41])
+        shared = list(range(5, 45))  # 40 tokens: one whole block (32)
+        first = scorer.session(shared + [50, 51])
         assert first.reused == 0
         first.distributions([50], [(3,)])
+        assert calls.positions == [32, 42 - 32 + 1 + 1]  # the block, then the rest + continuation + trie
         second = scorer.session(shared + [60, 61, 62])
-        assert second.reused == len(shared)
+        assert second.reused == 32
         calls.positions.clear()
         got = second.distributions([50], [(3, 4)])
-        assert calls.positions == [3 + 1 + 2]  # the prompt's own tokens, the continuation, the trie
-        fresh = CachedContext(scorer.model)
-        fresh.tree_ok = True
-        want = fresh.score(shared + [60, 61, 62, 50], [(3, 4)])
-        for key in want:
-            assert torch.allclose(got[key], want[key], atol=1e-5), key
-        # the stored entry is now the second prompt; an unrelated prompt reuses nothing
-        assert scorer.session([200, 201]).reused == 0
+        assert calls.positions == [43 - 32 + 1 + 2]  # the prompt after the reused blocks, the continuation, the trie
+        monkeypatch.setattr(sessions, "PROMPTS", PromptStore())  # a fresh process: nothing to reuse
+        fresh = scorer.session(shared + [60, 61, 62])
+        assert fresh.reused == 0
+        want = fresh.distributions([50], [(3, 4)])
+        assert set(got) == set(want) and all(torch.equal(got[key], want[key]) for key in want)
+        # the stored entry is now the second prompt; an unrelated prompt reuses nothing, a short one neither
+        assert scorer.session([200, 201] + shared).reused == 0
+        assert scorer.session(shared[:32]).reused == 0  # no whole block before its last token
         assert scorers_a[1].session(shared).reused == 0  # another scorer, another entry
     finally:
         calls.handle.remove()
@@ -247,13 +252,15 @@ def test_paired_fast_path_equals_the_exact_oracle(server_a, tok_b, models_b, tok
     kw = dict(base_url=server_a.base_url, model="tiny", expert=expert, anti_expert=anti, top_k=10,
               hosted_tokenizer=tok_a, max_retries=0)
     options = dict(max_tokens=10, strategy=strategy, temperature=1.0 if strategy == "speculative" else 0.0, seed=3)
-    prompts = ["Question: what is 12 + 30? Answer:", "Question: what is 7 * 6? Answer:", "A café in Zürich sells",
-               "A café in Zürich sells crème"]  # each pair shares a prefix: the second reuses its cache
+    few_shot = "Question: what is 12 + 30? Answer: 42. Question: what is 7 * 6? Answer: 42. Question: what is "
+    cafe = "A café in Zürich sells crème brûlée for 12€ and naïve tea for 3.50 CHF. The quick brown fox jumps over the"
+    prompts = [few_shot + "7 * 6? Answer:", few_shot + "9 - 4? Answer:", cafe + " lazy dog. She said:",
+               cafe + " lazy dog. She said: bonjour"]  # each pair shares a 32-token block: the second reuses it
     store = RecordingStore()
     monkeypatch.setattr(sessions, "PROMPTS", store)
     fast = [ProxyTuner(**kw).generate(p, **options) for p in prompts]
     assert expert._mixed_ok and adapter_rows(model, "default").ok
-    assert store.reused[1] > 3 and store.reused[3] > 3
+    assert store.reused[1] >= 32 and store.reused[3] >= 32
     # the oracle: peft's own adapter toggling, two forwards per step, one forward per path, no reuse
     expert._mixed_ok, expert._tree_ok, anti._tree_ok = False, False, False
     adapter_rows(model, "default").ok = False

@@ -192,6 +192,9 @@ def batch(**o: Any) -> None:
     max_tokens=dict(type=click.IntRange(min=1), default=256, help="max_tokens when a request gives none"))
 @click.option("--max-tokens-limit", type=click.IntRange(min=1), default=4096, show_default=True)
 @click.option("--max-body-bytes", type=click.IntRange(min=1024), default=1 << 20, show_default=True)
+@click.option("--batch-scoring/--no-batch-scoring", default=True, show_default=True,
+              help="concurrent generations share the local small models' forwards (throughput); off: each "
+                   "answer's floats depend on its request alone, bit for bit, whatever else runs (docs/deploy.md)")
 @click.option("-v", "--verbose", count=True)
 def serve(**o: Any) -> None:
     """Serve the proxy-tuned model as an OpenAI-compatible API (completions, chat, streaming).
@@ -232,7 +235,10 @@ def serve(**o: Any) -> None:
                          max_retries=kwargs["max_retries"])
     probe.check()
     probe.close()
-    tuner = AsyncProxyTuner(**kwargs)
+    # the dialect found now holds for the server's life: a replica whose first request met a failing
+    # /v1/models would otherwise guess another from the host name (and answer differently)
+    kwargs["dialect"] = kwargs["dialect"] or probe.dialect
+    tuner = AsyncProxyTuner(**kwargs, batch_scoring=o["batch_scoring"])
     name = o["name"] or f"{o['model']}-proxy-tuned"
     app = create_tuned_app(tuner, name=name, api_key=key, alpha=o["alpha"], strategy=o["strategy"],
                            chunk=o["chunk"], default_max_tokens=o["max_tokens"],

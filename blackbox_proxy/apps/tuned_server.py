@@ -50,6 +50,35 @@ names or paths on this machine. A client that disconnects cancels its generation
 not: no more hosted calls are made for it. A generation that reaches a model's context limit
 after paid calls ends with ``finish_reason: "length"`` and the text so far (see the tuner).
 
+Replicas (``docs/deploy.md``, ``tests/test_replicas.py``): nothing a request needs is kept
+between requests (response ids are fresh and never looked up; no sessions, no counters or rate
+limits), so N servers behind a round-robin load balancer answer alike: a seeded request, or a
+greedy one, gets the same answer from any replica, whatever that replica served before. Every
+response's ``system_fingerprint`` (also on ``GET /health``) digests the settings that decide
+answers (:mod:`.served_fingerprint`): replicas that show the same one are configured alike.
+What stays in a process, and why it is harmless:
+
+- the small models' caches: KV caches live for one generation; the last prompt's KV is reused
+  by the next generation, exactly (the same floats a fresh process computes,
+  :class:`~blackbox_proxy.local.sessions.PromptStore`); the self-checks on fixed probes (tree
+  attention, adapter rows) reach the same verdict in every replica;
+- batch scoring (on by default): generations that overlap share forwards, and a row of a shared
+  forward differs from a lone one in the last bits, which can flip a near-tie between two
+  candidates; ``serve --no-batch-scoring`` makes each generation's scoring a function of its
+  request alone (concurrent requests then take turns on the small models);
+- what a server learns of its host: the dialect (``serve`` pins the one its start-up probe
+  found, so a failed ``/v1/models`` later changes nothing), the hosted tokenizer (found at
+  start-up), and a host that streams without logprobs (chunks asked whole from then on: the
+  same draws, ``tests/test_streamed.py``). Pass ``--dialect`` and ``--hosted-tokenizer`` so no
+  replica depends on its start-up probes; the fingerprint shows one that does;
+- a ``--cache`` file replays the hosted answers its replica stored: share one file among the
+  replicas of one machine, or leave it out where the hosted API is not deterministic;
+- ``created`` of ``/v1/models`` (the process's start), and each response's id and time.
+
+Unseeded sampling differs between replicas, as between two calls (torch's default generator,
+seeded by the OS at start). The hosted API may answer one request differently from call to
+call (most hosted APIs' logprobs vary slightly); a single server sees that too.
+
 Left out: ``best_of``, ``suffix``, tools; the bodies and refusals (:mod:`.tuned_bodies`), the HTTP
 plumbing (:mod:`.openai_http`).
 """
@@ -79,6 +108,7 @@ from .openai_http import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_LIMIT, SSE_
                           add_model_routes, checked_number, install_openai_plumbing, parse_body, read_json,
                           refuse_unsupported, sse_event)
 from .served_echo import echo
+from .served_fingerprint import fingerprinter
 from .served_logprobs import READERS, StreamedTokens, TokenLogprobs, chat_logprobs, completion_logprobs
 from .tasks import gather_or_cancel
 from .tuned_bodies import (MAX_N, MAX_PROMPTS, MAX_STOP, REFUSED, REFUSED_CHAT, TunedChatBody,  # noqa: F401
@@ -163,6 +193,8 @@ def create_tuned_app(
     install_openai_plumbing(app, api_key=api_key, max_body_bytes=max_body_bytes)
     limits = BodyLimits(max_tokens=max_tokens_limit, n=MAX_N, stop=MAX_STOP)
     public = _public_names(tuner)
+    fingerprint = fingerprinter(tuner, name=name, alpha=alpha, strategy=strategy, chunk=chunk,
+                                default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit)
 
     async def _body(request: Request, model: type[Any], refused: tuple[str, ...]) -> Any:
         raw = await read_json(request, max_body_bytes)
@@ -249,14 +281,20 @@ def create_tuned_app(
     # Responses are built with openai.types' construct() (no validation): a finish_reason may come
     # from the hosted API (resample) and be one those types do not list, and a streamed completion
     # chunk has finish_reason null, which Completion's choice type does not allow either.
-    # One id and one `created` per response, every streamed chunk included (as OpenAI does).
-    def _completion(rid: str, stamp: int, choices: list[Any], **extra: Any) -> dict[str, Any]:
-        return Completion.construct(id=rid, object="text_completion", created=stamp, model=name,
-                                    choices=choices, **extra).to_dict()
+    # One id, `created` and system_fingerprint per response, every streamed chunk included (as
+    # OpenAI does): head = (id, created, fingerprint).
+    def _head(prefix: str) -> tuple[str, int, str]:
+        return f"{prefix}-{uuid.uuid4().hex}", int(time.time()), fingerprint()
 
-    def _chat_chunk(rid: str, stamp: int, choices: list[Any], **extra: Any) -> dict[str, Any]:
-        return ChatCompletionChunk.construct(id=rid, object="chat.completion.chunk", created=stamp,
-                                             model=name, choices=choices, **extra).to_dict()
+    def _completion(head: tuple[str, int, str], choices: list[Any], **extra: Any) -> dict[str, Any]:
+        rid, stamp, fp = head
+        return Completion.construct(id=rid, object="text_completion", created=stamp, model=name,
+                                    system_fingerprint=fp, choices=choices, **extra).to_dict()
+
+    def _chat_chunk(head: tuple[str, int, str], choices: list[Any], **extra: Any) -> dict[str, Any]:
+        rid, stamp, fp = head
+        return ChatCompletionChunk.construct(id=rid, object="chat.completion.chunk", created=stamp, model=name,
+                                             system_fingerprint=fp, choices=choices, **extra).to_dict()
 
     async def _stream(request: GenerationRequest, piece: Callable[[str | None, str | None, Found], dict[str, Any]],
                       final: Callable[..., dict[str, Any]] | None, logprobs: bool) -> AsyncIterator[str]:
@@ -287,7 +325,9 @@ def create_tuned_app(
 
     @app.get("/health")
     def health() -> dict[str, str]:
-        return {"status": "ok"}
+        """Liveness for a load balancer (no key needed; the models are loaded before the server
+        listens), with the fingerprint that replicas configured alike share."""
+        return {"status": "ok", "system_fingerprint": fingerprint()}
 
     def _prompt_text(prompt: str | tuple[int, ...]) -> str:
         """A prompt as text: token ids are the hosted model's (decoded with its tokenizer)."""
@@ -322,7 +362,7 @@ def create_tuned_app(
                            param="prompt")
         texts = [_prompt_text(p) for p in body.prompt]
         requests = [await _request(body, text, None) for text in texts]
-        rid, stamp = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = _head("cmpl")
         asked = logprobs_asked(body)
         # text_offset counts from the prompt's start when the prompt is text or echoed (as OpenAI)
         starts = [0 if body.echo or not isinstance(p, str) else len(p) for p in body.prompt]
@@ -330,10 +370,10 @@ def create_tuned_app(
             def piece(text: str | None, finish: str | None, found: Found) -> dict[str, Any]:
                 logprobs = None if found is None else completion_logprobs(
                     [t for t, _ in found], body.logprobs, starts[0], [at for _, at in found])
-                return _completion(rid, stamp, [CompletionChoice.construct(text=text or "", index=0, logprobs=logprobs,
+                return _completion(head, [CompletionChoice.construct(text=text or "", index=0, logprobs=logprobs,
                                                                            finish_reason=finish)])
 
-            final = (lambda **kw: _completion(rid, stamp, **kw)) if body.include_usage() else None
+            final = (lambda **kw: _completion(head, **kw)) if body.include_usage() else None
             return StreamingResponse(_stream(requests[0], piece, final, asked), media_type="text/event-stream")
         logprobs = None
         if body.echo and asked:
@@ -357,14 +397,14 @@ def create_tuned_app(
         usage = CompletionUsage(prompt_tokens=sum(u.prompt_tokens for u in usages),
                                 completion_tokens=sum(u.completion_tokens for u in usages),
                                 total_tokens=sum(u.total_tokens for u in usages))
-        return JSONResponse(_completion(rid, stamp, choices, usage=usage,
+        return JSONResponse(_completion(head, choices, usage=usage,
                                         proxy_usage=_proxy_usage([r for group in groups for r in group])))
 
     @app.post("/v1/chat/completions")
     async def chat(http: Request) -> Any:
         body = await _body(http, TunedChatBody, REFUSED_CHAT)
         request = await _request(body, None, body.messages)
-        rid, stamp = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = _head("chatcmpl")
         top = body.top_logprobs or 0
         if body.stream:
             first = [True]
@@ -375,16 +415,16 @@ def create_tuned_app(
                 if text:
                     delta["content"] = text
                 logprobs = None if found is None else chat_logprobs([t for t, _ in found], top)
-                return _chat_chunk(rid, stamp, [ChunkChoice.construct(index=0, delta=ChoiceDelta.construct(**delta),
+                return _chat_chunk(head, [ChunkChoice.construct(index=0, delta=ChoiceDelta.construct(**delta),
                                                                       logprobs=logprobs, finish_reason=finish)])
 
-            final = (lambda **kw: _chat_chunk(rid, stamp, **kw)) if body.include_usage() else None
+            final = (lambda **kw: _chat_chunk(head, **kw)) if body.include_usage() else None
             return StreamingResponse(_stream(request, piece, final, body.logprobs), media_type="text/event-stream")
         results = await _generate(request, body.n, http)
         if results is None:
             return Response(status_code=499)
         completion = ChatCompletion.construct(
-            id=rid, object="chat.completion", created=stamp, model=name,
+            id=head[0], object="chat.completion", created=head[1], model=name, system_fingerprint=head[2],
             choices=[ChatChoice.construct(index=i, message=ChatCompletionMessage(role="assistant", content=r.text),
                                           logprobs=chat_logprobs(_tokens(request, r), top) if body.logprobs else None,
                                           finish_reason=r.finish_reason)
