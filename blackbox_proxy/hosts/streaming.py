@@ -132,7 +132,7 @@ def streamed_kwargs(kwargs: dict[str, Any], stream_options: dict[str, Any]) -> d
 
 def snapshot(client: Any, answer: StreamedAnswer, request: HostedRequest) -> HostedResult:
     """The one result of the answer so far, parsed as a whole answer is (``client.parse_all``)."""
-    parsed = answer_from_json(answer.endpoint, json.dumps(answer.body()))
+    parsed = answer_from_json(answer.endpoint, answer.body())  # no JSON round trip on every event
     result = client.parse_all(answer.endpoint, parsed, request)[0]
     if answer.closed_early or answer.usage is None:
         result = _with_estimated_usage(result, answer, request)

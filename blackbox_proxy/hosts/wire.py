@@ -72,13 +72,14 @@ def normalise_base_url(base_url: str) -> str:
     return url
 
 
-def answer_from_json(endpoint: str, body: str) -> Any:
-    """The SDK answer object of a stored JSON body (``endpoint``: ``completions`` or ``chat``)."""
+def answer_from_json(endpoint: str, body: "str | dict[str, Any]") -> Any:
+    """The SDK answer object of a stored JSON body, or of that JSON already parsed (a streamed
+    answer gathered so far); ``endpoint``: ``completions`` or ``chat``."""
     from openai.types import Completion
     from openai.types.chat import ChatCompletion
 
     model = Completion if endpoint == "completions" else ChatCompletion
-    return model.construct(**json.loads(body))
+    return model.construct(**(json.loads(body) if isinstance(body, str) else body))
 
 
 def usage_of(response: Any) -> HostedUsage:
