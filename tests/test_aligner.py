@@ -132,6 +132,69 @@ def test_cross_tokenizer_matches_brute_force(tok_a, tok_b, scorers_b, continuati
         assert math.exp(got) == pytest.approx(math.exp(want), rel=1e-3, abs=1e-7), (cand.data, got, want)
 
 
+def per_term_evaluate(aligner: Aligner, plan, dists) -> list[float]:
+    """The definition Aligner.evaluate batches: each term read on its own, one tensor element at
+    a time (the slow obvious oracle of the batched reads)."""
+    ends = sorted(aligner.small.end_ids)
+    cumsums = {}
+
+    def cumsum(path):
+        if path not in cumsums:
+            ordered = dists[path].double().exp().cpu()[torch.tensor(aligner.small.sorted_ids)]
+            cumsums[path] = torch.cat([ordered.new_zeros(1), ordered.cumsum(0)])
+        return cumsums[path]
+
+    def log_term(term, end):
+        logp = sum(float(dists[term.path[:depth]][token]) for depth, token in enumerate(term.path))
+        if end:
+            final = float(dists[term.path][ends].double().exp().sum())
+        elif term.remainder:
+            c = cumsum(term.path)
+            lo, hi = aligner.small.prefix_range(term.remainder)
+            final = float(c[hi] - c[lo])
+            for sub in term.subtract:
+                s_lo, s_hi = aligner.small.prefix_range(sub)
+                if s_hi > s_lo:
+                    final -= float(c[s_hi] - c[s_lo])
+        else:
+            final = 1.0
+        return logp + math.log(final) if final > 0 else -math.inf
+
+    def log_prob(query):
+        if query.impossible or not query.terms:
+            return -math.inf
+        values = [log_term(t, query.end) for t in query.terms]
+        top = max(values)
+        return top if top == -math.inf else top + math.log(sum(math.exp(v - top) for v in values))
+
+    den = log_prob(plan.denominator) if plan.denominator is not None else 0.0
+    return [min(0.0, max(math.log(1e-12), log_prob(q) - den if den > -math.inf else -math.inf))
+            for q in plan.queries]
+
+
+@pytest.mark.parametrize("continuation", CONTEXTS)
+def test_batched_reads_equal_per_term_reads(tok_a, scorers_b, continuation):
+    """The batched reads give bit-for-bit the per-term definition's numbers on CPU (the same float64
+    ops in the same order; on a GPU to rounding), on plans with end queries, UTF-8 tails,
+    extensions and impossible text."""
+    expert = scorers_b[0]
+    hosted = vocabulary_from_hf(tok_a)
+    rng = random.Random(len(continuation))
+    pool = [i for i, b in enumerate(hosted.token_bytes) if b]
+    chosen = rng.sample(pool, 60) + [hosted.ids_for_bytes(b"\xf0")[0], hosted.ids_for_bytes(b" ")[0]]
+    candidates = [Candidate("", hosted.token_bytes[i], -1.0, i) for i in chosen]
+    candidates.append(Candidate("<|endoftext|>", b"", -2.0, None, True))
+    for backoff in (0, 1, 2):
+        aligner = Aligner(expert.vocab, hosted, backoff=backoff)
+        plan = aligner.plan(continuation, candidates)
+        dists = expert.session(expert.prompt_ids(prompt="A café: ")).distributions(plan.kept_ids, plan.paths)
+        fast, slow = aligner.evaluate(plan, dists), per_term_evaluate(aligner, plan, dists)
+        if next(iter(dists.values())).device.type == "cpu":
+            assert fast == slow
+        else:  # the batched float64 sums run on the GPU there
+            assert fast == pytest.approx(slow, rel=1e-9, abs=1e-12)
+
+
 def test_unknown_hosted_vocabulary_uses_prefix_cover(tok_b, scorers_b):
     """Without the hosted vocabulary, ' t' also counts ' the', ' them'...: a larger probability."""
     expert = scorers_b[0]

@@ -27,7 +27,7 @@ tokenisation (Phan et al. 2024) is left out: it costs a forward per alternative 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +89,7 @@ class Aligner:
         self.hosted = hosted
         self.backoff = backoff
         self._sorted_ids = torch.tensor(small.sorted_ids, dtype=torch.long)
+        self._sorted_by_device: dict[torch.device, torch.Tensor] = {}
 
     @property
     def description(self) -> str:
@@ -148,47 +149,123 @@ class Aligner:
 
     # ----- evaluation -------------------------------------------------------------------------
     def evaluate(self, plan: Plan, dists: Mapping[tuple[int, ...], torch.Tensor]) -> list[float]:
-        """log P_M(b | s) for every candidate of ``plan`` from the model's distributions."""
-        cumsums: dict[tuple[int, ...], torch.Tensor] = {}
-        ends = sorted(self.small.end_ids)
+        """log P_M(b | s) for every candidate of ``plan`` from the model's distributions.
 
-        def cumsum(path: tuple[int, ...]) -> torch.Tensor:
-            if path not in cumsums:
-                probs = dists[path].double().exp().cpu()
-                # Index 0 of the result is 0 so a range [lo, hi) sums to c[hi] - c[lo].
-                ordered = probs[self._sorted_ids]
-                cumsums[path] = torch.cat([ordered.new_zeros(1), ordered.cumsum(0)])
-            return cumsums[path]
+        Every number the queries need (the log-probabilities along each term's path, the end
+        tokens' mass, each range of the sorted byte index) is read in a few batched tensor ops
+        and brought to the host in ONE transfer; the rest is arithmetic on Python floats, in the
+        order of the per-term definition (``tests/test_aligner.py`` keeps that definition as the
+        oracle). On a GPU that is one synchronisation per position instead of one per token read.
+        """
+        queries = ([plan.denominator] if plan.denominator is not None else []) + list(plan.queries)
+        reads = _Reads(self.small)
+        layouts = [None if q.impossible or not q.terms else [reads.term(t, q.end) for t in q.terms] for q in queries]
+        points, ends, spans = reads.run(dists, self._sorted_on)
 
-        def log_term(term: Term, end: bool) -> float:
-            logp = sum(float(dists[term.path[:depth]][token]) for depth, token in enumerate(term.path))
-            if end:
-                final = float(dists[term.path][ends].double().exp().sum())
-            elif term.remainder:
-                c = cumsum(term.path)
-                lo, hi = self.small.prefix_range(term.remainder)
-                final = float(c[hi] - c[lo])
-                for sub in term.subtract:
-                    s_lo, s_hi = self.small.prefix_range(sub)
-                    if s_hi > s_lo:
-                        final -= float(c[s_hi] - c[s_lo])
-            else:
-                final = 1.0
-            return logp + math.log(final) if final > 0 else -math.inf
-
-        def log_prob(query: Query) -> float:
-            if query.impossible or not query.terms:
+        def log_prob(layout: list[tuple[int, int, str, int, int]] | None) -> float:
+            if layout is None:
                 return -math.inf
-            values = [log_term(t, query.end) for t in query.terms]
+            values = []
+            for start, length, kind, first, count in layout:
+                logp = sum(points[start:start + length])
+                if kind == "end":
+                    final = ends[first]
+                elif kind == "span":
+                    final = spans[first]
+                    for j in range(first + 1, first + count):
+                        final -= spans[j]
+                else:
+                    final = 1.0
+                values.append(logp + math.log(final) if final > 0 else -math.inf)
             top = max(values)
             if top == -math.inf:
                 return top
             return top + math.log(sum(math.exp(v - top) for v in values))
 
-        log_denominator = log_prob(plan.denominator) if plan.denominator is not None else 0.0
+        logs = [log_prob(layout) for layout in layouts]
+        log_denominator = logs.pop(0) if plan.denominator is not None else 0.0
         floor = math.log(PROB_FLOOR)
         out = []
-        for query in plan.queries:
-            log_ratio = log_prob(query) - log_denominator if log_denominator > -math.inf else -math.inf
+        for value in logs:
+            log_ratio = value - log_denominator if log_denominator > -math.inf else -math.inf
             out.append(min(0.0, max(floor, log_ratio)))
         return out
+
+    def _sorted_on(self, device: torch.device) -> torch.Tensor:
+        """The sorted byte index as an index tensor on ``device`` (made once per device)."""
+        cached = self._sorted_by_device.get(device)
+        if cached is None:
+            cached = self._sorted_by_device[device] = self._sorted_ids.to(device)
+        return cached
+
+
+class _Reads:
+    """The tensor reads of one plan's terms, gathered so they run as a few batched ops.
+
+    ``term`` records what a term needs and returns its layout (start and length of its path's
+    log-probabilities among the point reads, its kind, and its first read and count among the
+    end or span reads); ``run`` does the reads: the point log-probabilities, each end read's
+    summed end-token probability, each span read's probability mass c[hi] - c[lo] of a range
+    of the sorted byte index (c the cumulative sum, in float64, of the path's probabilities in
+    byte order)."""
+
+    def __init__(self, small: Vocabulary) -> None:
+        self.small = small
+        self.rows: dict[tuple[int, ...], int] = {}
+        self.point_rows: list[int] = []
+        self.point_ids: list[int] = []
+        self.end_rows: list[int] = []
+        self.span_rows: list[int] = []
+        self.span_ranges: list[tuple[int, int]] = []
+
+    def _row(self, path: tuple[int, ...]) -> int:
+        return self.rows.setdefault(path, len(self.rows))
+
+    def term(self, term: Term, end: bool) -> tuple[int, int, str, int, int]:
+        start = len(self.point_rows)
+        for depth, token in enumerate(term.path):
+            self.point_rows.append(self._row(term.path[:depth]))
+            self.point_ids.append(token)
+        if end:
+            self.end_rows.append(self._row(term.path))
+            return start, len(term.path), "end", len(self.end_rows) - 1, 1
+        if not term.remainder:
+            return start, len(term.path), "one", 0, 0
+        first = len(self.span_rows)
+        row = self._row(term.path)
+        self.span_rows.append(row)
+        self.span_ranges.append(self.small.prefix_range(term.remainder))
+        for sub in term.subtract:
+            lo, hi = self.small.prefix_range(sub)
+            if hi > lo:
+                self.span_rows.append(row)
+                self.span_ranges.append((lo, hi))
+        return start, len(term.path), "span", first, len(self.span_rows) - first
+
+    def run(self, dists: Mapping[tuple[int, ...], torch.Tensor],
+            sorted_on: Callable[[torch.device], torch.Tensor]) -> tuple[list[float], list[float], list[float]]:
+        if not self.rows:
+            return [], [], []
+        table = torch.stack([dists[path] for path in self.rows])  # [paths, V], in _row order
+        device = table.device
+
+        def index(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        parts = []
+        if self.point_rows:
+            parts.append(table[index(self.point_rows), index(self.point_ids)].double())
+        if self.end_rows:
+            end_ids = index(sorted(self.small.end_ids))
+            parts.append(table[index(self.end_rows)][:, end_ids].double().exp().sum(1))
+        if self.span_rows:
+            used = sorted(set(self.span_rows))
+            local = {row: i for i, row in enumerate(used)}
+            ordered = table[index(used)].double().exp()[:, sorted_on(device)]
+            cumulative = torch.cat([ordered.new_zeros(len(used), 1), ordered.cumsum(1)], 1)
+            rows = index([local[r] for r in self.span_rows])
+            parts.append(cumulative[rows, index([hi for _, hi in self.span_ranges])]
+                         - cumulative[rows, index([lo for lo, _ in self.span_ranges])])
+        flat = torch.cat(parts).tolist() if parts else []
+        n_points, n_ends = len(self.point_rows), len(self.end_rows)
+        return flat[:n_points], flat[n_points:n_points + n_ends], flat[n_points + n_ends:]
