@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -37,12 +38,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from blackbox_proxy import AsyncProxyTuner  # noqa: E402
 from blackbox_proxy.errors import ProxyTuningError  # noqa: E402
-from blackbox_proxy.harness.demo import HOSTED_NAME, load_pair  # noqa: E402
+from blackbox_proxy.harness.demo import HOSTED_NAME, load_pair, model_server  # noqa: E402
 from blackbox_proxy.harness.embedded import adapter_path, cache_dir, prepare  # noqa: E402
 from blackbox_proxy.harness.launch import find_python, vllm_server  # noqa: E402
 from blackbox_proxy.harness.replay import LatencyModel, ReplayHost  # noqa: E402
 from blackbox_proxy.harness.tasks import STOP, problems  # noqa: E402
 from blackbox_proxy.types import Usage  # noqa: E402
+
+
+def _torch():
+    import torch
+
+    return torch
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -77,7 +84,8 @@ async def level(tuner: AsyncProxyTuner, prompts: list[str], concurrency: int, ar
 async def run_backend(name: str, base_url: str, scorer_url: str | None, gemma: Path,
                       args: argparse.Namespace) -> list[dict]:
     if scorer_url is None:
-        expert, anti = load_pair()
+        dtype = None if args.dtype == "auto" else getattr(_torch(), args.dtype)
+        expert, anti = load_pair(device=args.device, dtype=dtype)
         kwargs = dict(expert=expert, anti_expert=anti)
     else:
         kwargs = dict(scorer_url=scorer_url, expert="expert", anti_expert="smol", expert_render="chat",
@@ -98,6 +106,15 @@ async def run_backend(name: str, base_url: str, scorer_url: str | None, gemma: P
     return rows
 
 
+def _device_name(device: str | None) -> str:
+    from blackbox_proxy.local.engine import select_device
+
+    target = select_device(device)
+    if target.type == "cuda":
+        return f"{target} ({_torch().cuda.get_device_name(target)})"
+    return str(target)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", default="1,8,32", help="levels, comma-separated (default 1,8,32)")
@@ -109,6 +126,14 @@ def main() -> None:
     ap.add_argument("--per-token", type=float, default=0.015, help="modelled time per further token (default 0.015)")
     ap.add_argument("--recording", default=str(cache_dir() / "replay" / f"{HOSTED_NAME}.jsonl"),
                     help="the hosted answers benchmarks/remote.py recorded")
+    ap.add_argument("--hosted-tokenizer", default=None,
+                    help="a folder with the hosted model's tokenizer (default: the embedded Gemma-3 conversion)")
+    ap.add_argument("--device", default=None, help="the local scorer's device (default: CUDA if there is one)")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                    help="the local scorer's dtype (default: float32 on CPU, the checkpoint's on a GPU)")
+    ap.add_argument("--record", action="store_true",
+                    help="record the answers missing from the recording from the hosted stand-in (serve-model, "
+                         "minutes); the timings of a recording run are not comparable")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = ap.parse_args()
     try:
@@ -119,13 +144,17 @@ def main() -> None:
     if any(b not in ("local", "vllm") for b in backends) or min(args.concurrency) < 1 or args.max_tokens < 1:
         ap.error("--backends takes local and/or vllm; --concurrency and --max-tokens must be >= 1")
     path = Path(args.recording).expanduser()
-    if not path.exists():
+    if not path.exists() and not args.record:
         sys.exit(f"error: no recording at {path}: run `python benchmarks/remote.py` once first (it records)")
-    gemma, smol = prepare("gemma3"), prepare("smollm2")
+    smol = prepare("smollm2")
+    gemma = Path(args.hosted_tokenizer) if args.hosted_tokenizer else prepare("gemma3")
     latency = LatencyModel(ttft=args.ttft, per_token=args.per_token)
     rows: list[dict] = []
     try:
-        with ReplayHost(path, latency=latency, miss_hint="run benchmarks/remote.py --record first") as host:
+        with contextlib.ExitStack() as stack:
+            upstream = stack.enter_context(model_server(prepare("gemma3"), name=HOSTED_NAME)) if args.record else None
+            host = stack.enter_context(ReplayHost(path, latency=latency, upstream=upstream,
+                                                  miss_hint="run this benchmark once with --record"))
             if "local" in backends:
                 rows += asyncio.run(run_backend("local", host.base_url, None, gemma, args))
             if "vllm" in backends:
@@ -142,7 +171,8 @@ def main() -> None:
         print(json.dumps(rows, indent=1))
         return
     print(f"replayed API: ttft {latency.ttft:g} s, {latency.per_token * 1000:g} ms per further token; "
-          f"{args.strategy}, greedy, max_tokens {args.max_tokens}")
+          f"{args.strategy}, greedy, max_tokens {args.max_tokens}; local scorer on {_device_name(args.device)}, "
+          f"dtype {args.dtype}")
     print("| backend | concurrency | generations | tokens | tokens / s | p50 latency s | p95 latency s | scoring s / token |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
