@@ -301,12 +301,13 @@ class DecoderBase:
                     scores: torch.Tensor, probs: torch.Tensor, index: int, alignment: str, api_seconds: float,
                     scoring_seconds: float, dropped: int, notes: Sequence[str]) -> StepTrace:
         delta = [e - a for e, a in zip(lp_e, lp_a)]
+        score_list, prob_list = scores.tolist(), probs.tolist()
         return StepTrace(
             index=len(self.steps),
             candidates=tuple(
                 CandidateTrace(
                     text=c.text, hosted_logprob=c.logprob, expert_logprob=lp_e[i], anti_expert_logprob=lp_a[i],
-                    delta=delta[i], score=float(scores[i]), prob=float(probs[i]), is_end=c.is_end, token_id=c.token_id,
+                    delta=delta[i], score=score_list[i], prob=prob_list[i], is_end=c.is_end, token_id=c.token_id,
                 )
                 for i, c in enumerate(candidates)
             ),

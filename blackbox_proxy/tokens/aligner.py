@@ -246,26 +246,32 @@ class _Reads:
             sorted_on: Callable[[torch.device], torch.Tensor]) -> tuple[list[float], list[float], list[float]]:
         if not self.rows:
             return [], [], []
-        table = torch.stack([dists[path] for path in self.rows])  # [paths, V], in _row order
-        device = table.device
-
-        def index(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=device)
-
+        paths = list(self.rows)  # in _row order
+        device = dists[paths[0]].device
+        used = sorted(set(self.span_rows))
+        local = {row: i for i, row in enumerate(used)}
+        # every index in one host-to-device copy, then sliced
+        pieces = [self.point_rows, self.point_ids, self.end_rows, sorted(self.small.end_ids),
+                  [local[r] for r in self.span_rows], [hi for _, hi in self.span_ranges],
+                  [lo for lo, _ in self.span_ranges]]
+        flat_index = torch.tensor([i for piece in pieces for i in piece], dtype=torch.long, device=device)
+        (point_rows, point_ids, end_rows, end_ids, span_rows, his, los) = flat_index.split([len(p) for p in pieces])
         parts = []
-        if self.point_rows:
-            parts.append(table[index(self.point_rows), index(self.point_ids)].double())
-        if self.end_rows:
-            end_ids = index(sorted(self.small.end_ids))
-            parts.append(table[index(self.end_rows)][:, end_ids].double().exp().sum(1))
+        if self.point_rows or self.end_rows:
+            table = torch.stack([dists[path] for path in paths])  # [paths, V]
+            if self.point_rows:
+                parts.append(table[point_rows, point_ids].double())
+            if self.end_rows:
+                parts.append(table[end_rows][:, end_ids].double().exp().sum(1))
         if self.span_rows:
-            used = sorted(set(self.span_rows))
-            local = {row: i for i, row in enumerate(used)}
-            ordered = table[index(used)].double().exp()[:, sorted_on(device)]
-            cumulative = torch.cat([ordered.new_zeros(len(used), 1), ordered.cumsum(1)], 1)
-            rows = index([local[r] for r in self.span_rows])
-            parts.append(cumulative[rows, index([hi for _, hi in self.span_ranges])]
-                         - cumulative[rows, index([lo for lo, _ in self.span_ranges])])
+            ordered = torch.stack([dists[paths[row]] for row in used]).index_select(1, sorted_on(device))
+            cumulative = ordered.double().exp_().cumsum_(1)  # c[i + 1] of the definition
+            zero = cumulative.new_zeros(())
+
+            def c(at: torch.Tensor) -> torch.Tensor:  # c[at], with c[0] = 0
+                return torch.where(at > 0, cumulative[span_rows, (at - 1).clamp_(min=0)], zero)
+
+            parts.append(c(his) - c(los))
         flat = torch.cat(parts).tolist() if parts else []
         n_points, n_ends = len(self.point_rows), len(self.end_rows)
         return flat[:n_points], flat[n_points:n_points + n_ends], flat[n_points + n_ends:]

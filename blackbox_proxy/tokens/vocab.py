@@ -47,6 +47,9 @@ def split_utf8(data: bytes) -> tuple[bytes, bytes]:
     return data, b""
 
 
+RANGE_CACHE = 1 << 16  # prefix ranges kept per vocabulary (the remainders of recent positions)
+
+
 def _upper_bound(prefix: bytes) -> bytes | None:
     """Smallest byte string greater than every string that starts with ``prefix``."""
     stripped = prefix.rstrip(b"\xff")
@@ -108,6 +111,7 @@ class Vocabulary:
         # messages -> prompt text with this tokenizer's chat template, when it has one (HF loaders)
         self.render_chat: Callable[[list[dict[str, str]]], str] | None = None
         self._canonical: dict[bytes, int] = {}
+        self._ranges: dict[bytes, tuple[int, int]] = {}  # prefix_range's answers (bounded)
 
     # ----- lookups -------------------------------------------------------------------------
     def ids_for_bytes(self, data: bytes) -> tuple[int, ...]:
@@ -123,9 +127,15 @@ class Vocabulary:
 
     def prefix_range(self, prefix: bytes) -> tuple[int, int]:
         """Positions ``[lo, hi)`` in :attr:`sorted_ids` of every token starting with ``prefix``."""
+        known = self._ranges.get(prefix)
+        if known is not None:
+            return known
         lo = bisect.bisect_left(self._sorted_bytes, prefix)
         upper = _upper_bound(prefix)
         hi = len(self._sorted_bytes) if upper is None else bisect.bisect_left(self._sorted_bytes, upper, lo)
+        if len(self._ranges) >= RANGE_CACHE:
+            self._ranges.clear()
+        self._ranges[prefix] = (lo, hi)
         return lo, hi
 
     def prefix_ids(self, prefix: bytes) -> tuple[int, ...]:
