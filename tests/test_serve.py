@@ -132,7 +132,7 @@ def test_errors(served, sdk):
         bad.completions.create(model="tiny-tuned", prompt="Hi", max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="logprobs of the tuned distribution are returned with strategy"):
         sdk.completions.create(model="tiny-tuned", prompt="Hi", max_tokens=2, logprobs=3, temperature=1,
-                               extra_body={"strategy": "speculative"})
+                               extra_body={"strategy": "resample"})
     with pytest.raises(openai.BadRequestError, match="alpha must be a number"):
         sdk.completions.create(model="tiny-tuned", prompt="Hi", max_tokens=2, extra_body={"alpha": "strong"})
     with pytest.raises(openai.BadRequestError, match="speculative strategy samples"):

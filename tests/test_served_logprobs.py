@@ -137,6 +137,60 @@ def test_generated_logprobs_at_k_all_equal_white_box(sdk_all, vocab, white):
         assert ref[t, i] == ref[t].max()  # greedy: the tuned argmax
 
 
+# ----- speculative: one trace step per token, served like per-step's ---------------------------------------
+
+
+@pytest.mark.parametrize("how", ["streamed", "whole", "tree", "cross"])
+def test_speculative_trace_has_a_step_per_token_equal_to_per_step(kw, scorers_b, how):
+    """Greedy speculative keeps exactly per-step greedy's tokens (walk_greedy); its trace now has one
+    step per token, with that position's candidates, offsets and tuned distribution: equal to
+    per-step's own steps (up to the float noise of scoring positions in one batch), whether the
+    chunk was streamed, asked whole, walked as a multi-draft tree, or aligned across tokenizers."""
+    options = dict(kw, top_k=8)
+    if how == "cross":
+        options.update(expert=scorers_b[0], anti_expert=scorers_b[1])
+    tuner = ProxyTuner(**options, stream_chunks=how != "whole")
+    for prompt in ("The quick brown", "Numbers: 1 2"):
+        per = tuner.generate(prompt, max_tokens=10, temperature=0, alpha=1.5)
+        spec = tuner.generate(prompt, max_tokens=10, temperature=0, alpha=1.5, strategy="speculative",
+                              **({"drafts": 3} if how == "tree" else {}))
+        assert spec.text == per.text and spec.usage.api_calls < per.usage.api_calls
+        if how == "tree":
+            assert spec.usage.draft_sequences > spec.usage.api_calls  # calls asked several drafts
+        assert len(spec.trace) == len(per.trace) > 0
+        for a, b in zip(spec.trace, per.trace):
+            assert [c.token_id for c in a.candidates] == [c.token_id for c in b.candidates]
+            assert a.chosen == b.chosen
+            assert [c.score for c in a.candidates] == pytest.approx([c.score for c in b.candidates], abs=1e-5)
+            assert [c.prob for c in a.candidates] == [c.prob for c in b.candidates]  # one-hot at T = 0
+
+
+def test_sampled_speculative_logprobs_are_the_tuned_distribution_of_the_trace(sdk8, kw, vocab):
+    """Sampling: the served tokens are the library's for the same seed, each with its position's
+    tuned log-probability (the accepted draft's, or the residual draw's) and top entries."""
+    want = ProxyTuner(**kw, top_k=8).generate("A café in", max_tokens=12, temperature=1.0, seed=5,
+                                              strategy="speculative")
+    assert len(want.chunks) > 0 and len(want.trace) > 0
+    resp = sdk8.completions.create(model=MODEL, prompt="A café in", max_tokens=12, temperature=1.0, seed=5,
+                                   logprobs=3, extra_body={"strategy": "speculative"})
+    choice = resp.choices[0]
+    assert choice.text == want.text
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(want.trace)
+    for step, token, value, top in zip(want.trace, lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        ref = tuned_reference(step, 1.0)
+        assert token_id(vocab, token) == step.candidates[step.chosen].token_id
+        assert value == pytest.approx(float(ref[step.chosen]), abs=1e-5)
+        best = torch.topk(ref, min(3, len(ref))).indices.tolist()
+        assert [token_id(vocab, t) for t in top] == [step.candidates[i].token_id for i in best]
+    # streamed: the same tokens and numbers
+    text, tokens, values, _, _ = _streamed_completion(sdk8.completions.create(
+        model=MODEL, prompt="A café in", max_tokens=12, temperature=1.0, seed=5, logprobs=3, stream=True,
+        extra_body={"strategy": "speculative"}))
+    assert text == choice.text and tokens == lp.tokens
+    assert values == pytest.approx(lp.token_logprobs, abs=1e-5)
+
+
 def _streamed_completion(stream):
     text, tokens, values, tops, offsets = "", [], [], [], []
     for event in stream:
@@ -283,12 +337,12 @@ def test_refusals_say_why(sdk8, kw, tok_a, models_a):
             else:
                 client.completions.create(model=MODEL, prompt="The quick brown", **body)
 
-    refused("returned with strategy per-step", max_tokens=2, logprobs=2, temperature=1,
-            extra_body={"strategy": "speculative"})
-    refused("returned with strategy per-step", chat=True, max_tokens=2, logprobs=True, temperature=1,
+    refused("returned with strategy per-step or speculative", max_tokens=2, logprobs=2, temperature=1,
             extra_body={"strategy": "resample"})
-    refused("returned with strategy per-step", max_tokens=0, echo=True, logprobs=1, temperature=1,
-            extra_body={"strategy": "speculative"})
+    refused("returned with strategy per-step or speculative", chat=True, max_tokens=2, logprobs=True, temperature=1,
+            extra_body={"strategy": "resample"})
+    refused("returned with strategy per-step or speculative", max_tokens=0, echo=True, logprobs=1, temperature=1,
+            extra_body={"strategy": "resample"})
     refused("stream=true with echo", max_tokens=0, echo=True, stream=True)
     refused("n > 1 with echo", max_tokens=0, echo=True, logprobs=1, n=2)
     refused("stop with echo", max_tokens=2, echo=True, logprobs=1, stop=["x"])

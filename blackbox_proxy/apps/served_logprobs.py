@@ -8,9 +8,9 @@ entries of p^: the distribution before temperature and top-p, as vLLM and this p
 
 - :class:`TokenLogprobs`: one output token, its tuned logprob and the distribution, whatever
   produced them: :data:`READERS` maps a strategy to the function that reads them from its
-  :class:`~blackbox_proxy.types.GenerationResult` (per-step: the trace's candidate scores). A
-  strategy that records per-token distributions plugs in there; :func:`refusal` says why the
-  others give none. :func:`from_forced` reads teacher forcing (``echo``).
+  :class:`~blackbox_proxy.types.GenerationResult` (per-step and speculative: the trace's
+  candidate scores, one step per token). A strategy that records per-token distributions plugs
+  in there; :func:`refusal` says why the others (resample, white-box) give none. :func:`from_forced` reads teacher forcing (``echo``).
 - :func:`completion_logprobs` (``tokens``, ``token_logprobs``, ``top_logprobs``,
   ``text_offset``) and :func:`chat_logprobs` (``content`` entries with ``bytes``).
 - :class:`StreamedTokens`: which tokens a streamed piece of text has shown (a token goes out
@@ -22,7 +22,8 @@ text and ``bytes`` null, not part of the text; tokens a stop string cut off enti
 out (one that straddles the cut is kept whole); candidates of tuned probability 0 are left out
 of ``top_logprobs``; completion keys that print alike are merged (log-sum-exp).
 
-Left out: the echo requests themselves (:mod:`.served_echo`); strategies other than per-step.
+Left out: the echo requests themselves (:mod:`.served_echo`); the resample and white-box strategies
+(resample draws whole answers and keeps one by weight: no per-token distribution was sampled from).
 """
 
 from __future__ import annotations
@@ -100,7 +101,10 @@ def from_per_step(result: GenerationResult, vocab: Any) -> list[TokenLogprobs]:
 
 
 # strategy -> reader of its per-token distributions; a strategy that records them adds itself here
-READERS: dict[str, Callable[[GenerationResult, Any], list[TokenLogprobs]]] = {"per-step": from_per_step}
+# (speculative records one step per token too: the walked position's candidates and tuned
+# distribution, the accepted draft or the residual draw as the choice)
+READERS: dict[str, Callable[[GenerationResult, Any], list[TokenLogprobs]]] = {"per-step": from_per_step,
+                                                                              "speculative": from_per_step}
 
 
 def refusal(strategy: str) -> str | None:
@@ -109,7 +113,7 @@ def refusal(strategy: str) -> str | None:
         return None
     return (f"logprobs of the tuned distribution are returned with strategy {' or '.join(READERS)}; the {strategy} "
             "strategy does not record a distribution for every token it returns: leave logprobs out, or send "
-            "\"strategy\": \"per-step\"")
+            "\"strategy\": \"per-step\" or \"speculative\"")
 
 
 def from_forced(steps: Sequence[Any], head: Sequence[bytes]) -> list[TokenLogprobs]:

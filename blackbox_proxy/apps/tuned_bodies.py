@@ -27,7 +27,7 @@ MAX_N = 8
 MAX_STOP = 4  # stop sequences per request (each is held back from the stream while it could begin)
 MAX_PROMPTS = 16  # prompts in one /v1/completions body (each answered n times)
 # answer-changing fields the tuned model does not honour, per route: a 400 naming them unless
-# neutral (logprobs and top_logprobs are honoured with the per-step strategy, echo on completions)
+# neutral (logprobs and top_logprobs are honoured with the per-step and speculative strategies, echo on completions)
 REFUSED = tuple(k for k in NEUTRAL_VALUES if k not in ("logprobs", "top_logprobs", "echo"))
 REFUSED_CHAT = REFUSED + ("echo",)
 

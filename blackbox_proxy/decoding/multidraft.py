@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..maths.rejection import PositionScore
 from ..maths.tree import NodeScore, node_greedy, node_sampled
 from ..types import Candidate, HostedPosition, HostedResult
 from .base import is_utf8
@@ -135,8 +136,8 @@ def walk_tree(decoder, results: Sequence[HostedResult], api_seconds: float, stat
         lp_e, lp_a = node.score
         e, a = torch.tensor(lp_e, dtype=torch.float64), torch.tensor(lp_a, dtype=torch.float64)
         children = [drafts[j][0][node.depth].sampled for j in node.members]
-        scored = NodeScore(torch.tensor([c.logprob for c in node.candidates], dtype=torch.float64), e - a, e, a,
-                           tuple(node.index[_key(c)] for c in children))
+        hosted = torch.tensor([c.logprob for c in node.candidates], dtype=torch.float64)
+        scored = NodeScore(hosted, e - a, e, a, tuple(node.index[_key(c)] for c in children))
         mask = None
         if not decoder.token_prompts:
             mask = torch.tensor([c.is_end or is_utf8(node.before + c.data) for c in node.candidates])
@@ -153,6 +154,12 @@ def walk_tree(decoder, results: Sequence[HostedResult], api_seconds: float, stat
         walk.tails.append(step.tail if len(children) == 1 else f"{step.tail}; {len(children)} drafts here")
         if step.note:
             notes.append(f"position {node.depth}: {step.note}")
+        # the path's positions as a one-draft walk has them (the trace's steps are read from these)
+        taken = children[step.accepted] if step.accepted is not None else children[0]
+        walk.rows.append(PositionScore(hosted, e - a, e, a, node.index[_key(taken)]))
+        walk.items.append((node.before, node.ids, node.candidates))
+        # greedy chooses among the API's top-k alone (as per-step); drafts outside it are not candidates there
+        walk.allowed.append((top if mask is None else top & mask) if greedy else mask)
         if step.accepted is None:
             path.append(HostedPosition(candidates=tuple(node.candidates), sampled=children[0]))
             walk.rejected_at = node.depth

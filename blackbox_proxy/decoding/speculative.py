@@ -44,7 +44,9 @@ from collections.abc import Sequence
 
 import torch
 
+from .._constants import PROB_FLOOR
 from ..errors import HostedResponseError
+from ..maths import combiner
 from ..maths.rejection import PositionScore, walk_greedy, walk_sampled
 from ..types import Candidate, ChunkTrace, HostedPosition, HostedRequest, HostedResult, Usage
 from .base import DecoderBase, is_utf8
@@ -247,10 +249,13 @@ class SpeculativeDecoder(StreamedWalk, TailProbes, DecoderBase):
                 notes.append(f"{cut} token(s) cut to end the chunk on a whole UTF-8 character (text prompt)")
         examined = chunk.accepted + (1 if chunk.rejected_at is not None else 0)
         before_generated = self.generated
+        appended = 0
         for cand in chosen:
             if self.done:
                 break
             self._append(cand)
+            appended += 1
+        self._record_steps(chunk, appended)
         scoring = chunk.scoring + time.perf_counter() - started
         self.usage = self.usage + Usage(draft_tokens=examined, accepted_drafts=chunk.accepted, scoring_seconds=scoring,
                                         generated_tokens=self.generated - before_generated)
@@ -290,6 +295,49 @@ class SpeculativeDecoder(StreamedWalk, TailProbes, DecoderBase):
         )
         self.chunks.append(trace)
         return trace
+
+    def _record_steps(self, chunk: ChunkWalk, appended: int) -> None:
+        """One :class:`~blackbox_proxy.types.StepTrace` per token the chunk appended: that position's
+        candidates as the walk chose among them (those a text prompt can carry, as per-step keeps
+        them; a greedy tree walk's top-k), their offsets and the tuned distribution, with the draft (accepted) or the residual draw (the replacement) as
+        the choice. So a speculative result's trace, like per-step's, has one step per token
+        returned (``serve`` reads its logprobs there); the chunk's API and scoring time go on its
+        first step."""
+        temperature = 0.0 if self.greedy else 1.0
+        for i in range(min(appended, len(chunk.rows))):
+            row, (_, _, cands), allowed = chunk.rows[i], chunk.items[i], chunk.allowed[i]
+            notes = ["speculative chunk {}: {}".format(len(self.chunks), "accepted draft" if i < chunk.accepted
+                                                        else "residual draw at the rejected draft")]
+            index = row.draft if i < chunk.accepted else next(
+                (j for j, c in enumerate(cands) if c is chunk.replacement or c == chunk.replacement), None)
+            keep = [j for j in range(len(cands)) if allowed is None or bool(allowed[j]) or j == index]
+            chosen = [cands[j] for j in keep]
+            hosted, lp_e, lp_a = row.hosted_logprobs[keep], row.lp_e[keep], row.lp_a[keep]
+            if index is None:  # a residual draw from a tail probe: a token outside the candidates
+                extra = chunk.replacement
+                e, a = self._tail_logprobs(chunk, i, extra, notes)
+                chosen.append(extra)
+                hosted = torch.cat([hosted, hosted.new_tensor([extra.logprob])])
+                lp_e, lp_a = torch.cat([lp_e, lp_e.new_tensor([e])]), torch.cat([lp_a, lp_a.new_tensor([a])])
+                at = len(chosen) - 1
+            else:
+                at = keep.index(index)
+            scores = combiner.proxy_scores(hosted, lp_e - lp_a, self.params.alpha)
+            probs = combiner.tuned_distribution(scores, temperature, 1.0)
+            self.steps.append(self._step_trace(
+                chosen, lp_e.tolist(), lp_a.tolist(), scores, probs, at, chunk.alignment,
+                chunk.api_seconds if i == 0 else 0.0, chunk.scoring if i == 0 else 0.0, chunk.usable[i].dropped, notes))
+
+    @staticmethod
+    def _tail_logprobs(chunk: ChunkWalk, i: int, token: Candidate, notes: list[str]) -> tuple[float, float]:
+        """log P_E and log P_A of a token outside position ``i``'s candidates, from the small models'
+        whole distributions there (tail probes need one tokenizer, so they are kept)."""
+        floor = math.log(PROB_FLOOR)
+        if chunk.full is None or token.token_id is None or token.token_id >= chunk.full[i][0].shape[0]:
+            notes.append("the drawn tail token's offset is unknown; its score is its hosted logprob")
+            return floor, floor
+        e, a = (float(dist[token.token_id]) for dist in chunk.full[i])
+        return max(floor, e), max(floor, a)
 
     def _cut_to_characters(self, chosen: list[Candidate]) -> tuple[list[Candidate], int]:
         """Text prompts cannot hold half a character: keep the longest run ending on a whole one."""
