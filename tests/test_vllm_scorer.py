@@ -32,16 +32,19 @@ class StubVLLM:
     def __init__(self, tokenizer, root, models, parents=None, top=-1):
         self.tokenizer, self.root, self.models, self.parents, self.top = tokenizer, str(root), models, parents or {}, top
         self.requests: list[dict] = []
+        self.faults: list[str] = []  # the next completions requests fail so: "503", "drop", "garbage", "400"
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
 
-            def _send(self, status, body):
-                data = json.dumps(body).encode()
+            def _send(self, status, body, headers=()):
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
+                for name, value in headers:
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -55,6 +58,15 @@ class StubVLLM:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stub.requests.append(body)
+                fault = stub.faults.pop(0) if stub.faults and self.path == "/v1/completions" else None
+                if fault == "drop":  # the connection closes without an answer
+                    self.close_connection = True
+                    return
+                if fault == "garbage":  # a 200 cut off on the way
+                    return self._send(200, b'{"choices": [{"ind')
+                if fault in ("503", "400"):
+                    return self._send(int(fault), {"error": {"message": f"injected {fault}"}},
+                                      [("Retry-After", "0")] if fault == "503" else [])
                 status, answer = stub.answer(self.path, body)
                 self._send(status, answer)
 
@@ -188,6 +200,37 @@ def test_a_top_n_server_and_its_refusal(tok_a, models_a, folder_a):
         assert float(dist.exp().sum()) == pytest.approx(1.0, abs=1e-5)
         with pytest.raises(ConfigurationError, match="serves no model 'B'.*A"):
             VLLMScorer(VLLMConnection(stub.url), "B")
+    finally:
+        stub.close()
+
+
+def test_failed_scoring_requests_are_retried_and_then_given_up(tok_a, models_a, folder_a):
+    """503s (with Retry-After), dropped connections and bodies cut off are asked again and give the
+    same distribution; a 400 is not retried; past max_retries the failure is one ScorerBackendError."""
+    stub = StubVLLM(tok_a, folder_a, {"A": models_a[2]})
+    try:
+        conn = VLLMConnection(stub.url, seed=0)
+
+        def ask(connection=conn):
+            return VLLMScorer(connection, "A", render="raw").session([1, 2]).distributions([], [(3,)])
+
+        want = ask()
+        for faults in (["503"], ["drop", "garbage"], ["503", "drop", "503", "503"]):
+            stub.faults[:] = faults
+            before = len(stub.requests)
+            got = ask()
+            assert stub.faults == [] and len(stub.requests) - before == 2 + len(faults)  # two nodes asked
+            assert all(torch.equal(got[node], want[node]) for node in want)
+        stub.faults[:] = ["400"]
+        before = len(stub.requests)
+        with pytest.raises(ScorerBackendError, match="answered 400 to /v1/completions: injected 400") as info:
+            ask()
+        assert len(stub.requests) - before <= 2 and "gave up" not in str(info.value)  # not asked again
+        stub.faults[:] = ["503"] * 3
+        with pytest.raises(ScorerBackendError, match="answered 503.*gave up after 2 failed attempt"):
+            ask(VLLMConnection(stub.url, max_retries=1))
+        with pytest.raises(ConfigurationError, match="max_retries"):
+            VLLMConnection(stub.url, max_retries=-1)
     finally:
         stub.close()
 

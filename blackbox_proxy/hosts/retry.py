@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from .. import _constants as C
 from .._logging import redact
+from ..backoff import backoff, server_delay
 from ..errors import (
     HostedAPIError,
     HostedAuthenticationError,
@@ -85,17 +86,12 @@ def retry_delay(exc: BaseException, attempt: int, rng: random.Random) -> float |
     elif isinstance(exc, openai.APIStatusError):
         if exc.status_code not in C.RETRYABLE_STATUS:
             return None
-        for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-            header = _header(exc, name)
-            if header:
-                try:
-                    return min(C.MAX_RETRY_AFTER, max(0.0, float(header) * scale))
-                except ValueError:
-                    pass  # an HTTP date: fall back to backoff
+        told = server_delay(lambda name: _header(exc, name))
+        if told is not None:
+            return told
     else:
         return None
-    base = min(C.MAX_RETRY_DELAY, C.INITIAL_RETRY_DELAY * 2 ** (attempt - 1))
-    return base * (1 + C.RETRY_JITTER * (2 * rng.random() - 1))
+    return backoff(attempt, rng)
 
 
 class _Tally:

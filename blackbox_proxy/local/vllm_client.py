@@ -7,8 +7,9 @@ one answer; :class:`ModelGate` keeps the requests of two models out of one vLLM 
 vLLM's LoRA would mix them up. See :mod:`blackbox_proxy.local.vllm_scorer` for the backend
 itself and why it asks what it asks.
 
-Left out: retries (a failed request raises :class:`~blackbox_proxy.errors.ScorerBackendError`)
-and authentication.
+A request that fails in a way that may pass (connection, timeout, 429/5xx, a body cut off) is
+retried like a hosted call (:mod:`blackbox_proxy.backoff`); what is given up on raises
+:class:`~blackbox_proxy.errors.ScorerBackendError`. Left out: authentication.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import random
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +25,9 @@ from typing import Any
 
 import torch
 
+from .. import _constants as C
 from .._constants import PROB_FLOOR
+from ..backoff import backoff, server_delay
 from ..errors import ConfigurationError, ModelLoadError, ScorerBackendError
 
 logger = logging.getLogger(__name__)
@@ -111,6 +115,14 @@ class ModelGate:
                 self._cond.notify_all()
 
 
+class _Retryable(ScorerBackendError):
+    """A failed scoring request that may pass if asked again, and the wait the server asked for."""
+
+    def __init__(self, message: str, delay: float | None = None) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
 class VLLMConnection:
     """One vLLM server: an HTTP client, a thread pool for concurrent requests, the served models.
 
@@ -118,16 +130,22 @@ class VLLMConnection:
         url: the server, ``http://host:port`` or ``.../v1``.
         timeout: seconds per request. concurrency: requests in flight.
         top_logprobs: ``-1`` (whole distributions; start vLLM with ``--max-logprobs -1``) or N.
+        max_retries: retries of a failed request after the first attempt (see :meth:`post`);
+        seed: of the backoff's jitter.
     """
 
     def __init__(self, url: str, *, timeout: float = SCORER_TIMEOUT, concurrency: int = CONCURRENCY,
-                 top_logprobs: int = -1) -> None:
+                 top_logprobs: int = -1, max_retries: int = C.MAX_RETRIES, seed: int | None = None) -> None:
         import httpx
 
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ConfigurationError(f"--scorer-url must be an http(s) URL of a vLLM server, got {url!r}")
         self.url = url.rstrip("/").removesuffix("/v1")
         self.top_logprobs = top_logprobs
+        if not isinstance(max_retries, int) or max_retries < 0:
+            raise ConfigurationError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+        self.max_retries = max_retries
+        self._rng = random.Random(seed)  # backoff jitter
         self.http = httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=concurrency))
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="blackbox-proxy-vllm")
         self._tokenizers: dict[str, Any] = {}
@@ -169,21 +187,58 @@ class VLLMConnection:
         return self.entry(str(parent)) if parent else entry
 
     def post(self, route: str, body: dict) -> dict:
+        """POST ``body`` and return the JSON answer, retrying what may pass (the requests are
+        idempotent: greedy, one token): a connection error or timeout, a status in
+        ``RETRYABLE_STATUS`` (429, 503 from a busy or restarting server...) and a 200 whose
+        body is not JSON, at most ``max_retries`` times, waiting as the hosted clients do (the
+        server's ``retry-after``, else jittered backoff; no more than ``MAX_TOTAL_RETRY_WAIT``
+        in all). Anything else, or the last failure, raises :class:`ScorerBackendError`."""
+        import tenacity
+
+        failures = 0
+        delay: float | None = None
+
+        def retry(state: tenacity.RetryCallState) -> bool:
+            nonlocal failures, delay
+            exc = state.outcome.exception() if state.outcome is not None else None
+            if not isinstance(exc, _Retryable):
+                return False
+            failures += 1
+            delay = exc.delay if exc.delay is not None else backoff(failures, self._rng)
+            return True
+
+        def stop(state: tenacity.RetryCallState) -> bool:
+            return failures > self.max_retries or state.seconds_since_start + (delay or 0.0) > C.MAX_TOTAL_RETRY_WAIT
+
+        def log(state: tenacity.RetryCallState) -> None:
+            logger.info("scoring request to %s failed (%s); retry %d in %.2f s", self.url,
+                        state.outcome.exception(), failures, state.upcoming_sleep)
+
+        def give_up(state: tenacity.RetryCallState) -> dict:
+            raise ScorerBackendError(f"{state.outcome.exception()}; gave up after {failures} failed attempt(s)") from None
+
+        attempt = tenacity.Retrying(retry=retry, wait=lambda _: delay or 0.0, stop=stop, before_sleep=log,
+                                    retry_error_callback=give_up)
+        return attempt(self._post_once, route, body)
+
+    def _post_once(self, route: str, body: dict) -> dict:
         import httpx
 
         try:
             response = self.http.post(f"{self.url}{route}", json=body)
         except httpx.TransportError as exc:
-            raise ScorerBackendError(f"the scorer at {self.url} did not answer ({type(exc).__name__}); "
-                                     "check that the vLLM server (--scorer-url) is still up") from None
+            raise _Retryable(f"the scorer at {self.url} did not answer ({type(exc).__name__}); check that the vLLM "
+                             "server (--scorer-url) is still up") from None
         if response.status_code != 200:
             hint = " (start vLLM with --max-logprobs -1)" if "logprob" in response.text.lower() else ""
-            raise ScorerBackendError(f"the scorer at {self.url} answered {response.status_code} to {route}: "
-                                     f"{_message(response)}{hint}")
+            message = f"the scorer at {self.url} answered {response.status_code} to {route}: {_message(response)}{hint}"
+            if response.status_code in C.RETRYABLE_STATUS:
+                raise _Retryable(message, server_delay(response.headers.get))
+            raise ScorerBackendError(message)
         try:
             return response.json()
         except ValueError:
-            raise ScorerBackendError(f"the scorer at {self.url} answered {route} with something that is not JSON") from None
+            raise _Retryable(f"the scorer at {self.url} answered {route} with something that is not JSON") from None
 
     def _completions(self, model: str, prompts: list[tuple[int, ...]], size: int) -> list[torch.Tensor]:
         body = {"model": model, "prompt": [list(p) for p in prompts] if len(prompts) > 1 else list(prompts[0]),
