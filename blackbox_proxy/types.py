@@ -209,7 +209,9 @@ class SampleTrace:
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """Proxy-tuned text with its usage and per-step trace."""
+    """Proxy-tuned text with its usage and trace: ``trace`` has one step per token chosen (per-step
+    and speculative: the position's candidates, offsets and tuned distribution), ``chunks`` one
+    entry per speculative chunk, ``samples`` the resample strategy's answers."""
 
     text: str
     finish_reason: str
