@@ -130,6 +130,9 @@ def test_dense_logprobs_spreads_what_is_left_and_keeps_returned_values():
     assert float(capped[2]) == pytest.approx(math.log(0.01))
     with pytest.raises(ScorerBackendError, match="token_id"):
         dense_logprobs({" the": -0.5}, 5)
+    for broken in ({"token_id:x": -0.5}, {"token_id:1": "high"}, {"token_id:1 2": -0.5}, {}, {1: -0.5}):
+        with pytest.raises(ScorerBackendError, match="token_id"):
+            dense_logprobs(broken, 5)
 
 
 def test_the_vllm_backend_gives_the_local_distributions(stub_a, scorers_a):
