@@ -65,6 +65,8 @@ def dense_logprobs(top: Mapping[str, float], size: int) -> torch.Tensor:
         values = np.fromiter(top.values(), dtype=np.float64, count=len(top))
     except (TypeError, ValueError):
         raise bad from None
+    if len(ids) != len(values):  # a key with a space in it
+        raise bad
     inside = (ids >= 0) & (ids < size)
     ids, values = ids[inside], values[inside]
     missing = size - len(np.unique(ids))
