@@ -69,7 +69,9 @@ def dense_logprobs(top: Mapping[str, float], size: int) -> torch.Tensor:
         raise bad
     inside = (ids >= 0) & (ids < size)
     ids, values = ids[inside], values[inside]
-    missing = size - len(np.unique(ids))
+    seen = np.zeros(size, dtype=bool)
+    seen[ids] = True
+    missing = size - int(seen.sum())
     fill = math.log(PROB_FLOOR)
     if missing > 0 and len(values):
         left = 1.0 - float(np.exp(values).sum())
