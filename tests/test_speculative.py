@@ -169,7 +169,6 @@ def run_draws(tok_a, models, n, seed0, alpha=1.0):
     vocab = vocabulary_from_hf(tok_a)
     prompt = tok_a.encode("The quick brown")
     hosted, e, a = MemoSession(large, []), MemoSession(expert, prompt), MemoSession(anti, prompt)
-    gen = torch.Generator().manual_seed(seed0)
     memo = {}
 
     def position_candidates(ids):
@@ -181,10 +180,21 @@ def run_draws(tok_a, models, n, seed0, alpha=1.0):
             memo[key] = (lp.exp().float(), cands, {c.token_id: c for c in cands})
         return memo[key]
 
+    firsts = draw_pairs(vocab, position_candidates, e, a, prompt, n, seed0, alpha=alpha)
+    return firsts, (hosted, e, a)
+
+
+def draw_pairs(vocab, position_candidates, e, a, prompt, n, seed0, *, alpha=1.0, top_k=400):
+    """The first two tokens of ``n`` speculative generations (chunks of 2, temperature 1) over a
+    simulated hosted model: ``position_candidates(ids)`` gives (probabilities [V], the candidates
+    the API would return, candidates by id) after ``ids``; each chunk's tokens are drawn from
+    those probabilities with one seeded generator. ``e`` and ``a`` are the expert's and
+    anti-expert's sessions over ``prompt`` (any scoring backend's)."""
+    gen = torch.Generator().manual_seed(seed0)
     firsts = []
     for i in range(n):
         dec = SpeculativeDecoder(mode="completions", expert=e, anti_expert=a, aligner=Aligner(vocab, vocab),
-                                 params=DecodeParams(alpha=alpha, temperature=1.0, max_tokens=2, top_k=400,
+                                 params=DecodeParams(alpha=alpha, temperature=1.0, max_tokens=2, top_k=top_k,
                                                      chunk=2, seed=seed0 + i),
                                  same_vocab=True, prompt="x", hosted_prompt_ids=prompt)
         while not dec.done:
@@ -198,7 +208,7 @@ def run_draws(tok_a, models, n, seed0, alpha=1.0):
                 ids.append(token)
             dec.observe([HostedResult("", tuple(positions), "length", HostedUsage())], 0.0)
         firsts.append(tuple(dec.hosted_ids[:2]))
-    return firsts, (hosted, e, a)
+    return firsts
 
 
 def exact_joint(sessions, prompt, live, alpha=1.0):
