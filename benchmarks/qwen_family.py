@@ -18,14 +18,22 @@ the definitions. Prompts are rendered once with the Qwen chat template (shared b
 sent as raw text in completions mode, so all three models see the same tokens.
 
     python benchmarks/qwen_family.py prepare           # models (once) + task files in qwen_family/
-    python examples/train_expert.py --base qwen-coder-0.5b --data qwen_family/train.jsonl \\
-        --out qwen_family/acme-lora --steps 150 --max-len 96
-    blackbox-proxy serve-model ~/.cache/blackbox_proxy/models/qwen2.5-coder-1.5b-instruct --name qwen-1.5b --port 8041 &
-    blackbox-proxy eval --base-url http://127.0.0.1:8041/v1 --model qwen-1.5b \\
-        --anti-expert ~/.cache/blackbox_proxy/models/qwen2.5-coder-0.5b-instruct \\
-        --expert-adapter qwen_family/acme-lora --expert-render raw --anti-expert-render raw \\
-        --task gsm --data qwen_family/test.jsonl --systems hosted,expert,per-step \\
-        --max-tokens 32 --timeout 300 --out qwen_family/eval
+    python examples/train_expert.py --base qwen-coder-0.5b --data qwen_family/train.jsonl \
+        --out qwen_family/acme-lora --steps 60 --max-len 96          # ~8 min on 2 cores
+    M=~/.cache/blackbox_proxy/models
+    blackbox-proxy serve-model $M/qwen2.5-coder-1.5b-instruct --name qwen-1.5b --port 8041 \
+        --max-top-logprobs 200 &
+    blackbox-proxy eval --base-url http://127.0.0.1:8041/v1 --model qwen-1.5b \
+        --anti-expert $M/qwen2.5-coder-0.5b-instruct --expert-adapter qwen_family/acme-lora \
+        --expert-render raw --anti-expert-render raw --hosted-tokenizer $M/qwen2.5-coder-1.5b-instruct \
+        --task gsm --data qwen_family/test.jsonl --systems hosted,expert,per-step \
+        --max-tokens 32 --top-k 100 --timeout 300 --concurrency 4 --out qwen_family/eval
+
+``--top-k 100``: with the 20 candidates OpenAI's API allows, the definitions do not transfer.
+After ``acme.fold(22, 38, 13)`` and the answer's first ``22``, the hosted model ranks the
+expert's `` *`` (log p -9.8) outside its top 20, so proxy tuning cannot choose it and writes
+``22 - 13 * 38``; at 100 candidates it is there and wins (log p_E - log p_A = +8.1). vLLM
+(``--max-logprobs``) and this project's ``serve-model`` (``--max-top-logprobs``) allow more.
 
 README ("A stronger hosted model: Qwen2.5-Coder") has the results.
 """
