@@ -394,3 +394,21 @@ def test_text_prompt_greedy_equals_per_step(server_a, tok_a, scorers_b):
         for drafts in (1, 4):
             spec = t.generate(prompt, max_tokens=10, strategy="speculative", drafts=drafts)
             assert spec.text == per_step.text, (prompt, drafts)
+
+
+def test_tree_steps_keep_the_positions_dropped_count(tok_a):
+    """A tree's path positions (and the trace steps read from them) report how many API entries
+    at that position could not be used, as per-step's steps do (they used to say 0)."""
+    import dataclasses
+
+    size = len(tok_a)
+    e_rows = {(): _lp(size, {5: 0.0, 6: 0.0, 7: 0.0}), (5,): _lp(size, {5: 0.0, 6: 0.0, 7: 0.0})}
+    dec, vocab = fixed_decoder(tok_a, e_rows, e_rows, temperature=0.0, drafts=2)
+    dropped = [dataclasses.replace(position(vocab, 5), dropped=2), dataclasses.replace(position(vocab, 5), dropped=1)]
+    d1 = HostedResult("", tuple(dropped), "length", HostedUsage())
+    d2 = HostedResult("", (dataclasses.replace(position(vocab, 5), dropped=2), position(vocab, 6)), "length",
+                      HostedUsage())
+    dec.request()
+    trace = dec.observe([d1, d2], 0.0)
+    assert trace.accepted == 2
+    assert [step.dropped for step in dec.steps] == [2, 0]  # the second node's fewest: draft 2 dropped none there

@@ -160,7 +160,7 @@ def test_speculative_trace_has_a_step_per_token_equal_to_per_step(kw, scorers_b,
         assert len(spec.trace) == len(per.trace) > 0
         for a, b in zip(spec.trace, per.trace):
             assert [c.token_id for c in a.candidates] == [c.token_id for c in b.candidates]
-            assert a.chosen == b.chosen
+            assert a.chosen == b.chosen and a.dropped == b.dropped
             assert [c.score for c in a.candidates] == pytest.approx([c.score for c in b.candidates], abs=1e-5)
             assert [c.prob for c in a.candidates] == [c.prob for c in b.candidates]  # one-hot at T = 0
 
@@ -171,6 +171,16 @@ def test_sampled_speculative_logprobs_are_the_tuned_distribution_of_the_trace(sd
     want = ProxyTuner(**kw, top_k=8).generate("A café in", max_tokens=12, temperature=1.0, seed=5,
                                               strategy="speculative")
     assert len(want.chunks) > 0 and len(want.trace) > 0
+    # the trace is the text, token by token: each step's choice is its chunk's accepted draft, or
+    # the residual draw where the chunk was rejected (and a rejection happened here)
+    assert "".join(step.chosen_text for step in want.trace) == want.text
+    assert any(chunk.rejected_at is not None for chunk in want.chunks)
+    expected = []
+    for chunk in want.chunks:
+        expected += list(chunk.drawn[:chunk.accepted])
+        if chunk.rejected_at is not None and chunk.replacement is not None:
+            expected.append(chunk.replacement)
+    assert [step.chosen_text for step in want.trace] == expected[:len(want.trace)]
     resp = sdk8.completions.create(model=MODEL, prompt="A café in", max_tokens=12, temperature=1.0, seed=5,
                                    logprobs=3, extra_body={"strategy": "speculative"})
     choice = resp.choices[0]

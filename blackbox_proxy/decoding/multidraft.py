@@ -68,6 +68,7 @@ class _Node:
     index: dict[tuple, int] = field(default_factory=dict)
     members: list[int] = field(default_factory=list)  # drafts with a usable position here
     top: int = 0  # the API's top-k entries: the first ``top`` candidates by logprob
+    dropped: int = 0  # entries the API listed here that could not be used (HostedPosition.dropped)
     score: tuple[list[float], list[float]] | None = None
 
     def add(self, pos: HostedPosition) -> None:
@@ -114,10 +115,11 @@ def walk_tree(decoder, results: Sequence[HostedResult], api_seconds: float, stat
         for depth, pos in enumerate(positions):
             node = nodes.get(key)
             if node is None:
-                node = nodes[key] = _Node(depth, before, list(ids) if ids is not None else None)
+                node = nodes[key] = _Node(depth, before, list(ids) if ids is not None else None, dropped=pos.dropped)
             node.add(pos)
             node.members.append(j)
             node.top = max(node.top, decoder.params.top_k - pos.dropped)
+            node.dropped = min(node.dropped, pos.dropped)
             keys[j].append(key)
             before += pos.sampled.data
             ids = ids + [pos.sampled.token_id] if ids is not None and pos.sampled.token_id is not None else None
@@ -161,13 +163,13 @@ def walk_tree(decoder, results: Sequence[HostedResult], api_seconds: float, stat
         # greedy chooses among the API's top-k alone (as per-step); drafts outside it are not candidates there
         walk.allowed.append((top if mask is None else top & mask) if greedy else mask)
         if step.accepted is None:
-            path.append(HostedPosition(candidates=tuple(node.candidates), sampled=children[0]))
+            path.append(HostedPosition(candidates=tuple(node.candidates), sampled=children[0], dropped=node.dropped))
             walk.rejected_at = node.depth
             if step.replacement is not None:
                 walk.replacement = node.candidates[step.replacement]
             break
         chosen = children[step.accepted]
-        path.append(HostedPosition(candidates=tuple(node.candidates), sampled=chosen))
+        path.append(HostedPosition(candidates=tuple(node.candidates), sampled=chosen, dropped=node.dropped))
         walk.accepted += 1
         if chosen.is_end:
             break
