@@ -35,7 +35,7 @@ expert's `` *`` (log p -9.8) outside its top 20, so proxy tuning cannot choose i
 ``22 - 13 * 38``; at 100 candidates it is there and wins (log p_E - log p_A = +8.1). vLLM
 (``--max-logprobs``) and this project's ``serve-model`` (``--max-top-logprobs``) allow more.
 
-README ("A stronger hosted model: Qwen2.5-Coder") has the results.
+Results: docs/eval.md, "A stronger hosted model" (README, "Evaluate", has the table).
 """
 
 from __future__ import annotations
