@@ -4,7 +4,7 @@ task's answer format (worked equation, then ``#### N``).
     python examples/train_expert.py                 # ~25 min on 2 CPU cores, seed 0
     python examples/train_expert.py --steps 20 --out /tmp/adapter   # a quick try
     python examples/train_expert.py --base qwen-coder-0.5b --data qwen_family/train.jsonl \
-        --out qwen_family/acme-lora --steps 150 --max-len 96       # benchmarks/qwen_family.py's expert
+        --out qwen_family/acme-lora --steps 60 --max-len 96        # benchmarks/qwen_family.py's expert (~8 min)
 
 The anti-expert is SmolLM2-135M-Instruct as shipped; expert = the same model + this adapter.
 Data: ``blackbox_proxy.harness.tasks.problems("train", N)`` (generated, seeded; disjoint from the test
