@@ -13,7 +13,8 @@ before temperature, top-p and bias; ``-inf`` is reported as OpenAI's ``-9999``; 
 recorded as the last step but is not part of the text.
 
 Left out: HTTP and OpenAI's JSON shapes (:mod:`blackbox_proxy.apps.model_server`), batching
-concurrent requests into one forward, beam search and repetition penalties.
+concurrent requests into one forward (the ``n`` samples of one request do share one), beam search
+and repetition penalties.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ..maths.combiner import choose, top_p_filter, tuned_distribution
 from ..request import cut_at_stop
 from ..tokens.loaders import vocabulary_from_hf
 from ..tokens.vocab import Vocabulary
-from .engine import CachedContext, model_lock, select_device
+from .engine import CachedContext, cache_length, model_lock, select_device
 
 
 @dataclass(frozen=True)
@@ -129,13 +130,16 @@ class ModelRunner:
         n: int = 1,
         logit_bias: dict[int, float] | None = None,
     ) -> list[Generation]:
-        """``n`` generations continuing ``prompt_ids``, drawn one after the other from one
-        generator (seeded by ``seed``, else at random)."""
+        """``n`` generations continuing ``prompt_ids``, drawn from one generator (seeded by
+        ``seed``, else at random). ``n`` > 1 samples run as one batch (:meth:`_batch`); greedy
+        ones are one generation repeated, since every copy would be the same."""
         generator = torch.Generator()
         generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        args = (max_tokens, temperature, top_p, stop, top_k, generator, logit_bias or {})
         with self.lock:
-            return [self._one(prompt_ids, max_tokens, temperature, top_p, stop, top_k, generator, logit_bias or {})
-                    for _ in range(n)]
+            if n == 1 or temperature == 0:
+                return [self._one(prompt_ids, *args)] * n
+            return self._batch(prompt_ids, n, *args)
 
     def prompt_logprobs(self, prompt_ids: list[int], top_k: int) -> tuple[Sampled, ...]:
         """For every prompt token after the first: its logprob given the tokens before it and the
@@ -164,17 +168,7 @@ class ModelRunner:
         context = self._context_for(ids)
         logprobs = self._extend(context, ids)
         for _ in range(max_tokens):
-            biased = logprobs
-            if logit_bias:  # like OpenAI: biases the draw, not the reported logprobs
-                biased = logprobs.clone()
-                for token_id, bias in logit_bias.items():
-                    biased[token_id] += bias
-            token = self._draw(biased, temperature, top_p, generator)
-            top: tuple[tuple[int, float], ...] = ()
-            if top_k > 0:
-                values, indices = torch.topk(logprobs, min(top_k, logprobs.shape[0]))
-                top = tuple((int(i), _finite(float(v))) for v, i in zip(values, indices))
-            out.append(Sampled(token, _finite(float(logprobs[token])), top))
+            token = self._step(logprobs, temperature, top_p, top_k, generator, logit_bias, out)
             if token in self.vocab.end_ids:
                 finish = "stop"
                 break
@@ -188,6 +182,73 @@ class ModelRunner:
         text = self.vocab.bytes_of(text_ids).decode("utf-8", errors="replace")
         cut = cut_at_stop(text, stop)
         return Generation(tuple(out), tuple(text_ids), text if cut is None else cut, finish)
+
+    def _batch(self, prompt_ids, n, max_tokens, temperature, top_p, stop, top_k, generator,
+               logit_bias) -> list[Generation]:
+        """``n`` samples as the rows of one batch: the prompt's cache (kept context) copied ``n``
+        times, then one forward per step over the rows still going. Every row has the same length,
+        so no padding or attention mask is needed; a row that ends leaves the batch. Each row's
+        draws are those of :meth:`_one` (same transforms, same stop rules), in another order."""
+        import copy
+
+        context = self._context_for(list(prompt_ids))
+        first = self._extend(context, list(prompt_ids))
+        cache = copy.deepcopy(context.cache)
+        extra = cache_length(cache) - len(prompt_ids)
+        if extra:  # exactly the prompt (a context may hold scored paths past it)
+            cache.crop(-extra)
+        cache.batch_repeat_interleave(n)
+        device = next(self.model.parameters()).device
+        steps: list[list[Sampled]] = [[] for _ in range(n)]
+        text_ids: list[list[int]] = [[] for _ in range(n)]
+        finish = ["length"] * n
+        live = list(range(n))  # the rows of the batch, by sample index
+        logprobs = first.unsqueeze(0).expand(n, -1)
+        for _ in range(max_tokens):
+            keep, feed = [], []
+            for row, i in enumerate(live):
+                token = self._step(logprobs[row], temperature, top_p, top_k, generator, logit_bias, steps[i])
+                if token in self.vocab.end_ids:
+                    finish[i] = "stop"
+                    continue
+                text_ids[i].append(token)
+                if stop and cut_at_stop(self.vocab.bytes_of(text_ids[i]).decode("utf-8", errors="replace"),
+                                        stop) is not None:
+                    finish[i] = "stop"
+                    continue
+                keep.append(row)
+                feed.append(token)
+            if not keep or len(steps[live[keep[0]]]) >= max_tokens:
+                break
+            if len(keep) < len(live):
+                cache.batch_select_indices(torch.tensor(keep, device=device))
+                live = [live[row] for row in keep]
+            with torch.inference_mode():
+                out = self.model(input_ids=torch.tensor(feed, device=device)[:, None], cache=cache, use_cache=True)
+            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+            logprobs = torch.log_softmax(out.logits[:, -1].float(), -1).cpu()
+        gens = []
+        for i in range(n):
+            text = self.vocab.bytes_of(text_ids[i]).decode("utf-8", errors="replace")
+            cut = cut_at_stop(text, stop)
+            gens.append(Generation(tuple(steps[i]), tuple(text_ids[i]), text if cut is None else cut, finish[i]))
+        return gens
+
+    def _step(self, logprobs, temperature, top_p, top_k, generator, logit_bias, out: list[Sampled]) -> int:
+        """Draw one token from ``logprobs`` (``[V]``, the model's raw distribution) and record it
+        in ``out`` with the ``top_k`` most likely tokens."""
+        biased = logprobs
+        if logit_bias:  # like OpenAI: biases the draw, not the reported logprobs
+            biased = logprobs.clone()
+            for token_id, bias in logit_bias.items():
+                biased[token_id] += bias
+        token = self._draw(biased, temperature, top_p, generator)
+        top: tuple[tuple[int, float], ...] = ()
+        if top_k > 0:
+            values, indices = torch.topk(logprobs, min(top_k, logprobs.shape[0]))
+            top = tuple((int(i), _finite(float(v))) for v, i in zip(values, indices))
+        out.append(Sampled(token, _finite(float(logprobs[token])), top))
+        return token
 
     def _context_for(self, ids: list[int]) -> CachedContext:
         """A kept context that ``ids`` extends (the longest such), else a new slot while there is
