@@ -37,19 +37,59 @@ def test_weights_equal_exact_sequence_log_ratio(server_a, tok_a, models_a, score
     for sample in result.samples:
         ids = list(sample.token_ids)
         assert len(ids) == sample.tokens and None not in ids
-        want = no_z = 0.0
-        for t, y in enumerate(ids):
-            ctx = torch.tensor([prompt + ids[:t]])
-            with torch.no_grad():
-                lp = [torch.log_softmax(m(ctx).logits[0, -1].double(), -1) for m in models_a]
-            tuned = torch.log_softmax(lp[0] + 1.5 * (lp[1] - lp[2]), 0)
-            want += float(tuned[y] - lp[0][y])
-            no_z += float(1.5 * (lp[1][y] - lp[2][y]))
+        want, no_z = exact_log_weight(models_a, prompt, ids, 1.5)
         assert sample.log_weight == pytest.approx(want, abs=1e-2)
         far += abs(no_z - want) > 0.1
         checked += 1
     assert checked == 6 and far >= 3
     assert result.text == next(s.text for s in result.samples if s.picked)
+
+
+def exact_log_weight(models, prompt, ids, alpha):
+    """Σ_t log p~_t(y_t) − log p_L(y_t) over ``ids``, and the same without log Z."""
+    want = no_z = 0.0
+    for t, y in enumerate(ids):
+        ctx = torch.tensor([prompt + ids[:t]])
+        with torch.no_grad():
+            lp = [torch.log_softmax(m(ctx).logits[0, -1].double(), -1) for m in models]
+        tuned = torch.log_softmax(lp[0] + alpha * (lp[1] - lp[2]), 0)
+        want += float(tuned[y] - lp[0][y])
+        no_z += float(alpha * (lp[1][y] - lp[2][y]))
+    return want, no_z
+
+
+def test_weights_stop_where_the_answer_stops(tok_a):
+    """The API is not sent the stop strings, so its answers run on past them; each weight must be
+    that of the answer as kept: the tokens up to the one completing the stop string, no more.
+    (Models concentrated on the letters a-f, stop "a": most of 8-token answers hold one.)"""
+    from tiny import tiny_llama
+
+    from blackbox_proxy.apps.model_server import create_app
+    from blackbox_proxy.apps.openai_http import ServerThread
+    from blackbox_proxy.local.runner import ModelRunner
+
+    live = [tok_a.convert_tokens_to_ids(t) for t in ["a", "b", "c", "d", "e", "f"]]
+    models = [concentrated(tiny_llama(tok_a, s, hidden=32), live, s) for s in (50, 51, 52)]
+    prompt = tok_a.encode("The quick brown")
+    with ServerThread(create_app(ModelRunner(models[0], tok_a, name="tiny"))) as server:
+        tuner = ProxyTuner(base_url=server.base_url, model="tiny", expert=Scorer(models[1], tok_a, render="raw"),
+                           anti_expert=Scorer(models[2], tok_a, render="raw"), top_k=20,
+                           hosted_tokenizer=tok_a, max_retries=0)
+        result = tuner.generate("The quick brown", max_tokens=8, temperature=1.0, strategy="resample", samples=12,
+                                seed=4, alpha=1.5, stop=["a"])
+    cut = 0
+    for sample in result.samples:
+        ids = list(sample.token_ids)
+        kept = tok_a.decode(ids)
+        if "a" in kept:
+            assert ids[-1] == live[0] and "a" not in tok_a.decode(ids[:-1])  # scored up to the stop, no more
+            cut += len(kept) < len(sample.text)  # the API's answer ran on
+        else:
+            assert sample.tokens == 8  # no stop: every drawn token is weighted
+        assert sample.log_weight == pytest.approx(exact_log_weight(models, prompt, ids, 1.5)[0], abs=1e-2)
+    assert cut >= 4
+    picked = next(s for s in result.samples if s.picked)
+    assert result.text == tok_a.decode(list(picked.token_ids)).split("a")[0]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,9 @@ Chat-only APIs (OpenAI's chat models among them) return whole answers; token-by-
 tuning stops after the first token there. This strategy asks for ``n`` whole answers at
 temperature 1 and top_p 1 with top-k logprobs at every position (one call with ``n`` choices,
 several when the host caps ``n``), scores every position of every answer with the expert and
-anti-expert (one batched forward per answer per model), and picks one answer by
+anti-expert (one batched forward per answer per model) up to where the answer ends (its end
+token, or the token completing a stop string: the API is not sent the stop strings, so its
+answers may run on, unscored and unkept), and picks one answer by
 sampling-importance-resampling with the decoder's seeded generator. The weights log W_i, the
 pick and the effective sample size (ESS) are the maths of :mod:`blackbox_proxy.maths.importance`.
 When the ESS is low the pick is little better than one sample, and the trace and a warning say
@@ -25,6 +27,7 @@ import torch
 
 from .. import _constants as C
 from ..errors import HostedResponseError
+from ..request import cut_at_stop
 from ..maths.importance import effective_sample_size, normalised_weights, sequence_log_weight, sir_pick
 from ..types import GenerationResult, HostedRequest, HostedResult, SampleTrace, Usage
 from .base import DecoderBase
@@ -78,6 +81,8 @@ class ResampleDecoder(DecoderBase):
                     break
                 items.append((before, list(ids) if ids is not None else None, cands))
                 chosen.append(index)
+                if self._answer_ends(before, pos.sampled):
+                    break
                 before += pos.sampled.data
                 if ids is not None:
                     ids = ids + [pos.sampled.token_id] if pos.sampled.token_id is not None else None
@@ -115,6 +120,16 @@ class ResampleDecoder(DecoderBase):
             self.finish_reason = self.choices[picked].finish_reason or "length"
         self.usage = self.usage + Usage(generated_tokens=self.generated, scoring_seconds=time.perf_counter() - started)
         self.notes = notes
+
+    def _answer_ends(self, before: bytes, sampled) -> bool:
+        """Whether the answer ends at this token (an end token, or its bytes complete a stop
+        string). The weight is that of the answer as kept: tokens the API drew past the end
+        are not scored (what follows would only add variance to the weights, and scoring time)."""
+        if sampled.is_end:
+            return True
+        if not self.params.stop:
+            return False
+        return cut_at_stop((before + sampled.data).decode("utf-8", errors="replace"), self.params.stop) is not None
 
     def result(self) -> GenerationResult:
         base = super().result()
