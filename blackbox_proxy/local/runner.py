@@ -19,6 +19,7 @@ and repetition penalties.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -189,8 +190,6 @@ class ModelRunner:
         times, then one forward per step over the rows still going. Every row has the same length,
         so no padding or attention mask is needed; a row that ends leaves the batch. Each row's
         draws are those of :meth:`_one` (same transforms, same stop rules), in another order."""
-        import copy
-
         context = self._context_for(list(prompt_ids))
         first = self._extend(context, list(prompt_ids))
         cache = copy.deepcopy(context.cache)
@@ -226,7 +225,7 @@ class ModelRunner:
             with torch.inference_mode():
                 out = self.model(input_ids=torch.tensor(feed, device=device)[:, None], cache=cache, use_cache=True)
             cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-            logprobs = torch.log_softmax(out.logits[:, -1].float(), -1).cpu()
+            logprobs = torch.log_softmax(out.logits[:, -1].float(), -1)
         gens = []
         for i in range(n):
             text = self.vocab.bytes_of(text_ids[i]).decode("utf-8", errors="replace")
@@ -236,7 +235,9 @@ class ModelRunner:
 
     def _step(self, logprobs, temperature, top_p, top_k, generator, logit_bias, out: list[Sampled]) -> int:
         """Draw one token from ``logprobs`` (``[V]``, the model's raw distribution) and record it
-        in ``out`` with the ``top_k`` most likely tokens."""
+        in ``out`` with the ``top_k`` most likely tokens. On the CPU, where the seeded generator
+        lives (a CUDA tensor cannot be drawn from with a CPU generator)."""
+        logprobs = logprobs.cpu()
         biased = logprobs
         if logit_bias:  # like OpenAI: biases the draw, not the reported logprobs
             biased = logprobs.clone()
