@@ -286,16 +286,21 @@ class DecoderBase:
                 self.hosted_ids = None
             else:
                 self.hosted_ids.append(chosen.token_id)
-        if self.params.stop:
-            cut = cut_at_stop(self.continuation.decode("utf-8", errors="replace"), self.params.stop)
-            if cut is not None:
-                self.continuation = cut.encode("utf-8")
-                self.finish_reason = "stop"
-                return
+        cut = self._cut_at_stop(self.continuation)
+        if cut is not None:
+            self.continuation = cut.encode("utf-8")
+            self.finish_reason = "stop"
+            return
         if self.generated >= self.params.max_tokens:
             self.finish_reason = "length"
         elif self.mode == "chat" and not self.whole_answers:
             self.finish_reason = "length"
+
+    def _cut_at_stop(self, text: bytes) -> str | None:
+        """``text`` cut before the first stop string it holds, or None when it holds none."""
+        if not self.params.stop:
+            return None
+        return cut_at_stop(text.decode("utf-8", errors="replace"), self.params.stop)
 
     def _step_trace(self, candidates: Sequence[Candidate], lp_e: Sequence[float], lp_a: Sequence[float],
                     scores: torch.Tensor, probs: torch.Tensor, index: int, alignment: str, api_seconds: float,

@@ -27,7 +27,6 @@ import torch
 
 from .. import _constants as C
 from ..errors import HostedResponseError
-from ..request import cut_at_stop
 from ..maths.importance import effective_sample_size, normalised_weights, sequence_log_weight, sir_pick
 from ..types import GenerationResult, HostedRequest, HostedResult, SampleTrace, Usage
 from .base import DecoderBase
@@ -125,11 +124,7 @@ class ResampleDecoder(DecoderBase):
         """Whether the answer ends at this token (an end token, or its bytes complete a stop
         string). The weight is that of the answer as kept: tokens the API drew past the end
         are not scored (what follows would only add variance to the weights, and scoring time)."""
-        if sampled.is_end:
-            return True
-        if not self.params.stop:
-            return False
-        return cut_at_stop((before + sampled.data).decode("utf-8", errors="replace"), self.params.stop) is not None
+        return sampled.is_end or self._cut_at_stop(before + sampled.data) is not None
 
     def result(self) -> GenerationResult:
         base = super().result()

@@ -170,19 +170,13 @@ class ModelRunner:
         logprobs = self._extend(context, ids)
         for _ in range(max_tokens):
             token = self._step(logprobs, temperature, top_p, top_k, generator, logit_bias, out)
-            if token in self.vocab.end_ids:
-                finish = "stop"
-                break
-            text_ids.append(token)
-            if stop and cut_at_stop(self.vocab.bytes_of(text_ids).decode("utf-8", errors="replace"), stop) is not None:
+            if self._ends(token, text_ids, stop):
                 finish = "stop"
                 break
             ids.append(token)
             if len(out) < max_tokens:
                 logprobs = self._extend(context, ids)
-        text = self.vocab.bytes_of(text_ids).decode("utf-8", errors="replace")
-        cut = cut_at_stop(text, stop)
-        return Generation(tuple(out), tuple(text_ids), text if cut is None else cut, finish)
+        return self._generation(out, text_ids, stop, finish)
 
     def _batch(self, prompt_ids, n, max_tokens, temperature, top_p, stop, top_k, generator,
                logit_bias) -> list[Generation]:
@@ -207,12 +201,7 @@ class ModelRunner:
             keep, feed = [], []
             for row, i in enumerate(live):
                 token = self._step(logprobs[row], temperature, top_p, top_k, generator, logit_bias, steps[i])
-                if token in self.vocab.end_ids:
-                    finish[i] = "stop"
-                    continue
-                text_ids[i].append(token)
-                if stop and cut_at_stop(self.vocab.bytes_of(text_ids[i]).decode("utf-8", errors="replace"),
-                                        stop) is not None:
+                if self._ends(token, text_ids[i], stop):
                     finish[i] = "stop"
                     continue
                 keep.append(row)
@@ -226,12 +215,21 @@ class ModelRunner:
                 out = self.model(input_ids=torch.tensor(feed, device=device)[:, None], cache=cache, use_cache=True)
             cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
             logprobs = torch.log_softmax(out.logits[:, -1].float(), -1)
-        gens = []
-        for i in range(n):
-            text = self.vocab.bytes_of(text_ids[i]).decode("utf-8", errors="replace")
-            cut = cut_at_stop(text, stop)
-            gens.append(Generation(tuple(steps[i]), tuple(text_ids[i]), text if cut is None else cut, finish[i]))
-        return gens
+        return [self._generation(steps[i], text_ids[i], stop, finish[i]) for i in range(n)]
+
+    def _ends(self, token: int, text_ids: list[int], stop: list[str]) -> bool:
+        """Take ``token`` into ``text_ids`` unless it is an end token; whether the text ends here
+        (an end token, or a stop string completed)."""
+        if token in self.vocab.end_ids:
+            return True
+        text_ids.append(token)
+        return bool(stop) and cut_at_stop(self.vocab.bytes_of(text_ids).decode("utf-8", errors="replace"),
+                                          stop) is not None
+
+    def _generation(self, steps: list[Sampled], text_ids: list[int], stop: list[str], finish: str) -> Generation:
+        text = self.vocab.bytes_of(text_ids).decode("utf-8", errors="replace")
+        cut = cut_at_stop(text, stop)
+        return Generation(tuple(steps), tuple(text_ids), text if cut is None else cut, finish)
 
     def _step(self, logprobs, temperature, top_p, top_k, generator, logit_bias, out: list[Sampled]) -> int:
         """Draw one token from ``logprobs`` (``[V]``, the model's raw distribution) and record it
