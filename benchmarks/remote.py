@@ -160,9 +160,9 @@ def main() -> None:
     if args.price_prompt < 0 or args.price_completion < 0:
         ap.error("prices must be >= 0")
     if args.no_prefetch:
-        from blackbox_proxy.decoding.base import DecoderBase
+        from blackbox_proxy.decoding.base import Decoder
 
-        DecoderBase.prefetch = lambda self: None  # the old behaviour: all scoring after each answer
+        Decoder.prefetch = lambda self: None  # the old behaviour: all scoring after each answer
     try:
         latency = LatencyModel(ttft=args.ttft, per_token=args.per_token, jitter=args.jitter, seed=args.seed)
         rows, source = measure(args, latency)

@@ -50,8 +50,8 @@ _EXPORTS = {
     "arun_batch": "apps.batch",
     "load_hosted_vocabulary": "tokens.loaders",
     "run_batch": "apps.batch",
-    "teacher_force": "forcing",
-    "teacher_force_async": "forcing",
+    "teacher_force": "decoding.forcing",
+    "teacher_force_async": "decoding.forcing",
 }
 
 __all__ = sorted(_EXPORTS)

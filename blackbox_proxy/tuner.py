@@ -25,8 +25,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from . import _constants as C
-from .decoding import DecodeParams, DecoderBase, PerStepDecoder, ResampleDecoder, SpeculativeDecoder
-from .context_limits import check_fits as _check_fits
+from .decoding import Decoder, HostedPrompt, PerStepDecoder, ResampleDecoder, Scoring, SpeculativeDecoder
+from .decoding.driver import check_fits, round_async, round_sync
+from .decoding.resample import DEFAULT_SAMPLES
 from .errors import ConfigurationError, ModeNotSupportedError
 from .hosts.client import AsyncHostedClient, HostedClient
 from .hosts.discover import discover, text_prompt_warning
@@ -35,15 +36,13 @@ from .local.sessions import open_sessions
 from .rendering import (MISMATCH_WARNING, adapter_render, auto_render, hosted_chat_text, read_template,
                         renderings_disagree)
 from .request import STRATEGIES, GenerationRequest
-from .rounds import round_async, round_sync
 from .tokens.aligner import Aligner
 from .tokens.loaders import load_hosted_vocabulary
 from .tokens.vocab import Vocabulary
-from .types import MODES, GenerationResult, StreamEvent
+from .types import MODES, GenerationResult, HostCapabilities, StreamEvent
 
 __all__ = ["AsyncProxyTuner", "ProxyTuner", "STRATEGIES"]
 
-DEFAULT_SAMPLES = 16
 logger = logging.getLogger(__name__)
 _DECODERS: dict[str, type] = {"per-step": PerStepDecoder, "speculative": SpeculativeDecoder,
                               "resample": ResampleDecoder}
@@ -195,7 +194,7 @@ class _TunerBase:
 
     _warned_renderings = False
 
-    def _check_renderings(self, decoder: DecoderBase) -> None:
+    def _check_renderings(self, decoder: Decoder) -> None:
         """Warn once when chat-rendered small models find the raw hosted prompt's candidates
         implausible (:func:`blackbox_proxy.rendering.renderings_disagree`)."""
         if self._warned_renderings or self.mode != "completions" or not decoder.steps:
@@ -222,14 +221,22 @@ class _TunerBase:
         return request
 
     def check_request(self, prompt: str | None = None, *, request: GenerationRequest | None = None,
-                      **options: Any) -> DecodeParams:
+                      **options: Any) -> GenerationRequest:
         """Validate one generation's options without calling the API; the error says what to fix.
 
         Every rule :meth:`generate` applies: those of :class:`GenerationRequest`, then what this
         tuner's mode and host support, k within the host's cap, and a prompt that fits each
-        small model's context.
+        small model's context. Returns the request.
         """
         req = self.request_for(prompt, request, **options)
+        self._prepare(req)
+        return req
+
+    def _prepare(self, req: GenerationRequest, hosted_ids: Any = None) -> tuple[HostCapabilities, HostedPrompt,
+                                                                                 list[list[int]]]:
+        """The checks of :meth:`check_request`, and what they computed on the way: the host's
+        capabilities, the hosted prompt (``hosted_ids``: its ids as a client sent them, after the
+        tokenizer's prefix ids) and each small model's prompt ids."""
         if req.strategy == "speculative" and self.mode == "chat":
             raise ModeNotSupportedError(
                 "the speculative strategy continues the text chunk by chunk, which chat mode cannot do: "
@@ -241,21 +248,26 @@ class _TunerBase:
                 "token only: use --strategy resample (whole answers, reweighted), max_tokens=1 (one-token answers), "
                 "or --mode completions / --mode chat-prefix (a host that continues an assistant prefix)"
             )
-        top_k = self.top_k_for_mode()
-        cap = self.client.top_k_cap
-        if cap is not None and top_k > cap:
-            raise ConfigurationError(
-                f"top_k {top_k} is above what {self.client.dialect} allows in {self.mode} mode ({cap}); pass --top-k {cap} or less"
-            )
-        text = self.prompt_text(req)
+        host = self.client.capabilities(self.top_k)
+        text, messages = self.prompt_text(req), req.message_dicts()
+        small_ids = []
         for role, scorer in (("expert", self.expert), ("anti-expert", self.anti_expert)):
-            ids = scorer.prompt_ids(prompt=text, messages=req.message_dicts())  # raises if the prompt alone does not fit
-            _check_fits(f"the {role}", len(ids), req.max_tokens, scorer.max_length)
-        if self.hosted_context and self.mode == "completions" and self.hosted_vocab is not None:
-            _check_fits(f"the hosted model {self.client.model!r}", len(self.hosted_vocab.encode_prompt(text or "")),
-                        req.max_tokens, self.hosted_context)
-        return DecodeParams(req.alpha, req.temperature, req.top_p, req.max_tokens, top_k, req.stop, req.seed,
-                            req.chunk, req.tail_calls, drafts=req.drafts)
+            small_ids.append(scorer.prompt_ids(prompt=text, messages=messages))  # raises if it alone does not fit
+            check_fits(f"the {role}", len(small_ids[-1]), req.max_tokens, scorer.max_length)
+        ids = None
+        vocab = self.hosted_vocab
+        if self.mode == "completions" and vocab is not None:
+            if self.hosted_context:
+                ids = vocab.encode_prompt(text or "")
+                check_fits(f"the hosted model {self.client.model!r}", len(ids), req.max_tokens, self.hosted_context)
+            if not self.client.token_prompts:
+                ids = None
+            elif hosted_ids is not None:
+                ids = list(vocab.prompt_prefix_ids) + list(hosted_ids)
+            elif ids is None:
+                ids = vocab.encode_prompt(text or "")
+        prompt = HostedPrompt(text=text, messages=req.message_pairs(), ids=tuple(ids) if ids is not None else None)
+        return host, prompt, small_ids
 
     def prompt_text(self, req: GenerationRequest) -> str | None:
         """The text the hosted model continues in completions mode: the prompt, or chat messages
@@ -267,46 +279,28 @@ class _TunerBase:
                                 hosted_vocab=self.hosted_vocab, expert_tokenizer=self.expert.tokenizer)
 
     def decoder(self, prompt: str | None = None, *, request: GenerationRequest | None = None,
-                **options: Any) -> DecoderBase:
-        """A fresh decoder for one generation (its small-model sessions open)."""
+                hosted_ids: Any = None, **options: Any) -> Decoder:
+        """A fresh decoder for one generation (its small models' sessions open: close them with
+        ``decoder.scoring.close()``). ``hosted_ids``: the prompt's hosted token ids as a client
+        sent them (used as they are when the tuner sends token-id prompts)."""
         req = self.request_for(prompt, request, **options)
-        params = self.check_request(request=req)
-        messages = req.message_dicts()
-        text = self.prompt_text(req)
-        expert_session, anti_session = open_sessions(
-            self.expert, self.expert.prompt_ids(prompt=text, messages=messages),
-            self.anti_expert, self.anti_expert.prompt_ids(prompt=text, messages=messages),
-            batching=self.batch_scoring,
-        )
-        hosted_prompt_ids = None
-        if self.mode == "completions" and self.client.token_prompts and self.hosted_vocab is not None:
-            hosted_prompt_ids = self.hosted_vocab.encode_prompt(text or "")
-        samples = req.samples or DEFAULT_SAMPLES
+        host, hosted_prompt, (expert_ids, anti_ids) = self._prepare(req, hosted_ids)
+        expert_session, anti_session = open_sessions(self.expert, expert_ids, self.anti_expert, anti_ids,
+                                                     batching=self.batch_scoring)
+        scoring = Scoring(expert_session, anti_session, self.aligner, same_vocab=self.same_vocab, alpha=req.alpha)
         settings = {
-            "strategy": req.strategy, "mode": self.mode, "model": self.client.model, "alpha": params.alpha,
-            "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
-            "max_tokens": params.max_tokens, "seed": params.seed, "expert": self.expert.name,
+            "strategy": req.strategy, "mode": self.mode, "model": self.client.model, "alpha": req.alpha,
+            "temperature": req.temperature, "top_p": req.top_p, "top_k": host.top_k,
+            "max_tokens": req.max_tokens, "seed": req.seed, "expert": self.expert.name,
             "anti_expert": self.anti_expert.name,
             "hosted_tokenizer": self.hosted_vocab.name if self.hosted_vocab else None,
             "hosted_tokenizer_source": self.hosted_tokenizer_source,
-            "alignment": "token ids (same tokenizer)" if self.same_vocab else self.aligner.description,
-            "token_prompts": hosted_prompt_ids is not None,
+            "alignment": scoring.alignment,
+            "token_prompts": hosted_prompt.ids is not None,
             "chunk": (req.chunk or "adaptive") if req.strategy == "speculative" else None,
-            "samples": samples if req.strategy == "resample" else None,
+            "samples": (req.samples or DEFAULT_SAMPLES) if req.strategy == "resample" else None,
         }
-        extra = {"samples": samples, "max_per_call": self.client.max_choices} if req.strategy == "resample" else {}
-        decoder = _DECODERS[req.strategy](
-            **extra, mode=self.mode, expert=expert_session, anti_expert=anti_session, aligner=self.aligner,
-            params=params, same_vocab=self.same_vocab, prompt=text, messages=req.message_pairs(),
-            hosted_prompt_ids=hosted_prompt_ids, settings=settings,
-        )
-        if self.hosted_vocab is not None:
-            decoder.end_ids = tuple(sorted(self.hosted_vocab.end_ids))
-        decoder.logit_bias_cap = self.client.logit_bias_cap  # tail probes (speculative) need logit_bias
-        decoder.max_choices = self.client.max_choices
-        decoder.stream_chunks = self.client.streams_logprobs
-        return decoder
-
+        return _DECODERS[req.strategy](req, host=host, scoring=scoring, prompt=hosted_prompt, settings=settings)
 
 
 class ProxyTuner(_TunerBase):
@@ -343,13 +337,12 @@ class ProxyTuner(_TunerBase):
             while not decoder.done:
                 round_sync(self.client, decoder, self._prefetcher())
         finally:
-            decoder.expert.close()
-            decoder.anti_expert.close()
+            decoder.scoring.close()
         self._check_renderings(decoder)
         return decoder.result()
 
     def _prefetcher(self) -> Any:
-        """One worker thread for :meth:`DecoderBase.prefetch` (torch releases the GIL)."""
+        """One worker thread for :meth:`Decoder.prefetch` (torch releases the GIL)."""
         if self._prefetch_pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -424,8 +417,7 @@ class AsyncProxyTuner(_TunerBase):
                     yield StreamEvent(text[len(shown):], steps=tuple(decoder.steps[sent:]))
                     shown, sent = text, len(decoder.steps)
         finally:
-            decoder.expert.close()
-            decoder.anti_expert.close()
+            decoder.scoring.close()
         self._check_renderings(decoder)
         result = decoder.result()
         # The stable text never changes afterwards, so what was shown is a prefix of the result.

@@ -105,8 +105,36 @@ class HostedRequest:
 
 
 @dataclass(frozen=True)
+class HostCapabilities:
+    """What a hosted API allows, as the client found it (``HostedClient.capabilities``): decoders
+    read this and never a host's name.
+
+    ``mode``: completions, chat-prefix or chat; ``top_k``: candidates asked per position (the
+    tuner's ``top_k``, else the host's default, within its cap); ``max_choices``: the most
+    choices (``n``) one call returns; ``logit_bias_cap``: the most ``logit_bias`` entries the host
+    honours on the draw while returning the model's own logprobs (0: not known to; no tail
+    probes then); ``streams_logprobs``: chunk calls can be streamed and walked as they arrive;
+    ``end_ids``: the hosted end-of-text ids, when the hosted tokenizer is known (a host that
+    hides the end is asked again with them banned).
+    """
+
+    mode: str = "completions"
+    top_k: int = 20
+    max_choices: int = 1
+    logit_bias_cap: int = 0
+    streams_logprobs: bool = False
+    end_ids: tuple[int, ...] = ()
+
+    @property
+    def continues_prefix(self) -> bool:
+        """The host continues a partial answer (completions, chat-prefix), so a generation can be
+        asked token by token or chunk by chunk; plain chat starts a new answer every call."""
+        return self.mode != "chat"
+
+
+@dataclass(frozen=True)
 class CandidateTrace:
-    """One candidate of one step, as the trace shows it."""
+    """One candidate of one step, as the trace shows it (``data``: its exact bytes)."""
 
     text: str
     hosted_logprob: float
@@ -117,6 +145,7 @@ class CandidateTrace:
     prob: float
     is_end: bool = False
     token_id: int | None = None
+    data: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -224,8 +253,12 @@ class GenerationResult:
     notes: tuple[str, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (what ``blackbox-proxy generate --json`` prints)."""
+        """A JSON-ready dict (what ``blackbox-proxy generate --json`` prints); a candidate's bytes
+        are a list of integers, as OpenAI's ``bytes`` field."""
         out = dataclasses.asdict(self)
+        for step in out["trace"]:
+            for candidate in step["candidates"]:
+                candidate["data"] = list(candidate["data"])
         out["usage"]["calls_per_token"] = self.usage.calls_per_token
         out["usage"]["acceptance_rate"] = self.usage.acceptance_rate
         return out

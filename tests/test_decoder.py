@@ -5,20 +5,17 @@ import math
 import pytest
 
 from blackbox_proxy import Candidate, HostedPosition, HostedResponseError, HostedResult
-from blackbox_proxy.tokens.aligner import Aligner
-from blackbox_proxy.decoding.base import DecodeParams
+from decoders import build
+
 from blackbox_proxy.decoding.per_step import PerStepDecoder
 from blackbox_proxy.types import HostedUsage
 
 
-def decoder(scorers, *, token_prompts=True, **params):
+def decoder(scorers, *, token_prompts=True, top_k=20, end_ids=(), **params):
     expert, anti = scorers
     ids = expert.prompt_ids(prompt="Hi")
-    return PerStepDecoder(
-        mode="completions", expert=expert.session(ids), anti_expert=anti.session(ids),
-        aligner=Aligner(expert.vocab, expert.vocab), params=DecodeParams(**params), same_vocab=True,
-        prompt="Hi", hosted_prompt_ids=ids if token_prompts else None,
-    )
+    return build(PerStepDecoder, expert.session(ids), anti.session(ids), expert.vocab, prompt="Hi",
+                 prompt_ids=ids if token_prompts else None, top_k=top_k, end_ids=end_ids, **params)
 
 
 def position(*cands):
@@ -28,8 +25,7 @@ def position(*cands):
 def test_hidden_end_of_text_is_asked_again_with_logit_bias(scorers_a):
     vocab = scorers_a[0].vocab
     the = vocab.ids_for_bytes(b" the")[0]
-    dec = decoder(scorers_a, max_tokens=3, top_k=3)
-    dec.end_ids = (0, 2)
+    dec = decoder(scorers_a, max_tokens=3, top_k=3, end_ids=(0, 2))
     assert dec.request().logit_bias == ()
     dec.observe([HostedResult("", (), "stop", HostedUsage(5, 0))], 0.01)  # OpenAI: ended, no logprobs
     assert not dec.done
@@ -50,7 +46,7 @@ def test_greedy_choice_and_end(scorers_a):
     dec = decoder(scorers_a, max_tokens=5, top_k=2, alpha=0.0)  # alpha 0: the hosted argmax
     dec.observe([HostedResult("", (position(Candidate(" the", b" the", -0.2, the),
                                             Candidate("<|endoftext|>", b"", -1.9, 0, True)),), "length", HostedUsage())], 0.0)
-    assert dec.continuation == b" the" and dec.hosted_ids == [the]
+    assert dec.prefix.data == b" the" and dec.prefix.ids == (the,)
     dec.observe([HostedResult("", (position(Candidate("<|endoftext|>", b"", -0.1, 0, True),
                                             Candidate(" the", b" the", -3.0, the)),), "stop", HostedUsage())], 0.0)
     assert dec.done and dec.result().finish_reason == "stop" and dec.result().text == " the"
@@ -64,16 +60,16 @@ def test_text_prompt_cannot_continue_half_a_character(scorers_a):
     dec = decoder(scorers_a, token_prompts=False, max_tokens=3, top_k=2, alpha=0.0)
     mixed = position(Candidate("bytes:\\xe2", b"\xe2", -0.1), Candidate(" a", b" a", -2.0))
     step = dec.observe([HostedResult("", (mixed,), "length", HostedUsage())], 0.0)
-    assert dec.continuation == b" a" and "excluded" in step.notes[0]
+    assert dec.prefix.data == b" a" and "excluded" in step.notes[0]
 
 
 def _cross(scorers, **params):
     """A per-step decoder whose small models do not share the hosted tokenizer (bytes aligned)."""
     expert, anti = scorers
     ids = expert.prompt_ids(prompt="Hi")
-    return PerStepDecoder(mode="completions", expert=expert.session(ids), anti_expert=anti.session(ids),
-                          aligner=Aligner(expert.vocab, None), params=DecodeParams(**params), same_vocab=False,
-                          prompt="Hi")
+    top_k = params.pop("top_k", 20)
+    return build(PerStepDecoder, expert.session(ids), anti.session(ids), expert.vocab, same_vocab=False, prompt="Hi",
+                 top_k=top_k, **params)
 
 
 SPECIAL = Candidate("<start_of_image>", b"<start_of_image>", -0.05)  # a hosted-only special token

@@ -12,11 +12,10 @@ import torch
 from scipy.stats import chisquare
 
 from blackbox_proxy import ProxyTuner, Scorer
-from blackbox_proxy.decoding.base import DecodeParams
+from decoders import build
 from blackbox_proxy.harness.fidelity import run_same_tokenizer, write_report
 from blackbox_proxy.maths import rejection
 from blackbox_proxy.maths.rejection import speculative_distribution
-from blackbox_proxy.tokens.aligner import Aligner
 from blackbox_proxy.types import Candidate, HostedPosition, HostedResult, HostedUsage
 from blackbox_proxy.whitebox import WhiteBoxTuner
 
@@ -79,16 +78,14 @@ def test_computed_distribution_matches_real_speculative_draws(tok_a):
     gen = torch.Generator().manual_seed(123)
     draws = []
     for i in range(10_000):
-        dec = SpeculativeDecoder(mode="completions", expert=e, anti_expert=a, aligner=Aligner(vocab, vocab),
-                                 params=DecodeParams(alpha=1.0, temperature=1.0, max_tokens=1, top_k=3, chunk=1,
-                                                     seed=1000 + i),
-                                 same_vocab=True, prompt="x", hosted_prompt_ids=prompt)
+        dec = build(SpeculativeDecoder, e, a, vocab, prompt_ids=prompt, top_k=3, alpha=1.0, temperature=1.0,
+                    max_tokens=1, chunk=1, seed=1000 + i)
         token = int(torch.multinomial(lp_l.exp().float(), 1, generator=gen))
         ids = list(dict.fromkeys(top + [token]))
         cands = tuple(Candidate("", vocab.token_bytes[t], float(lp_l[t]), t) for t in ids)
         sampled = next(c for c in cands if c.token_id == token)
         dec.observe([HostedResult("", (HostedPosition(cands, sampled),), "length", HostedUsage())], 0.0)
-        draws.append(dec.hosted_ids[0])
+        draws.append(dec.prefix.ids[0])
     computed = speculative_distribution(lp_l.exp(), e.logprobs(prompt), a.logprobs(prompt), 1.0,
                                         torch.tensor(top))
     exact = torch.softmax(lp_l + e.logprobs(prompt) - a.logprobs(prompt), 0)

@@ -10,13 +10,13 @@ import torch
 from scipy.stats import chisquare
 
 from blackbox_proxy import ConfigurationError
-from blackbox_proxy.decoding import multidraft
-from blackbox_proxy.decoding.base import DecodeParams
-from blackbox_proxy.decoding.multidraft import choose_drafts
+from decoders import build
+
+from blackbox_proxy.decoding.walks import tree as multidraft
+from blackbox_proxy.decoding.walks.tree import choose_drafts
 from blackbox_proxy.decoding.speculative import SpeculativeDecoder
 from blackbox_proxy.maths import tree
 from blackbox_proxy.maths.tree import NodeScore, node_distribution, node_greedy, node_sampled, target
-from blackbox_proxy.tokens.aligner import Aligner
 from blackbox_proxy.types import Candidate, HostedPosition, HostedResult, HostedUsage
 from test_speculative import MemoSession, chi2_pvalue, concentrated_models, exact_joint, make  # noqa: F401 (a fixture)
 
@@ -156,11 +156,8 @@ def tree_draws(tok_a, models, n, seed0, drafts=3, chunk=3, alpha=1.0):
 
     firsts, calls, sizes = [], 0, Counter()
     for i in range(n):
-        dec = SpeculativeDecoder(mode="completions", expert=e, anti_expert=a, aligner=Aligner(vocab, vocab),
-                                 params=DecodeParams(alpha=alpha, temperature=1.0, max_tokens=2, top_k=400,
-                                                     chunk=chunk, seed=seed0 + i, drafts=drafts, tail_calls=0),
-                                 same_vocab=True, prompt="x", hosted_prompt_ids=prompt)
-        dec.max_choices = 16
+        dec = build(SpeculativeDecoder, e, a, vocab, prompt_ids=prompt, top_k=400, max_choices=16, alpha=alpha,
+                    temperature=1.0, max_tokens=2, chunk=chunk, seed=seed0 + i, drafts=drafts, tail_calls=0)
         while not dec.done:
             req = dec.request()
             sizes[req.n] += 1
@@ -176,7 +173,7 @@ def tree_draws(tok_a, models, n, seed0, drafts=3, chunk=3, alpha=1.0):
                 results.append(HostedResult("", tuple(positions), "length", HostedUsage()))
             dec.observe(results, 0.0)
             calls += 1
-        firsts.append(tuple(dec.hosted_ids[:2]))
+        firsts.append(tuple(list(dec.prefix.ids)[:2]))
     return firsts, (hosted, e, a), calls, sizes
 
 
@@ -234,12 +231,9 @@ def fixed_decoder(tok_a, expert_rows, anti_rows=None, temperature=1.0, drafts=2,
 
     vocab = vocabulary_from_hf(tok_a)
     size = len(vocab.token_bytes)
-    dec = SpeculativeDecoder(mode="completions", expert=FixedSession(expert_rows, size),
-                             anti_expert=FixedSession(anti_rows or {}, size), aligner=Aligner(vocab, vocab),
-                             params=DecodeParams(alpha=1.0, temperature=temperature, max_tokens=max_tokens, top_k=3,
-                                                 chunk=4, seed=0, drafts=drafts, tail_calls=0),
-                             same_vocab=True, prompt="x", hosted_prompt_ids=[])
-    dec.max_choices = 16
+    dec = build(SpeculativeDecoder, FixedSession(expert_rows, size), FixedSession(anti_rows or {}, size), vocab,
+                prompt_ids=[], top_k=3, max_choices=16, alpha=1.0, temperature=temperature, max_tokens=max_tokens,
+                chunk=4, seed=0, drafts=drafts, tail_calls=0)
     return dec, vocab
 
 
@@ -268,7 +262,7 @@ def test_rejects_at_position_3_of_draft_2(tok_a):
     trace = dec.observe([d1, d2], 0.0)
     # positions 0-2 of draft 2 are kept; at position 3 token 6 is ruled out, the replacement is 5 or 7
     assert trace.accepted == 3 and trace.rejected_at == 3
-    assert dec.hosted_ids[:3] == [6, 6, 6] and dec.hosted_ids[3] in (5, 7)
+    assert list(dec.prefix.ids)[:3] == [6, 6, 6] and list(dec.prefix.ids)[3] in (5, 7)
     assert dec.usage.draft_sequences == 2 and dec.usage.accepted_drafts == 3  # one call of two drafts
 
 
@@ -287,7 +281,7 @@ def test_all_drafts_rejected_at_the_root(tok_a):
     dec, vocab = fixed_decoder(tok_a, e_rows, a_rows, drafts=3)
     results = [HostedResult("", (position(vocab, t), position(vocab, 5)), "length", HostedUsage()) for t in (5, 6, 5)]
     trace = dec.observe(results, 0.0)
-    assert trace.accepted == 0 and trace.rejected_at == 0 and dec.hosted_ids == [7]
+    assert trace.accepted == 0 and trace.rejected_at == 0 and list(dec.prefix.ids) == [7]
 
 
 def test_greedy_tree_follows_the_tuned_argmax_across_drafts(tok_a):
@@ -302,7 +296,7 @@ def test_greedy_tree_follows_the_tuned_argmax_across_drafts(tok_a):
     trace = dec.observe([d1, d2], 0.0)
     # root: scores log(.5), log(.3)+2, log(.2) -> 6; at (6,): 7 is the argmax (draft 2 drew it);
     # at (6, 7): uniform rows, so 5 (the hosted argmax, drawn by draft 2) is kept; the chunk ends
-    assert dec.hosted_ids == [6, 7, 5] and trace.accepted == 3 and trace.rejected_at is None
+    assert list(dec.prefix.ids) == [6, 7, 5] and trace.accepted == 3 and trace.rejected_at is None
 
 
 def test_drafts_option_is_validated(server_a, tok_a, scorers_a):
@@ -347,7 +341,7 @@ def test_prefetch_while_waiting_changes_nothing_but_the_timing(server_a, tok_a, 
     import asyncio
 
     from blackbox_proxy import AsyncProxyTuner
-    from blackbox_proxy.decoding.base import DecoderBase
+    from blackbox_proxy.decoding.base import Decoder
 
     for scorers in (scorers_a, scorers_b):
         # whole chunks: a streamed chunk's walk is overlapped work too (test_streamed.py)
@@ -355,7 +349,7 @@ def test_prefetch_while_waiting_changes_nothing_but_the_timing(server_a, tok_a, 
         with_it = t.generate("A café in Zürich sells", max_tokens=12, strategy=strategy)
         assert with_it.usage.overlapped_seconds > 0
         with monkeypatch.context() as m:
-            m.setattr(DecoderBase, "prefetch", lambda self: None)
+            m.setattr(Decoder, "prefetch", lambda self: None)
             without = t.generate("A café in Zürich sells", max_tokens=12, strategy=strategy)
         assert without.usage.overlapped_seconds == 0
         assert with_it.text == without.text

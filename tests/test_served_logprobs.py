@@ -28,7 +28,7 @@ from blackbox_proxy.apps.served_logprobs import printed
 from blackbox_proxy.apps.tuned_server import create_tuned_app
 from blackbox_proxy.evaluation.systems import Settings, TunedSystem
 from blackbox_proxy.evaluation.tasks import EvalItem
-from blackbox_proxy.forcing import teacher_force
+from blackbox_proxy.decoding.forcing import teacher_force
 from blackbox_proxy.hosts.wire import decode_token_text
 from blackbox_proxy.tokens.vocab import split_utf8
 from blackbox_proxy.whitebox import WhiteBoxTuner

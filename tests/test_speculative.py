@@ -10,11 +10,10 @@ from scipy.stats import chisquare
 
 from blackbox_proxy import ConfigurationError, ModeNotSupportedError, ProxyTuner
 from blackbox_proxy.decoding import speculative as spec
-from blackbox_proxy.decoding.base import DecodeParams
+from decoders import build
 from blackbox_proxy.decoding.speculative import SpeculativeDecoder
 from blackbox_proxy.maths import rejection
 from blackbox_proxy.maths.rejection import PositionScore, walk_greedy, walk_sampled
-from blackbox_proxy.tokens.aligner import Aligner
 from blackbox_proxy.types import Candidate, HostedPosition, HostedResult, HostedUsage
 
 LOG = math.log
@@ -193,10 +192,8 @@ def draw_pairs(vocab, position_candidates, e, a, prompt, n, seed0, *, alpha=1.0,
     gen = torch.Generator().manual_seed(seed0)
     firsts = []
     for i in range(n):
-        dec = SpeculativeDecoder(mode="completions", expert=e, anti_expert=a, aligner=Aligner(vocab, vocab),
-                                 params=DecodeParams(alpha=alpha, temperature=1.0, max_tokens=2, top_k=top_k,
-                                                     chunk=2, seed=seed0 + i),
-                                 same_vocab=True, prompt="x", hosted_prompt_ids=prompt)
+        dec = build(SpeculativeDecoder, e, a, vocab, prompt_ids=prompt, top_k=top_k, alpha=alpha, temperature=1.0,
+                    max_tokens=2, chunk=2, seed=seed0 + i)
         while not dec.done:
             req = dec.request()
             ids = list(req.prompt)
@@ -207,7 +204,7 @@ def draw_pairs(vocab, position_candidates, e, a, prompt, n, seed0, *, alpha=1.0,
                 positions.append(HostedPosition(candidates=cands, sampled=by_id[token]))
                 ids.append(token)
             dec.observe([HostedResult("", tuple(positions), "length", HostedUsage())], 0.0)
-        firsts.append(tuple(dec.hosted_ids[:2]))
+        firsts.append(tuple(list(dec.prefix.ids)[:2]))
     return firsts
 
 
@@ -349,9 +346,8 @@ def test_a_possible_end_inside_a_chunk_is_asked_alone(tok_a, concentrated_models
     vocab = vocabulary_from_hf(tok_a)
     prompt = tok_a.encode("The quick brown")
     e, a = MemoSession(expert, prompt), MemoSession(anti, prompt)
-    dec = SpeculativeDecoder(mode="completions", expert=e, anti_expert=a, aligner=Aligner(vocab, vocab),
-                             params=DecodeParams(alpha=1.0, temperature=0.0, max_tokens=8, top_k=400, chunk=3),
-                             same_vocab=True, prompt="x", hosted_prompt_ids=prompt)
+    dec = build(SpeculativeDecoder, e, a, vocab, prompt_ids=prompt, top_k=400, alpha=1.0, temperature=0.0,
+                max_tokens=8, chunk=3)
     cands = tuple(Candidate("", vocab.token_bytes[t], math.log(1 / len(live)), t) for t in live)
     by_id = {c.token_id: c for c in cands}
     lp_e = e.logprobs(prompt)
@@ -360,7 +356,7 @@ def test_a_possible_end_inside_a_chunk_is_asked_alone(tok_a, concentrated_models
     maybe_end = HostedPosition(candidates=cands, sampled=cands[0], empty_entry=EmptyEntry(1, -1.0, True, ("a",)))
     assert dec.request().max_tokens == 3
     dec.observe([HostedResult("", (first, maybe_end, maybe_end), "length", HostedUsage())], 0.0)
-    assert dec.hosted_ids == [best]  # the first draft was walked and accepted, the rest cut
+    assert list(dec.prefix.ids) == [best]  # the first draft was walked and accepted, the rest cut
     alone = dec.request()
     assert (alone.max_tokens, alone.temperature, alone.logit_bias) == (1, 0.0, ())
     # the client resolved it as the end, which the hosted model now puts nearly all its mass on
@@ -368,13 +364,12 @@ def test_a_possible_end_inside_a_chunk_is_asked_alone(tok_a, concentrated_models
     rest = tuple(Candidate("", c.data, math.log(0.001 / len(live)), c.token_id) for c in cands)
     resolved = HostedPosition(candidates=(end,) + rest, sampled=rest[0])
     dec.observe([HostedResult("", (resolved,), "length", HostedUsage())], 0.0)
-    assert dec.done and dec.finish_reason == "stop" and dec.hosted_ids == [best]
+    assert dec.done and dec.finish_reason == "stop" and list(dec.prefix.ids) == [best]
     # a chunk whose very first position is unresolved is not an error: that position is asked alone
-    dec = SpeculativeDecoder(mode="completions", expert=e, anti_expert=a, aligner=Aligner(vocab, vocab),
-                             params=DecodeParams(alpha=1.0, temperature=0.0, max_tokens=8, top_k=400, chunk=3),
-                             same_vocab=True, prompt="x", hosted_prompt_ids=prompt)
+    dec = build(SpeculativeDecoder, e, a, vocab, prompt_ids=prompt, top_k=400, alpha=1.0, temperature=0.0,
+                max_tokens=8, chunk=3)
     dec.observe([HostedResult("", (maybe_end, first), "length", HostedUsage())], 0.0)
-    assert dec.hosted_ids == [] and dec.request().max_tokens == 1
+    assert list(dec.prefix.ids) == [] and dec.request().max_tokens == 1
 
 
 def test_a_chunk_whose_first_draw_has_no_text_is_chosen_like_per_step(server_a, scorers_a, tok_a):

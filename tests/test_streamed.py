@@ -1,4 +1,4 @@
-"""Streamed speculative chunks (hosts/streaming.py, decoding/streamed.py): each chunk is walked
+"""Streamed speculative chunks (hosts/streaming.py, decoding/walks/draft.py): each chunk is walked
 as its tokens arrive and closed at the first rejection; the output is the whole-chunk walk's,
 draw for draw. Decoder-level oracles on a tiny model (the whole-chunk walk, exact proxy tuning),
 then real HTTP on 127.0.0.1: the replay host streaming one token per event, a stream cut
@@ -16,10 +16,9 @@ from test_speculative import MemoSession, chi2_pvalue, concentrated, exact_joint
 
 from blackbox_proxy import AsyncProxyTuner, ProxyTuner
 from blackbox_proxy.apps.openai_http import ServerThread
-from blackbox_proxy.decoding.base import DecodeParams
+from decoders import build
 from blackbox_proxy.decoding.speculative import SpeculativeDecoder
 from blackbox_proxy.harness.replay import LatencyModel, Recording, ReplayHost, create_replay_app
-from blackbox_proxy.tokens.aligner import Aligner
 from blackbox_proxy.types import Candidate, HostedPosition, HostedResult, HostedUsage
 
 PROMPT = "The quick brown"
@@ -76,13 +75,9 @@ def decoder(tok, sessions, prompt_ids, seed, temperature, *, streamed, chunk=6, 
     from blackbox_proxy.tokens.loaders import vocabulary_from_hf
 
     vocab = vocabulary_from_hf(tok)
-    dec = SpeculativeDecoder(mode="completions", expert=sessions[0], anti_expert=sessions[1],
-                             aligner=Aligner(vocab, vocab),
-                             params=DecodeParams(alpha=1.0, temperature=temperature, max_tokens=max_tokens, top_k=top_k,
-                                                 chunk=chunk, seed=seed, tail_calls=0),
-                             same_vocab=True, prompt="x", hosted_prompt_ids=prompt_ids)
-    dec.stream_chunks = streamed
-    return dec
+    return build(SpeculativeDecoder, sessions[0], sessions[1], vocab, prompt_ids=prompt_ids, top_k=top_k,
+                 streams=streamed, alpha=1.0, temperature=temperature, max_tokens=max_tokens, chunk=chunk, seed=seed,
+                 tail_calls=0)
 
 
 def drive(dec, host, cuts: torch.Generator | None = None):
@@ -127,7 +122,7 @@ def test_the_streamed_walk_is_the_whole_chunk_walk_draw_for_draw(tok_a, live_mod
         assert all(r.stream for r in asked_streamed) and not any(r.stream for r in asked_whole)
         assert [(r.prompt, r.max_tokens, r.seed) for r in asked_streamed] == [
             (r.prompt, r.max_tokens, r.seed) for r in asked_whole]
-        assert streamed.hosted_ids == whole.hosted_ids
+        assert streamed.prefix == whole.prefix
         outcome = [(c.accepted, c.rejected_at, c.replacement, c.accept_probs) for c in whole.chunks]
         assert [(c.accepted, c.rejected_at, c.replacement, c.accept_probs) for c in streamed.chunks] == outcome
         rejected += sum(c.rejected_at is not None for c in whole.chunks)
@@ -146,7 +141,7 @@ def test_streamed_draws_match_exact_proxy_tuning(tok_a, live_models):
     for i in range(10_000):
         dec = decoder(tok_a, sessions, prompt, 50_000 + i, 1.0, streamed=True, chunk=2, max_tokens=2, top_k=400)
         drive(dec, host, cuts)
-        firsts.append(tuple(dec.hosted_ids[:2]))
+        firsts.append(tuple(list(dec.prefix.ids)[:2]))
     table = exact_joint((host.session, *sessions), prompt, live)
     p = chi2_pvalue(firsts, table)
     print(f"streamed speculative, first two tokens vs exact proxy tuning: chi-square p = {p:.3f}")

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from blackbox_proxy import ProxyTuner
-from blackbox_proxy.decoding.base import DecodeParams
+from decoders import build
 from blackbox_proxy.decoding.speculative import SpeculativeDecoder
-from blackbox_proxy.tokens.aligner import Aligner
 from blackbox_proxy.types import Candidate, HostedPosition, HostedResult, HostedUsage
 from test_speculative import MemoSession, chi2_pvalue, concentrated, exact_joint
 
@@ -72,12 +71,9 @@ def setup(tok_a):
 
 def decoder(setup, seed, *, cap=300, tail_calls=1, tail_draws=16, max_tokens=2, chunk=2, max_choices=16):
     vocab, prompt, (_, e, a), _ = setup
-    dec = SpeculativeDecoder(mode="completions", expert=e, anti_expert=a, aligner=Aligner(vocab, vocab),
-                             params=DecodeParams(alpha=1.0, temperature=1.0, max_tokens=max_tokens, top_k=3,
-                                                 chunk=chunk, seed=seed, tail_calls=tail_calls, tail_draws=tail_draws),
-                             same_vocab=True, prompt="x", hosted_prompt_ids=prompt)
-    dec.logit_bias_cap, dec.max_choices = cap, max_choices
-    return dec
+    return build(SpeculativeDecoder, e, a, vocab, prompt_ids=prompt, top_k=3, logit_bias_cap=cap,
+                 max_choices=max_choices, tail_draws=tail_draws, alpha=1.0, temperature=1.0, max_tokens=max_tokens,
+                 chunk=chunk, seed=seed, tail_calls=tail_calls)
 
 
 def run(dec, host):
@@ -171,7 +167,7 @@ def draws(setup, n, **kw):
     out, calls, tokens = [], 0, 0
     for i in range(n):
         dec = run(decoder(setup, 1 + i, **kw), host)
-        out.append(tuple(dec.hosted_ids[:2]))
+        out.append(tuple(list(dec.prefix.ids)[:2]))
         calls += dec.usage.tail_calls
         tokens += dec.usage.generated_tokens
     return out, calls / tokens
@@ -206,13 +202,12 @@ def test_probes_over_http_against_the_projects_server(server_a, tok_a, scorers_a
     calls = 0
     for seed in range(6):
         dec = tuner.decoder("The quick brown", max_tokens=12, temperature=1.0, seed=seed, strategy="speculative")
-        dec.logit_bias_cap, dec.max_choices = tuner.client.logit_bias_cap, tuner.client.max_choices
+        assert (dec.host.logit_bias_cap, dec.host.max_choices) == (300, 16)
         try:
             while not dec.done:
                 dec.observe(tuner.client.complete(dec.request()), 0.0)
         finally:
-            dec.expert.close()
-            dec.anti_expert.close()
+            dec.scoring.close()
         result = dec.result()
         assert dec.tail_off is None and result.usage.tail_calls == sum(c.tail_calls for c in result.chunks)
         assert result.usage.generated_tokens > 0

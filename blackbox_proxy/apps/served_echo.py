@@ -10,7 +10,7 @@ context's tokens.
   the hosted tokenizer echo with logprobs is refused (:func:`~.tuned_bodies.check_asks`).
 - The first token has no logprob (null, as OpenAI and vLLM answer), nor do tokens before the first
   that holds visible text (the small models need a non-empty context; in practice the first only).
-- Every other token: its tuned log-probability under teacher forcing (:mod:`blackbox_proxy.forcing`:
+- Every other token: its tuned log-probability under teacher forcing (:mod:`blackbox_proxy.decoding.forcing`:
   one hosted call per token, the per-step maths at temperature 1, exactly what ``blackbox-proxy
   eval`` reads on loglik items) and ``top_logprobs`` over the hosted candidates. A token outside
   the hosted top-k has no tuned probability: its ``token_logprob`` is null (its ``top_logprobs``
@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..forcing import drive_async, generate_after_async, open_forcing
+from ..decoding.forcing import drive_async, generate_after_async, open_forcing
 from ..types import GenerationResult
 from .openai_http import APIError
 from .served_logprobs import TokenLogprobs, from_forced, from_per_step

@@ -118,7 +118,7 @@ def refusal(strategy: str) -> str | None:
 
 def from_forced(steps: Sequence[Any], head: Sequence[bytes]) -> list[TokenLogprobs]:
     """Echo's tokens: the ``head`` tokens (bytes) without a logprob (the first has no context),
-    then each :class:`~blackbox_proxy.forcing.ForcedStep`: the reference token's tuned logprob
+    then each :class:`~blackbox_proxy.decoding.forcing.ForcedStep`: the reference token's tuned logprob
     (None for a miss) and the tuned distribution over the candidates (ends print as their text)."""
     out = [TokenLogprobs(printed(b), b, None, None) for b in head]
     for step in steps:

@@ -1,14 +1,24 @@
 """Decoding strategies: state machines that ask for hosted requests and observe answers (no I/O).
 
-The tuners drive them: ``request()`` gives the next :class:`~blackbox_proxy.types.HostedRequest`,
-``observe(results, api_seconds)`` takes the answer, ``done`` and ``result()`` end it.
-``base`` holds what they share; ``per_step``, ``speculative`` and ``resample`` are the
-strategies. Left out: the maths they call (:mod:`blackbox_proxy.maths`) and all I/O.
+A decoder is built whole from what the generation asks (a
+:class:`~blackbox_proxy.request.GenerationRequest`), what the host allows
+(:class:`~blackbox_proxy.types.HostCapabilities`), the small models' :class:`~.scoring.Scoring`
+and the :class:`~.prefix.HostedPrompt`. The drivers (``driver.py``) run it: ``request()`` gives
+the next :class:`~blackbox_proxy.types.HostedRequest`, ``observe(results, api_seconds)`` takes the
+answer, ``done`` and ``result()`` end it.
+
+``prefix`` and ``scoring`` are the values every strategy, teacher forcing (``forcing.py``) and
+the fidelity harness share; ``base`` holds the decoder state; ``per_step``, ``speculative`` and
+``resample`` are the strategies; ``walks/`` the ways a speculative chunk is walked. Left out:
+the maths they call (:mod:`blackbox_proxy.maths`) and all I/O.
 """
 
-from .base import DecodeParams, DecoderBase
+from .base import Decoder
 from .per_step import PerStepDecoder
+from .prefix import HostedPrompt, Prefix
 from .resample import ResampleDecoder
+from .scoring import Offsets, Scoring
 from .speculative import SpeculativeDecoder
 
-__all__ = ["DecodeParams", "DecoderBase", "PerStepDecoder", "ResampleDecoder", "SpeculativeDecoder"]
+__all__ = ["Decoder", "HostedPrompt", "Offsets", "PerStepDecoder", "Prefix", "ResampleDecoder", "Scoring",
+           "SpeculativeDecoder"]

@@ -4,7 +4,7 @@ At each step:
 
 1. the API returns the top-k candidates C (plus the sampled token) with hosted logprobs;
 2. each small model gives log P_M(v | s) for every v in C: directly by token id when it shares
-   the hosted tokenizer (exact), otherwise through the byte aligner;
+   the hosted tokenizer (exact), otherwise through the byte aligner (:mod:`.scoring`);
 3. p^ = softmax_C(logprob_L + alpha * (logprob_E - logprob_A)) / T, top-p, or argmax at T = 0
    (:mod:`blackbox_proxy.maths.combiner`);
 4. the chosen token's bytes are appended; end-of-text, a stop string or ``max_tokens`` ends it.
@@ -21,10 +21,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..types import HostedRequest, HostedResult, StepTrace
-from .base import DecoderBase
+from .base import Decoder
 
 
-class PerStepDecoder(DecoderBase):
+class PerStepDecoder(Decoder):
     """One hosted API call per generated token. See the module docstring."""
 
     def request(self) -> HostedRequest:
@@ -41,5 +41,4 @@ class PerStepDecoder(DecoderBase):
         if self._end_hidden:
             notes.append("the API ended without logprobs; re-asked with the end token banned from its draw")
             self._end_hidden = False
-        return self._choose_per_step(result.positions[0], api_seconds, notes, self.params.temperature,
-                                     self.params.top_p)
+        return self._choose(result.positions[0], api_seconds, notes, self.params.temperature, self.params.top_p)

@@ -25,37 +25,39 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import _constants as C
 from ..errors import HostedResponseError
 from ..maths.importance import effective_sample_size, normalised_weights, sequence_log_weight, sir_pick
 from ..types import GenerationResult, HostedRequest, HostedResult, SampleTrace, Usage
-from .base import DecoderBase
+from .base import Decoder
+from .prefix import Prefix
 
 logger = logging.getLogger(__name__)
 
-MAX_N_PER_CALL = C.MAX_CHOICES_PER_CALL  # choices asked per API call; more samples take several calls
+DEFAULT_SAMPLES = 16  # answers drawn when the request gives no ``samples``
 LOW_ESS_FRACTION = 0.1  # warn when ESS < max(LOW_ESS_MIN, this * n)
 LOW_ESS_MIN = 1.5
 
 
-class ResampleDecoder(DecoderBase):
-    """SIR over ``params.samples`` whole answers drawn by the API. See the module docstring."""
+class ResampleDecoder(Decoder):
+    """SIR over ``params.samples`` whole answers (default 16) drawn by the API, at most
+    ``host.max_choices`` per call. See the module docstring. ``with_normaliser=False`` weighs
+    answers by the wrong rule (no log Z_t: what a test shows is worse)."""
 
-    def __init__(self, *, samples: int, max_per_call: int = MAX_N_PER_CALL, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.max_per_call = max(1, max_per_call)
-        self.whole_answers = True  # chat mode: the picked answer is kept whole
-        self.samples = samples
+    whole_answers = True  # chat mode: the picked answer is kept whole
+
+    def __init__(self, params, *, with_normaliser: bool = True, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        self.samples = params.samples or DEFAULT_SAMPLES
         self.choices: list[HostedResult] = []
         self.sample_traces: list[SampleTrace] = []
         self.ess: float | None = None
-        self.with_normaliser = True  # tests switch it off to show the wrong weight is worse
+        self.notes: list[str] = []
+        self.with_normaliser = with_normaliser
 
     def request(self) -> HostedRequest:
-        n = min(self.max_per_call, self.samples - len(self.choices))
+        n = min(max(1, self.host.max_choices), self.samples - len(self.choices))
         seed = int(torch.randint(0, 2**31 - 1, (), generator=self.generator))
-        request = self._request(max_tokens=self.params.max_tokens, temperature=1.0, seed=seed)
-        return dataclasses.replace(request, n=n)
+        return self._request(max_tokens=self.params.max_tokens, temperature=1.0, seed=seed, n=n)
 
     def observe(self, results: Sequence[HostedResult], api_seconds: float) -> None:
         if not results:
@@ -70,31 +72,14 @@ class ResampleDecoder(DecoderBase):
         alpha = self.params.alpha
         log_weights, scored = [], []
         for choice in self.choices:
-            positions = [p for p in choice.positions if p.sampled is not None and p.candidates]
-            items, before, ids = [], self.continuation, list(self.hosted_ids) if self.hosted_ids is not None else None
-            chosen = []
-            for pos in positions:
-                cands = list(pos.candidates)
-                index = next((i for i, c in enumerate(cands) if c is pos.sampled or c == pos.sampled), None)
-                if index is None:
-                    break
-                items.append((before, list(ids) if ids is not None else None, cands))
-                chosen.append(index)
-                if self._answer_ends(before, pos.sampled):
-                    break
-                before += pos.sampled.data
-                if ids is not None:
-                    ids = ids + [pos.sampled.token_id] if pos.sampled.token_id is not None else None
-            if items:  # one batched forward per answer and model (its positions are nested)
-                out, _ = self._score_positions(items)
-            else:
-                out = []
-            hosted = [torch.tensor([c.logprob for c in cands], dtype=torch.float64) for _, _, cands in items]
-            lp_e = [torch.tensor(e, dtype=torch.float64) for e, _ in out]
-            lp_a = [torch.tensor(a, dtype=torch.float64) for _, a in out]
+            items, chosen = self._kept_positions(choice)
+            out = self.scoring.score(items) if items else []  # one batched forward per answer and model
+            hosted = [torch.tensor([c.logprob for c in cands], dtype=torch.float64) for _, cands in items]
+            lp_e = [torch.tensor(o.expert, dtype=torch.float64) for o in out]
+            lp_a = [torch.tensor(o.anti_expert, dtype=torch.float64) for o in out]
             log_weights.append(sequence_log_weight(hosted, lp_e, lp_a, chosen, alpha,
                                                    with_normaliser=self.with_normaliser))
-            scored.append([items[t][2][chosen[t]] for t in range(len(items))])
+            scored.append([items[t][1][chosen[t]] for t in range(len(items))])
         lw = torch.tensor(log_weights, dtype=torch.float64)
         self.ess = effective_sample_size(lw) if len(lw) else 0.0
         probs = normalised_weights(lw)
@@ -114,20 +99,33 @@ class ResampleDecoder(DecoderBase):
         for cand in scored[picked]:
             if self.done:
                 break
-            self._append(cand)
+            self.append(cand)
         if not self.done:
             self.finish_reason = self.choices[picked].finish_reason or "length"
         self.usage = self.usage + Usage(generated_tokens=self.generated, scoring_seconds=time.perf_counter() - started)
         self.notes = notes
 
-    def _answer_ends(self, before: bytes, sampled) -> bool:
-        """Whether the answer ends at this token (an end token, or its bytes complete a stop
-        string). The weight is that of the answer as kept: tokens the API drew past the end
-        are not scored (what follows would only add variance to the weights, and scoring time)."""
-        return sampled.is_end or self._cut_at_stop(before + sampled.data) is not None
+    def _kept_positions(self, choice: HostedResult) -> tuple[list[tuple[Prefix, list]], list[int]]:
+        """An answer's positions as scored, (prefix, candidates) each, and the drawn token's index
+        there: up to where the answer ends (an end token, or the token completing a stop string).
+        The weight is that of the answer as kept: tokens the API drew past the end are not scored
+        (what follows would only add variance to the weights, and scoring time)."""
+        items, chosen, before = [], [], self.prefix
+        for pos in choice.positions:
+            if pos.sampled is None or not pos.candidates:
+                continue
+            cands = list(pos.candidates)
+            index = next((i for i, c in enumerate(cands) if c is pos.sampled or c == pos.sampled), None)
+            if index is None:
+                break
+            items.append((before, cands))
+            chosen.append(index)
+            if pos.sampled.is_end or self._cut_at_stop(before.data + pos.sampled.data) is not None:
+                break
+            before = before.extend(pos.sampled)
+        return items, chosen
 
     def result(self) -> GenerationResult:
         base = super().result()
-        return dataclasses.replace(base, samples=tuple(self.sample_traces), ess=self.ess,
-                                   notes=tuple(getattr(self, "notes", ())))
+        return dataclasses.replace(base, samples=tuple(self.sample_traces), ess=self.ess, notes=tuple(self.notes))
 

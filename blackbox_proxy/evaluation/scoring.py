@@ -4,7 +4,7 @@
   (``"B"``, ``" B"``, ``"\\nB"``). A letter's probability is the summed probability of the tokens
   that read as it: over the whole vocabulary for local models, over the API's candidates for
   the hosted and proxy-tuned systems (whose distribution lives on those candidates only).
-- Teacher forcing, per step: :mod:`blackbox_proxy.forcing` (shared with ``serve``'s ``echo``;
+- Teacher forcing, per step: :mod:`blackbox_proxy.decoding.forcing` (shared with ``serve``'s ``echo``;
   :func:`forced_step` is re-exported here): the per-step strategy's tuned distribution at a
   position, softmax over the candidates C of logprob_L + alpha·(log P_E − log P_A) (temperature
   1), read at the reference token. A reference token outside C is a *miss*: it has no tuned
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..forcing import ForcedStep, forced_step  # noqa: F401 - re-exported (evaluation's teacher forcing)
+from ..decoding.forcing import ForcedStep, forced_step  # noqa: F401 - re-exported (evaluation's teacher forcing)
 
 
 def reads_as(text: str, letter: str) -> bool:

@@ -153,7 +153,7 @@ class TunedSystem(System):
         return record
 
     async def loglik(self, item: EvalItem) -> dict[str, Any]:
-        from ..forcing import teacher_force_async
+        from ..decoding.forcing import teacher_force_async
 
         forced = await teacher_force_async(self.tuner, item.reference, alpha=self.alpha, **self._input(item))
         record = loglik_record(forced.logprobs, forced.pieces, forced.misses)

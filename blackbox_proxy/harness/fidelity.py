@@ -146,25 +146,24 @@ def run_same_tokenizer(white: Any, tuner: Any, prompts: Sequence[str], *, alpha:
                 cands = [c for c in result.positions[0].candidates if c.token_id is not None and not c.is_end]
                 ends = [c for c in result.positions[0].candidates if c.is_end]
                 cands = sorted(cands + ends, key=lambda c: -c.logprob)
-                [(e, a)], _ = decoder._score_positions([(decoder.continuation, list(decoder.hosted_ids), cands)])
+                [offsets] = decoder.scoring.score([(decoder.prefix, cands)])
                 ids = [c.token_id if c.token_id is not None else min(vocab.end_ids) for c in cands]
                 order = torch.tensor(ids)
                 scores = white.tuned_scores(lp_l[t], lp_e[t], lp_a[t], alpha)
                 target = torch.softmax(scores, 0)
                 _position(totals, ks, len(cands), target, lp_l[t].double().exp(), lp_e[t], lp_a[t], order,
                           torch.tensor([c.logprob for c in cands], dtype=torch.float64),
-                          torch.tensor(e, dtype=torch.float64) - torch.tensor(a, dtype=torch.float64), alpha, probes)
-                if vocab.encode_bytes(decoder.continuation) == list(ref[:t]):  # the context is canonical too
+                          torch.tensor(offsets.delta, dtype=torch.float64), alpha, probes)
+                if vocab.encode_bytes(decoder.prefix.data) == list(ref[:t]):  # the context is canonical too
                     totals.alignment_errors.extend(
                         _alignment_errors(decoder, cands[:alignment_candidates], lp_e[t], vocab))
                 chosen = next((c for c in cands if c.token_id == token), None)
                 if chosen is None:  # a token the API does not report (a special token): stop this text
                     totals.cut_texts += 1
                     break
-                decoder._append(chosen)
+                decoder.append(chosen)
         finally:
-            decoder.expert.close()
-            decoder.anti_expert.close()
+            decoder.scoring.close()
     out = totals.summary()
     out.update(k_all=k_all, tail_probes=dict(draws=tail_draws, logit_bias_cap=cap, samples=PROBE_SAMPLES) if cap else None)
     return out
@@ -173,12 +172,12 @@ def run_same_tokenizer(white: Any, tuner: Any, prompts: Sequence[str], *, alpha:
 def _alignment_errors(decoder: Any, cands: Sequence[Any], exact_lp: torch.Tensor, vocab: Any) -> list[float]:
     """|aligned P_E(b | s) − P_E(token)| for candidates that tokenise back to themselves (in
     probability: a log difference is meaningless for tokens both give ~0)."""
-    aligner = decoder.aligner
+    aligner = decoder.scoring.aligner
     canonical = [c for c in cands if not c.is_end and vocab.encode_bytes(c.data) == [c.token_id]]
     if not canonical:
         return []
-    plan = aligner.plan(decoder.continuation, canonical)
-    [dist] = decoder.expert.distributions_groups([(plan.kept_ids, plan.paths)])
+    plan = aligner.plan(decoder.prefix.data, canonical)
+    [dist] = decoder.scoring.expert.distributions_groups([(plan.kept_ids, plan.paths)])
     aligned = aligner.evaluate(plan, dist)
     return [abs(math.exp(float(x)) - math.exp(float(exact_lp[c.token_id]))) for x, c in zip(aligned, canonical)]
 
@@ -202,14 +201,13 @@ def run_cross_tokenizer(tuner: Any, prompts: Sequence[str], *, alpha: float, max
                 [result] = tuner.client.complete(decoder.request())
                 position = result.positions[0]
                 cands = sorted(position.candidates, key=lambda c: -c.logprob)[:k_ref]
-                cands, _ = decoder._consistent(cands)
+                cands, _ = decoder.prompt.consistent(decoder.prefix, cands)
                 if not cands:
                     break
-                [(e, a)], _ = decoder._score_positions(
-                    [(decoder.continuation, list(decoder.hosted_ids) if decoder.hosted_ids is not None else None, cands)])
+                [offsets] = decoder.scoring.score([(decoder.prefix, cands)])
                 hosted = torch.tensor([c.logprob for c in cands], dtype=torch.float64)
-                lp_e = torch.tensor(e, dtype=torch.float64)
-                lp_a = torch.tensor(a, dtype=torch.float64)
+                lp_e = torch.tensor(offsets.expert, dtype=torch.float64)
+                lp_a = torch.tensor(offsets.anti_expert, dtype=torch.float64)
                 covered = float(hosted.exp().sum())
                 totals.hosted_mass_outside_ref.append(max(0.0, 1.0 - covered))
                 p_l = hosted.exp() / covered
@@ -217,10 +215,9 @@ def run_cross_tokenizer(tuner: Any, prompts: Sequence[str], *, alpha: float, max
                 order = torch.arange(len(cands))
                 _position(totals, list(ks) + ["all"], len(cands), target, p_l, lp_e, lp_a, order, hosted,
                           lp_e - lp_a, alpha)
-                decoder._append(cands[int(torch.argmax(target))])
+                decoder.append(cands[int(torch.argmax(target))])
         finally:
-            decoder.expert.close()
-            decoder.anti_expert.close()
+            decoder.scoring.close()
     out = totals.summary()
     out["per_k"][f"{k_ref} (reference)"] = out["per_k"].pop("all")
     out["k_ref"] = k_ref

@@ -35,7 +35,7 @@ from .._logging import register_secret
 from ..errors import (ConfigurationError, HostedAPIError, HostedAuthenticationError, HostedConnectionError,
                       HostedModelNotFoundError, HostedResponseError)
 from ..tokens.vocab import Vocabulary
-from ..types import MODES, HostedRequest, HostedResult
+from ..types import MODES, HostCapabilities, HostedRequest, HostedResult
 from . import dialects, streaming
 from .cache import ResponseCache
 from .dialects import DIALECTS, UNKNOWN, Dialect
@@ -164,6 +164,19 @@ class _HostedBase:
         return streaming.enabled(self, self._host)
 
     stream_options = property(lambda self: dict(self._host.stream_options))  # of a streamed call
+
+    def capabilities(self, top_k: int | None = None) -> HostCapabilities:
+        """What this host allows, as one frozen value for a decoder; ``top_k``: the candidates to
+        ask per position (None: :attr:`default_top_k`), refused above the host's cap."""
+        cap = self.top_k_cap
+        if top_k is None:
+            top_k = self.default_top_k
+        elif cap is not None and top_k > cap:
+            raise ConfigurationError(f"top_k {top_k} is above what {self.dialect} allows in {self.mode} mode ({cap}); "
+                                     f"pass --top-k {cap} or less")
+        return HostCapabilities(mode=self.mode, top_k=top_k, max_choices=self.max_choices,
+                                logit_bias_cap=self.logit_bias_cap, streams_logprobs=self.streams_logprobs,
+                                end_ids=tuple(sorted(self.vocab.end_ids)) if self.vocab is not None else ())
 
     def streams(self, request: HostedRequest) -> bool:
         """Whether ``complete_streamed`` streams this request (else it is one whole call)."""

@@ -20,10 +20,12 @@ and on a miss the next whole character.
 eval``'s loglik items use it, and ``blackbox-proxy serve``'s ``echo``, which then lets the same
 per-step decoder generate after the forced text (:func:`generate_after_async`).
 
-Left out: a decoder API for forcing: :func:`forced_step` reads the per-step decoder's candidate
-filter, scoring and appending methods (``_consistent``, ``_score_positions``, ``_append``), as
-``harness/fidelity.py`` does; scoring every position from one hosted ``echo`` call (most hosted
-APIs refuse ``echo`` with logprobs).
+:func:`forced_step` works on a per-step decoder through its public parts: the candidates its
+prompt can carry (``decoder.prompt.consistent``), its :class:`~.scoring.Scoring` and
+``decoder.append``, as the fidelity harness does.
+
+Left out: scoring every position from one hosted ``echo`` call (most hosted APIs refuse ``echo``
+with logprobs).
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .context_limits import stop_at_context
-from .errors import ConfigurationError, ContextLimitError, HostedBadRequestError
-from .types import Candidate, GenerationResult, HostedRequest, HostedResult, Usage
+from ..errors import ConfigurationError, ContextLimitError, HostedBadRequestError
+from ..types import Candidate, GenerationResult, HostedRequest, HostedResult, Usage
+from .driver import stop_at_context
 
 __all__ = ["ForcedStep", "ForcedText", "TeacherForcing", "drive_async", "forced_step", "generate_after_async",
            "open_forcing", "teacher_force", "teacher_force_async"]
@@ -65,9 +67,10 @@ def forced_step(decoder: Any, candidates: Sequence[Candidate], remaining: bytes,
     ``top_on_miss``: score the candidates on a miss too (for ``top``; one more forward each)."""
     import torch
 
-    from .maths import combiner
+    from ..maths import combiner
+    from .prefix import is_utf8
 
-    cands, _ = decoder._consistent(list(candidates))
+    cands, _ = decoder.prompt.consistent(decoder.prefix, list(candidates))
     hit: int | None = None
     if target is not None:
         target_id, target_bytes = target
@@ -78,28 +81,25 @@ def forced_step(decoder: Any, candidates: Sequence[Candidate], remaining: bytes,
     else:
         best = [(len(c.data), i) for i, c in enumerate(cands) if not c.is_end and c.data and remaining.startswith(c.data)]
         hit = max(best)[1] if best else None
-        from .decoding.base import is_utf8  # (torch-bound; imported when forcing runs)
-
         width = next((n for n in range(1, 5) if is_utf8(remaining[:n])), 1)
         fallback = Candidate(text=remaining[:width].decode("utf-8", errors="replace"), data=remaining[:width],
                              logprob=-math.inf)
     if hit is None and not (cands and top_on_miss):
-        decoder._append(fallback)
+        decoder.append(fallback)
         return ForcedStep(None, fallback, "not among the candidates" if cands else "no candidates")
     hosted = torch.tensor([c.logprob for c in cands], dtype=torch.float64)
     if alpha == 0:
         scores = hosted
     else:
-        ids = list(decoder.hosted_ids) if decoder.hosted_ids is not None else None
-        [(lp_e, lp_a)], _ = decoder._score_positions([(decoder.continuation, ids, cands)])
-        delta = torch.tensor(lp_e, dtype=torch.float64) - torch.tensor(lp_a, dtype=torch.float64)
+        [offsets] = decoder.scoring.score([(decoder.prefix, cands)])
+        delta = torch.tensor(offsets.delta, dtype=torch.float64)
         scores = combiner.proxy_scores(hosted, delta, alpha)
     logprobs = torch.log_softmax(scores, dim=0).tolist()
     top = tuple(sorted(zip(cands, logprobs), key=lambda pair: -pair[1]))
     if hit is None:
-        decoder._append(fallback)
+        decoder.append(fallback)
         return ForcedStep(None, fallback, "not among the candidates", top)
-    decoder._append(cands[hit])
+    decoder.append(cands[hit])
     if not math.isfinite(logprobs[hit]):
         return ForcedStep(None, cands[hit], "tuned probability 0 (no evidence from the small models)", top)
     return ForcedStep(logprobs[hit], cands[hit], "", top)
@@ -182,8 +182,7 @@ class TeacherForcing:
         return ForcedText(tuple(self.steps), self.usage)
 
     def close(self) -> None:
-        self.decoder.expert.close()
-        self.decoder.anti_expert.close()
+        self.decoder.scoring.close()
 
 
 def open_forcing(tuner: Any, reference: str | bytes | Sequence[int], *, alpha: float = 1.0,
@@ -211,9 +210,8 @@ def open_forcing(tuner: Any, reference: str | bytes | Sequence[int], *, alpha: f
         ids = vocab.encode_bytes(data) if vocab is not None else None
     steps = len(ids) if ids is not None else len(data.decode("utf-8", errors="replace"))
     decoder = tuner.decoder(prompt=prompt, messages=messages, max_tokens=steps + max(1, then), alpha=alpha,
-                            temperature=temperature, top_p=top_p, seed=seed, strategy="per-step")
-    if hosted_prompt is not None and decoder.hosted_prompt_ids is not None:
-        decoder.hosted_prompt_ids = list(vocab.prompt_prefix_ids) + list(hosted_prompt)
+                            temperature=temperature, top_p=top_p, seed=seed, strategy="per-step",
+                            hosted_ids=hosted_prompt)
     return TeacherForcing(decoder, data, ids=ids, vocab=vocab, alpha=alpha, top_on_miss=top_on_miss)
 
 
@@ -265,7 +263,7 @@ async def generate_after_async(tuner: Any, forcing: TeacherForcing) -> Generatio
     opened with (the tuner's generation loop: a context limit ends it with ``finish_reason``
     "length"). The result's ``text``, ``trace`` and ``usage`` are the generated part's only."""
     decoder = forcing.decoder
-    forced = len(decoder.continuation)
+    forced = len(decoder.prefix.data)
     while not decoder.done:
         try:
             hosted_request = decoder.request()
@@ -275,4 +273,4 @@ async def generate_after_async(tuner: Any, forcing: TeacherForcing) -> Generatio
         except (ContextLimitError, HostedBadRequestError) as exc:
             stop_at_context(decoder, exc, paid=True)  # the forcing's calls were paid
     result = decoder.result()
-    return dataclasses.replace(result, text=decoder.continuation[forced:].decode("utf-8", errors="replace"))
+    return dataclasses.replace(result, text=decoder.prefix.data[forced:].decode("utf-8", errors="replace"))

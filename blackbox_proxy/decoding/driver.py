@@ -1,32 +1,73 @@
-"""One API round of a generation: ask the decoder's request, run the small models over the text
-so far while the call is in flight (:meth:`~blackbox_proxy.decoding.base.DecoderBase.prefetch`),
-walk a streamed chunk as it arrives (the decoder's ``take``, through :class:`_Watch`), and hand
-the answer back to the decoder. Sync and async twins, used by :mod:`blackbox_proxy.tuner`.
+"""Driving a decoder: one API round at a time, and what a context limit does to a generation.
 
-A context limit met after paid calls ends the generation there with ``finish_reason="length"``
-(:func:`~blackbox_proxy.context_limits.stop_at_context`); before any paid call it is raised.
+A round asks the decoder's request, runs the small models over the text so far while the call
+is in flight (:meth:`~.base.Decoder.prefetch`), walks a streamed chunk as it arrives (the
+decoder's ``take``, through :class:`_Watch`), and hands the answer back to the decoder. Sync and
+async twins (:func:`round_sync`, :func:`round_async`), used by :mod:`blackbox_proxy.tuner` and
+teacher forcing.
+
+Context limits: a generation that cannot fit is refused before the first paid call
+(:func:`check_fits`, used by the tuner for the expert, the anti-expert and the hosted model when
+its context is known); one that outgrows a context after paid calls ends there with
+``finish_reason="length"`` and the text so far (:func:`stop_at_context`).
+
+Left out: where the lengths come from (the scorers' ``max_length``, the hosted ``max_model_len``
+found by ``hosts/discover.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any
 
-from .context_limits import stop_at_context
-from .decoding import DecoderBase
-from .errors import ContextLimitError, HostedBadRequestError
+from ..errors import ConfigurationError, ContextLimitError, HostedBadRequestError
+from .base import Decoder
+
+logger = logging.getLogger(__name__)
+
+
+def check_fits(who: str, prompt_tokens: int, max_tokens: int, context: int | None) -> None:
+    """Refuse before the first paid call a generation that cannot fit ``who``'s context."""
+    if context and prompt_tokens + max_tokens > context:
+        room = context - prompt_tokens
+        fix = f"pass max_tokens {room} or less" if room > 0 else "shorten the prompt"
+        raise ConfigurationError(f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is more than "
+                                 f"the context of {who} ({context} tokens); {fix}")
+
+
+def is_context_limit(exc: BaseException) -> bool:
+    """Whether ``exc`` says a text outgrew a model's context: a small model's
+    (:class:`ContextLimitError`) or the hosted one's (its 400 "maximum context length...", as
+    OpenAI, vLLM and llama.cpp word it)."""
+    if isinstance(exc, ContextLimitError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, HostedBadRequestError) and "context" in text and any(
+        word in text for word in ("maximum", "length", "exceed", "too long", "too many tokens"))
+
+
+def stop_at_context(decoder: Decoder, exc: BaseException, paid: bool) -> None:
+    """End ``decoder`` with ``finish_reason="length"`` (the text so far) when ``exc`` is a context
+    limit reached after paid calls; otherwise re-raise it. The decoders change no state before
+    :meth:`observe` appends, so the text so far is consistent."""
+    if not paid or not is_context_limit(exc):
+        raise exc
+    logger.warning("the generation reached a model's context limit after %d tokens; it stops there "
+                   "(finish_reason length): %s", decoder.generated, exc)
+    decoder.stop("length")
 
 
 class _Watch:
     """What a streamed chunk call hands each event's positions to (:mod:`~blackbox_proxy.hosts.streaming`):
-    the decoder's :meth:`~blackbox_proxy.decoding.streamed.StreamedWalk.take` runs in the worker
+    the decoder's ``take`` (:meth:`~.walks.draft.DraftWalk.take`) runs in the worker
     (``submit``), one job at a time, on the newest positions, while the client reads on; a job
     that found the end of the walk closes the stream at the next event. Never blocks the reader."""
 
-    def __init__(self, decoder: DecoderBase, submit: Callable[..., Any]) -> None:
+    def __init__(self, decoder: Decoder, submit: Callable[..., Any]) -> None:
         self.decoder, self.submit = decoder, submit
         self.job: Any = None  # a concurrent.futures.Future or an asyncio future
         self.over = False
@@ -45,7 +86,7 @@ class _Watch:
             self.job.result()
 
 
-def round_sync(client: Any, decoder: DecoderBase, pool: Executor) -> None:
+def round_sync(client: Any, decoder: Decoder, pool: Executor) -> None:
     """One round with a :class:`~blackbox_proxy.hosts.client.HostedClient`; the prefetch runs in
     ``pool`` (one thread: torch releases the GIL) while this thread waits for the API."""
     paid = decoder.usage.api_calls > 0
@@ -65,7 +106,7 @@ def round_sync(client: Any, decoder: DecoderBase, pool: Executor) -> None:
         stop_at_context(decoder, exc, paid)
 
 
-async def round_async(client: Any, decoder: DecoderBase,
+async def round_async(client: Any, decoder: Decoder,
                       in_thread: Callable[..., Awaitable[Any]]) -> None:
     """One round with an :class:`~blackbox_proxy.hosts.client.AsyncHostedClient`; local work
     (observe) runs through ``in_thread`` so the event loop stays free. No prefetch here: the

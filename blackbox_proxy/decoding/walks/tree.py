@@ -1,4 +1,4 @@
-"""Multi-draft chunks: n drafts from one call, walked as a token tree (maths: :mod:`blackbox_proxy.maths.tree`).
+"""Several drafts from one call, walked as a token tree (maths: :mod:`blackbox_proxy.maths.tree`).
 
 One call with ``n`` choices bills the prompt once and returns n i.i.d. continuations, each with
 top-k logprobs at every position. Drafts sharing a prefix share tree nodes; a node's candidates
@@ -8,8 +8,7 @@ logprobs). The walk starts at the root and, at each node, verifies the drafts pa
 greedy, keeps the child that is the proxy-tuned argmax over the top-k
 (:func:`~blackbox_proxy.maths.tree.node_greedy`). An accepted child moves the walk down; at a
 node where every child is rejected the walk ends with the replacement drawn there. The walked
-path becomes an ordinary :class:`~blackbox_proxy.decoding.chunks.ChunkWalk` and ends like a
-single-draft chunk (``SpeculativeDecoder._finish``).
+path becomes an ordinary :class:`~.ChunkWalk` and ends like a single-draft chunk.
 
 Scoring is lazy: a node is scored when the walk reaches it, together with the rest of the first
 draft through it (one batched forward per model along that draft), so a walk that follows one
@@ -30,11 +29,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..maths.rejection import PositionScore
-from ..maths.tree import NodeScore, node_greedy, node_sampled
-from ..types import Candidate, HostedPosition, HostedResult
-from .base import is_utf8
-from .chunks import ChunkWalk
+from ...maths.rejection import PositionScore
+from ...maths.tree import NodeScore, node_greedy, node_sampled
+from ...types import Candidate, HostedPosition, HostedRequest, HostedResult
+from ..prefix import Prefix
+from ..scoring import Offsets
+from . import ChunkWalk, WalkContext, walkable
 
 DEFAULT_MAX_DRAFTS = 4  # drafts per call when the user sets no cap
 MISS_TARGET = 0.1  # aim: a node has no accepted child at most this often (independent rounds)
@@ -62,14 +62,13 @@ def _key(c: Candidate) -> tuple:
 @dataclass
 class _Node:
     depth: int
-    before: bytes
-    ids: list[int] | None
+    before: Prefix
     candidates: list[Candidate] = field(default_factory=list)
     index: dict[tuple, int] = field(default_factory=dict)
     members: list[int] = field(default_factory=list)  # drafts with a usable position here
     top: int = 0  # the API's top-k entries: the first ``top`` candidates by logprob
     dropped: int = 0  # entries the API listed here that could not be used (HostedPosition.dropped)
-    score: tuple[list[float], list[float]] | None = None
+    score: Offsets | None = None
 
     def add(self, pos: HostedPosition) -> None:
         for c in pos.candidates:
@@ -80,126 +79,119 @@ class _Node:
 
 @dataclass
 class TreeStats:
-    """What the walk saw, for :func:`choose_drafts` and the usage counts."""
+    """What the walks saw, for :func:`choose_drafts` and the usage counts."""
 
     nodes: int = 0
     first_accepted: int = 0
 
 
-def usable_positions(result: HostedResult) -> tuple[list[HostedPosition], str | None]:
-    """A draft's positions that can be walked, and why it was cut (None: it was not)."""
-    out: list[HostedPosition] = []
-    for pos in result.positions:
-        if pos.end_unresolved:
-            return out, "unresolved"
-        if pos.sampled is None or not pos.candidates or not any(c == pos.sampled for c in pos.candidates):
-            return out, "unknown"
-        out.append(pos)
-    return out, None
+class TreeWalk:
+    """The n drafts of one call walked as a tree. See the module docstring."""
 
+    probing = False
+    tail_off = None
 
-def walk_tree(decoder, results: Sequence[HostedResult], api_seconds: float, stats: TreeStats) -> ChunkWalk | None:
-    """Walk ``results`` (the n drafts of one call) as a tree; None when no draft has a usable
-    first position (the caller then treats the first answer like a single draft)."""
-    started = time.perf_counter()
-    drafts = [usable_positions(r) for r in results]
-    if not any(positions for positions, _ in drafts):
-        return None
-    alpha, greedy = decoder.params.alpha, decoder.params.temperature == 0
-    nodes: dict[tuple, _Node] = {}
-    keys: list[list[tuple]] = []  # per draft, the node key at each depth
-    for j, (positions, _) in enumerate(drafts):
-        key: tuple = ()
-        before, ids = decoder.continuation, list(decoder.hosted_ids) if decoder.hosted_ids is not None else None
-        keys.append([])
-        for depth, pos in enumerate(positions):
-            node = nodes.get(key)
-            if node is None:
-                node = nodes[key] = _Node(depth, before, list(ids) if ids is not None else None, dropped=pos.dropped)
-            node.add(pos)
-            node.members.append(j)
-            node.top = max(node.top, decoder.params.top_k - pos.dropped)
-            node.dropped = min(node.dropped, pos.dropped)
-            keys[j].append(key)
-            before += pos.sampled.data
-            ids = ids + [pos.sampled.token_id] if ids is not None and pos.sampled.token_id is not None else None
-            key = key + (_key(pos.sampled),)
-    for node in nodes.values():  # candidates by logprob, as the API lists them
-        node.candidates.sort(key=lambda c: -c.logprob)
-        node.index = {_key(c): i for i, c in enumerate(node.candidates)}
-    notes: list[str] = []
-    path: list[HostedPosition] = []
-    walk = ChunkWalk(results[0], api_seconds, path, [], [], [], None, "", False, notes)
-    key = ()
-    while key in nodes:
-        node = nodes[key]
-        if node.score is None:
-            walk.alignment = _score_along(decoder, nodes, keys, node)
-        lp_e, lp_a = node.score
-        e, a = torch.tensor(lp_e, dtype=torch.float64), torch.tensor(lp_a, dtype=torch.float64)
-        children = [drafts[j][0][node.depth].sampled for j in node.members]
+    def __init__(self, ctx: WalkContext, prefix: Prefix, stats: TreeStats) -> None:
+        self.ctx, self.prefix, self.stats = ctx, prefix, stats
+
+    def take(self, result: HostedResult) -> bool:
+        return False  # several choices are asked whole
+
+    def request(self) -> HostedRequest:
+        raise RuntimeError("a tree walk never pauses")
+
+    def observe(self, results: Sequence[HostedResult], api_seconds: float) -> ChunkWalk:
+        started, ctx = time.perf_counter(), self.ctx
+        drafts = [walkable(r) for r in results]
+        nodes: dict[tuple, _Node] = {}
+        keys: list[list[tuple]] = []  # per draft, the node key at each depth
+        for j, (positions, _) in enumerate(drafts):
+            key: tuple = ()
+            keys.append([])
+            for depth, (before, pos) in enumerate(zip(self.prefix.along(p.sampled for p in positions), positions)):
+                node = nodes.get(key)
+                if node is None:
+                    node = nodes[key] = _Node(depth, before, dropped=pos.dropped)
+                node.add(pos)
+                node.members.append(j)
+                node.top = max(node.top, ctx.host.top_k - pos.dropped)
+                node.dropped = min(node.dropped, pos.dropped)
+                keys[j].append(key)
+                key = key + (_key(pos.sampled),)
+        for node in nodes.values():  # candidates by logprob, as the API lists them
+            node.candidates.sort(key=lambda c: -c.logprob)
+            node.index = {_key(c): i for i, c in enumerate(node.candidates)}
+        walk = ChunkWalk(results[0], api_seconds)
+        key = ()
+        while key in nodes:
+            node = nodes[key]
+            if node.score is None:
+                walk.alignment = self._score_along(nodes, keys, node)
+            if not self._step(walk, node, [drafts[j][0][node.depth].sampled for j in node.members]):
+                break
+            key = key + (_key(walk.usable[-1].sampled),)
+        path = walk.usable
+        if walk.rejected_at is None and key not in nodes and path and not path[-1].sampled.is_end:
+            _leaf(walk, results, drafts, key)
+        walk.scoring += time.perf_counter() - started
+        return walk
+
+    def _step(self, walk: ChunkWalk, node: _Node, children: list[Candidate]) -> bool:
+        """Verify ``node``'s children; True when one was accepted and the walk goes on below it."""
+        ctx, stats = self.ctx, self.stats
+        e = torch.tensor(node.score.expert, dtype=torch.float64)
+        a = torch.tensor(node.score.anti_expert, dtype=torch.float64)
         hosted = torch.tensor([c.logprob for c in node.candidates], dtype=torch.float64)
         scored = NodeScore(hosted, e - a, e, a, tuple(node.index[_key(c)] for c in children))
-        mask = None
-        if not decoder.token_prompts:
-            mask = torch.tensor([c.is_end or is_utf8(node.before + c.data) for c in node.candidates])
-        if greedy:
+        mask = ctx.prompt.allowed(node.before, node.candidates)
+        if ctx.greedy:
             top = torch.arange(len(node.candidates)) < node.top
-            step = node_greedy(scored, alpha, top, mask)
+            step = node_greedy(scored, ctx.alpha, top, mask)
         else:
-            uniforms = [float(torch.rand((), generator=decoder.generator, dtype=torch.float64)) for _ in children]
-            step = node_sampled(scored, alpha, uniforms, decoder.generator, mask)
+            uniforms = [float(torch.rand((), generator=ctx.generator, dtype=torch.float64)) for _ in children]
+            step = node_sampled(scored, ctx.alpha, uniforms, ctx.generator, mask)
         stats.nodes += 1
         stats.first_accepted += step.accepted == 0
         walk.probs.append(step.accept_probs[-1] if step.accept_probs else 0.0)
         walk.log_z.append(step.log_z)
         walk.tails.append(step.tail if len(children) == 1 else f"{step.tail}; {len(children)} drafts here")
         if step.note:
-            notes.append(f"position {node.depth}: {step.note}")
+            walk.notes.append(f"position {node.depth}: {step.note}")
         # the path's positions as a one-draft walk has them (the trace's steps are read from these)
         taken = children[step.accepted] if step.accepted is not None else children[0]
         walk.rows.append(PositionScore(hosted, e - a, e, a, node.index[_key(taken)]))
-        walk.items.append((node.before, node.ids, node.candidates))
+        walk.items.append((node.before, node.candidates))
         # greedy chooses among the API's top-k alone (as per-step); drafts outside it are not candidates there
-        walk.allowed.append((top if mask is None else top & mask) if greedy else mask)
+        walk.allowed.append((top if mask is None else top & mask) if ctx.greedy else mask)
+        walk.usable.append(HostedPosition(candidates=tuple(node.candidates), sampled=taken, dropped=node.dropped))
         if step.accepted is None:
-            path.append(HostedPosition(candidates=tuple(node.candidates), sampled=children[0], dropped=node.dropped))
             walk.rejected_at = node.depth
             if step.replacement is not None:
                 walk.replacement = node.candidates[step.replacement]
-            break
-        chosen = children[step.accepted]
-        path.append(HostedPosition(candidates=tuple(node.candidates), sampled=chosen, dropped=node.dropped))
+            return False
         walk.accepted += 1
-        if chosen.is_end:
-            break
-        key = key + (_key(chosen),)
-    if walk.rejected_at is None and key not in nodes and path and not path[-1].sampled.is_end:
-        _leaf(walk, results, drafts, key)
-    walk.scoring += time.perf_counter() - started
-    return walk
+        return not taken.is_end
+
+    def _score_along(self, nodes: dict[tuple, _Node], keys: list[list[tuple]], node: _Node) -> str:
+        """Score ``node`` and the unscored nodes below it along its first draft, in one batch."""
+        j = node.members[0]
+        batch = [nodes[k] for k in keys[j][node.depth:] if nodes[k].score is None]
+        scored = self.ctx.scoring.score([(n.before, n.candidates) for n in batch])
+        for n, s in zip(batch, scored):
+            n.score = s
+        return scored[0].alignment
 
 
 def _leaf(walk: ChunkWalk, results: Sequence[HostedResult], drafts, key: tuple) -> None:
     """The walk accepted every token of the drafts that reached ``key``: why those drafts ended
     decides what comes next. A draft cut at a possible end makes the next position be asked alone
     (``unresolved``); one the API stopped without reporting its end is re-asked with the end
-    banned (``_finish`` reads ``result``: finish "stop" with as many positions as were walked)."""
+    banned (the decoder reads ``result``: finish "stop" with as many positions as were walked)."""
     depth = len(key)
     ended = [j for j, (positions, _) in enumerate(drafts)
              if len(positions) == depth and tuple(_key(p.sampled) for p in positions) == key]
-    walk.unresolved = any(drafts[j][1] == "unresolved" for j in ended)
+    walk.unresolved = any(drafts[j][1] is not None and drafts[j][1].end_unresolved for j in ended)
     hidden = [j for j in ended if drafts[j][1] is None and results[j].finish_reason == "stop"]
     first = results[hidden[0] if hidden else 0]
     positions = tuple(walk.usable) if hidden and not walk.unresolved else ()
     walk.result = HostedResult(first.text, positions, "stop" if positions else "length", first.usage)
-
-
-def _score_along(decoder, nodes: dict[tuple, _Node], keys: list[list[tuple]], node: _Node) -> str:
-    """Score ``node`` and the unscored nodes below it along its first draft, in one batch."""
-    j = node.members[0]
-    batch = [nodes[k] for k in keys[j][node.depth:] if nodes[k].score is None]
-    scored, alignment = decoder._score_positions([(n.before, n.ids, n.candidates) for n in batch])
-    for n, s in zip(batch, scored):
-        n.score = s
-    return alignment
