@@ -91,5 +91,5 @@ async def echo(tuner: Any, prompt: str | tuple[int, ...], *, alpha: float, max_t
     tokens = from_forced(forced.steps, [vocab.bytes_of([i]) for i in ids[:head]])
     if generated is None:
         return Echoed(tokens, GenerationResult(text="", finish_reason="length", usage=forced.usage))
-    return Echoed(tokens + from_per_step(generated, vocab),
+    return Echoed(tokens + from_per_step(generated),
                   dataclasses.replace(generated, usage=forced.usage + generated.usage))

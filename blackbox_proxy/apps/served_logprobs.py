@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..hosts.wire import decode_token_text, logaddexp
+from ..hosts.wire import logaddexp
 from ..types import GenerationResult, StepTrace
 
 Entry = tuple[str, "bytes | None", float]  # (printed text, bytes or None for an end of text, log-probability)
@@ -79,32 +79,26 @@ def _token(text: str, data: bytes | None, logprob: float, entries: Sequence[Entr
     return TokenLogprobs(text, data, logprob if math.isfinite(logprob) else None, ranked)
 
 
-def from_step(step: StepTrace, vocab: Any) -> TokenLogprobs:
-    """A per-step decoding step's token and tuned distribution (log_softmax of the candidates'
-    scores). Bytes come from the hosted vocabulary by id when known, else from the printed text."""
+def from_step(step: StepTrace) -> TokenLogprobs:
+    """A decoding step's token and tuned distribution (log_softmax of the candidates' scores),
+    with each candidate's bytes as the trace carries them."""
     logprobs = _log_softmax([c.score for c in step.candidates])
-    entries: list[Entry] = []
-    for c, lp in zip(step.candidates, logprobs):
-        if c.is_end:
-            entries.append((c.text, None, lp))
-            continue
-        known = c.token_id is not None and vocab is not None and 0 <= c.token_id < vocab.size
-        data = vocab.token_bytes[c.token_id] if known and vocab.token_bytes[c.token_id] else decode_token_text(c.text)
-        entries.append((printed(data), data, lp))
+    entries: list[Entry] = [(c.text, None, lp) if c.is_end else (printed(c.data), c.data, lp)
+                            for c, lp in zip(step.candidates, logprobs)]
     text, data, lp = entries[step.chosen]
     return _token(text, data, lp, entries)
 
 
-def from_per_step(result: GenerationResult, vocab: Any) -> list[TokenLogprobs]:
-    """Every generated token of a per-step result (its trace), the cut-off ones left out."""
-    return trim([from_step(step, vocab) for step in result.trace], result.text)
+def from_per_step(result: GenerationResult) -> list[TokenLogprobs]:
+    """Every generated token of a result with one trace step per token, the cut-off ones left out."""
+    return trim([from_step(step) for step in result.trace], result.text)
 
 
 # strategy -> reader of its per-token distributions; a strategy that records them adds itself here
 # (speculative records one step per token too: the walked position's candidates and tuned
 # distribution, the accepted draft or the residual draw as the choice)
-READERS: dict[str, Callable[[GenerationResult, Any], list[TokenLogprobs]]] = {"per-step": from_per_step,
-                                                                              "speculative": from_per_step}
+READERS: dict[str, Callable[[GenerationResult], list[TokenLogprobs]]] = {"per-step": from_per_step,
+                                                                         "speculative": from_per_step}
 
 
 def refusal(strategy: str) -> str | None:
@@ -184,8 +178,8 @@ class StreamedTokens:
     tokens out at ``finish``.
     """
 
-    def __init__(self, strategy: str, vocab: Any) -> None:
-        self.strategy, self.vocab = strategy, vocab
+    def __init__(self, strategy: str) -> None:
+        self.strategy = strategy
         self.pending: list[tuple[TokenLogprobs, int, int]] = []  # (token, first char, one past its last char)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._chars = 0
@@ -194,7 +188,7 @@ class StreamedTokens:
         if self.strategy != "per-step":
             return []
         for step in steps:
-            token = from_step(step, self.vocab)
+            token = from_step(step)
             begin = self._chars
             self._chars += len(self._decoder.decode(token.data or b""))
             partial = bool(self._decoder.getstate()[0])  # it ends inside a character
@@ -207,7 +201,7 @@ class StreamedTokens:
 
     def finish(self, result: GenerationResult) -> list[tuple[TokenLogprobs, int]]:
         if self.strategy != "per-step":
-            tokens = READERS[self.strategy](result, self.vocab)
+            tokens = READERS[self.strategy](result)
             return list(zip(tokens, _offsets(tokens)))
         text = result.text
         rest = [(t, begin) for t, begin, _ in self.pending

@@ -276,7 +276,7 @@ def create_tuned_app(
                 "accepted_drafts": u.accepted_drafts}
 
     def _tokens(request: GenerationRequest, result: GenerationResult) -> list[TokenLogprobs]:
-        return READERS[request.strategy](result, tuner.hosted_vocab)
+        return READERS[request.strategy](result)
 
     # Responses are built with openai.types' construct() (no validation): a finish_reason may come
     # from the hosted API (resample) and be one those types do not list, and a streamed completion
@@ -298,7 +298,7 @@ def create_tuned_app(
 
     async def _stream(request: GenerationRequest, piece: Callable[[str | None, str | None, Found], dict[str, Any]],
                       final: Callable[..., dict[str, Any]] | None, logprobs: bool) -> AsyncIterator[str]:
-        tokens = StreamedTokens(request.strategy, tuner.hosted_vocab) if logprobs else None
+        tokens = StreamedTokens(request.strategy) if logprobs else None
         shown = 0
         try:
             async for event in tuner.stream(request=request):
