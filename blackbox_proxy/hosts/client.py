@@ -1,333 +1,29 @@
 """The hosted model behind an OpenAI-compatible API: sync and async clients over one base.
 
-Three modes (DESIGN.md §2.4):
-
-- ``completions``: ``/v1/completions`` with a raw text prompt (or hosted token ids) and
-  ``logprobs=k``: OpenAI's legacy models, most self-hosted servers and this project's own.
-- ``chat-prefix``: chat completions that continue a partial assistant message, where the host's
-  dialect says how (``hosts/dialects/``).
-- ``chat``: plain chat completions. The API cannot continue a partial answer, so only the first
-  generated position can be tuned.
-
-:class:`_HostedBase` holds everything that is not I/O: configuration, dialect detection from
-``/v1/models`` (``owned_by``) and the host name, request building, parsing into typed
-:class:`~blackbox_proxy.types.HostedResult` values (``wire.py``) and the cache key.
-:class:`HostedClient` and :class:`AsyncHostedClient` only make the calls, under the one retry
-policy (``retry.py``; the SDK's own retries are off). An optional
-:class:`~blackbox_proxy.hosts.cache.ResponseCache` answers identical requests without a call.
-
-What it leaves out: what any one host does differently. That is data and hooks on its dialect
-(``dialects/``): this module asks them and never compares a host's name.
+:class:`HostedClient` (``openai.OpenAI``) and :class:`AsyncHostedClient` (``openai.AsyncOpenAI``)
+carry out the I/O steps of :class:`~.base.HostedBase`'s one call path (read the cache, call under
+the retry policy with the whole-answer or the streamed reader, write the cache) and ask
+``/v1/models`` once. Everything else (configuration, dialects, request building, parsing, the
+modes) is the base's: ``base.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import os
-import random
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlparse
 
-from .. import _constants as C
-from .._logging import register_secret
-from ..errors import (ConfigurationError, HostedAPIError, HostedAuthenticationError, HostedConnectionError,
-                      HostedModelNotFoundError, HostedResponseError)
-from ..tokens.vocab import Vocabulary
-from ..types import MODES, HostCapabilities, HostedRequest, HostedResult
-from . import dialects, streaming
-from .cache import ResponseCache
-from .dialects import DIALECTS, UNKNOWN, Dialect
-from .retry import Site, async_retrying, one_line, retrying
-from .wire import ResponseParser, answer_from_json, normalise_base_url
+from ..errors import HostedAPIError
+from ..types import HostedRequest, HostedResult
+from . import streaming
+from .base import HostedBase, Plan
+from .dialects import DIALECTS
+from .retry import async_retrying, retrying
 
 __all__ = ["DIALECTS", "AsyncHostedClient", "HostedClient"]  # DIALECTS: for the CLI's --dialect
 
-logger = logging.getLogger(__name__)
 
-
-def _either(names: tuple[str, ...]) -> str:
-    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else "".join(names)
-
-
-class _HostedBase:
-    """Configuration, request building, parsing and error mapping shared by both clients."""
-
-    def __init__(
-        self,
-        *,
-        model: str,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        mode: str = "completions",
-        dialect: str | None = None,
-        hosted_vocab: Vocabulary | None = None,
-        timeout: float = C.DEFAULT_TIMEOUT,
-        max_retries: int = C.MAX_RETRIES,
-        token_prompts: bool | None = None,
-        extra_body: dict[str, Any] | None = None,
-        cache: "ResponseCache | str | os.PathLike | None" = None,
-        stream_chunks: bool | None = None,
-    ) -> None:
-        if mode not in MODES:
-            raise ConfigurationError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-        if dialect is not None:
-            dialects.get(dialect)
-        if not model:
-            raise ConfigurationError("no hosted model name: pass --model NAME")
-        if max_retries < 0:
-            raise ConfigurationError(f"max_retries must be >= 0, got {max_retries}")
-        self.model = model
-        self.base_url = normalise_base_url(base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1")
-        key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-        key = (key or "").strip() or "no-key"
-        register_secret(key)
-        if any(ch.isspace() or not ch.isprintable() or not ch.isascii() for ch in key):
-            raise ConfigurationError(
-                "the API key holds spaces, control or non-ASCII characters; check --api-key / OPENAI_API_KEY"
-            )
-        self._api_key = key
-        self.mode = mode
-        self.parser = ResponseParser(hosted_vocab)
-        self.dialect = dialect
-        self.vocab = hosted_vocab
-        self.timeout = timeout
-        self.max_retries = max_retries
-        self.extra_body = dict(extra_body or {})
-        self._token_prompts = token_prompts
-        self._checked = False
-        self._rng = random.Random()
-        self.stream_chunks = stream_chunks  # None: where the dialect streams logprobs (streaming.py)
-        self.stream_off = False  # the host streamed text without logprobs
-        self._own_cache = cache is not None and not isinstance(cache, ResponseCache)
-        self.cache: ResponseCache | None = ResponseCache(cache) if self._own_cache else cache
-
-    def __repr__(self) -> str:  # never shows the key
-        return f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r}, mode={self.mode!r})"
-
-    def use_vocabulary(self, vocab: Vocabulary) -> None:
-        """Adopt the hosted tokenizer found after construction (``hosts/discover.py``)."""
-        parser = ResponseParser(vocab)
-        parser.host = self.parser.host
-        self.parser, self.vocab = parser, vocab
-
-    def api_key_for_probes(self) -> str:
-        """The key, for this package's own unbilled probes of the same host (tokenizer discovery)."""
-        return self._api_key
-
-    # ----- what the host allows (its dialect's data) -----------------------------------------
-
-    @property
-    def dialect(self) -> str | None:
-        """The host's dialect name, or None while unknown (detected by :meth:`check`)."""
-        return self._host.name or None
-
-    @dialect.setter
-    def dialect(self, value: str | None) -> None:
-        self._host: Dialect = UNKNOWN if value is None else dialects.get(value)
-        self.parser.host = self._host  # how its answers are read
-
-    @property
-    def token_prompts(self) -> bool:
-        """Send hosted token ids as the completions prompt (exact continuation, no re-tokenising)."""
-        if self._token_prompts is not None:
-            return self._token_prompts
-        return self.mode == "completions" and self.vocab is not None and self._host.token_prompts
-
-    @property
-    def top_k_cap(self) -> int | None:
-        """The most top logprobs this host returns in this mode (None: unknown, the server says)."""
-        return self._host.top_k_caps.get(self.mode)
-
-    @property
-    def default_top_k(self) -> int:
-        """The k asked when the user gives none: ``DEFAULT_TOP_K``, within the host's cap."""
-        cap = self.top_k_cap
-        return C.DEFAULT_TOP_K if cap is None else min(cap, C.DEFAULT_TOP_K)
-
-    @property
-    def logit_bias_cap(self) -> int:
-        """The most ``logit_bias`` entries this host honours on the draw while returning the
-        model's own logprobs; 0 when not known to (the speculative strategy then asks no tail
-        probes and keeps its candidates-only rule)."""
-        return self._host.logit_bias_cap
-
-    @property
-    def max_choices(self) -> int:
-        """The most choices (``n``) one call can return."""
-        return self._host.max_choices or C.MAX_CHOICES_PER_CALL
-
-    @property
-    def streams_logprobs(self) -> bool:
-        """Speculative chunks are streamed, closed at the first rejection (``streaming.py``)."""
-        return streaming.enabled(self, self._host)
-
-    stream_options = property(lambda self: dict(self._host.stream_options))  # of a streamed call
-
-    def capabilities(self, top_k: int | None = None) -> HostCapabilities:
-        """What this host allows, as one frozen value for a decoder; ``top_k``: the candidates to
-        ask per position (None: :attr:`default_top_k`), refused above the host's cap."""
-        cap = self.top_k_cap
-        if top_k is None:
-            top_k = self.default_top_k
-        elif cap is not None and top_k > cap:
-            raise ConfigurationError(f"top_k {top_k} is above what {self.dialect} allows in {self.mode} mode ({cap}); "
-                                     f"pass --top-k {cap} or less")
-        return HostCapabilities(mode=self.mode, top_k=top_k, max_choices=self.max_choices,
-                                logit_bias_cap=self.logit_bias_cap, streams_logprobs=self.streams_logprobs,
-                                end_ids=tuple(sorted(self.vocab.end_ids)) if self.vocab is not None else ())
-
-    def streams(self, request: HostedRequest) -> bool:
-        """Whether ``complete_streamed`` streams this request (else it is one whole call)."""
-        return request.stream and request.n == 1 and self.streams_logprobs
-
-    # ----- /v1/models ----------------------------------------------------------------------
-
-    def _detect_dialect(self, owners: set[str]) -> None:
-        if self.dialect is not None:
-            return
-        found = dialects.detect(urlparse(self.base_url).netloc, owners)
-        if found is not None:
-            self.dialect = found.name
-            logger.info("hosted API dialect: %s (%s)", found.name, found.note)
-
-    def _after_models(self, models: Any) -> None:
-        ids, owners = set(), set()
-        for m in getattr(models, "data", None) or []:
-            ids.add(getattr(m, "id", None))
-            owners.add(str(getattr(m, "owned_by", "") or ""))
-        self._detect_dialect(owners)
-        if ids and self.model not in ids:
-            shown = ", ".join(sorted(str(i) for i in ids)[:10])
-            raise HostedModelNotFoundError(
-                f"the hosted API at {self.base_url} does not serve model {self.model!r}; "
-                f"it serves: {shown}. Pass one of them with --model",
-                status_code=404,
-            )
-        self._checked = True
-
-    def _after_models_error(self, exc: HostedAPIError) -> None:
-        """``/v1/models`` failed: connection and key errors are fatal; a host without the
-        endpoint (404) or with another failure there is checked by the first real call."""
-        if isinstance(exc, (HostedConnectionError, HostedAuthenticationError)):
-            raise exc
-        self._checked = True
-        self._detect_dialect(set())
-
-    # ----- requests and answers ------------------------------------------------------------
-
-    def build(self, request: HostedRequest) -> tuple[str, dict[str, Any]]:
-        """(endpoint, keyword arguments for the SDK call) for a request."""
-        if request.mode != self.mode:
-            raise ConfigurationError(f"request mode {request.mode!r} does not match client mode {self.mode!r}")
-        if request.top_k < 0:
-            raise ConfigurationError(f"top_k must be >= 0, got {request.top_k}")
-        host = self._host
-        extra = dict(self.extra_body)
-        common: dict[str, Any] = {"model": self.model, "max_tokens": request.max_tokens,
-                                  "temperature": request.temperature, "top_p": request.top_p, "n": request.n}
-        if request.seed is not None:
-            common["seed"] = request.seed
-        if request.logit_bias:
-            if host.logit_bias_cap and len(request.logit_bias) > host.logit_bias_cap:
-                raise ConfigurationError(f"{host.name} takes at most {host.logit_bias_cap} logit_bias entries; "
-                                         f"{len(request.logit_bias)} were asked")
-            common["logit_bias"] = {str(token): bias for token, bias in request.logit_bias}
-        for name, value in host.body_defaults(self.vocab).items():
-            extra.setdefault(name, value)  # the user's own extra body wins
-        if host.max_choices is not None and request.n > host.max_choices:
-            most = "one choice" if host.max_choices == 1 else f"at most {host.max_choices} choices"
-            raise ConfigurationError(f"{host.name}'s server returns {most} per call; {request.n} were asked")
-        if self.mode == "completions":
-            prompt = list(request.prompt) if isinstance(request.prompt, tuple) else request.prompt
-            if prompt is None or prompt == "" or prompt == []:
-                raise ConfigurationError("completions mode needs a non-empty prompt")
-            kwargs = dict(common, prompt=prompt, logprobs=request.top_k)
-            endpoint = "completions"
-        else:
-            messages: list[dict[str, Any]] = [{"role": r, "content": c} for r, c in request.messages]
-            if not messages:
-                raise ConfigurationError("chat modes need at least one message")
-            if request.assistant_prefix:
-                message, fields = self._continue(request.assistant_prefix)
-                messages.append(message)
-                extra.update(fields)
-            kwargs = dict(common, messages=messages, logprobs=True, top_logprobs=request.top_k)
-            endpoint = "chat"
-        if extra:
-            kwargs["extra_body"] = extra
-        return endpoint, kwargs
-
-    def _continue(self, prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The assistant message that continues ``prefix``, and the body fields it needs."""
-        if self.mode != "chat-prefix":
-            raise ConfigurationError("only chat-prefix mode can continue a partial assistant answer")
-        host = self._host
-        if host.continue_prefix is not None:
-            return host.continue_prefix(prefix)
-        if host.prefix_refusal is not None:
-            raise ConfigurationError(host.prefix_refusal.format(base_url=self.base_url))
-        raise ConfigurationError(
-            f"cannot tell how {self.base_url} continues an assistant prefix (a server that ignores "
-            f"the request would silently start a new answer); pass --dialect {_either(dialects.prefix_capable())}"
-        )
-
-    def parse(self, endpoint: str, response: Any, index: int = 0, *, want_top: bool = False) -> HostedResult:
-        if endpoint == "completions":
-            return self.parser.completion(response, index, want_top=want_top)
-        return self.parser.chat(response, index, want_top=want_top)
-
-    def parse_all(self, endpoint: str, response: Any, request: HostedRequest) -> list[HostedResult]:
-        """One result per choice; :class:`HostedResponseError` for an answer that is not
-        complete (missing choices, missing or truncated logprobs, an unexpected shape)."""
-        try:
-            choices = list(response.choices or [])
-            if len(choices) < request.n:
-                raise HostedResponseError(f"the hosted API returned {len(choices)} choices; {request.n} were asked")
-            return [self.parse(endpoint, response, i, want_top=request.top_k > 0) for i in range(len(choices))]
-        except (AttributeError, TypeError, KeyError, IndexError) as exc:
-            raise HostedResponseError(
-                f"the hosted API's answer does not have the OpenAI shape ({type(exc).__name__}: "
-                f"{one_line(str(exc), self._api_key)[:120]})"
-            ) from None
-
-    def _resolve_end(self, request: HostedRequest, results: list[HostedResult]) -> Generator[
-            HostedRequest, list[HostedResult], list[HostedResult]]:
-        """Complete the answer where the host's dialect may hide the end of text (see its
-        ``resolve_end``). A generator: it yields the further requests it needs (each sent back
-        its results) and returns the results; with no such hook, at once."""
-        if self._host.resolve_end is None:
-            return results
-        return (yield from self._host.resolve_end(self.parser, request, results))
-
-    def cache_key(self, endpoint: str, kwargs: dict[str, Any]) -> str | None:
-        """The response-cache key of a call: the URL, endpoint and request body; never the key."""
-        if self.cache is None:
-            return None
-        return self.cache.key(self.base_url, endpoint, kwargs)
-
-    from_cache = staticmethod(answer_from_json)  # the SDK object stored by ResponseCache.put
-
-    @staticmethod
-    def cache_body(response: Any) -> str | None:
-        """The answer as the cache stores it, or None when it cannot be written (a lone surrogate
-        in the host's text): the paid answer is still used, only not cached."""
-        try:
-            return response.model_dump_json()
-        except (UnicodeError, ValueError) as exc:
-            logger.warning("a hosted answer could not be cached (%s); it is used, not stored", type(exc).__name__)
-            return None
-
-    def _site(self) -> Site:
-        return Site(self.base_url, self.model, self.mode, self.timeout, self.max_retries, self._api_key)
-
-    def _create(self, endpoint: str) -> Callable[..., Any]:
-        sdk = self._client  # type: ignore[attr-defined]
-        return sdk.completions.create if endpoint == "completions" else sdk.chat.completions.create
-
-
-class HostedClient(_HostedBase):
+class HostedClient(HostedBase):
     """Synchronous client (``openai.OpenAI``). See the module docstring for the modes.
 
     Example::
@@ -362,35 +58,46 @@ class HostedClient(_HostedBase):
         self._after_models(models)
 
     def complete(self, request: HostedRequest) -> list[HostedResult]:
-        """One API call (more where the dialect must resolve the end, see :meth:`_resolve_end`);
-        one :class:`HostedResult` per choice (``request.n`` of them)."""
-        steps = self._resolve_end(request, self._call(request))
-        try:
-            ask = next(steps)
-            while True:
-                ask = steps.send(self._call(ask))
-        except StopIteration as done:
-            return done.value
+        """One API call (more where the dialect must complete the answer); one
+        :class:`HostedResult` per choice (``request.n`` of them)."""
+        self.check()
+        return self._run(self._answer(request))
 
     def complete_streamed(self, request: HostedRequest, watch: streaming.Watch) -> list[HostedResult]:
         """:meth:`complete`, streamed where :meth:`streams` says: ``watch(positions so far)`` after
-        each event, True closes the stream (:func:`~blackbox_proxy.hosts.streaming.call`)."""
-        return streaming.call(self, request, watch) if self.streams(request) else self.complete(request)
-
-    def _call(self, request: HostedRequest) -> list[HostedResult]:
+        each event, True closes the stream (:mod:`~blackbox_proxy.hosts.streaming`)."""
+        if not self.streams(request):
+            return self.complete(request)
         self.check()
-        endpoint, kwargs = self.build(request)
-        key = self.cache_key(endpoint, kwargs)
-        body = self.cache.get(key) if key else None
-        if body is not None:
-            return self.parse_all(endpoint, self.from_cache(endpoint, body), request)
+        try:
+            return self._run(self._call(request, watch))
+        except streaming.NoStreamedLogprobs:
+            self._stop_streaming()
+            return self.complete(request)
+
+    def _run(self, plan: Plan) -> list[HostedResult]:
+        value = None
+        try:
+            while True:
+                value = self._carry_out(plan.send(value))
+        except StopIteration as done:
+            return done.value
+
+    def _carry_out(self, step: tuple) -> Any:
+        if step[0] == "get":
+            return self.cache.get(step[1])
+        if step[0] == "put":
+            return self.cache.put(step[1], step[2])
+        _, endpoint, kwargs, request, watch = step
         create = self._create(endpoint)
-        results, response = self._with_retries(lambda: create(**kwargs),
-                                               lambda r: (self.parse_all(endpoint, r, request), r))
-        stored = self.cache_body(response) if key else None
-        if stored is not None:
-            self.cache.put(key, stored)
-        return results
+        if watch is None:
+            return self._with_retries(lambda: create(**kwargs), lambda r: self._whole(endpoint, request, r))
+
+        def attempt() -> streaming.Reader:
+            reader, streamed = self._streamed(endpoint, request, watch)
+            return streaming.read(reader, create(**kwargs, **streamed))
+
+        return self._with_retries(attempt).outcome()
 
     def close(self) -> None:
         self._client.close()
@@ -398,7 +105,7 @@ class HostedClient(_HostedBase):
             self.cache.close()
 
 
-class AsyncHostedClient(_HostedBase):
+class AsyncHostedClient(HostedBase):
     """Asynchronous twin of :class:`HostedClient` (``openai.AsyncOpenAI``)."""
 
     def __init__(self, **kwargs: Any) -> None:
@@ -428,32 +135,44 @@ class AsyncHostedClient(_HostedBase):
         self._after_models(models)
 
     async def complete(self, request: HostedRequest) -> list[HostedResult]:
-        steps = self._resolve_end(request, await self._call(request))
-        try:
-            ask = next(steps)
-            while True:
-                ask = steps.send(await self._call(ask))
-        except StopIteration as done:
-            return done.value
+        """See :meth:`HostedClient.complete`."""
+        await self.check()
+        return await self._run(self._answer(request))
 
     async def complete_streamed(self, request: HostedRequest, watch: streaming.Watch) -> list[HostedResult]:
         """See :meth:`HostedClient.complete_streamed`."""
-        return await (streaming.call_async(self, request, watch) if self.streams(request) else self.complete(request))
-
-    async def _call(self, request: HostedRequest) -> list[HostedResult]:
+        if not self.streams(request):
+            return await self.complete(request)
         await self.check()
-        endpoint, kwargs = self.build(request)
-        key = self.cache_key(endpoint, kwargs)
-        body = await asyncio.to_thread(self.cache.get, key) if key else None
-        if body is not None:
-            return self.parse_all(endpoint, self.from_cache(endpoint, body), request)
+        try:
+            return await self._run(self._call(request, watch))
+        except streaming.NoStreamedLogprobs:
+            self._stop_streaming()
+            return await self.complete(request)
+
+    async def _run(self, plan: Plan) -> list[HostedResult]:
+        value = None
+        try:
+            while True:
+                value = await self._carry_out(plan.send(value))
+        except StopIteration as done:
+            return done.value
+
+    async def _carry_out(self, step: tuple) -> Any:
+        if step[0] == "get":
+            return await asyncio.to_thread(self.cache.get, step[1])
+        if step[0] == "put":
+            return await asyncio.to_thread(self.cache.put, step[1], step[2])
+        _, endpoint, kwargs, request, watch = step
         create = self._create(endpoint)
-        results, response = await self._with_retries(lambda: create(**kwargs),
-                                                     lambda r: (self.parse_all(endpoint, r, request), r))
-        stored = self.cache_body(response) if key else None
-        if stored is not None:
-            await asyncio.to_thread(self.cache.put, key, stored)
-        return results
+        if watch is None:
+            return await self._with_retries(lambda: create(**kwargs), lambda r: self._whole(endpoint, request, r))
+
+        async def attempt() -> streaming.Reader:
+            reader, streamed = self._streamed(endpoint, request, watch)
+            return await streaming.read_async(reader, create(**kwargs, **streamed))
+
+        return (await self._with_retries(attempt)).outcome()
 
     async def close(self) -> None:
         await self._client.close()

@@ -3,7 +3,7 @@
 A speculative chunk call drafts up to N tokens, but the walk ends at the first draft the tuned
 distribution rejects; without streaming the client waits for all N. Streamed, each event's
 positions go to a ``watch`` callable as soon as they arrive (the decoder scores and walks them,
-in another thread: :mod:`blackbox_proxy.rounds`); when it answers True the stream is closed and
+in another thread: :mod:`blackbox_proxy.decoding.driver`); when it answers True the stream is closed and
 the next call can start. The call's result is then the answer so far: the positions read, and
 ``finish_reason`` None when the stream was closed before the host finished.
 
@@ -24,6 +24,9 @@ the next call can start. The call's result is then the answer so far: the positi
   every event (vLLM's ``continuous_usage_stats``, asked for on that dialect), else the length of
   a token-id prompt, else 0 (unknown); its completion tokens are the positions read. A host may
   bill a few more: those it generated before it noticed the close.
+
+This module reads one streamed attempt (:class:`Reader`, :func:`read`, :func:`read_async`); the
+client's one call path (cache, retries, cache) runs it like a whole answer.
 
 What it leaves out: several choices per streamed call (multi-draft chunks are whole answers).
 """
@@ -107,27 +110,6 @@ class StreamedAnswer:
         if self.usage is not None:
             out["usage"] = self.usage
         return out
-
-
-def enabled(client: Any, host: Any) -> bool:
-    """Whether a client streams chunk calls: where its user asked (``stream_chunks``), else where
-    the dialect streams logprobs; never in chat mode, where reading an answer may take more than
-    one call (a dialect's ``resolve_end`` or ``recover_drawn``), nor after the host streamed text
-    without logprobs."""
-    wanted = host.streams_logprobs if client.stream_chunks is None else client.stream_chunks
-    return (bool(wanted) and not client.stream_off and client.mode != "chat" and host.resolve_end is None
-            and host.recover_drawn is None)
-
-
-def stop_streaming(client: Any) -> None:
-    logger.warning("the hosted API at %s streams text without logprobs; chunks are asked whole from now on",
-                   client.base_url)
-    client.stream_off = True
-
-
-def streamed_kwargs(kwargs: dict[str, Any], stream_options: dict[str, Any]) -> dict[str, Any]:
-    """The SDK arguments of the streamed twin of a call."""
-    return dict(kwargs, stream=True, stream_options=dict(stream_options))
 
 
 def snapshot(client: Any, answer: StreamedAnswer, request: HostedRequest) -> HostedResult:
@@ -220,6 +202,12 @@ class Reader:
 
     broken = False
 
+    def outcome(self) -> tuple[list[HostedResult], str | None]:
+        """After the stream is closed: the watch's failure raised, else :meth:`results`."""
+        if self.failure is not None:
+            raise self.failure
+        return self.results()
+
     def results(self) -> tuple[list[HostedResult], str | None]:
         """The call's results, and the JSON to cache (None: not cacheable)."""
         if self.broken:
@@ -235,79 +223,34 @@ class Reader:
         return [result], json.dumps(self.answer.body())
 
 
-def call(client: Any, request: HostedRequest, watch: Watch) -> list[HostedResult]:
-    """One streamed call with a :class:`~blackbox_proxy.hosts.client.HostedClient` (see the module)."""
-    client.check()
-    endpoint, kwargs = client.build(request)
-    key = client.cache_key(endpoint, kwargs)
-    body = client.cache.get(key) if key else None
-    if body is not None:
-        return client.parse_all(endpoint, client.from_cache(endpoint, body), request)
-    create, streamed = client._create(endpoint), streamed_kwargs(kwargs, client.stream_options)
-
-    def attempt() -> Reader:
-        reader = Reader(client, endpoint, request, watch)
-        stream = create(**streamed)
-        try:
-            for chunk in stream:
-                if reader.feed(chunk):
-                    break
-        except Exception as exc:
-            if not broken_stream(exc):
-                raise
-            reader.broke(exc)
-        finally:
-            stream.close()
-        return reader
-
+def read(reader: Reader, stream: Any) -> Reader:
+    """Read one streamed attempt's ``stream`` (an SDK ``Stream``) into ``reader`` until its watch
+    closes it, the host finishes, or the stream breaks (what was walked is kept, see
+    :meth:`Reader.broke`); the stream is closed in every case."""
     try:
-        reader = client._with_retries(attempt)
-    except NoStreamedLogprobs:
-        stop_streaming(client)
-        return client.complete(request)
-    if reader.failure is not None:
-        raise reader.failure
-    results, stored = reader.results()
-    if key and stored is not None:
-        client.cache.put(key, stored)
-    return results
+        for chunk in stream:
+            if reader.feed(chunk):
+                break
+    except Exception as exc:
+        if not broken_stream(exc):
+            raise
+        reader.broke(exc)
+    finally:
+        stream.close()
+    return reader
 
 
-async def call_async(client: Any, request: HostedRequest, watch: Watch) -> list[HostedResult]:
-    """The :class:`~blackbox_proxy.hosts.client.AsyncHostedClient` twin of :func:`call`."""
-    import asyncio
-
-    await client.check()
-    endpoint, kwargs = client.build(request)
-    key = client.cache_key(endpoint, kwargs)
-    body = await asyncio.to_thread(client.cache.get, key) if key else None
-    if body is not None:
-        return client.parse_all(endpoint, client.from_cache(endpoint, body), request)
-    create, streamed = client._create(endpoint), streamed_kwargs(kwargs, client.stream_options)
-
-    async def attempt() -> Reader:
-        reader = Reader(client, endpoint, request, watch)
-        stream = await create(**streamed)
-        try:
-            async for chunk in stream:
-                if reader.feed(chunk):
-                    break
-        except Exception as exc:
-            if not broken_stream(exc):
-                raise
-            reader.broke(exc)
-        finally:
-            await stream.close()
-        return reader
-
+async def read_async(reader: Reader, opening: Any) -> Reader:
+    """The async twin of :func:`read`: ``opening`` is the SDK call that opens the stream."""
+    stream = await opening
     try:
-        reader = await client._with_retries(attempt)
-    except NoStreamedLogprobs:
-        stop_streaming(client)
-        return await client.complete(request)
-    if reader.failure is not None:
-        raise reader.failure
-    results, stored = reader.results()
-    if key and stored is not None:
-        await asyncio.to_thread(client.cache.put, key, stored)
-    return results
+        async for chunk in stream:
+            if reader.feed(chunk):
+                break
+    except Exception as exc:
+        if not broken_stream(exc):
+            raise
+        reader.broke(exc)
+    finally:
+        await stream.close()
+    return reader
