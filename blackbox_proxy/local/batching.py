@@ -137,18 +137,9 @@ class ScoringQueue:
 
     @staticmethod
     def _forward_one(request: _Request, plan: Any) -> None:
-        context = request.context
-        kwargs: dict[str, Any] = {}
-        if plan.order:
-            dtype = next(context.model.parameters()).dtype
-            kwargs = {"attention_mask": plan.mask_rows(dtype, context.device)[None, None],
-                      "position_ids": torch.tensor([plan.positions], device=context.device)}
-        first = plan.first_needed
         try:
-            logits = context._forward(plan.inputs, first, **kwargs)
-            request.result = context.complete(plan, torch.log_softmax(logits, dim=-1), first)
-        except BaseException as exc:  # noqa: BLE001
-            context.reset()
+            request.result = request.context.run(plan)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
             request.error = exc
         request.done = True
 

@@ -232,8 +232,11 @@ class CachedContext:
         every path. This is how all positions of a speculative chunk are scored at once.
         """
         plan = self.prepare(ids, groups)
-        if plan.answer is not None:
-            return plan.answer
+        return plan.answer if plan.answer is not None else self.run(plan)
+
+    def run(self, plan: "ForwardPlan") -> list[dict[Path_, torch.Tensor]]:
+        """The one forward that a plan from :meth:`prepare` needs, and its answer (what
+        :meth:`score_groups` returns). A failure leaves the cache clean for the next call."""
         kwargs: dict[str, Any] = {}
         if plan.order:
             dtype = next(self.model.parameters()).dtype
@@ -243,10 +246,10 @@ class CachedContext:
         first = plan.first_needed
         try:
             logits = self._forward(plan.inputs, first, **kwargs)
+            return self.complete(plan, torch.log_softmax(logits, dim=-1), first)
         except BaseException:
             self.reset()  # the cache may hold part of this call: start clean next time
             raise
-        return self.complete(plan, torch.log_softmax(logits, dim=-1), first)
 
     def prepare(self, ids: Sequence[int], groups: Sequence[tuple[int, Sequence[Path_]]]) -> "ForwardPlan":
         """Plan :meth:`score_groups`: crop the cache to the reusable prefix and lay out the new
