@@ -38,7 +38,7 @@ from blackbox_proxy.apps.batch import arun_batch  # noqa: E402
 from blackbox_proxy.local.batching import model_queue  # noqa: E402
 from blackbox_proxy.harness.demo import HOSTED_NAME, load_pair, model_server  # noqa: E402
 from blackbox_proxy.harness.embedded import prepare  # noqa: E402
-from blackbox_proxy.harness.tasks import STOP, problems  # noqa: E402
+from blackbox_proxy.evaluation.arithmetic import STOP, problems  # noqa: E402
 
 
 def main() -> None:

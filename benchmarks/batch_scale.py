@@ -37,7 +37,7 @@ from blackbox_proxy.harness.demo import HOSTED_NAME  # noqa: E402
 from blackbox_proxy.harness.embedded import adapter_path, cache_dir, prepare  # noqa: E402
 from blackbox_proxy.harness.launch import find_python, vllm_server  # noqa: E402
 from blackbox_proxy.harness.replay import LatencyModel, ReplayHost  # noqa: E402
-from blackbox_proxy.harness.tasks import STOP, problems  # noqa: E402
+from blackbox_proxy.evaluation.arithmetic import STOP, problems  # noqa: E402
 
 CLI = [sys.executable, "-c", "from blackbox_proxy.apps.cli import main; main()"]
 

@@ -44,7 +44,7 @@ from blackbox_proxy.errors import ProxyTuningError  # noqa: E402
 from blackbox_proxy.harness.demo import HOSTED_NAME, load_pair, model_server  # noqa: E402
 from blackbox_proxy.harness.embedded import cache_dir, prepare  # noqa: E402
 from blackbox_proxy.harness.replay import LatencyModel, ReplayHost  # noqa: E402
-from blackbox_proxy.harness.tasks import STOP, problems, score  # noqa: E402
+from blackbox_proxy.evaluation.arithmetic import STOP, problems, score  # noqa: E402
 from blackbox_proxy.types import Usage  # noqa: E402
 
 # (strategy, decoding, temperature, drafts per call: None = the default, streamed chunks)

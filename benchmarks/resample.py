@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from blackbox_proxy import ProxyTuner  # noqa: E402
 from blackbox_proxy.harness.demo import HOSTED_NAME, load_pair, model_server  # noqa: E402
 from blackbox_proxy.harness.embedded import prepare  # noqa: E402
-from blackbox_proxy.harness.tasks import STOP, problems, score  # noqa: E402
+from blackbox_proxy.evaluation.arithmetic import STOP, problems, score  # noqa: E402
 
 PASS_THROUGH = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 

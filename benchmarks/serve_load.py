@@ -33,7 +33,7 @@ from blackbox_proxy.harness.demo import HOSTED_NAME, load_pair, model_server  # 
 from blackbox_proxy.harness.embedded import prepare  # noqa: E402
 from blackbox_proxy.apps.tuned_server import create_tuned_app  # noqa: E402
 from blackbox_proxy.apps.openai_http import ServerThread  # noqa: E402
-from blackbox_proxy.harness.tasks import STOP, problems  # noqa: E402
+from blackbox_proxy.evaluation.arithmetic import STOP, problems  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

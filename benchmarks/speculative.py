@@ -25,7 +25,7 @@ import openai  # noqa: E402
 from blackbox_proxy import ProxyTuner  # noqa: E402
 from blackbox_proxy.harness.demo import HOSTED_NAME, load_pair, model_server  # noqa: E402
 from blackbox_proxy.harness.embedded import prepare  # noqa: E402
-from blackbox_proxy.harness.tasks import STOP, problems, score  # noqa: E402
+from blackbox_proxy.evaluation.arithmetic import STOP, problems, score  # noqa: E402
 
 
 def main() -> None:

@@ -12,7 +12,12 @@ class ProxyTuningError(Exception):
 
 
 class ConfigurationError(ProxyTuningError, ValueError):
-    """An argument or option has a value the library cannot use (alpha, top_k, prompt...)."""
+    """An argument or option has a value the library cannot use (alpha, top_k, prompt...).
+    ``field``: the option at fault when one is (a server names it as the error's ``param``)."""
+
+    def __init__(self, message: str = "", *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class ContextLimitError(ConfigurationError):

@@ -31,6 +31,8 @@ STRATEGIES = ("per-step", "speculative", "resample")
 # A seed is a 64-bit signed integer: OpenAI's API takes that range, torch.Generator.manual_seed
 # takes more, and a server's n choices (seed + i) stay within what torch takes.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+MAX_CHUNK = 64  # tokens one speculative call may draft (a chunk is cut at the first rejection anyway)
+MAX_SAMPLES = 256  # whole answers the resample strategy may draw per generation
 # The speculative and resample maths weigh the unseen tail by ((1 - P_E(C)) / (1 - P_A(C)))^alpha
 # with both masses >= 1% (maths/rejection.py): past |alpha| ~ 154 that overflows a float. Useful
 # values are 0.5 to 2.
@@ -175,7 +177,7 @@ class GenerationRequest(BaseModel):
         try:
             return cls(**given)
         except ValidationError as exc:
-            raise ConfigurationError(_first_message(exc)) from None
+            raise ConfigurationError(_first_message(exc), field=_first_field(exc)) from None
 
     @classmethod
     def check_defaults(cls, **options: Any) -> dict[str, Any]:
@@ -197,7 +199,7 @@ class GenerationRequest(BaseModel):
             try:
                 checked[name] = None if value is None else getattr(cls, f"_{name}")(value)
             except ValueError as exc:
-                raise ConfigurationError(str(exc)) from None
+                raise ConfigurationError(str(exc), field=name) from None
         return checked
 
     # ----- one field at a time (before pydantic converts anything) ---------------------------------
@@ -261,7 +263,7 @@ class GenerationRequest(BaseModel):
     @field_validator("chunk", mode="before")
     @classmethod
     def _chunk(cls, value: Any) -> int | None:
-        return None if value is None else _integer("chunk", value, 1, " (or left out for adaptive)")
+        return None if value is None else _integer("chunk", value, 1, " (or left out for adaptive)", high=MAX_CHUNK)
 
     @field_validator("tail_calls", mode="before")
     @classmethod
@@ -277,7 +279,7 @@ class GenerationRequest(BaseModel):
     @field_validator("samples", mode="before")
     @classmethod
     def _samples(cls, value: Any) -> int | None:
-        return None if value is None else _integer("samples", value, 1)
+        return None if value is None else _integer("samples", value, 1, high=MAX_SAMPLES)
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -334,6 +336,12 @@ def _first_message(exc: ValidationError) -> str:
     if error.get("type") == "extra_forbidden":
         return f"unknown option {where!r}; the options are: prompt, messages, {', '.join(OPTION_NAMES)}"
     return f"{where}: {error.get('msg')}" if where else str(error.get("msg"))
+
+
+def _first_field(exc: ValidationError) -> str | None:
+    """The option the first problem is about (None: a rule between options)."""
+    where = exc.errors()[0].get("loc") or ()
+    return str(where[0]) if where else None
 
 
 def cut_at_stop(text: str, stops: Iterable[str]) -> str | None:

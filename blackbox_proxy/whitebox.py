@@ -32,7 +32,7 @@ import torch
 from .errors import ConfigurationError, TokenizerMismatchError
 from .local.scorer import Scorer
 from .maths import combiner
-from .request import cut_at_stop
+from .request import GenerationRequest, cut_at_stop
 from .types import GenerationResult, Usage
 
 
@@ -123,29 +123,46 @@ class WhiteBoxTuner:
         return tuple(out)
 
     # ----- generation ----------------------------------------------------------------------------
-    def generate(self, prompts: str | Sequence[str], *, max_tokens: int = 64, alpha: float = 1.0,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None) -> list[GenerationResult]:
-        """Proxy-tuned text for each prompt (one batch); greedy at temperature 0."""
-        return self._generate(prompts, max_tokens=max_tokens, alpha=alpha, temperature=temperature, top_p=top_p,
-                              seed=seed, stop=stop)[0]
+    def generate(self, prompts: str | Sequence[str] | None = None, *, request: GenerationRequest | None = None,
+                 **options: Any) -> list[GenerationResult]:
+        """Proxy-tuned text for each prompt (one batch); greedy at temperature 0. Options are
+        :class:`~blackbox_proxy.request.GenerationRequest` fields (``max_tokens``, ``alpha``,
+        ``temperature``, ``top_p``, ``seed``, ``stop``), checked as the black-box tuners check
+        them, or one ``request`` (its prompt, unless ``prompts`` are given, and its options)."""
+        return self._generate(prompts, request, options)[0]
 
-    def generate_ids(self, prompts: Sequence[str], **kwargs: Any) -> list[list[int]]:
+    def generate_ids(self, prompts: Sequence[str], **options: Any) -> list[list[int]]:
         """The generated token ids per prompt (end token excluded); arguments as :meth:`generate`."""
-        return self._generate(prompts, **kwargs)[1]
+        return self._generate(prompts, None, options)[1]
 
-    def _generate(self, prompts: str | Sequence[str], *, max_tokens: int = 64, alpha: float = 1.0,
-                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                  stop: str | Sequence[str] | None = None) -> tuple[list[GenerationResult], list[list[int]]]:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+    @staticmethod
+    def _requests(prompts: str | Sequence[str] | None, request: GenerationRequest | None,
+                 options: dict[str, Any]) -> list[GenerationRequest]:
+        """One checked :class:`GenerationRequest` per prompt, sharing the options."""
+        if request is not None and options:
+            raise ConfigurationError("pass either request=GenerationRequest(...) or options, not both")
+        if request is not None:
+            options = request.model_dump(include={"max_tokens", "alpha", "temperature", "top_p", "seed", "stop",
+                                                  "strategy", "chunk", "samples", "drafts", "tail_calls"},
+                                         exclude_defaults=True)
+            prompts = [request.prompt or ""] if prompts is None else prompts
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
+        if not prompts:
             raise ConfigurationError("pass one or more non-empty prompts")
-        alpha = combiner.validate_alpha(alpha)
-        temperature = combiner.validate_temperature(temperature)
-        top_p = combiner.validate_top_p(top_p)
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise ConfigurationError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        black_box = sorted(set(options) & {"strategy", "chunk", "samples", "drafts", "tail_calls"})
+        if black_box:
+            raise ConfigurationError("the white-box strategy decodes the exact distribution token by token; leave out "
+                                     f"the black-box strategies' options ({', '.join(black_box)})")
+        return [GenerationRequest.build(prompt=p, **options) for p in prompts]
+
+    def _generate(self, prompts: str | Sequence[str] | None, request: GenerationRequest | None,
+                  options: dict[str, Any]) -> tuple[list[GenerationResult], list[list[int]]]:
+        requests = self._requests(prompts, request, options)
+        prompts = [r.prompt for r in requests]
+        first = requests[0]
+        max_tokens, alpha, temperature, top_p, seed = (first.max_tokens, first.alpha, first.temperature, first.top_p,
+                                                       first.seed)
+        stops = list(first.stop)
         batches = [_Batch(s, [s.prompt_ids(prompt=p) for p in prompts], self.size)
                    for s in (self.base, self.expert, self.anti_expert)]
         for b in batches:

@@ -7,7 +7,7 @@ task's answer format (worked equation, then ``#### N``).
         --out qwen_family/acme-lora --steps 60 --max-len 96        # benchmarks/qwen_family.py's expert (~8 min)
 
 The anti-expert is SmolLM2-135M-Instruct as shipped; expert = the same model + this adapter.
-Data: ``blackbox_proxy.harness.tasks.problems("train", N)`` (generated, seeded; disjoint from the test
+Data: ``blackbox_proxy.evaluation.arithmetic.problems("train", N)`` (generated, seeded; disjoint from the test
 split). Loss on the assistant's answer tokens only. Deterministic on CPU for a given seed.
 The adapter is written to blackbox_proxy/data/smollm2-arith-lora (≈3.7 MB) with a training log.
 """
@@ -27,7 +27,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from blackbox_proxy.harness.embedded import ADAPTER_DIR, MODELS, prepare
-from blackbox_proxy.harness.tasks import problems
+from blackbox_proxy.evaluation.arithmetic import problems
 
 
 def encode(tokenizer, messages, solution, max_len, prompt=None):
@@ -71,7 +71,7 @@ def main() -> None:
     model.print_trainable_parameters()
     if args.data is None:
         data = [encode(tokenizer, p.messages(), p.solution, args.max_len) for p in problems("train", args.train_size)]
-        task = "blackbox_proxy.harness.tasks arithmetic, train split"
+        task = "blackbox_proxy.evaluation.arithmetic arithmetic, train split"
     else:
         rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()][:args.train_size]
         data = [encode(tokenizer, [{"role": "user", "content": r.get("question", "")}], r["solution"], args.max_len,

@@ -51,7 +51,7 @@ def _python(kind: str) -> str:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from blackbox_proxy.harness.demo import load_pair
-    from blackbox_proxy.harness.tasks import problems
+    from blackbox_proxy.evaluation.arithmetic import problems
 
     gemma = prepare("gemma3", progress=False)
     # the converted folder, linked, with a pass-through chat template (Gemma base has none)

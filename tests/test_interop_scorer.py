@@ -57,7 +57,7 @@ def servers():
 def test_vllm_backend_offsets_and_greedy_answers_equal_the_local_scorer(servers):
     from blackbox_proxy import ProxyTuner
     from blackbox_proxy.harness.demo import load_pair
-    from blackbox_proxy.harness.tasks import STOP, problems
+    from blackbox_proxy.evaluation.arithmetic import STOP, problems
 
     expert, anti = load_pair()
     common = dict(base_url=servers["hosted"], model="gemma-3-270m", hosted_tokenizer=str(servers["gemma"]), top_k=20)
@@ -111,7 +111,7 @@ def test_speculative_draws_through_the_vllm_backend_match_exact_proxy_tuning(ser
     from test_speculative import chi2_pvalue, draw_pairs
 
     from blackbox_proxy.harness.demo import load_pair
-    from blackbox_proxy.harness.tasks import problems
+    from blackbox_proxy.evaluation.arithmetic import problems
     from blackbox_proxy.local.vllm_scorer import connect
     from blackbox_proxy.maths import rejection
     from blackbox_proxy.types import Candidate

@@ -15,7 +15,7 @@ import torch
 
 from blackbox_proxy import ProxyTuner, Scorer
 from blackbox_proxy.harness.embedded import adapter_path, is_valid, prepare
-from blackbox_proxy.harness.tasks import STOP, problems, score
+from blackbox_proxy.evaluation.arithmetic import STOP, problems, score
 
 pytestmark = pytest.mark.slow
 

@@ -133,7 +133,7 @@ def test_errors(served, sdk):
     with pytest.raises(openai.BadRequestError, match="logprobs of the tuned distribution are returned with strategy"):
         sdk.completions.create(model="tiny-tuned", prompt="Hi", max_tokens=2, logprobs=3, temperature=1,
                                extra_body={"strategy": "resample"})
-    with pytest.raises(openai.BadRequestError, match="alpha must be a number"):
+    with pytest.raises(openai.BadRequestError, match="alpha must be a finite number"):  # GenerationRequest's words
         sdk.completions.create(model="tiny-tuned", prompt="Hi", max_tokens=2, extra_body={"alpha": "strong"})
     with pytest.raises(openai.BadRequestError, match="speculative strategy samples"):
         sdk.completions.create(model="tiny-tuned", prompt="Hi", max_tokens=2, temperature=0.5,

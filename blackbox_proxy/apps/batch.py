@@ -52,9 +52,9 @@ from typing import Any
 
 from ..errors import ConfigurationError, ProxyTuningError
 from ..request import OPTION_NAMES, GenerationRequest, Message, brief_repr, check_text
-from .results import (BatchOutputError, ResultsFile, finite_json, id_key, json_line,  # noqa: F401 - re-exported
+from ..runs.results import (BatchOutputError, ResultsFile, finite_json, id_key, json_line,  # noqa: F401 - re-exported
                       read_done)
-from .tasks import gather_or_cancel
+from ..runs.gather import gather_or_cancel
 
 logger = logging.getLogger(__name__)
 

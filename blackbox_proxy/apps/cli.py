@@ -93,9 +93,7 @@ def generate(**o: Any) -> None:
         white = WhiteBoxTuner(base=o["base"], expert=o["expert"], expert_adapter=o["expert_adapter"],
                               anti_expert=o["anti_expert"], device=o["device"], expert_render=o["expert_render"],
                               anti_expert_render=o["anti_expert_render"])
-        [result] = white.generate(request.prompt, max_tokens=request.max_tokens, alpha=request.alpha,
-                                  temperature=request.temperature, top_p=request.top_p, seed=request.seed,
-                                  stop=request.stop)
+        [result] = white.generate(request=request)
     else:
         if o["base"]:
             raise ConfigurationError("--base is for --strategy white-box; black-box strategies reach the large model "
@@ -188,7 +186,7 @@ def batch(**o: Any) -> None:
     "strategy", "alpha", "chunk", "max_tokens",
     strategy=dict(type=click.Choice(STRATEGIES), help="default strategy (a request's extra field `strategy` overrides it)"),
     alpha=dict(help="default alpha (extra field `alpha`)"),
-    chunk=dict(type=click.IntRange(1, 64), help="speculative chunk [default: adaptive]"),
+    chunk=dict(help="speculative chunk [default: adaptive]"),
     max_tokens=dict(type=click.IntRange(min=1), default=256, help="max_tokens when a request gives none"))
 @click.option("--max-tokens-limit", type=click.IntRange(min=1), default=4096, show_default=True)
 @click.option("--max-body-bytes", type=click.IntRange(min=1024), default=1 << 20, show_default=True)

@@ -2,9 +2,10 @@
 
 - :class:`TunedCompletionBody` / :class:`TunedChatBody`: OpenAI's bodies (:mod:`.openai_http`)
   plus the tuned model's extra fields ``alpha``, ``strategy``, ``chunk``, ``samples``,
-  ``drafts`` and ``tail_calls``;
-  a completions prompt is one text, hosted token ids, or a list of up to :data:`MAX_PROMPTS`
-  of either; ``max_tokens`` 0 only with ``echo``.
+  ``drafts`` and ``tail_calls``; a completions prompt is one text, hosted token ids, or a list
+  of up to :data:`MAX_PROMPTS` of either; ``max_tokens`` 0 only with ``echo``. A body converts
+  itself to a :class:`~blackbox_proxy.request.GenerationRequest` (``to_request(defaults)``),
+  which checks the generation options: their ranges are written there and nowhere here.
 - :data:`REFUSED`: answer-changing fields the tuned model does not honour (a 400 naming them
   unless neutral); :func:`check_asks`: the 400s for ``logprobs`` and ``echo`` combinations it
   cannot serve, each with its reason.
@@ -19,8 +20,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from ..request import check_strategy, check_text
-from .openai_http import NEUTRAL_VALUES, APIError, ChatBody, CompletionBody, number
+from ..request import OPTION_NAMES, GenerationRequest, check_text
+from .openai_http import NEUTRAL_VALUES, APIError, ChatBody, CompletionBody
 from .served_logprobs import refusal
 
 MAX_N = 8
@@ -33,19 +34,29 @@ REFUSED_CHAT = REFUSED + ("echo",)
 
 
 class _ProxyOptions(BaseModel):
-    """The extra body fields of a tuned request (null = the server's default)."""
+    """The extra body fields of a tuned request, as sent (null: the server's default); checked by
+    :meth:`to_request`."""
 
-    nullable: ClassVar[frozenset[str]] = frozenset({"alpha", "chunk", "samples", "drafts", "tail_calls"})
+    nullable: ClassVar[frozenset[str]] = frozenset({"alpha", "strategy", "chunk", "samples", "drafts", "tail_calls"})
 
-    alpha: number(float) = None
-    strategy: str | None = None
-    chunk: number(int, 1, 64) = None
-    samples: number(int, 1, 256) = None
-    drafts: number(int, 1, 16) = None
-    tail_calls: number(int, 0, 8) = None
+    alpha: Any = None
+    strategy: Any = None
+    chunk: Any = None
+    samples: Any = None
+    drafts: Any = None
+    tail_calls: Any = None
     stream_options: Any = None
 
-    _strategy = field_validator("strategy", mode="before")(lambda cls, value: check_strategy(value))
+    def to_request(self, defaults: dict[str, Any], *, prompt: str | None = None) -> GenerationRequest:
+        """This body's generation: its fields, else the server's ``defaults`` (GenerationRequest
+        fields), checked by :class:`GenerationRequest` (a ConfigurationError naming the field).
+        ``prompt``: the completions prompt as text (one of a body's prompts)."""
+        mine = {name: getattr(self, name, None) for name in OPTION_NAMES}
+        mine["stop"] = list(mine["stop"]) or None
+        if mine["max_tokens"] is not None:
+            mine["max_tokens"] = max(1, mine["max_tokens"])  # 0 (echo: the prompt alone) generates nothing
+        options = {name: defaults.get(name) if value is None else value for name, value in mine.items()}
+        return GenerationRequest.build(prompt=prompt, messages=getattr(self, "messages", None), **options)
 
     def include_usage(self) -> bool:
         """``stream_options.include_usage`` (read only when streaming, as OpenAI does)."""

@@ -1,7 +1,7 @@
 """Resumable evaluation runs: every (item, system) answered once, even across crashes.
 
 ``OUT/results.jsonl`` gets one line per (item, system) the moment its result exists, through the
-batch runner's :class:`~blackbox_proxy.apps.results.ResultsFile` (locked against a second run,
+batch runner's :class:`~blackbox_proxy.runs.results.ResultsFile` (locked against a second run,
 each line written whole and fsynced); the line's ``id`` is ``[system, item id]``. Running the
 same command again cuts a last line left unfinished by a crash and answers only the rest.
 ``OUT/run.json`` pins the settings a result depends on (task and data, alpha, top-k, models...):
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..apps.results import ResultsFile, id_key, whole_lines
-from ..apps.tasks import gather_or_cancel
+from ..runs.results import ResultsFile, id_key, whole_lines
+from ..runs.gather import gather_or_cancel
 from ..errors import ConfigurationError, ProxyTuningError
 from .systems import Settings, System, open_systems
 from .tasks import EvalItem, Task

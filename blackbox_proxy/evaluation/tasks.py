@@ -2,7 +2,7 @@
 
 Five kinds of task, each a :class:`Task` of frozen :class:`EvalItem` values:
 
-- ``arithmetic``: the built-in word problems (:mod:`blackbox_proxy.harness.tasks`, loaded only
+- ``arithmetic``: the built-in word problems (:mod:`blackbox_proxy.evaluation.arithmetic`, loaded only
   when asked for); correct = the ``#### N`` line holds the answer.
 - ``gsm``: ``{"question", "answer"}`` lines; the answer is a number or a GSM8K solution ending in
   ``#### N``. The prediction is the number after ``####``, else the last number written.
@@ -127,10 +127,10 @@ def score_gsm(item: EvalItem, text: str) -> dict[str, Any]:
 
 
 def _builtin() -> Any:
-    """The built-in task's module, loaded on demand: the harness is not part of the product."""
-    from ..harness import tasks
+    """The built-in task's module (:mod:`.arithmetic`), loaded on demand."""
+    from . import arithmetic
 
-    return tasks
+    return arithmetic
 
 
 def score_arithmetic(item: EvalItem, text: str) -> dict[str, Any]:
@@ -334,7 +334,7 @@ def load_task(name: str, data: str | os.PathLike | None = None, *, limit: int | 
         if data is not None:
             raise ConfigurationError("the arithmetic task is built in; leave --data out (or use --task gsm --data FILE)")
         return Task(name, "generate", tuple(arithmetic_items(limit or 200)), tuple(_builtin().STOP),
-                    DEFAULT_MAX_TOKENS[name], "blackbox_proxy.harness.tasks (test split)", "builtin",
+                    DEFAULT_MAX_TOKENS[name], "blackbox_proxy.evaluation.arithmetic (test split)", "builtin",
                     score_arithmetic)
     if name == "humaneval" and data is None:
         data = humaneval_file()

@@ -60,7 +60,7 @@ def run_demo(*, prompts: int = 3, max_tokens: int = 40, alpha: float = 1.0, port
     import openai
 
     from .embedded import prepare
-    from .tasks import STOP, problems, score
+    from ..evaluation.arithmetic import STOP, problems, score
     from ..tuner import ProxyTuner
 
     if prompts < 1:

@@ -332,7 +332,7 @@ def run_preset(preset: str, *, prompts: int = 8, max_tokens: int = 24, alpha: fl
     ``same-tokenizer``: SmolLM2-135M-Instruct (adapter off) is the hosted model, behind this
     project's server allowing k = its whole vocabulary; the expert is it with the arithmetic LoRA.
     ``cross-tokenizer``: Gemma-3-270M (base) hosted, the same SmolLM2 pair; reference k = ``k_ref``.
-    Prompts: the first ``prompts`` held-out problems of :mod:`blackbox_proxy.harness.tasks`.
+    Prompts: the first ``prompts`` held-out problems of :mod:`blackbox_proxy.evaluation.arithmetic`.
     """
     from .demo import HOSTED_NAME, check_installed, load_pair
     from .embedded import prepare
@@ -341,7 +341,7 @@ def run_preset(preset: str, *, prompts: int = 8, max_tokens: int = 24, alpha: fl
     from ..apps.model_server import create_app
     from ..apps.openai_http import ServerThread
     from ..local.runner import ModelRunner
-    from .tasks import problems
+    from ..evaluation.arithmetic import problems
     from ..tuner import ProxyTuner
     from ..whitebox import WhiteBoxTuner
 

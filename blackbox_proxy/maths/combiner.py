@@ -32,27 +32,6 @@ import torch
 from ..errors import ConfigurationError
 
 
-def validate_alpha(alpha: float) -> float:
-    """``alpha`` as a float; ConfigurationError unless it is a finite number."""
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise ConfigurationError(f"alpha must be a finite number, got {alpha!r}")
-    return float(alpha)
-
-
-def validate_temperature(temperature: float) -> float:
-    """``temperature`` as a float; ConfigurationError unless it is finite and >= 0."""
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-        raise ConfigurationError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    return float(temperature)
-
-
-def validate_top_p(top_p: float) -> float:
-    """``top_p`` as a float; ConfigurationError unless it is in (0, 1]."""
-    if not isinstance(top_p, (int, float)) or not (0 < top_p <= 1):
-        raise ConfigurationError(f"top_p must be in (0, 1], got {top_p!r}")
-    return float(top_p)
-
-
 def proxy_scores(hosted_logprobs: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
     """score = hosted_logprobs + alpha * delta, shapes ``[C]`` (any shape the two share, e.g. the
     white-box ``[rows, V]``). Inputs are not modified.
@@ -83,8 +62,11 @@ def tuned_distribution(scores: torch.Tensor, temperature: float = 1.0, top_p: fl
     """
     if scores.ndim != 1 or scores.numel() == 0:
         raise ValueError(f"scores must be a non-empty 1-D tensor, got shape {tuple(scores.shape)}")
-    validate_temperature(temperature)
-    validate_top_p(top_p)
+    # the function's own domain (the options' ranges for users are GenerationRequest's)
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ConfigurationError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ConfigurationError(f"top_p must be in (0, 1], got {top_p!r}")
     scores = scores.double()
     scores = torch.where(torch.isnan(scores), torch.full_like(scores, -math.inf), scores)
     if temperature == 0 or not torch.isfinite(scores).any():

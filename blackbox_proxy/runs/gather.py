@@ -1,4 +1,4 @@
-"""asyncio helpers shared by the front ends (batch runs, the tuned server)."""
+"""Running several generations at once where the first failure cancels the rest (batch runs, eval, the tuned server)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """The results file of a long run: one strict JSON line per finished item, written whole and
 fsynced, the file locked for the run and checked before the first paid call (``ResultsFile``),
-and read back on resume (``read_done``). Used by ``blackbox-proxy batch`` (:mod:`.batch`) and
+and read back on resume (``read_done``). Used by ``blackbox-proxy batch`` (:mod:`blackbox_proxy.apps.batch`) and
 ``blackbox-proxy eval`` (:mod:`blackbox_proxy.evaluation.runner`).
 
-Left out: what a line holds (the callers), and the input side (:mod:`.batch`).
+Left out: what a line holds (the callers), and the input side (:mod:`blackbox_proxy.apps.batch`).
 """
 
 from __future__ import annotations
