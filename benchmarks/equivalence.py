@@ -56,25 +56,9 @@ def canonical(value: Any) -> Any:
     return value
 
 
-def concentrated(model, live, seed):
-    """``model`` with all its mass on the ``live`` tokens (others at -30), as the statistical
-    tests build them: speculative walks then accept and reject at realistic rates."""
-    import torch
-
-    torch.manual_seed(seed)
-    old = model.lm_head
-    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(old.weight * 0.3)
-        head.bias.fill_(-30.0)
-        head.bias[live] = 0.0
-    model.lm_head = head
-    return model
-
-
 def build_models():
     import torch
-    from tiny import tiny_llama, train_bpe
+    from tiny import concentrated, tiny_llama, train_bpe
 
     torch.set_num_threads(1)
     tok_a, tok_b = train_bpe(400), train_bpe(520, digits=True)

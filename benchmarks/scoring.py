@@ -34,7 +34,7 @@ from blackbox_proxy.apps.openai_http import ServerThread  # noqa: E402
 from blackbox_proxy.harness.demo import HOSTED_NAME, load_pair  # noqa: E402
 from blackbox_proxy.harness.embedded import prepare  # noqa: E402
 from blackbox_proxy.evaluation.arithmetic import STOP, problems  # noqa: E402
-from blackbox_proxy.local import engine, sessions  # noqa: E402
+from blackbox_proxy.local import adapter_rows, engine, sessions  # noqa: E402
 from blackbox_proxy.local.runner import ModelRunner  # noqa: E402
 
 VARIANTS = ("paired", "paired-peft", "separate", "sequential")
@@ -57,7 +57,7 @@ class Counter:
 
 def configure(variant: str, expert, anti, stores: dict) -> None:
     """Switch the scoring path: the pairing checks' verdicts, prompt reuse, logits kept."""
-    rows = sessions.adapter_rows(expert.model, expert.adapter_name)
+    rows = adapter_rows.adapter_rows(expert.model, expert.adapter_name)
     rows.ok = variant in ("paired", "separate")
     expert._mixed_ok = variant.startswith("paired")
     expert._tree_ok = anti._tree_ok = variant != "sequential"

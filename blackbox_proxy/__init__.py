@@ -12,8 +12,7 @@ loads neither torch nor transformers.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -24,6 +23,7 @@ _EXPORTS = {
     "AsyncProxyTuner": "tuner",
     "Candidate": "types",
     "ConfigurationError": "errors",
+    "GenerationRequest": "request",
     "GenerationResult": "types",
     "HostedAPIError": "errors",
     "HostedAuthenticationError": "errors",
@@ -47,6 +47,7 @@ _EXPORTS = {
     "TokenizerMismatchError": "errors",
     "Usage": "types",
     "Vocabulary": "tokens.vocab",
+    "WhiteBoxTuner": "whitebox",
     "arun_batch": "apps.batch",
     "load_hosted_vocabulary": "tokens.loaders",
     "run_batch": "apps.batch",
@@ -55,17 +56,5 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'blackbox_proxy' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 

@@ -1,19 +1,12 @@
 """Public entry points: :class:`ProxyTuner` (sync) and :class:`AsyncProxyTuner` (async).
 
-Both share :class:`_TunerBase`, which holds every piece of non-I/O logic: loading the small
-models, the hosted vocabulary, the aligner, the checks that depend on this tuner (mode, host
-caps, context lengths) on top of :class:`~blackbox_proxy.request.GenerationRequest`'s, and
-building one decoder per generation. The two subclasses only differ in how they wait for the
-hosted API (and, for async, run local scoring in worker threads so the event loop stays free).
-
-Generation options are :class:`~blackbox_proxy.request.GenerationRequest` fields, given as
-keywords (``tuner.generate("Hi", max_tokens=8, alpha=2)``) or as one request object
-(``tuner.generate(request=GenerationRequest(...))``).
-
-A generation that runs into a context limit after paid calls (a small model needing more tokens
-than the hosted count, :class:`~blackbox_proxy.errors.ContextLimitError`, or the hosted API's
-400 "maximum context length") stops there with ``finish_reason="length"`` and the text so far;
-before any paid call the error is raised.
+Both share :class:`_TunerBase`, the composition root: it loads the small models, finds the hosted
+vocabulary, builds the aligner, checks what depends on this tuner (the strategy on this host, k
+within its cap, context lengths) on top of :class:`~blackbox_proxy.request.GenerationRequest`'s
+checks, and builds each generation's decoder whole. The twins differ in how they wait for the
+hosted API (async: local scoring in worker threads). Options are GenerationRequest fields, as
+keywords or ``request=``. A context limit met after paid calls ends a generation with
+``finish_reason="length"`` and the text so far (:mod:`~blackbox_proxy.decoding.driver`).
 """
 
 from __future__ import annotations
@@ -28,7 +21,7 @@ from . import _constants as C
 from .decoding import Decoder, HostedPrompt, PerStepDecoder, ResampleDecoder, Scoring, SpeculativeDecoder
 from .decoding.driver import check_fits, round_async, round_sync
 from .decoding.resample import DEFAULT_SAMPLES
-from .errors import ConfigurationError, ModeNotSupportedError
+from .errors import ConfigurationError
 from .hosts.client import AsyncHostedClient, HostedClient
 from .hosts.discover import discover, text_prompt_warning
 from .local.scorer import load_small_models
@@ -141,25 +134,15 @@ class _TunerBase:
             "none (text prompts, as asked)" if off else "discovery pending" if discover else "given"
         )
         self.hosted_context: int | None = None  # tokens, when the host says (see hosts/discover.py)
-        self.client = self._client_class(
-            model=model,
-            base_url=base_url,
-            api_key=api_key,
-            mode=mode,
-            dialect=dialect,
-            hosted_vocab=self.hosted_vocab,
-            timeout=timeout,
-            max_retries=max_retries,
-            token_prompts=token_prompts,
-            cache=cache,
-            stream_chunks=stream_chunks,
-        )
+        self.client = self._client_class(model=model, base_url=base_url, api_key=api_key, mode=mode, dialect=dialect,
+                                         hosted_vocab=self.hosted_vocab, timeout=timeout, max_retries=max_retries,
+                                         token_prompts=token_prompts, cache=cache, stream_chunks=stream_chunks)
         if check_hosted:
             self._check_hosted()
         if expert_adapter is None:
-            renders = self._auto_render(expert_render), self._auto_render(anti_expert_render)
+            renders = auto_render(expert_render, mode), auto_render(anti_expert_render, mode)
         else:
-            renders = (self._adapter_render(expert_render, anti_expert_render),) * 2
+            renders = (adapter_render(expert_render, anti_expert_render, mode),) * 2
         self.expert, self.anti_expert = load_small_models(
             expert=expert, anti_expert=anti_expert, expert_adapter=expert_adapter, device=device,
             expert_render=renders[0], anti_expert_render=renders[1], scorer_url=scorer_url,
@@ -182,12 +165,6 @@ class _TunerBase:
         logger.info("hosted tokenizer: %s", found.source)
         self.hosted_vocab = found.vocab
         self.client.use_vocabulary(found.vocab)
-
-    def _auto_render(self, render: str) -> str:
-        return auto_render(render, self.mode)
-
-    def _adapter_render(self, expert_render: str, anti_expert_render: str) -> str:
-        return adapter_render(expert_render, anti_expert_render, self.mode)
 
     def _check_hosted(self) -> None:
         """Reach the hosted API before loading models (sync tuner only)."""
@@ -237,18 +214,8 @@ class _TunerBase:
         """The checks of :meth:`check_request`, and what they computed on the way: the host's
         capabilities, the hosted prompt (``hosted_ids``: its ids as a client sent them, after the
         tokenizer's prefix ids) and each small model's prompt ids."""
-        if req.strategy == "speculative" and self.mode == "chat":
-            raise ModeNotSupportedError(
-                "the speculative strategy continues the text chunk by chunk, which chat mode cannot do: "
-                "use --mode completions or --mode chat-prefix"
-            )
-        if self.mode == "chat" and req.max_tokens > 1 and req.strategy != "resample":
-            raise ModeNotSupportedError(
-                "chat mode cannot continue a partial answer, so token-by-token proxy tuning applies to the first "
-                "token only: use --strategy resample (whole answers, reweighted), max_tokens=1 (one-token answers), "
-                "or --mode completions / --mode chat-prefix (a host that continues an assistant prefix)"
-            )
         host = self.client.capabilities(self.top_k)
+        _DECODERS[req.strategy].check(req, host)
         text, messages = self.prompt_text(req), req.message_dicts()
         small_ids = []
         for role, scorer in (("expert", self.expert), ("anti-expert", self.anti_expert)):
@@ -320,17 +287,11 @@ class ProxyTuner(_TunerBase):
 
     def generate(self, prompt: str | None = None, *, request: GenerationRequest | None = None,
                  **options: Any) -> GenerationResult:
-        """Generate proxy-tuned text. Options (see :class:`GenerationRequest`): ``messages``,
+        """Generate proxy-tuned text. Options (:class:`GenerationRequest`): ``messages``,
         ``max_tokens`` (64), ``alpha`` (1), ``temperature`` (0 = greedy), ``top_p``, ``seed``,
-        ``stop``, ``strategy``, ``chunk``, ``samples``.
-
-        ``strategy="per-step"``: one hosted API call per token, choosing among the top-k.
-        ``strategy="speculative"``: the API drafts chunks of ``chunk`` tokens (adaptive when
-        left out) that are accepted or resampled to follow the full proxy-tuned distribution
-        (temperature 1) or its greedy path (temperature 0).
-        ``strategy="resample"``: ``samples`` whole answers (default 16) drawn by the API at
-        temperature 1, one picked by importance resampling; works in chat mode too.
-        """
+        ``stop``, ``strategy`` (``per-step``: one call per token; ``speculative``: API-drafted
+        chunks accepted or resampled, ``chunk`` tokens each; ``resample``: ``samples`` whole
+        answers reweighted, chat mode included), ``drafts``, ``tail_calls``."""
         self.client.check()
         decoder = self.decoder(prompt, request=request, **options)
         try:

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from blackbox_proxy import Candidate, HostedPosition, HostedResponseError, HostedResult
 from decoders import build
+from blackbox_proxy import Candidate, HostedPosition, HostedResponseError, HostedResult
 
 from blackbox_proxy.decoding.per_step import PerStepDecoder
 from blackbox_proxy.types import HostedUsage

@@ -11,8 +11,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from blackbox_proxy import ProxyTuner, Scorer
 from decoders import build
+from blackbox_proxy import ProxyTuner, Scorer
 from blackbox_proxy.harness.fidelity import run_same_tokenizer, write_report
 from blackbox_proxy.maths import rejection
 from blackbox_proxy.maths.rejection import speculative_distribution

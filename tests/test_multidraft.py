@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from blackbox_proxy import ConfigurationError
 from decoders import build
+from blackbox_proxy import ConfigurationError
 
 from blackbox_proxy.decoding.walks import tree as multidraft
 from blackbox_proxy.decoding.walks.tree import choose_drafts
@@ -18,7 +18,8 @@ from blackbox_proxy.decoding.speculative import SpeculativeDecoder
 from blackbox_proxy.maths import tree
 from blackbox_proxy.maths.tree import NodeScore, node_distribution, node_greedy, node_sampled, target
 from blackbox_proxy.types import Candidate, HostedPosition, HostedResult, HostedUsage
-from test_speculative import MemoSession, chi2_pvalue, concentrated_models, exact_joint, make  # noqa: F401 (a fixture)
+from test_speculative import (MemoSession, chi2_pvalue, concentrated_models, draw_draft, every_candidate,  # noqa: F401
+                             exact_joint, make)  # (concentrated_models: a fixture)
 
 LOG = math.log
 
@@ -143,16 +144,7 @@ def tree_draws(tok_a, models, n, seed0, drafts=3, chunk=3, alpha=1.0):
     prompt = tok_a.encode("The quick brown")
     hosted, e, a = MemoSession(large, []), MemoSession(expert, prompt), MemoSession(anti, prompt)
     gen = torch.Generator().manual_seed(seed0)
-    memo = {}
-
-    def position(ids):
-        key = tuple(ids)
-        if key not in memo:
-            lp = hosted.logprobs(ids)
-            cands = tuple(Candidate("", vocab.token_bytes[t], float(lp[t]), t) for t in range(len(vocab.token_bytes))
-                          if vocab.token_bytes[t])
-            memo[key] = (lp.exp().float(), cands, {c.token_id: c for c in cands})
-        return memo[key]
+    position = every_candidate(hosted, vocab)
 
     firsts, calls, sizes = [], 0, Counter()
     for i in range(n):
@@ -161,17 +153,7 @@ def tree_draws(tok_a, models, n, seed0, drafts=3, chunk=3, alpha=1.0):
         while not dec.done:
             req = dec.request()
             sizes[req.n] += 1
-            results = []
-            for _ in range(req.n):
-                ids = list(req.prompt)
-                positions = []
-                for _ in range(req.max_tokens):
-                    probs, cands, by_id = position(ids)
-                    token = int(torch.multinomial(probs, 1, generator=gen))
-                    positions.append(HostedPosition(candidates=cands, sampled=by_id[token]))
-                    ids.append(token)
-                results.append(HostedResult("", tuple(positions), "length", HostedUsage()))
-            dec.observe(results, 0.0)
+            dec.observe([draw_draft(req, position, gen) for _ in range(req.n)], 0.0)
             calls += 1
         firsts.append(tuple(list(dec.prefix.ids)[:2]))
     return firsts, (hosted, e, a), calls, sizes

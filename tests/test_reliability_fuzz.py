@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
 from blackbox_proxy import ConfigurationError
-from blackbox_proxy.apps.batch import _parse_line, id_key
+from blackbox_proxy.apps.batch import id_key
+from blackbox_proxy.runs.inputs import parse_line as _parse_line
 from blackbox_proxy.apps.cli import main
 from blackbox_proxy.apps.openai_http import free_port
 from blackbox_proxy.maths import combiner

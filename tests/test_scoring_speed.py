@@ -20,7 +20,8 @@ from blackbox_proxy import ProxyTuner, Scorer
 from blackbox_proxy.local import sessions
 from blackbox_proxy.local.batching import ScoringQueue
 from blackbox_proxy.local.engine import CachedContext, model_lock
-from blackbox_proxy.local.sessions import AdapterRows, PromptStore, adapter_rows, check_mixed_batch, open_sessions
+from blackbox_proxy.local.adapter_rows import AdapterRows, adapter_rows, check_mixed_batch
+from blackbox_proxy.local.sessions import PromptStore, open_sessions
 
 
 def full_logprobs(model, ids, forward_context=None):

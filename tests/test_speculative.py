@@ -8,9 +8,11 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from decoders import build
+from tiny import concentrated  # noqa: F401 - the other statistical tests import it from here
+
 from blackbox_proxy import ConfigurationError, ModeNotSupportedError, ProxyTuner
 from blackbox_proxy.decoding import speculative as spec
-from decoders import build
 from blackbox_proxy.decoding.speculative import SpeculativeDecoder
 from blackbox_proxy.maths import rejection
 from blackbox_proxy.maths.rejection import PositionScore, walk_greedy, walk_sampled
@@ -117,19 +119,6 @@ def test_text_prompts_with_byte_pieces_never_crash(server_a, tok_a, scorers_a):
 
 
 
-def concentrated(model, live, seed):
-    """Give ``model`` a biased head: all mass on the ``live`` tokens (others at -30)."""
-    torch.manual_seed(seed)
-    old = model.lm_head
-    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(old.weight * 0.3)
-        head.bias.fill_(-30.0)
-        head.bias[live] = 0.0
-    model.lm_head = head
-    return model
-
-
 class MemoSession:
     """A scorer session over a real model, memoised by context (the statistical test repeats
     the same few contexts ten thousand times)."""
@@ -168,9 +157,16 @@ def run_draws(tok_a, models, n, seed0, alpha=1.0):
     vocab = vocabulary_from_hf(tok_a)
     prompt = tok_a.encode("The quick brown")
     hosted, e, a = MemoSession(large, []), MemoSession(expert, prompt), MemoSession(anti, prompt)
+    firsts = draw_pairs(vocab, every_candidate(hosted, vocab), e, a, prompt, n, seed0, alpha=alpha)
+    return firsts, (hosted, e, a)
+
+
+def every_candidate(hosted, vocab):
+    """``position(ids)``: the hosted model's probabilities after ``ids`` ([V]), every token with
+    text as a candidate (k = the vocabulary), and the candidates by id; memoised."""
     memo = {}
 
-    def position_candidates(ids):
+    def position(ids):
         key = tuple(ids)
         if key not in memo:
             lp = hosted.logprobs(ids)
@@ -179,8 +175,7 @@ def run_draws(tok_a, models, n, seed0, alpha=1.0):
             memo[key] = (lp.exp().float(), cands, {c.token_id: c for c in cands})
         return memo[key]
 
-    firsts = draw_pairs(vocab, position_candidates, e, a, prompt, n, seed0, alpha=alpha)
-    return firsts, (hosted, e, a)
+    return position
 
 
 def draw_pairs(vocab, position_candidates, e, a, prompt, n, seed0, *, alpha=1.0, top_k=400):
@@ -195,17 +190,21 @@ def draw_pairs(vocab, position_candidates, e, a, prompt, n, seed0, *, alpha=1.0,
         dec = build(SpeculativeDecoder, e, a, vocab, prompt_ids=prompt, top_k=top_k, alpha=alpha, temperature=1.0,
                     max_tokens=2, chunk=2, seed=seed0 + i)
         while not dec.done:
-            req = dec.request()
-            ids = list(req.prompt)
-            positions = []
-            for _ in range(req.max_tokens):
-                probs, cands, by_id = position_candidates(ids)
-                token = int(torch.multinomial(probs, 1, generator=gen))
-                positions.append(HostedPosition(candidates=cands, sampled=by_id[token]))
-                ids.append(token)
-            dec.observe([HostedResult("", tuple(positions), "length", HostedUsage())], 0.0)
+            dec.observe([draw_draft(dec.request(), position_candidates, gen)], 0.0)
         firsts.append(tuple(list(dec.prefix.ids)[:2]))
     return firsts
+
+
+def draw_draft(req, position_candidates, gen):
+    """A simulated hosted answer to ``req``: ``req.max_tokens`` tokens, each drawn with ``gen``
+    from ``position_candidates(ids)`` after the prompt and the tokens drawn before it."""
+    ids, positions = list(req.prompt), []
+    for _ in range(req.max_tokens):
+        probs, cands, by_id = position_candidates(ids)
+        token = int(torch.multinomial(probs, 1, generator=gen))
+        positions.append(HostedPosition(candidates=cands, sampled=by_id[token]))
+        ids.append(token)
+    return HostedResult("", tuple(positions), "length", HostedUsage())
 
 
 def exact_joint(sessions, prompt, live, alpha=1.0):

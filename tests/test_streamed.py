@@ -14,9 +14,9 @@ import pytest
 import torch
 from test_speculative import MemoSession, chi2_pvalue, concentrated, exact_joint
 
+from decoders import build
 from blackbox_proxy import AsyncProxyTuner, ProxyTuner
 from blackbox_proxy.apps.openai_http import ServerThread
-from decoders import build
 from blackbox_proxy.decoding.speculative import SpeculativeDecoder
 from blackbox_proxy.harness.replay import LatencyModel, Recording, ReplayHost, create_replay_app
 from blackbox_proxy.types import Candidate, HostedPosition, HostedResult, HostedUsage

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from blackbox_proxy import ProxyTuner
 from decoders import build
+from blackbox_proxy import ProxyTuner
 from blackbox_proxy.decoding.speculative import SpeculativeDecoder
 from blackbox_proxy.types import Candidate, HostedPosition, HostedResult, HostedUsage
 from test_speculative import MemoSession, chi2_pvalue, concentrated, exact_joint

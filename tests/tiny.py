@@ -73,6 +73,20 @@ def tiny_llama(tokenizer, seed: int, *, hidden: int = 48, layers: int = 2, sharp
     return model.eval()
 
 
+def concentrated(model, live, seed):
+    """Give ``model`` a biased head: all mass on the ``live`` tokens (others at -30), so
+    speculative walks accept and reject at realistic rates (the statistical tests' models)."""
+    torch.manual_seed(seed)
+    old = model.lm_head
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old.weight * 0.3)
+        head.bias.fill_(-30.0)
+        head.bias[live] = 0.0
+    model.lm_head = head
+    return model
+
+
 def save(model, tokenizer, path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)

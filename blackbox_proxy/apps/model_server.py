@@ -60,7 +60,7 @@ from openai.types.chat.chat_completion import Choice as ChatChoice, ChoiceLogpro
 from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice, ChoiceDelta
 from openai.types.chat.chat_completion_token_logprob import TopLogprob
 from openai.types.completion_choice import Logprobs
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from ..errors import ConfigurationError
 from ..local.runner import Generation, ModelRunner, Sampled
@@ -136,13 +136,7 @@ class DetokenizeBody(BaseModel):
 
 class LocalCompletionBody(_LocalOptions, CompletionBody):
     nullable: ClassVar[frozenset[str]] = CompletionBody.nullable | _LocalOptions.nullable
-    fewest_tokens: ClassVar[int] = 0
-
-    @model_validator(mode="after")
-    def _zero_needs_echo(self) -> "LocalCompletionBody":
-        if self.max_tokens == 0 and not self.echo:
-            raise ValueError("max_tokens must be >= 1 (0 only with echo=true, for the prompt's logprobs), got 0")
-        return self
+    fewest_tokens: ClassVar[int] = 0  # with echo (see CompletionBody)
 
 
 class LocalChatBody(_LocalOptions, ChatBody):

@@ -280,6 +280,13 @@ class CompletionBody(SamplingBody):
             return tuple(value)
         raise ValueError(cls.prompt_error)
 
+    @model_validator(mode="after")
+    def _zero_needs_echo(self) -> "CompletionBody":
+        """``max_tokens`` 0 (where ``fewest_tokens`` allows it) asks the prompt's logprobs alone."""
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens must be >= 1 (0 only with echo=true, for the prompt's logprobs), got 0")
+        return self
+
     @field_validator("logprobs", mode="before")
     @classmethod
     def _logprobs(cls, value: Any, info: ValidationInfo) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator
 
 from ..request import OPTION_NAMES, GenerationRequest, check_text
 from .openai_http import NEUTRAL_VALUES, APIError, ChatBody, CompletionBody
@@ -98,11 +98,6 @@ class TunedCompletionBody(_ProxyOptions, CompletionBody):
                 raise ValueError(cls.prompt_error)
         return tuple(out)
 
-    @model_validator(mode="after")
-    def _zero_needs_echo(self) -> "TunedCompletionBody":
-        if self.max_tokens == 0 and not self.echo:
-            raise ValueError("max_tokens must be >= 1 (0 only with echo=true, for the prompt's logprobs), got 0")
-        return self
 
 
 class TunedChatBody(_ProxyOptions, ChatBody):

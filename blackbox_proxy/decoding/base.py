@@ -71,6 +71,11 @@ class Decoder:
         self.finish_reason: str | None = None
         self._end_hidden = False  # the API ended without logprobs: ask again with the end banned
 
+    @classmethod
+    def check(cls, params: GenerationRequest, host: HostCapabilities) -> None:
+        """Refuse, before any call, a generation this strategy cannot make on ``host``
+        (a :class:`~blackbox_proxy.errors.ModeNotSupportedError` that says what would work)."""
+
     @property
     def done(self) -> bool:
         return self.finish_reason is not None

@@ -20,12 +20,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..types import HostedRequest, HostedResult, StepTrace
+from ..errors import ModeNotSupportedError
+from ..request import GenerationRequest
+from ..types import HostCapabilities, HostedRequest, HostedResult, StepTrace
 from .base import Decoder
 
 
 class PerStepDecoder(Decoder):
     """One hosted API call per generated token. See the module docstring."""
+
+    @classmethod
+    def check(cls, params: GenerationRequest, host: HostCapabilities) -> None:
+        if not host.continues_prefix and params.max_tokens > 1:
+            raise ModeNotSupportedError(
+                "chat mode cannot continue a partial answer, so token-by-token proxy tuning applies to the first "
+                "token only: use --strategy resample (whole answers, reweighted), max_tokens=1 (one-token answers), "
+                "or --mode completions / --mode chat-prefix (a host that continues an assistant prefix)"
+            )
 
     def request(self) -> HostedRequest:
         return self._request(max_tokens=1, temperature=0.0)

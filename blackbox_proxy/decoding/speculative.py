@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from .._constants import PROB_FLOOR
-from ..errors import HostedResponseError
+from ..errors import HostedResponseError, ModeNotSupportedError
 from ..maths import combiner
 from ..maths.tail import DEFAULT_DRAWS
 from ..request import GenerationRequest
@@ -78,6 +78,14 @@ class SpeculativeDecoder(Decoder):
         self._walker: ChunkWalker | None = None  # the walk of the chunk call in flight
         self._stalled = 0  # chunks in a row that added nothing
         self._one_step = False  # ask the next position alone (a possible end inside a chunk)
+
+    @classmethod
+    def check(cls, params: GenerationRequest, host: HostCapabilities) -> None:
+        if not host.continues_prefix:
+            raise ModeNotSupportedError(
+                "the speculative strategy continues the text chunk by chunk, which chat mode cannot do: "
+                "use --mode completions or --mode chat-prefix"
+            )
 
     # ----- requests -------------------------------------------------------------------------------
     def request(self) -> HostedRequest:

@@ -24,8 +24,7 @@ Names are imported on first use: importing this package loads no torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_exports
 
 _EXPORTS = {
     "EvalItem": "tasks", "Task": "tasks", "load_task": "tasks", "TASKS": "tasks",
@@ -36,10 +35,4 @@ _EXPORTS = {
     "run_program": "sandbox",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,17 +236,10 @@ class ExpertSystem(System):
         return choice_record(await asyncio.to_thread(run), item.answer)
 
     async def loglik(self, item: EvalItem) -> dict[str, Any]:
-        from .scoring import forward_logprobs, sequence_loglik
+        from .scoring import forward_logprobs
 
-        def run() -> dict[str, Any]:
-            vocab = self.scorer.vocab
-            ids = vocab.encode_bytes(item.reference.encode("utf-8"))
-            if ids is None:
-                raise ConfigurationError(f"{self.scorer.name} cannot tokenize the reference of item {item.id!r}")
-            lps = sequence_loglik(forward_logprobs(self.scorer, self._prompt_ids(item), ids), ids)
-            return loglik_record(lps, [vocab.bytes_of([i]) for i in ids])
-
-        return await asyncio.to_thread(run)
+        return await asyncio.to_thread(local_loglik, self.scorer.vocab, item, self.scorer.name,
+                                       lambda ids: forward_logprobs(self.scorer, self._prompt_ids(item), ids))
 
 
 class WhiteBoxSystem(System):
@@ -278,16 +271,19 @@ class WhiteBoxSystem(System):
         return choice_record(await asyncio.to_thread(run), item.answer)
 
     async def loglik(self, item: EvalItem) -> dict[str, Any]:
-        from .scoring import sequence_loglik
+        return await asyncio.to_thread(local_loglik, self.white.vocab, item, "the white-box tokenizer",
+                                       lambda ids: self._logprobs(item, ids))
 
-        def run() -> dict[str, Any]:
-            vocab = self.white.vocab
-            ids = vocab.encode_bytes(item.reference.encode("utf-8"))
-            if ids is None:
-                raise ConfigurationError(f"the white-box tokenizer cannot tokenize the reference of item {item.id!r}")
-            return loglik_record(sequence_loglik(self._logprobs(item, ids), ids), [vocab.bytes_of([i]) for i in ids])
 
-        return await asyncio.to_thread(run)
+def local_loglik(vocab: Any, item: EvalItem, who: str, logprobs_of: Callable[[list[int]], Any]) -> dict[str, Any]:
+    """A loglik item's record from a local model: the reference in ``vocab``'s tokens and
+    ``logprobs_of(ids)``, the model's next-token log distributions along them."""
+    from .scoring import sequence_loglik
+
+    ids = vocab.encode_bytes(item.reference.encode("utf-8"))
+    if ids is None:
+        raise ConfigurationError(f"{who} cannot tokenize the reference of item {item.id!r}")
+    return loglik_record(sequence_loglik(logprobs_of(ids), ids), [vocab.bytes_of([i]) for i in ids])
 
 
 def parse_systems(text: str | Sequence[str]) -> list[str]:

@@ -189,7 +189,10 @@ class Reader:
         return stop
 
     def broke(self, exc: BaseException) -> None:
-        """A read failure: keep what was walked, or raise it for the retry policy."""
+        """A read failure: keep what was walked, or raise it for the retry policy (raised as it
+        is when it is not the stream that broke)."""
+        if not broken_stream(exc):
+            raise exc
         if self.last is None:
             raise as_connection_error(exc, self.client.base_url) from exc
         self._keep(type(exc).__name__)
@@ -232,8 +235,6 @@ def read(reader: Reader, stream: Any) -> Reader:
             if reader.feed(chunk):
                 break
     except Exception as exc:
-        if not broken_stream(exc):
-            raise
         reader.broke(exc)
     finally:
         stream.close()
@@ -248,8 +249,6 @@ async def read_async(reader: Reader, opening: Any) -> Reader:
             if reader.feed(chunk):
                 break
     except Exception as exc:
-        if not broken_stream(exc):
-            raise
         reader.broke(exc)
     finally:
         await stream.close()
