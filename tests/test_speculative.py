@@ -302,7 +302,7 @@ def test_fixed_chunk_and_refusals(server_a, tok_a, scorers_a):
         t.generate("Hi", temperature=0.7, strategy="speculative")
     with pytest.raises(ConfigurationError, match="top_p"):
         t.generate("Hi", temperature=1.0, top_p=0.9, strategy="speculative")
-    with pytest.raises(ConfigurationError, match="chunk must be an integer >= 1"):
+    with pytest.raises(ConfigurationError, match="chunk must be an integer from 1 to 64"):
         t.generate("Hi", strategy="speculative", chunk=0)
     chat = make(server_a, scorers_a, mode="chat", top_k=10)
     with pytest.raises(ModeNotSupportedError, match="chat mode cannot"):

@@ -101,6 +101,7 @@ def _check_run(concurrency: Any, on_error: str, defaults: dict[str, Any]) -> Non
     unknown = set(defaults) - set(OPTION_NAMES)
     if unknown:
         raise ConfigurationError(f"unknown generation option(s) {sorted(unknown)}; use {', '.join(OPTION_NAMES)}")
+    GenerationRequest.check_defaults(**defaults)  # the run's own values, once, with the request's messages
 
 
 @dataclass

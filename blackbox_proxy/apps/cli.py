@@ -187,7 +187,7 @@ def batch(**o: Any) -> None:
     strategy=dict(type=click.Choice(STRATEGIES), help="default strategy (a request's extra field `strategy` overrides it)"),
     alpha=dict(help="default alpha (extra field `alpha`)"),
     chunk=dict(help="speculative chunk [default: adaptive]"),
-    max_tokens=dict(type=click.IntRange(min=1), default=256, help="max_tokens when a request gives none"))
+    max_tokens=dict(default=256, help="max_tokens when a request gives none"))
 @click.option("--max-tokens-limit", type=click.IntRange(min=1), default=4096, show_default=True)
 @click.option("--max-body-bytes", type=click.IntRange(min=1024), default=1 << 20, show_default=True)
 @click.option("--batch-scoring/--no-batch-scoring", default=True, show_default=True,
@@ -251,7 +251,7 @@ def serve(**o: Any) -> None:
 @click.option("--preset", type=click.Choice(["same-tokenizer", "cross-tokenizer"]), default="same-tokenizer",
               show_default=True, help="which embedded setup to measure")
 @click.option("--prompts", type=click.IntRange(min=1), default=8, show_default=True, help="held-out problems")
-@generation_options("max_tokens", "alpha", max_tokens=dict(type=click.IntRange(min=1), default=24))
+@generation_options("max_tokens", "alpha", max_tokens=dict(default=24))
 @click.option("--k-ref", type=click.IntRange(min=2), default=100, show_default=True,
               help="cross-tokenizer: the k whose pipeline output is the reference")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="fidelity", show_default=True,

@@ -117,7 +117,7 @@ GENERATION_OPTIONS: dict[str, dict[str, Any]] = {
         help="per-step: one API call per token; speculative: API-drawn chunks accepted or resampled; "
              "resample: whole answers reweighted (chat-only APIs); white-box: exact, base model local (--base)"),
     "chunk": dict(type=int, help="speculative: tokens per API call [default: adaptive, 4-32]"),
-    "samples": dict(type=click.IntRange(min=1), help="resample: whole answers drawn per prompt [default: 16]"),
+    "samples": dict(type=int, help="resample: whole answers drawn per prompt [default: 16]"),
     "tail_calls": dict(type=int, show_default=True,
                        help="speculative: most API calls per rejection that probe beyond the top-k (logit_bias; "
                             "0 = candidates only)"),

@@ -54,7 +54,7 @@ def _fingerprint(o: dict[str, Any], task: Any, max_tokens: int) -> dict[str, Any
 @click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True,
               help="items in flight at once for API-bound systems")
 @generation_options("alpha", "max_tokens", "temperature", "seed", "chunk", "samples",
-                    max_tokens=dict(default=None, type=click.IntRange(min=1), show_default=False,
+                    max_tokens=dict(default=None, show_default=False,
                                     help="tokens per answer [default: the task's: arithmetic 48, gsm 256, code 384]"),
                     seed=dict(help="seed for sampling and for the bootstrap [bootstrap default: 0]"))
 @click.option("--code-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
@@ -100,7 +100,7 @@ def _run(o: dict[str, Any]) -> tuple[Any, dict[str, Any], str]:
 
     names = parse_systems(o["systems"])
     GenerationRequest.check_defaults(alpha=o["alpha"], temperature=o["temperature"], seed=o["seed"],
-                                     chunk=o["chunk"], samples=o["samples"])
+                                     chunk=o["chunk"], samples=o["samples"], max_tokens=o["max_tokens"])
     task = load_task(o["task"], o["data"], limit=o["limit"], code_timeout=o["code_timeout"])
     max_tokens = o["max_tokens"] or task.max_tokens
     settings = Settings(alpha=o["alpha"], temperature=o["temperature"], seed=o["seed"], chunk=o["chunk"],
