@@ -39,7 +39,7 @@ from blackbox_proxy.harness.launch import find_python, vllm_server  # noqa: E402
 from blackbox_proxy.harness.replay import LatencyModel, ReplayHost  # noqa: E402
 from blackbox_proxy.evaluation.arithmetic import STOP, problems  # noqa: E402
 
-CLI = [sys.executable, "-c", "from blackbox_proxy.apps.cli import main; main()"]
+CLI = [sys.executable, "-m", "blackbox_proxy"]
 
 
 def run_batch(args: argparse.Namespace, base_url: str, scorer_url: str | None, gemma: Path, smol: Path,

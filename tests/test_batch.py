@@ -228,7 +228,7 @@ def test_cache_is_safe_under_concurrent_writer_processes(tmp_path):
 
 
 def cli(*args):
-    return [sys.executable, "-m", "blackbox_proxy.apps.cli", *args]
+    return [sys.executable, "-m", "blackbox_proxy", *args]
 
 
 def test_sigkill_mid_run_then_resume_gives_one_result_per_id(tmp_path, server_a, saved_a):

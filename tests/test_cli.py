@@ -56,7 +56,7 @@ def test_cli_errors_are_one_line(saved_a):
 def test_serve_model_subprocess(saved_a):
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "blackbox_proxy.apps.cli", "serve-model", str(saved_a["L"]),
+    proc = subprocess.Popen([sys.executable, "-m", "blackbox_proxy", "serve-model", str(saved_a["L"]),
                              "--port", str(port), "--name", "tiny-l"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -71,7 +71,7 @@ def test_serve_model_subprocess(saved_a):
                 time.sleep(0.3)
         assert models["data"][0]["id"] == "tiny-l"
         # a second server on the same port: clean one-line error
-        busy = subprocess.run([sys.executable, "-m", "blackbox_proxy.apps.cli", "serve-model", str(saved_a["L"]),
+        busy = subprocess.run([sys.executable, "-m", "blackbox_proxy", "serve-model", str(saved_a["L"]),
                                "--port", str(port)], env=env, capture_output=True, text=True, timeout=120)
         assert busy.returncode == 1
         assert busy.stderr.strip() == f"error: port {port} on 127.0.0.1 is in use by another program; pick another with --port"
@@ -108,7 +108,7 @@ def test_serve_subprocess_with_a_config_file(tmp_path, server_a, saved_a):
         f'alpha = 2.0\nport = 1\nname = "tiny-tuned"\n'
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", BLACKBOX_PROXY_SERVER_KEY="cfg-key-123456")
-    proc = subprocess.Popen([sys.executable, "-m", "blackbox_proxy.apps.cli", "serve", "--config", str(config),
+    proc = subprocess.Popen([sys.executable, "-m", "blackbox_proxy", "serve", "--config", str(config),
                              "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120

@@ -129,7 +129,7 @@ def test_demo_command_end_to_end():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "blackbox_proxy.apps.cli", "demo", "--prompts", "1", "--max-tokens", "16",
+    proc = subprocess.run([sys.executable, "-m", "blackbox_proxy", "demo", "--prompts", "1", "--max-tokens", "16",
                            "--port", str(port)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "hosted alone" in proc.stdout and "proxy-tuned" in proc.stdout and "API calls" in proc.stdout

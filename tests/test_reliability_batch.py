@@ -302,7 +302,7 @@ def test_errors_file_reflects_the_latest_run(tmp_path):
 
 
 def cli(*args):
-    return [sys.executable, "-m", "blackbox_proxy.apps.cli", *args]
+    return [sys.executable, "-m", "blackbox_proxy", *args]
 
 
 def batch_command(server, saved, inp, out, *extra):

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from blackbox_proxy import ConfigurationError
-from blackbox_proxy.apps.cli import main
+from blackbox_proxy.__main__ import main
 from blackbox_proxy.apps.model_server import create_app
 from blackbox_proxy.apps.openai_http import ServerThread, check_port, free_port
 from blackbox_proxy.local.runner import ModelRunner
@@ -66,7 +66,7 @@ def test_a_subnormal_temperature_samples_like_greedy(server_a, saved_a):
 
 def test_a_prompt_with_a_byte_that_is_not_utf8(server_a, saved_a):
     """argv holds the byte as a surrogate escape; it used to reach the tokenizer (TypeError)."""
-    command = [sys.executable, "-m", "blackbox_proxy.apps.cli", *generate_args(server_a, saved_a, "--prompt")]
+    command = [sys.executable, "-m", "blackbox_proxy", *generate_args(server_a, saved_a, "--prompt")]
     done = subprocess.run([*command, b"caf\xe9 au lait"], capture_output=True, timeout=120,
                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
     stderr = done.stderr.decode("utf-8", "replace")

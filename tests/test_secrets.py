@@ -54,7 +54,7 @@ def test_no_file_or_console_output_holds_the_key(tmp_path, keyed_server, saved_a
     inp.write_text("\n".join(json.dumps({"id": i, "prompt": p}) for i, p in
                              enumerate(["The quick", "A café", "Numbers: 1", "She said"])) + "\n", encoding="utf-8")
     out = runs / "out.jsonl"
-    base = [sys.executable, "-m", "blackbox_proxy.apps.cli", "batch", "-vv", "--base-url", keyed_server.base_url,
+    base = [sys.executable, "-m", "blackbox_proxy", "batch", "-vv", "--base-url", keyed_server.base_url,
             "--model", "tiny", "--expert", str(saved_a["E"]), "--anti-expert", str(saved_a["A"]),
             "--expert-render", "raw", "--anti-expert-render", "raw", "--top-k", "8", "--max-tokens", "4",
             "--hosted-tokenizer", "none",  # the fault script below counts requests: no discovery probes

@@ -1,23 +1,24 @@
 """``blackbox-proxy``: the command line. Every user error is one line on stderr and exit 1.
 
-Commands:
+The product's commands:
     generate      proxy-tuned generation against an OpenAI-compatible endpoint
     batch         many prompts from JSONL, resumable, results appended as they finish
     serve         the proxy-tuned model as an OpenAI-compatible server
-    compare       fidelity of black-box vs exact proxy tuning (JSON, markdown, plots)
     serve-model   serve a local Hugging Face causal LM with OpenAI's API (logprobs included)
+    eval          task suites x systems (:mod:`.eval_command`)
 
 Each command parses its flags, builds what it runs (a
 :class:`~blackbox_proxy.request.GenerationRequest`, a tuner, a server) and reports. Left out:
 the shared flags (:mod:`blackbox_proxy.apps.cli_options`), checking option values (the request
-object and the tuner do it), and anything heavy at import time: torch, the servers and the
-harness (demo, compare) load inside the command that needs them, so ``--help`` stays fast.
+object and the tuner do it), the harness's ``demo`` and ``compare`` (``harness/commands.py``,
+added to this group by ``blackbox_proxy/__main__.py``, the installed ``blackbox-proxy``), and
+anything heavy at import time: torch and the servers load inside the command that needs them,
+so ``--help`` stays fast.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import sys
 from typing import Any
 
@@ -26,17 +27,12 @@ import click
 from ..errors import ConfigurationError, ProxyTuningError
 from ..request import STRATEGIES, GenerationRequest
 from .cli_options import (PORT, generation_options, load_serve_config, request_options, server_key,
-                          server_key_options, tuner_kwargs, tuner_options)
+                          server_key_options, setup_logging, tuner_kwargs, tuner_options)
 
 
 def _fail(message: str) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(1)
-
-
-def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
 class _Group(click.Group):
@@ -79,7 +75,7 @@ def generate(**o: Any) -> None:
       blackbox-proxy generate --base-url http://127.0.0.1:8000/v1 --model tiny \\
         --expert ./expert --anti-expert ./base --prompt "Question: 2+3?" --max-tokens 16
     """
-    _setup_logging(o["verbose"])
+    setup_logging(o["verbose"])
     options = request_options(o)
     if o["strategy"] == "white-box":
         if not o["base"]:
@@ -156,7 +152,7 @@ def batch(**o: Any) -> None:
       blackbox-proxy batch --base-url http://127.0.0.1:8000/v1 --model tiny \\
         --expert ./expert --anti-expert ./base --input prompts.jsonl --output results.jsonl
     """
-    _setup_logging(o["verbose"])
+    setup_logging(o["verbose"])
     from .batch import run_batch
 
     summary = run_batch(
@@ -208,7 +204,7 @@ def serve(**o: Any) -> None:
       curl http://127.0.0.1:8080/v1/completions -H 'content-type: application/json' \\
         -d '{"model": "base-model-proxy-tuned", "prompt": "Hello", "max_tokens": 16}'
     """
-    _setup_logging(o["verbose"])
+    setup_logging(o["verbose"])
     # The server's defaults, its key and its port are checked before the hosted API is probed or
     # a model loads: a bad value fails now, not in every request's answer.
     GenerationRequest.check_defaults(alpha=o["alpha"], strategy=o["strategy"], chunk=o["chunk"],
@@ -247,38 +243,6 @@ def serve(**o: Any) -> None:
                 **UVICORN_OPTIONS)
 
 
-@main.command()
-@click.option("--preset", type=click.Choice(["same-tokenizer", "cross-tokenizer"]), default="same-tokenizer",
-              show_default=True, help="which embedded setup to measure")
-@click.option("--prompts", type=click.IntRange(min=1), default=8, show_default=True, help="held-out problems")
-@generation_options("max_tokens", "alpha", max_tokens=dict(default=24))
-@click.option("--k-ref", type=click.IntRange(min=2), default=100, show_default=True,
-              help="cross-tokenizer: the k whose pipeline output is the reference")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="fidelity", show_default=True,
-              help="folder for fidelity.json, fidelity.md and the PNG plots")
-@click.option("--no-progress", is_flag=True)
-@click.option("-v", "--verbose", count=True)
-def compare(preset: str, prompts: int, max_tokens: int, alpha: float, k_ref: int, out_dir: str, no_progress: bool,
-            verbose: int) -> None:
-    """Measure black-box proxy tuning against exact (white-box) proxy tuning, per position.
-
-    For k in 1, 2, 5, 10, 20 and all: total variation, KL and top-1 agreement of the per-step
-    distribution, the floor (mass outside the top-k), and the TV of what the speculative
-    strategy draws. Writes OUT/fidelity.json, OUT/fidelity.md and PNG plots.
-    """
-    _setup_logging(verbose)
-    from ..harness.fidelity import run_preset, write_report
-
-    GenerationRequest.check_defaults(alpha=alpha, max_tokens=max_tokens)
-    report = run_preset(preset, prompts=prompts, max_tokens=max_tokens, alpha=alpha, k_ref=k_ref,
-                        progress=False if no_progress else None)
-    paths = write_report(report, out_dir)
-    from ..harness.fidelity import markdown
-
-    click.echo(markdown(report))
-    click.echo("wrote " + ", ".join(str(p) for p in paths), err=True)
-
-
 @main.command("serve-model")
 @click.argument("model")
 @click.option("--host", default="127.0.0.1", show_default=True, help="bind address (loopback unless told otherwise)")
@@ -305,7 +269,7 @@ def serve_model(model: str, host: str, port: int, name: str | None, max_top_logp
       blackbox-proxy serve-model ./my-model --port 8000
       curl http://127.0.0.1:8000/v1/models
     """
-    _setup_logging(verbose)
+    setup_logging(verbose)
     api_key = server_key(click.get_current_context(), server_api_key, server_api_key_file)
     from .loopback import UVICORN_OPTIONS, check_port
 
@@ -326,27 +290,6 @@ def serve_model(model: str, host: str, port: int, name: str | None, max_top_logp
                      api_key=api_key, max_body_bytes=max_body_bytes)
     click.echo(f"serving {runner.name} at http://{host}:{port}/v1 (Ctrl-C stops)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning" if verbose == 0 else "info", **UVICORN_OPTIONS)
-
-
-@main.command()
-@click.option("--prompts", type=click.IntRange(min=1), default=3, show_default=True, help="held-out problems to show")
-@generation_options("max_tokens", "alpha", max_tokens=dict(default=40))
-@click.option("--top-k", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--port", type=PORT, default=None, help="port for the hosted stand-in (default: a free one)")
-@click.option("-v", "--verbose", count=True)
-def demo(prompts: int, max_tokens: int, alpha: float, top_k: int, port: int | None, verbose: int) -> None:
-    """Proxy-tune a real hosted model on loopback, no API key: Gemma-3-270M (base) steered by
-    SmolLM2-135M-Instruct with and without an arithmetic LoRA adapter.
-
-    Prepares the models on first run (about 2 minutes), then prints hosted alone, expert alone
-    and proxy-tuned answers side by side.
-    """
-    _setup_logging(verbose)
-    GenerationRequest.check_defaults(alpha=alpha, max_tokens=max_tokens)
-    from ..harness.demo import check_installed, run_demo
-
-    check_installed()
-    run_demo(prompts=prompts, max_tokens=max_tokens, alpha=alpha, port=port, top_k=top_k, echo=click.echo)
 
 
 from .eval_command import eval_command  # noqa: E402 - the command is defined in its own module

@@ -17,7 +17,9 @@ HTTP body get the same messages. The commands themselves live in :mod:`blackbox_
 
 from __future__ import annotations
 
+import logging
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,12 @@ from ..request import STRATEGIES, GenerationRequest
 from ..types import MODES
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def setup_logging(verbose: int) -> None:
+    """``-v``: INFO, ``-vv``: DEBUG, else warnings only, on stderr."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 # ----- the tuner ------------------------------------------------------------------------------
 TUNER_KEYS = ("base_url", "api_key", "model", "mode", "expert", "expert_adapter", "anti_expert", "top_k",

@@ -9,7 +9,6 @@ The command object is :data:`eval_command`; the CLI group registers it with
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Any
 
@@ -17,14 +16,9 @@ import click
 
 from ..errors import ProxyTuningError
 from ..evaluation.tasks import TASKS
-from .cli_options import generation_options, tuner_kwargs, tuner_options
+from .cli_options import generation_options, setup_logging, tuner_kwargs, tuner_options
 
 DEFAULT_SYSTEMS = "hosted,expert,per-step"
-
-
-def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
 def _fingerprint(o: dict[str, Any], task: Any, max_tokens: int) -> dict[str, Any]:
@@ -74,7 +68,7 @@ def eval_command(**o: Any) -> None:
       blackbox-proxy eval --base-url http://127.0.0.1:8000/v1 --model tiny \\
         --expert ./expert --anti-expert ./base --task gsm --data gsm.jsonl --limit 50
     """
-    _setup_logging(o["verbose"])
+    setup_logging(o["verbose"])
     try:
         summary, report, out_dir = _run(o)
     except ProxyTuningError as exc:
