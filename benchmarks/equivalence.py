@@ -163,25 +163,26 @@ def servers(out: dict, server: Any, tok_a: Any, e_a: Any, a_a: Any) -> None:
         return {"status": response.status_code, "body": canonical(response.json())}
 
     model_bodies = {
-        "completions logprobs": ("completions", dict(model="tiny", prompt="The quick", max_tokens=5, logprobs=5)),
+        "completions logprobs": ("completions", dict(model="tiny", prompt="The quick", max_tokens=5, logprobs=5,
+                                                    temperature=0)),
         "completions sampled n": ("completions", dict(model="tiny", prompt="The quick", max_tokens=5, logprobs=2,
                                                      temperature=1.0, seed=5, n=3)),
         "completions echo": ("completions", dict(model="tiny", prompt="The quick", max_tokens=2, logprobs=2,
-                                                echo=True)),
+                                                echo=True, seed=1)),
         "completions stream": ("completions", dict(model="tiny", prompt="The quick", max_tokens=4, logprobs=2,
-                                                  stream=True)),
+                                                  stream=True, seed=2)),
         "chat": ("chat/completions", dict(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
-                                          logprobs=True, top_logprobs=3)),
+                                          logprobs=True, top_logprobs=3, seed=3)),
         "chat continue": ("chat/completions", dict(model="tiny", messages=[{"role": "user", "content": "Hi"},
                                                                            {"role": "assistant", "content": "The"}],
                                                    max_tokens=4, continue_final_message=True,
-                                                   add_generation_prompt=False)),
+                                                   add_generation_prompt=False, seed=4)),
         "bad": ("completions", dict(model="tiny", prompt="The", max_tokens=-1)),
     }
     for label, (route, body) in model_bodies.items():
         out[f"serve-model/{label}"] = post(server.base_url, route, body)
     tuned_bodies = {
-        "completions": ("completions", dict(model="tuned", prompt="The quick", max_tokens=6)),
+        "completions": ("completions", dict(model="tuned", prompt="The quick", max_tokens=6, seed=5)),
         "completions list n": ("completions", dict(model="tuned", prompt=["The quick", "A café"], max_tokens=4,
                                                    temperature=1.0, seed=3, n=2)),
         "completions logprobs": ("completions", dict(model="tuned", prompt="The quick", max_tokens=6, logprobs=3,
@@ -237,7 +238,9 @@ def fidelity(out: dict, server: Any, tok_a: Any, models, pair_a, pair_b) -> None
                                                               progress=False))
 
 
-def diff(a: Any, b: Any, path: str = "", ignore: frozenset[str] = frozenset()) -> list[str]:
+def diff(a: Any, b: Any, path: str = "", ignore: frozenset[str] = frozenset(), tolerance: float = 0.0) -> list[str]:
+    if isinstance(a, float) and isinstance(b, float):
+        return [] if math.isclose(a, b, rel_tol=tolerance, abs_tol=tolerance) else [f"{path}: {a!r} != {b!r}"]
     if type(a) is not type(b):
         return [f"{path}: {a!r:.200} != {b!r:.200}"]
     if isinstance(a, dict):
@@ -248,12 +251,12 @@ def diff(a: Any, b: Any, path: str = "", ignore: frozenset[str] = frozenset()) -
             if k not in a or k not in b:
                 out.append(f"{path}/{k}: only in {'after' if k in b else 'before'}")
             else:
-                out += diff(a[k], b[k], f"{path}/{k}", ignore)
+                out += diff(a[k], b[k], f"{path}/{k}", ignore, tolerance)
         return out
     if isinstance(a, list):
         if len(a) != len(b):
-            return [f"{path}: {len(a)} items != {len(b)}"] + diff(a[: len(b)], b[: len(a)], path, ignore)
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in diff(x, y, f"{path}[{i}]", ignore)]
+            return [f"{path}: {len(a)} items != {len(b)}"] + diff(a[: len(b)], b[: len(a)], path, ignore, tolerance)
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in diff(x, y, f"{path}[{i}]", ignore, tolerance)]
     return [] if a == b else [f"{path}: {a!r:.200} != {b!r:.200}"]
 
 
@@ -263,10 +266,20 @@ def main() -> None:
     parser.add_argument("--diff", nargs=2, type=Path, metavar=("BEFORE", "AFTER"), help="compare two files")
     parser.add_argument("--ignore", action="append", default=[], metavar="KEY",
                         help="with --diff: leave this key out of the comparison (a field one side adds)")
+    parser.add_argument("--tolerance", type=float, default=0.0,
+                        help="with --diff: floats this close (relative or absolute) count as equal. The hosted "
+                             "stand-in reuses cached prompts, so a run that makes other calls before an entry "
+                             "can move that entry's logprobs in the 7th digit")
+    parser.add_argument("--entries", action="store_true", help="with --diff: list the entries that differ, not how")
     args = parser.parse_args()
     if args.diff:
         before, after = (json.loads(p.read_text()) for p in args.diff)
-        lines = diff(before, after, ignore=frozenset(args.ignore))
+        if args.entries:
+            changed = [k for k in before if diff(before[k], after.get(k), k, frozenset(args.ignore), args.tolerance)]
+            print("\n".join(changed) or "identical")
+            print(f"{len(changed)} of {len(before)} entries differ")
+            sys.exit(1 if changed else 0)
+        lines = diff(before, after, ignore=frozenset(args.ignore), tolerance=args.tolerance)
         print("\n".join(lines[:200]) or "identical")
         print(f"{len(lines)} difference(s) over {len(before)} entries")
         sys.exit(1 if lines else 0)

@@ -110,12 +110,14 @@ class WhiteBoxTuner:
         proxy scores, with the whole vocabulary as the candidates)."""
         return combiner.proxy_scores(lp_l, lp_e.double() - lp_a.double(), alpha)
 
-    def teacher_forced(self, prompt: str, continuation_ids: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    def teacher_forced(self, prompt: str | None, continuation_ids: Sequence[int], *,
+                       messages: Sequence[dict[str, str]] | None = None) -> tuple[torch.Tensor, ...]:
         """log p_L, log p_E, log p_A of the next token at every position of ``continuation_ids``
-        (and one past its end) given ``prompt``: three tensors ``[len + 1, V]`` (one forward each)."""
+        (and one past its end) given ``prompt`` (or chat ``messages``, each model's chat template):
+        three tensors ``[len + 1, V]`` (one forward each)."""
         out = []
         for scorer in (self.base, self.expert, self.anti_expert):
-            prompt_ids = scorer.prompt_ids(prompt=prompt)
+            prompt_ids = scorer.prompt_ids(prompt=prompt, messages=messages)
             ids = torch.tensor([prompt_ids + list(continuation_ids)], device=scorer.device)
             with torch.inference_mode(), scorer.forward_context():
                 logits = scorer.model(input_ids=ids).logits[0, len(prompt_ids) - 1:, : self.size].float()
@@ -123,9 +125,10 @@ class WhiteBoxTuner:
         return tuple(out)
 
     # ----- generation ----------------------------------------------------------------------------
-    def generate(self, prompts: str | Sequence[str] | None = None, *, request: GenerationRequest | None = None,
+    def generate(self, prompts: str | Sequence[Any] | None = None, *, request: GenerationRequest | None = None,
                  **options: Any) -> list[GenerationResult]:
-        """Proxy-tuned text for each prompt (one batch); greedy at temperature 0. Options are
+        """Proxy-tuned text for each prompt (one batch; a prompt is text, or chat messages that
+        each model renders with its chat template); greedy at temperature 0. Options are
         :class:`~blackbox_proxy.request.GenerationRequest` fields (``max_tokens``, ``alpha``,
         ``temperature``, ``top_p``, ``seed``, ``stop``), checked as the black-box tuners check
         them, or one ``request`` (its prompt, unless ``prompts`` are given, and its options)."""
@@ -145,25 +148,26 @@ class WhiteBoxTuner:
             options = request.model_dump(include={"max_tokens", "alpha", "temperature", "top_p", "seed", "stop",
                                                   "strategy", "chunk", "samples", "drafts", "tail_calls"},
                                          exclude_defaults=True)
-            prompts = [request.prompt or ""] if prompts is None else prompts
+            prompts = [request.prompt if request.prompt is not None else request.message_dicts()] \
+                if prompts is None else prompts
         prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
         if not prompts:
-            raise ConfigurationError("pass one or more non-empty prompts")
+            raise ConfigurationError("pass one or more non-empty prompts (text, or chat messages)")
         black_box = sorted(set(options) & {"strategy", "chunk", "samples", "drafts", "tail_calls"})
         if black_box:
             raise ConfigurationError("the white-box strategy decodes the exact distribution token by token; leave out "
                                      f"the black-box strategies' options ({', '.join(black_box)})")
-        return [GenerationRequest.build(prompt=p, **options) for p in prompts]
+        return [GenerationRequest.build(prompt=p, **options) if isinstance(p, str) or p is None
+                else GenerationRequest.build(messages=p, **options) for p in prompts]
 
     def _generate(self, prompts: str | Sequence[str] | None, request: GenerationRequest | None,
                   options: dict[str, Any]) -> tuple[list[GenerationResult], list[list[int]]]:
         requests = self._requests(prompts, request, options)
-        prompts = [r.prompt for r in requests]
         first = requests[0]
         max_tokens, alpha, temperature, top_p, seed = (first.max_tokens, first.alpha, first.temperature, first.top_p,
                                                        first.seed)
         stops = list(first.stop)
-        batches = [_Batch(s, [s.prompt_ids(prompt=p) for p in prompts], self.size)
+        batches = [_Batch(s, [s.prompt_ids(prompt=r.prompt, messages=r.message_dicts()) for r in requests], self.size)
                    for s in (self.base, self.expert, self.anti_expert)]
         for b in batches:
             longest = b.ids.shape[1] + max_tokens
@@ -171,11 +175,11 @@ class WhiteBoxTuner:
                 raise ConfigurationError(f"prompt + max_tokens is {longest} tokens for {b.scorer.name}, whose context is "
                                          f"{b.scorer.max_length}; lower max_tokens or shorten the prompt")
         generators = []
-        for _ in prompts:
+        for _ in requests:
             g = torch.Generator()
             g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
             generators.append(g)
-        rows = len(prompts)
+        rows = len(requests)
         tokens: list[list[int]] = [[] for _ in range(rows)]
         finish: list[str | None] = [None] * rows
         texts: list[str] = [""] * rows

@@ -151,7 +151,7 @@ def test_lone_surrogates_are_refused_per_line_before_any_paid_call(tmp_path, cou
     summary = run_real(counted, scorers_a, tok_a, inp, out, on_error="skip")
     assert (summary.written, summary.bad_lines) == (1, 5)
     assert results(out)["ok"]["ref"] == "café"
-    assert 1 <= paid(counted) - before <= 3  # up to three tokens of one prompt
+    assert 1 <= paid(counted) - before <= 6  # up to three tokens of one prompt, and greedy's calls beyond the top-k
 
 
 def test_stop_reports_every_invalid_line_at_once(tmp_path, counted, scorers_a, tok_a):

@@ -119,9 +119,10 @@ def _report(result: Any, *, as_json: bool) -> None:
         accepted += f", ESS {result.ess:.1f} of {len(result.samples)} samples"
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
+    probes = f" ({u.tail_calls} beyond the top-k)" if u.tail_calls else ""
     click.echo(
-        f"[{u.generated_tokens} tokens, {u.api_calls} API calls{accepted}, {u.prompt_tokens}+{u.completion_tokens} billed tokens, "
-        f"{u.api_seconds:.2f} s API, {u.scoring_seconds:.2f} s scoring, finish={result.finish_reason}]",
+        f"[{u.generated_tokens} tokens, {u.api_calls} API calls{probes}{accepted}, {u.prompt_tokens}+{u.completion_tokens} "
+        f"billed tokens, {u.api_seconds:.2f} s API, {u.scoring_seconds:.2f} s scoring, finish={result.finish_reason}]",
         err=True,
     )
 
@@ -258,10 +259,14 @@ def serve(**o: Any) -> None:
 @click.option("--cache-slots", type=click.IntRange(min=1), default=32, show_default=True,
               help="KV caches kept for interleaved clients (one per concurrent generation is ideal)")
 @click.option("--device", default=None, help="torch device (default: cuda, mps, else cpu)")
+@click.option("--logprobs-after-bias", is_flag=True,
+              help="report the logprobs of the logit_bias-ed distribution, as some hosts do (default: the model's "
+                   "own, as OpenAI and vLLM report them); to test clients against both")
 @click.option("-v", "--verbose", count=True)
 def serve_model(model: str, host: str, port: int, name: str | None, max_top_logprobs: int,
                 max_tokens_limit: int, max_body_bytes: int, server_api_key: str | None,
-                server_api_key_file: str | None, cache_slots: int, device: str | None, verbose: int) -> None:
+                server_api_key_file: str | None, cache_slots: int, device: str | None, logprobs_after_bias: bool,
+                verbose: int) -> None:
     """Serve a local Hugging Face causal LM with OpenAI's API, logprobs included.
 
     \b
@@ -281,7 +286,8 @@ def serve_model(model: str, host: str, port: int, name: str | None, max_top_logp
     from .model_server import create_app
 
     try:
-        runner = ModelRunner.from_pretrained(model, name=name, device=device, cache_slots=cache_slots)
+        runner = ModelRunner.from_pretrained(model, name=name, device=device, cache_slots=cache_slots,
+                                             logprobs_after_bias=logprobs_after_bias)
     except ProxyTuningError:
         raise
     except Exception as exc:  # noqa: BLE001

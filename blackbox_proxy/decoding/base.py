@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,8 +32,33 @@ from ..request import GenerationRequest, cut_at_stop
 from ..tokens.vocab import split_utf8
 from ..types import (Candidate, CandidateTrace, GenerationResult, HostCapabilities, HostedPosition, HostedRequest,
                      HostedResult, StepTrace, Usage)
+from . import tail
 from .prefix import HostedPrompt, Prefix
-from .scoring import Scoring
+from .scoring import Offsets, Scoring
+
+
+@dataclass
+class ScoredPosition:
+    """One position's candidates (those a request can carry on from) with their small-model
+    log-probabilities, as scored (``offsets``: whole distributions too, on one tokenizer)."""
+
+    candidates: list[Candidate]
+    expert: list[float]
+    anti_expert: list[float]
+    offsets: Offsets
+    dropped: int = 0
+    seconds: float = 0.0
+
+    def scores(self, alpha: float) -> torch.Tensor:
+        """The candidates' proxy-tuned scores ``[C]``: logprob_L + alpha * (logprob_E - logprob_A)."""
+        hosted = torch.tensor([c.logprob for c in self.candidates], dtype=torch.float64)
+        delta = torch.tensor(self.expert, dtype=torch.float64) - torch.tensor(self.anti_expert, dtype=torch.float64)
+        return combiner.proxy_scores(hosted, delta, alpha)
+
+    def with_token(self, token: Candidate, expert: float, anti_expert: float) -> "ScoredPosition":
+        """This position with one more candidate (a tail token found by a probe)."""
+        return ScoredPosition([*self.candidates, token], [*self.expert, expert], [*self.anti_expert, anti_expert],
+                              self.offsets, self.dropped, self.seconds)
 
 
 class Decoder:
@@ -181,9 +207,43 @@ class Decoder:
         )
 
     def _choose(self, position: HostedPosition, api_seconds: float, notes: list[str], temperature: float,
-                top_p: float) -> StepTrace:
+                top_p: float) -> StepTrace | None:
         """Score one position's candidates and draw from the tuned distribution renormalised over
-        them (the per-step rule); append the choice."""
+        them (the per-step rule); append the choice. Greedy, where a token outside the candidates
+        may be the argmax (:mod:`.tail`), ask the host first: None, and :meth:`_asking_tail`
+        is the next request, :meth:`_settle_tail` takes its answer."""
+        scored = self._scored(position, notes)
+        if temperature == 0:
+            best = int(combiner.tuned_distribution(scored.scores(self.params.alpha), 0.0).argmax())
+            asking = tail.check(self.prefix, scored.candidates, scored.offsets,
+                                self.prompt.allowed(self.prefix, scored.candidates), best, host=self.host,
+                                prompt=self.prompt, vocab=self.scoring.vocab, alpha=self.params.alpha,
+                                exhaustive=not scored.dropped)
+            if asking is not None:
+                self._tail = (asking, scored, notes, api_seconds)
+                return None
+        return self._pick(scored, api_seconds, notes, temperature, top_p)
+
+    _tail: tuple[tail.TailCheck, "ScoredPosition", list[str], float] | None = None  # a greedy step asking the tail
+
+    def _asking_tail(self) -> HostedRequest | None:
+        """The tail probe a greedy step waits for, or None."""
+        return self._tail[0].request(self.prompt, self.host) if self._tail is not None else None
+
+    def _settle_tail(self, results: Sequence[HostedResult], api_seconds: float) -> StepTrace:
+        """A greedy step's tail probe answered: the argmax over its candidates and the tail token
+        the probe found."""
+        asking, scored, notes, first_seconds = self._tail
+        self._tail = None
+        self._count_call(results[0], api_seconds, tail_calls=1)
+        token, note = asking.decide(results, self.scoring.vocab)
+        notes.append(note)
+        if token is not None:
+            scored = scored.with_token(token, *asking.offsets(token))
+        return self._pick(scored, first_seconds + api_seconds, notes, 0.0, 1.0)
+
+    def _scored(self, position: HostedPosition, notes: list[str]) -> "ScoredPosition":
+        """One position's candidates a request can carry on from, and their offsets."""
         started = time.perf_counter()
         if not position.candidates:
             raise HostedResponseError(
@@ -199,20 +259,25 @@ class Decoder:
                 "cannot carry; pass --hosted-tokenizer so the client can send token-id prompts"
             )
         [offsets] = self.scoring.score([(self.prefix, candidates)])
-        lp_e, lp_a = offsets.expert, offsets.anti_expert
-        silent = [c.text for c, e in zip(candidates, lp_e) if e == -math.inf]
+        silent = [c.text for c, e in zip(candidates, offsets.expert) if e == -math.inf]
         if silent:
             notes.append(f"{len(silent)} candidate(s) the small models cannot say excluded (no evidence: both at "
                          f"the floor): {', '.join(repr(s) for s in silent[:3])}")
-        hosted = torch.tensor([c.logprob for c in candidates], dtype=torch.float64)
-        delta = torch.tensor(lp_e, dtype=torch.float64) - torch.tensor(lp_a, dtype=torch.float64)
-        scores = combiner.proxy_scores(hosted, delta, self.params.alpha)
+        return ScoredPosition(candidates, list(offsets.expert), list(offsets.anti_expert), offsets, position.dropped,
+                              time.perf_counter() - started)
+
+    def _pick(self, scored: "ScoredPosition", api_seconds: float, notes: list[str], temperature: float,
+              top_p: float) -> StepTrace:
+        """Draw from the tuned distribution over a scored position's candidates; append the choice."""
+        started = time.perf_counter()
+        candidates, lp_e, lp_a = scored.candidates, scored.expert, scored.anti_expert
+        scores = scored.scores(self.params.alpha)
         probs = combiner.tuned_distribution(scores, temperature, top_p)
         index = combiner.choose(probs, self.generator)
-        scoring = time.perf_counter() - started
+        scoring = scored.seconds + time.perf_counter() - started
         self.usage = self.usage + Usage(scoring_seconds=scoring, generated_tokens=0 if candidates[index].is_end else 1)
-        trace = self._step_trace(candidates, lp_e, lp_a, scores, probs, index, offsets.alignment, api_seconds,
-                                 scoring, position.dropped, notes)
+        trace = self._step_trace(candidates, lp_e, lp_a, scores, probs, index, scored.offsets.alignment, api_seconds,
+                                 scoring, scored.dropped, notes)
         self.steps.append(trace)
         self.append(candidates[index])
         return trace

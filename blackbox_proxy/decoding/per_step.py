@@ -9,11 +9,17 @@ At each step:
    (:mod:`blackbox_proxy.maths.combiner`);
 4. the chosen token's bytes are appended; end-of-text, a stop string or ``max_tokens`` ends it.
 
+Greedy (T = 0) reaches past the top-k where it can (:mod:`.tail`: one tokenizer, a host that
+honours ``logit_bias``): where a token outside C may beat C's argmax, one more call asks the
+host which, and the step takes the argmax over the whole vocabulary; ``usage.tail_calls`` counts
+those calls. Sampling renormalises over C.
+
 Per-step requests are made at temperature 0 (the sampled token is then the top-1, already among
 the candidates): per-step decoding needs the candidates' logprobs, not the server's draw.
 
-Left out: the shared machinery (requests, scoring, appending: ``base.py``) and any mass outside
-the top-k, which this strategy renormalises away (the speculative strategy keeps it).
+Left out: the shared machinery (requests, scoring, appending: ``base.py``) and, when sampling,
+any mass outside the top-k, which this strategy renormalises away (the speculative strategy
+keeps it).
 """
 
 from __future__ import annotations
@@ -39,10 +45,16 @@ class PerStepDecoder(Decoder):
             )
 
     def request(self) -> HostedRequest:
-        return self._request(max_tokens=1, temperature=0.0)
+        return self._asking_tail() or self._request(max_tokens=1, temperature=0.0)
+
+    @property
+    def prefetch_useful(self) -> bool:
+        return self._tail is None  # a tail probe's answer needs no scoring
 
     def observe(self, results: Sequence[HostedResult], api_seconds: float) -> StepTrace | None:
-        """Consume the API's answer to :meth:`request`: score, choose, append."""
+        """Consume the API's answer to :meth:`request`: score, choose (or ask about the tail), append."""
+        if self._tail is not None:
+            return self._settle_tail(results, api_seconds)
         result = results[0]
         self._count_call(result, api_seconds)
         if not result.positions:

@@ -51,6 +51,7 @@ from .scoring import Scoring
 from .walks import (MAX_CHUNK, MAX_STALLED_CHUNKS, ChunkWalk, ChunkWalker, WalkContext, adaptive_chunk,
                     unwalkable)
 from .walks.draft import DraftWalk
+from .walks.greedy import GreedyWalk
 from .walks.probes import ProbeWalk
 from .walks.tree import DEFAULT_MAX_DRAFTS, TreeStats, TreeWalk, choose_drafts
 
@@ -89,6 +90,9 @@ class SpeculativeDecoder(Decoder):
 
     # ----- requests -------------------------------------------------------------------------------
     def request(self) -> HostedRequest:
+        asking = self._asking_tail()  # a position chosen like per-step asks about the tail
+        if asking is not None:
+            return asking
         if self._walker is not None and self._walker.probing:
             return self._walker.request()
         self._walker = None
@@ -109,12 +113,18 @@ class SpeculativeDecoder(Decoder):
     def _walker_for(self, drafts: int, streamed: bool) -> ChunkWalker:
         if drafts > 1:
             return TreeWalk(self._context, self.prefix, self.tree)
+        if self.greedy and self._tail_checked():
+            return GreedyWalk(self._context, self.prefix)
         if not streamed and not self.greedy and self._probes_allowed():
             return ProbeWalk(self._context, self.prefix)
         return DraftWalk(self._context, self.prefix)
 
     def _probes_allowed(self) -> bool:
         return self.tail_off is None and self.params.tail_calls > 0 and self.host.logit_bias_cap > 0
+
+    def _tail_checked(self) -> bool:
+        """Greedy walks check the tail (:mod:`.tail`): one tokenizer, ids known, ``logit_bias`` honoured."""
+        return self.host.logit_bias_cap > 0 and self.scoring.same_vocab and self.prefix.ids is not None
 
     def _streams_next(self) -> bool:
         """Whether the next chunk call is streamed and walked as it arrives: on a host that streams
@@ -125,8 +135,8 @@ class SpeculativeDecoder(Decoder):
         return self.host.streams_logprobs and self.host.continues_prefix and not probes
 
     @property
-    def prefetch_useful(self) -> bool:
-        return self._walker is None or not self._walker.probing  # a probe's answer needs no scoring
+    def prefetch_useful(self) -> bool:  # a probe's answer needs no scoring
+        return self._tail is None and (self._walker is None or not self._walker.probing)
 
     def drafts_next(self) -> int:
         """Drafts the next chunk call asks for (:func:`~.walks.tree.choose_drafts`): 1 where the
@@ -145,6 +155,9 @@ class SpeculativeDecoder(Decoder):
         return self._walker.take(result)
 
     def observe(self, results: Sequence[HostedResult], api_seconds: float) -> ChunkTrace | None:
+        if self._tail is not None:
+            self._settle_tail(results, api_seconds)
+            return None
         walker = self._walker
         if walker is not None and walker.probing:
             self._count_call(results[0], api_seconds, tail_calls=1)  # one call: n choices share its usage

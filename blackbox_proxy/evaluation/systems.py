@@ -10,7 +10,8 @@
 | ``white-box`` | :class:`~blackbox_proxy.whitebox.WhiteBoxTuner` (``--base``) | exact p~, full vocabulary | exact p~ |
 
 Every system sees an item as the tuner's small models do: the raw prompt in ``completions``
-mode, the chat messages in the chat modes (white-box: always the raw prompt). A system that does
+mode, the chat messages in the chat modes (white-box too: all three models then render them with
+their chat templates, as the hosted model does). A system that does
 not apply to a kind says why (:meth:`System.unsupported`) and is left out of that run.
 
 Left out: the maths of letters and teacher forcing (``scoring.py``), resuming and reporting
@@ -250,16 +251,21 @@ class WhiteBoxSystem(System):
     def __init__(self, white: Any, settings: Settings) -> None:
         self.white, self.settings = white, settings
 
+    def _chat(self, item: EvalItem) -> list[dict[str, str]] | None:
+        return item.message_dicts() if self.settings.mode != "completions" else None
+
     async def generate(self, item: EvalItem, task: Task, max_tokens: int) -> dict[str, Any]:
         s = self.settings
-        [result] = await asyncio.to_thread(self.white.generate, [item.prompt], max_tokens=max_tokens, alpha=s.alpha,
-                                           temperature=s.temperature, seed=s.seed, stop=list(task.stop) or None)
+        [result] = await asyncio.to_thread(self.white.generate, [self._chat(item) or item.prompt], max_tokens=max_tokens,
+                                           alpha=s.alpha, temperature=s.temperature, seed=s.seed,
+                                           stop=list(task.stop) or None)
         return {"output": result.text, "finish_reason": result.finish_reason}
 
     def _logprobs(self, item: EvalItem, ids: Sequence[int]) -> Any:
         import torch
 
-        lps = self.white.teacher_forced(item.prompt, ids)
+        chat = self._chat(item)
+        lps = self.white.teacher_forced(None if chat else item.prompt, ids, messages=chat)
         return torch.log_softmax(self.white.tuned_scores(*lps, self.settings.alpha), dim=-1)
 
     async def choice(self, item: EvalItem) -> dict[str, Any]:

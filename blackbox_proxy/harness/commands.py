@@ -14,7 +14,8 @@ from ..request import GenerationRequest
 
 
 @click.command()
-@click.option("--preset", type=click.Choice(["same-tokenizer", "cross-tokenizer"]), default="same-tokenizer",
+@click.option("--preset", type=click.Choice(["same-tokenizer", "same-tokenizer-chat", "cross-tokenizer"]),
+              default="same-tokenizer",
               show_default=True, help="which embedded setup to measure")
 @click.option("--prompts", type=click.IntRange(min=1), default=8, show_default=True, help="held-out problems")
 @generation_options("max_tokens", "alpha", max_tokens=dict(default=24))
@@ -29,17 +30,19 @@ def compare(preset: str, prompts: int, max_tokens: int, alpha: float, k_ref: int
     """Measure black-box proxy tuning against exact (white-box) proxy tuning, per position.
 
     For k in 1, 2, 5, 10, 20 and all: total variation, KL and top-1 agreement of the per-step
-    distribution, the floor (mass outside the top-k), and the TV of what the speculative
-    strategy draws. Writes OUT/fidelity.json, OUT/fidelity.md and PNG plots.
+    distribution, greedy's top-1 agreement with its tail probe and the calls that costs, the
+    floor (mass outside the top-k), and the TV of what the speculative strategy draws. Writes
+    OUT/fidelity.json, OUT/fidelity.md and PNG plots.
     """
     setup_logging(verbose)
-    from .fidelity import run_preset, write_report
+    from .fidelity import run_preset
+    from .fidelity_report import write_report
 
     GenerationRequest.check_defaults(alpha=alpha, max_tokens=max_tokens)
     report = run_preset(preset, prompts=prompts, max_tokens=max_tokens, alpha=alpha, k_ref=k_ref,
                         progress=False if no_progress else None)
     paths = write_report(report, out_dir)
-    from .fidelity import markdown
+    from .fidelity_report import markdown
 
     click.echo(markdown(report))
     click.echo("wrote " + ", ".join(str(p) for p in paths), err=True)

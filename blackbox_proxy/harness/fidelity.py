@@ -30,27 +30,28 @@ reference is the same pipeline at the largest k asked for (``k_ref``), and every
 taken over those k_ref candidates (the hosted mass outside them is reported), which separates
 the cost of the top-k truncation from that of the alignment.
 
-This module runs the pipeline and writes the report. Left out: the maths itself (the distances
+This module runs the pipeline; ``fidelity_report.py`` writes the report. Left out: the maths itself (the distances
 are :mod:`blackbox_proxy.maths.metrics`, the exact speculative distribution
 :mod:`blackbox_proxy.maths.rejection`) and the resample strategy, which is not measured here.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._constants import PROB_FLOOR
 from ..maths import combiner
 from ..maths.metrics import kl_divergence, mass_outside, total_variation
 from ..maths.rejection import speculative_distribution
-from ..maths.tail import DEFAULT_DRAWS, probed_distribution
+from ..maths.greedy_tail import suspects, tail_cap
+from ..maths.tail import DEFAULT_DRAWS, log_weights, probed_distribution
+
+from .fidelity_report import markdown, plot, write_report  # noqa: E402,F401 - re-exported
 
 KS = (1, 2, 5, 10, 20, "all")
 PROBE_SAMPLES = 64  # simulated probes per position and k (the probed TV's Monte Carlo)
@@ -90,10 +91,13 @@ class Totals:
 
 def _position(totals: Totals, ks: Sequence[Any], k_all: int, target: torch.Tensor, p_l: torch.Tensor,
               lp_e: torch.Tensor, lp_a: torch.Tensor, order: torch.Tensor, hosted_lp: torch.Tensor,
-              delta: torch.Tensor, alpha: float, probes: dict[str, Any] | None = None) -> None:
+              delta: torch.Tensor, alpha: float, probes: dict[str, Any] | None = None,
+              greedy: dict[str, Any] | None = None) -> None:
     """Metrics of one position. ``order``: universe indices of the API's candidates, best first;
     ``hosted_lp``/``delta``: the pipeline's numbers for them (same order). ``probes``: the tail
-    probes' settings (``generator``, ``cap``, ``draws``), or None where the strategy asks none."""
+    probes' settings (``generator``, ``cap``, ``draws``), or None where the strategy asks none;
+    ``greedy``: ``log_w`` ``[V]`` and the ``logit_bias`` ``cap`` of greedy's tail probe, or None
+    where greedy chooses among the candidates alone."""
     totals.positions += 1
     best = int(torch.argmax(target))
     for k in ks:
@@ -105,14 +109,34 @@ def _position(totals: Totals, ks: Sequence[Any], k_all: int, target: torch.Tenso
         spec, asked = old, 0.0
         if probes is not None:
             spec, asked = probed_distribution(p_l, lp_e, lp_a, alpha, cand, samples=PROBE_SAMPLES, **probes)
+        pick, greedy_asked = int(cand[int(torch.argmax(q[cand]))]), 0.0
+        if greedy is not None:
+            pick, greedy_asked = _greedy_with_tail(cand, hosted_lp[:kk] + alpha * delta[:kk], hosted_lp[:kk], p_l,
+                                                   **greedy)
         totals.add(str(k), per_step_tv=total_variation(q, target), per_step_kl=kl_divergence(q, target),
                    top1_agreement=float(int(torch.argmax(q)) == best),
                    floor_tv=mass_outside(target, cand),
                    speculative_tv=total_variation(spec, target), speculative_old_tv=total_variation(old, target),
-                   tail_calls_per_token=asked)
+                   tail_calls_per_token=asked, greedy_top1_agreement=float(pick == best),
+                   greedy_tail_calls=greedy_asked)
 
 
-def run_same_tokenizer(white: Any, tuner: Any, prompts: Sequence[str], *, alpha: float, max_tokens: int,
+def _greedy_with_tail(cand: torch.Tensor, scores: torch.Tensor, hosted_lp: torch.Tensor, p_l: torch.Tensor, *,
+                      log_w: torch.Tensor, cap: int) -> tuple[int, float]:
+    """Greedy's pick with the tail probe (:mod:`blackbox_proxy.maths.greedy_tail`), simulated
+    exactly (the host's pick under the probe's biases is the tuned argmax among c* and the
+    suspects it asks about), and whether the position asked one."""
+    i = int(torch.argmax(scores))
+    found = suspects(cand, s_best=float(scores[i]), cap=tail_cap(hosted_lp), log_w=log_w)
+    if found.numel() == 0:
+        return int(cand[i]), 0.0
+    asked = found[: max(0, cap - cand.numel())]
+    exact = p_l.double()[asked].log() + log_w.double()[asked]
+    j = int(torch.argmax(exact)) if asked.numel() else 0
+    return (int(asked[j]) if asked.numel() and float(exact[j]) > float(scores[i]) else int(cand[i])), 1.0
+
+
+def run_same_tokenizer(white: Any, tuner: Any, prompts: Sequence[Any], *, alpha: float, max_tokens: int,
                        ks: Sequence[Any] = KS, references: Sequence[Sequence[int]] | None = None,
                        alignment_candidates: int = 20, progress: bool | None = None,
                        tail_draws: int = DEFAULT_DRAWS, seed: int = 0) -> dict[str, Any]:
@@ -120,10 +144,12 @@ def run_same_tokenizer(white: Any, tuner: Any, prompts: Sequence[str], *, alpha:
 
     ``white``: a :class:`~blackbox_proxy.whitebox.WhiteBoxTuner` over the base and the pair;
     ``tuner``: a :class:`~blackbox_proxy.tuner.ProxyTuner` whose API serves that base and
-    allows ``top_k`` = the whole vocabulary. ``references``: token ids per prompt (default: the
-    white-box greedy continuation). The speculative column uses tail probes of ``tail_draws``
-    draws under the host's ``logit_bias`` cap (none when the client knows of none), simulated
-    from ``seed``.
+    allows ``top_k`` = the whole vocabulary. ``prompts``: texts, or chat messages (each model
+    renders them with its chat template; the tuner in a chat mode). ``references``: token ids
+    per prompt (default: the white-box greedy continuation). The speculative column uses tail
+    probes of ``tail_draws`` draws under the host's ``logit_bias`` cap (none when the client
+    knows of none), simulated from ``seed``; the greedy column, greedy's tail probe (simulated
+    exactly) under the same cap.
     """
     from tqdm.auto import tqdm
 
@@ -137,9 +163,10 @@ def run_same_tokenizer(white: Any, tuner: Any, prompts: Sequence[str], *, alpha:
     totals = Totals()
     for prompt, ref in tqdm(list(zip(prompts, references)), desc="prompts", unit="prompt",
                             disable=(not progress) if progress is not None else None):
-        lp_l, lp_e, lp_a = white.teacher_forced(prompt, ref)
-        decoder = tuner.decoder(prompt, max_tokens=len(ref) + 1, alpha=alpha, temperature=0.0,
-                                 top_p=1.0, seed=0, stop=None, strategy="per-step")
+        chat = None if isinstance(prompt, str) else list(prompt)
+        lp_l, lp_e, lp_a = white.teacher_forced(None if chat else prompt, ref, messages=chat)
+        decoder = tuner.decoder(None if chat else prompt, messages=chat, max_tokens=len(ref) + 1, alpha=alpha,
+                                temperature=0.0, top_p=1.0, seed=0, stop=None, strategy="per-step")
         try:
             for t, token in enumerate(ref):
                 [result] = tuner.client.complete(decoder.request())
@@ -151,9 +178,14 @@ def run_same_tokenizer(white: Any, tuner: Any, prompts: Sequence[str], *, alpha:
                 order = torch.tensor(ids)
                 scores = white.tuned_scores(lp_l[t], lp_e[t], lp_a[t], alpha)
                 target = torch.softmax(scores, 0)
+                greedy = None
+                if cap:
+                    log_w = log_weights(lp_e[t], lp_a[t], alpha, math.log(PROB_FLOOR), sorted(vocab.end_ids))
+                    log_w[list(vocab.textless_ids)] = -math.inf
+                    greedy = dict(log_w=log_w, cap=cap)
                 _position(totals, ks, len(cands), target, lp_l[t].double().exp(), lp_e[t], lp_a[t], order,
                           torch.tensor([c.logprob for c in cands], dtype=torch.float64),
-                          torch.tensor(offsets.delta, dtype=torch.float64), alpha, probes)
+                          torch.tensor(offsets.delta, dtype=torch.float64), alpha, probes, greedy)
                 if vocab.encode_bytes(decoder.prefix.data) == list(ref[:t]):  # the context is canonical too
                     totals.alignment_errors.extend(
                         _alignment_errors(decoder, cands[:alignment_candidates], lp_e[t], vocab))
@@ -224,105 +256,9 @@ def run_cross_tokenizer(tuner: Any, prompts: Sequence[str], *, alpha: float, max
     return out
 
 
-# ----- reports ------------------------------------------------------------------------------------
-
-
-def markdown(report: dict[str, Any]) -> str:
-    lines = [f"# Fidelity: {report.get('preset', 'custom')}", "",
-             f"{report.get('description', '')}", "",
-             "| k | per-step TV | per-step KL | top-1 agreement | floor TV | per-step TV / floor | speculative TV "
-             "| tail calls per token | speculative TV, candidates only |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    def num(x: float) -> str:
-        return f"{x:.4f}" if x >= 1e-3 or x == 0 else f"{x:.1e}"
-
-    for k, row in report["per_k"].items():
-        ratio = row.get("per_step_tv_over_floor")
-        lines.append(f"| {k} | {num(row['per_step_tv'])} | {num(row['per_step_kl'])} | {row['top1_agreement']:.2%} | "
-                     f"{num(row['floor_tv'])} | {'-' if ratio is None else f'{ratio:.3f}'} | "
-                     f"{num(row['speculative_tv'])} | {row.get('tail_calls_per_token', 0.0):.3f} | "
-                     f"{num(row.get('speculative_old_tv', row['speculative_tv']))} |")
-    lines.append("")
-    lines.append(f"{report['positions']} positions over {report.get('prompts', '?')} prompts.")
-    probes = report.get("tail_probes")
-    if probes:
-        lines.append(f"Speculative with tail probes: {probes['draws']} draws per probe (one call), logit_bias "
-                     f"cap {probes['logit_bias_cap']}; TV averaged over {probes['samples']} simulated probes per "
-                     "position (Monte Carlo noise only adds to it). Tail calls per token: the probability that a "
-                     "position asks a probe. Candidates only: what hosts without logit_bias get.")
-    if "alignment" in report:
-        al = report["alignment"]
-        lines.append(f"Alignment alone ({al['candidates']} candidates that tokenise back to themselves, canonical "
-                     f"contexts): |aligned P − token P| mean {al['mean_abs_prob_error']:.2e}, "
-                     f"p99 {al['p99_abs_prob_error']:.2e}, max {al['max_abs_prob_error']:.2e}.")
-    if "hosted_mass_outside_reference" in report:
-        lines.append(f"Hosted probability mass outside the reference candidates, mean per position: "
-                     f"{report['hosted_mass_outside_reference']:.4f}.")
-    return "\n".join(lines) + "\n"
-
-
-def plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
-    """One PNG per metric vs k, the floor drawn on the TV plots."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = list(report["per_k"])
-    xs = range(len(keys))
-    rows = [report["per_k"][k] for k in keys]
-    paths = []
-    for metric, title in (("tv", "total variation vs exact"), ("per_step_kl", "KL(per-step || exact)"),
-                          ("top1_agreement", "top-1 agreement with exact")):
-        fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
-        if metric == "tv":
-            ax.plot(xs, [r["per_step_tv"] for r in rows], "o-", label="per-step")
-            ax.plot(xs, [r["speculative_tv"] for r in rows], "s-", label="speculative (tail probes)")
-            ax.plot(xs, [r.get("speculative_old_tv", r["speculative_tv"]) for r in rows], "^:",
-                    label="speculative (candidates only)")
-            ax.plot(xs, [r["floor_tv"] for r in rows], "k--", label="floor (mass outside top-k)")
-            ax.set_yscale("symlog", linthresh=1e-3)
-            name = "fidelity_tv.png"
-        else:
-            ax.plot(xs, [r[metric] for r in rows], "o-")
-            name = f"fidelity_{metric}.png"
-        ax.set_xticks(list(xs), keys)
-        ax.set_xlabel("k (candidates per position)")
-        ax.set_title(f"{report.get('preset', '')}: {title}", fontsize=10)
-        ax.grid(alpha=0.3)
-        if metric == "tv":
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / name
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
-    """``fidelity.json``, ``fidelity.md`` and the PNGs in ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fidelity.json").write_text(json.dumps(_strict_json(report), indent=1, allow_nan=False) + "\n")
-    (out / "fidelity.md").write_text(markdown(report))
-    return [out / "fidelity.json", out / "fidelity.md", *plot(report, out)]
-
-
-def _strict_json(value: Any) -> Any:
-    """The report with non-finite numbers (an infinite KL) as strings: JSON has no Infinity."""
-    if isinstance(value, dict):
-        return {str(k): _strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
-
-
 # ----- presets on the embedded models ---------------------------------------------------------
 
-PRESETS = ("same-tokenizer", "cross-tokenizer")
+PRESETS = ("same-tokenizer", "same-tokenizer-chat", "cross-tokenizer")
 
 
 def run_preset(preset: str, *, prompts: int = 8, max_tokens: int = 24, alpha: float = 1.0, k_ref: int = 100,
@@ -331,6 +267,9 @@ def run_preset(preset: str, *, prompts: int = 8, max_tokens: int = 24, alpha: fl
 
     ``same-tokenizer``: SmolLM2-135M-Instruct (adapter off) is the hosted model, behind this
     project's server allowing k = its whole vocabulary; the expert is it with the arithmetic LoRA.
+    ``same-tokenizer-chat``: the same, the questions sent as chat messages in ``chat-prefix`` mode
+    (all three models render them with their chat template): the hosted model is then the
+    anti-expert exactly, and exact proxy tuning the expert itself.
     ``cross-tokenizer``: Gemma-3-270M (base) hosted, the same SmolLM2 pair; reference k = ``k_ref``.
     Prompts: the first ``prompts`` held-out problems of :mod:`blackbox_proxy.evaluation.arithmetic`.
     """
@@ -348,22 +287,25 @@ def run_preset(preset: str, *, prompts: int = 8, max_tokens: int = 24, alpha: fl
     if preset not in PRESETS:
         raise ConfigurationError(f"preset must be one of {', '.join(PRESETS)}; got {preset!r}")
     check_installed()
-    texts = [p.hosted_prompt() for p in problems("test", prompts)]
+    chat = preset == "same-tokenizer-chat"
+    items = problems("test", prompts)
+    texts = [p.messages() for p in items] if chat else [p.hosted_prompt() for p in items]
     expert, anti = load_pair()
-    if preset == "same-tokenizer":
+    if preset.startswith("same-tokenizer"):
         path = prepare("smollm2")
-        base = Scorer(anti.model, anti.tokenizer, render="raw", adapter=False, name="SmolLM2-135M-Instruct (base)",
-                      vocabulary=anti.vocab)
+        base = Scorer(anti.model, anti.tokenizer, render="chat" if chat else "raw", adapter=False,
+                      name="SmolLM2-135M-Instruct (base)", vocabulary=anti.vocab)
         runner = ModelRunner.from_pretrained(str(path), name="smollm2")
         size = anti.vocab.size
         with ServerThread(create_app(runner, max_top_logprobs=size)) as server:
             tuner = ProxyTuner(base_url=server.base_url, model="smollm2", expert=expert, anti_expert=anti, top_k=size,
-                               hosted_tokenizer=str(path))
+                               hosted_tokenizer=str(path), mode="chat-prefix" if chat else "completions")
             white = WhiteBoxTuner(base=base, expert=expert, anti_expert=anti)
             report = run_same_tokenizer(white, tuner, texts, alpha=alpha, max_tokens=max_tokens, progress=progress)
         description = ("Hosted SmolLM2-135M-Instruct (adapter off) on this project's server, k up to its whole "
                        f"vocabulary ({size}); expert SmolLM2 + arithmetic LoRA, anti-expert SmolLM2; exact p~ from "
-                       "white-box; teacher-forced on the white-box greedy continuation.")
+                       "white-box; teacher-forced on the white-box greedy continuation"
+                       + ("; questions sent as chat messages (chat-prefix mode)." if chat else "; raw prompts."))
     else:
         gemma = prepare("gemma3")
         runner = ModelRunner.from_pretrained(str(gemma), name=HOSTED_NAME)

@@ -55,9 +55,16 @@ class ModelRunner:
     The KV caches of the last ``cache_slots`` contexts are kept; a request continues the one
     sharing its longest prefix, so per-step clients (each request = previous one + one token) cost
     one token of compute even when several clients interleave.
+
+    ``logit_bias`` biases the draw; the reported logprobs are the model's own (as OpenAI and
+    vLLM's default report them), or, with ``logprobs_after_bias``, those of the biased
+    distribution (as hosts that report processed logprobs do: a stand-in for testing clients
+    against both).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, name: str, cache_slots: int = 32) -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, name: str, cache_slots: int = 32,
+                 logprobs_after_bias: bool = False) -> None:
+        self.logprobs_after_bias = logprobs_after_bias
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -71,14 +78,15 @@ class ModelRunner:
 
     @classmethod
     def from_pretrained(cls, path: str, *, name: str | None = None, device: str | None = None,
-                        cache_slots: int = 32) -> "ModelRunner":
+                        cache_slots: int = 32, logprobs_after_bias: bool = False) -> "ModelRunner":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         target = select_device(device)
         dtype = torch.float32 if target.type == "cpu" else "auto"
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(target)
-        return cls(model, tokenizer, name=name or str(path).rstrip("/").split("/")[-1], cache_slots=cache_slots)
+        return cls(model, tokenizer, name=name or str(path).rstrip("/").split("/")[-1], cache_slots=cache_slots,
+                   logprobs_after_bias=logprobs_after_bias)
 
     # ----- text helpers --------------------------------------------------------------------------
     def token_text(self, token_id: int) -> str:
@@ -241,6 +249,8 @@ class ModelRunner:
             biased = logprobs.clone()
             for token_id, bias in logit_bias.items():
                 biased[token_id] += bias
+            if self.logprobs_after_bias:
+                logprobs = torch.log_softmax(biased, dim=-1)
         token = self._draw(biased, temperature, top_p, generator)
         top: tuple[tuple[int, float], ...] = ()
         if top_k > 0:

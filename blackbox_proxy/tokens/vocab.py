@@ -18,6 +18,8 @@ hosted model's tokenizer by name).
 from __future__ import annotations
 
 import bisect
+import codecs
+import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 
@@ -26,7 +28,9 @@ from ..errors import ConfigurationError
 logger = logging.getLogger(__name__)
 
 def split_utf8(data: bytes) -> tuple[bytes, bytes]:
-    """Split ``data`` into what is complete and an incomplete UTF-8 sequence at its very end.
+    """Split ``data`` into what is complete and an incomplete UTF-8 sequence at its very end, as
+    Python's UTF-8 decoder sees them (a byte that can never begin a character, such as 0xF5, is
+    invalid at once, not pending).
 
     Only a character cut off by the end of ``data`` is a tail (more bytes may complete it);
     invalid bytes elsewhere stay in the complete part (see :meth:`Vocabulary.encode_bytes`).
@@ -35,16 +39,13 @@ def split_utf8(data: bytes) -> tuple[bytes, bytes]:
     (b'', b'\\xc3')
     >>> split_utf8(b"ab\\xe2\\x82")
     (b'ab', b'\\xe2\\x82')
-    >>> split_utf8(b"a\\xff b")
-    (b'a\\xff b', b'')
+    >>> split_utf8(b"a\\xff b"), split_utf8(b"a\\xf5")
+    ((b'a\\xff b', b''), (b'a\\xf5', b''))
     """
-    for back in range(1, min(4, len(data)) + 1):
-        byte = data[-back]
-        if byte & 0xC0 == 0x80:  # continuation byte: the lead is further back
-            continue
-        need = 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4 if byte >> 3 == 0b11110 else 1
-        return (data[:-back], data[-back:]) if need > back else (data, b"")
-    return data, b""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    decoder.decode(data[-4:], final=False)  # a pending sequence is at most 3 bytes long
+    pending = decoder.getstate()[0]
+    return (data[: len(data) - len(pending)], pending) if pending else (data, b"")
 
 
 RANGE_CACHE = 1 << 16  # prefix ranges kept per vocabulary (the remainders of recent positions)
@@ -114,6 +115,11 @@ class Vocabulary:
         self._ranges: dict[bytes, tuple[int, int]] = {}  # prefix_range's answers (bounded)
 
     # ----- lookups -------------------------------------------------------------------------
+    @functools.cached_property
+    def textless_ids(self) -> tuple[int, ...]:
+        """Ids without text that do not end a text (special and unused ids): never appended."""
+        return tuple(i for i, b in enumerate(self.token_bytes) if b is None and i not in self.end_ids)
+
     def ids_for_bytes(self, data: bytes) -> tuple[int, ...]:
         """All ids whose bytes are exactly ``data`` (empty if none)."""
         return self._by_bytes.get(data, ())

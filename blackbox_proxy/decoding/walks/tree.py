@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ...maths.rejection import PositionScore
-from ...maths.tree import NodeScore, node_greedy, node_sampled
+from ...maths.tree import NodeScore, NodeStep, node_greedy, node_sampled
 from ...types import Candidate, HostedPosition, HostedRequest, HostedResult
+from .. import tail
 from ..prefix import Prefix
 from ..scoring import Offsets
 from . import ChunkWalk, WalkContext, walkable
@@ -86,70 +87,132 @@ class TreeStats:
 
 
 class TreeWalk:
-    """The n drafts of one call walked as a tree. See the module docstring."""
+    """The n drafts of one call walked as a tree. See the module docstring. A greedy walk where
+    the tail can be checked (:mod:`~blackbox_proxy.decoding.tail`) takes each node's argmax over
+    every token it knows (the top-k and the drafted ones) and pauses for a tail probe where a
+    token outside them may be better."""
 
-    probing = False
     tail_off = None
 
     def __init__(self, ctx: WalkContext, prefix: Prefix, stats: TreeStats) -> None:
         self.ctx, self.prefix, self.stats = ctx, prefix, stats
+        self.asking: tuple | None = None  # (the tail check, the node, its children) while a probe is out
+        self.fulls: list = []  # the whole distributions along the path (for a tail token's trace entry)
+
+    @property
+    def probing(self) -> bool:
+        return self.asking is not None
 
     def take(self, result: HostedResult) -> bool:
         return False  # several choices are asked whole
 
     def request(self) -> HostedRequest:
-        raise RuntimeError("a tree walk never pauses")
+        """The paused node's tail probe."""
+        return self.asking[0].request(self.ctx.prompt, self.ctx.host)
 
-    def observe(self, results: Sequence[HostedResult], api_seconds: float) -> ChunkWalk:
+    def observe(self, results: Sequence[HostedResult], api_seconds: float) -> ChunkWalk | None:
+        if self.asking is not None:
+            return self._settle(results)
         started, ctx = time.perf_counter(), self.ctx
-        drafts = [walkable(r) for r in results]
-        nodes: dict[tuple, _Node] = {}
-        keys: list[list[tuple]] = []  # per draft, the node key at each depth
-        for j, (positions, _) in enumerate(drafts):
+        self.results, self.drafts = results, [walkable(r) for r in results]
+        self.nodes: dict[tuple, _Node] = {}
+        self.keys: list[list[tuple]] = []  # per draft, the node key at each depth
+        for j, (positions, _) in enumerate(self.drafts):
             key: tuple = ()
-            keys.append([])
+            self.keys.append([])
             for depth, (before, pos) in enumerate(zip(self.prefix.along(p.sampled for p in positions), positions)):
-                node = nodes.get(key)
+                node = self.nodes.get(key)
                 if node is None:
-                    node = nodes[key] = _Node(depth, before, dropped=pos.dropped)
+                    node = self.nodes[key] = _Node(depth, before, dropped=pos.dropped)
                 node.add(pos)
                 node.members.append(j)
                 node.top = max(node.top, ctx.host.top_k - pos.dropped)
                 node.dropped = min(node.dropped, pos.dropped)
-                keys[j].append(key)
+                self.keys[j].append(key)
                 key = key + (_key(pos.sampled),)
-        for node in nodes.values():  # candidates by logprob, as the API lists them
+        for node in self.nodes.values():  # candidates by logprob, as the API lists them
             node.candidates.sort(key=lambda c: -c.logprob)
             node.index = {_key(c): i for i, c in enumerate(node.candidates)}
-        walk = ChunkWalk(results[0], api_seconds)
-        key = ()
-        while key in nodes:
-            node = nodes[key]
+        self.walk, self.key = ChunkWalk(results[0], api_seconds), ()
+        self.walk.scoring += time.perf_counter() - started
+        return self._go()
+
+    def _go(self) -> ChunkWalk | None:
+        """Walk down from ``self.key`` until a rejection, the end of the drafts, or a pause."""
+        started, walk = time.perf_counter(), self.walk
+        while self.key in self.nodes:
+            node = self.nodes[self.key]
             if node.score is None:
-                walk.alignment = self._score_along(nodes, keys, node)
-            if not self._step(walk, node, [drafts[j][0][node.depth].sampled for j in node.members]):
+                walk.alignment = self._score_along(node)
+            children = [self.drafts[j][0][node.depth].sampled for j in node.members]
+            step = self._verify(node, children)
+            if step is None:  # paused: request() asks the tail probe
+                walk.scoring += time.perf_counter() - started
+                return None
+            if not self._record(node, children, step):
                 break
-            key = key + (_key(walk.usable[-1].sampled),)
+            self.key = self.key + (_key(walk.usable[-1].sampled),)
         path = walk.usable
-        if walk.rejected_at is None and key not in nodes and path and not path[-1].sampled.is_end:
-            _leaf(walk, results, drafts, key)
+        if walk.rejected_at is None and self.key not in self.nodes and path and not path[-1].sampled.is_end:
+            _leaf(walk, self.results, self.drafts, self.key)
+        if all(f is not None for f in self.fulls):
+            walk.full = self.fulls
         walk.scoring += time.perf_counter() - started
         return walk
 
-    def _step(self, walk: ChunkWalk, node: _Node, children: list[Candidate]) -> bool:
-        """Verify ``node``'s children; True when one was accepted and the walk goes on below it."""
-        ctx, stats = self.ctx, self.stats
+    def _scored(self, node: _Node, children: list[Candidate]) -> NodeScore:
         e = torch.tensor(node.score.expert, dtype=torch.float64)
         a = torch.tensor(node.score.anti_expert, dtype=torch.float64)
         hosted = torch.tensor([c.logprob for c in node.candidates], dtype=torch.float64)
-        scored = NodeScore(hosted, e - a, e, a, tuple(node.index[_key(c)] for c in children))
+        return NodeScore(hosted, e - a, e, a, tuple(node.index[_key(c)] for c in children))
+
+    def _tail_checked(self, node: _Node) -> bool:
+        host = self.ctx.host
+        return self.ctx.greedy and host.logit_bias_cap > 0 and node.score.full is not None
+
+    def _verify(self, node: _Node, children: list[Candidate]) -> NodeStep | None:
+        """The node's decision (None: paused for a tail probe)."""
+        ctx, scored = self.ctx, self._scored(node, children)
         mask = ctx.prompt.allowed(node.before, node.candidates)
-        if ctx.greedy:
-            top = torch.arange(len(node.candidates)) < node.top
-            step = node_greedy(scored, ctx.alpha, top, mask)
-        else:
+        if not ctx.greedy:
             uniforms = [float(torch.rand((), generator=ctx.generator, dtype=torch.float64)) for _ in children]
-            step = node_sampled(scored, ctx.alpha, uniforms, ctx.generator, mask)
+            return node_sampled(scored, ctx.alpha, uniforms, ctx.generator, mask)
+        if not self._tail_checked(node):
+            return node_greedy(scored, ctx.alpha, torch.arange(len(node.candidates)) < node.top, mask)
+        step = node_greedy(scored, ctx.alpha, torch.ones(len(node.candidates), dtype=torch.bool), mask)
+        if step.accepted is None and step.replacement is None:
+            return step  # no candidate can be carried (text prompt)
+        best = scored.children[step.accepted] if step.accepted is not None else step.replacement
+        asking = tail.check(node.before, node.candidates, node.score, mask, best, host=ctx.host, prompt=ctx.prompt,
+                            vocab=ctx.scoring.vocab, alpha=ctx.alpha, exhaustive=not node.dropped, top=node.top)
+        if asking is None:
+            return step
+        self.asking = (asking, node, children, step)
+        return None
+
+    def _settle(self, results: Sequence[HostedResult]) -> ChunkWalk | None:
+        """A node's tail probe answered: keep the child that is the argmax, else replace it."""
+        (asking, node, children, step), self.asking = self.asking, None
+        self.walk.tail_calls += 1
+        token, note = asking.decide(results, self.ctx.scoring.vocab)
+        self.walk.notes.append(f"position {node.depth}: {note}")
+        if token is not None:  # a tail token: every child is rejected, the token replaces them
+            step = NodeStep(None, None, (0.0,) * len(children), step.log_z, step.tail)
+        if not self._record(node, children, step, token):
+            return self._go_end()
+        self.key = self.key + (_key(self.walk.usable[-1].sampled),)
+        return self._go()
+
+    def _go_end(self) -> ChunkWalk:
+        if all(f is not None for f in self.fulls):
+            self.walk.full = self.fulls
+        return self.walk
+
+    def _record(self, node: _Node, children: list[Candidate], step: NodeStep, tail_token: Candidate | None = None
+                ) -> bool:
+        """Record a node's decision on the walk; True when a child was accepted and the walk goes on."""
+        ctx, stats, walk = self.ctx, self.stats, self.walk
+        scored = self._scored(node, children)
         stats.nodes += 1
         stats.first_accepted += step.accepted == 0
         walk.probs.append(step.accept_probs[-1] if step.accept_probs else 0.0)
@@ -159,23 +222,30 @@ class TreeWalk:
             walk.notes.append(f"position {node.depth}: {step.note}")
         # the path's positions as a one-draft walk has them (the trace's steps are read from these)
         taken = children[step.accepted] if step.accepted is not None else children[0]
-        walk.rows.append(PositionScore(hosted, e - a, e, a, node.index[_key(taken)]))
+        walk.rows.append(PositionScore(scored.hosted_logprobs, scored.delta, scored.lp_e, scored.lp_a,
+                                       node.index[_key(taken)]))
         walk.items.append((node.before, node.candidates))
-        # greedy chooses among the API's top-k alone (as per-step); drafts outside it are not candidates there
+        mask = ctx.prompt.allowed(node.before, node.candidates)
+        # greedy chooses among the API's top-k (as per-step); a drafted token outside it that is
+        # chosen is added to the trace by the decoder, as a tail token is
+        top = torch.arange(len(node.candidates)) < node.top
         walk.allowed.append((top if mask is None else top & mask) if ctx.greedy else mask)
         walk.usable.append(HostedPosition(candidates=tuple(node.candidates), sampled=taken, dropped=node.dropped))
+        self.fulls.append(node.score.full)
         if step.accepted is None:
             walk.rejected_at = node.depth
-            if step.replacement is not None:
+            if tail_token is not None:
+                walk.replacement = tail_token
+            elif step.replacement is not None:
                 walk.replacement = node.candidates[step.replacement]
             return False
         walk.accepted += 1
         return not taken.is_end
 
-    def _score_along(self, nodes: dict[tuple, _Node], keys: list[list[tuple]], node: _Node) -> str:
+    def _score_along(self, node: _Node) -> str:
         """Score ``node`` and the unscored nodes below it along its first draft, in one batch."""
         j = node.members[0]
-        batch = [nodes[k] for k in keys[j][node.depth:] if nodes[k].score is None]
+        batch = [self.nodes[k] for k in self.keys[j][node.depth:] if self.nodes[k].score is None]
         scored = self.ctx.scoring.score([(n.before, n.candidates) for n in batch])
         for n, s in zip(batch, scored):
             n.score = s
