@@ -13,6 +13,9 @@ Each chunk call is walked by a :class:`~.walks.ChunkWalker` chosen for it (:mod:
 
 - several drafts per call where the host returns n choices (greedy: adaptive, at most 4 by
   default; sampling: one unless ``drafts`` is given): a :class:`~.walks.tree.TreeWalk`;
+- greedy, where the tail can be asked about (one tokenizer, ``logit_bias`` honoured): a
+  :class:`~.walks.greedy.GreedyWalk`, streamed or whole, which pauses for greedy's tail probe
+  where a token outside the top-k may be the argmax (:mod:`.tail`);
 - one draft streamed, on a host that streams logprobs, unless the walk may pause for a tail
   probe: a streamed :class:`~.walks.draft.DraftWalk`;
 - sampled, where tail probes may be asked (``tail_calls`` >= 1, a host whose ``logit_bias``

@@ -47,7 +47,8 @@ class Settings:
 
 
 def usage_record(usage: Any) -> dict[str, Any]:
-    out = {k: getattr(usage, k) for k in ("api_calls", "prompt_tokens", "completion_tokens", "generated_tokens")}
+    out = {k: getattr(usage, k) for k in ("api_calls", "prompt_tokens", "completion_tokens", "generated_tokens",
+                                          "tail_calls")}
     out.update(api_seconds=round(usage.api_seconds, 3), scoring_seconds=round(usage.scoring_seconds, 3))
     if usage.acceptance_rate is not None:
         out["acceptance_rate"] = round(usage.acceptance_rate, 4)

@@ -9,6 +9,8 @@ The walkers:
 
 - :class:`~.draft.DraftWalk`: one draft, greedy or the candidates-only sampled rule, asked whole
   or streamed (walked as it arrives: ``take`` after each event, True closes the stream);
+- :class:`~.greedy.GreedyWalk`: one draft, greedy, pausing for greedy's tail probe where a
+  token outside the top-k may be the argmax (:mod:`blackbox_proxy.decoding.tail`);
 - :class:`~.probes.ProbeWalk`: one draft, sampled, pausing for *tail probes* where the bounds
   on Z do not decide a position (same tokenizer, a host whose ``logit_bias`` biases the draw only);
 - :class:`~.tree.TreeWalk`: several drafts from one call (``n`` choices), walked as a token tree.
