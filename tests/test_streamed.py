@@ -153,8 +153,9 @@ def test_streamed_draws_match_exact_proxy_tuning(tok_a, live_models):
 
 
 def _tuner(base_url, scorers, tok, **kw):
+    kw.setdefault("max_retries", 0)
     return ProxyTuner(base_url=base_url, model="tiny", expert=scorers[0], anti_expert=scorers[1],
-                      hosted_tokenizer=tok, top_k=10, max_retries=0, **kw)
+                      hosted_tokenizer=tok, top_k=10, **kw)
 
 
 RUNS = [dict(temperature=0.0, drafts=1), dict(temperature=1.0, seed=5, tail_calls=0)]  # one draft: whole chunks walk as streams do
@@ -215,18 +216,20 @@ class StreamFault:
     """ASGI wrapper of a real app: ``cut_after``: a streamed answer's connection dies after that
     many events (uvicorn aborts it mid-body); ``strip``: streamed events lose their logprobs."""
 
-    def __init__(self, app, *, cut_after=None, strip=False):
-        self.app, self.cut_after, self.strip = app, cut_after, strip
+    def __init__(self, app, *, cut_after=None, strip=False, end_first=0):
+        self.app, self.cut_after, self.strip, self.end_first = app, cut_after, strip, end_first
         self.streams = 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         events = 0
-        streaming = False
+        streaming = ended = False
 
         async def forward(message):
-            nonlocal events, streaming
+            nonlocal events, streaming, ended
+            if ended:
+                return  # ``end_first``: the rest of the answer is dropped, the response already complete
             if message["type"] == "http.response.start":
                 streaming = any(k == b"content-type" and v.startswith(b"text/event-stream")
                                 for k, v in message.get("headers", []))
@@ -235,7 +238,10 @@ class StreamFault:
                 events += 1
                 if self.cut_after is not None and events > self.cut_after:
                     raise ConnectionError("the stream is cut here on purpose")
-                if self.strip:
+                if self.streams <= self.end_first:  # a clean end before any event: no finish_reason, no [DONE]
+                    ended = True
+                    message = {"type": "http.response.body", "body": b"", "more_body": False}
+                elif self.strip:
                     message = dict(message, body=_without_logprobs(message["body"]))
             await send(message)
 
@@ -268,6 +274,19 @@ def test_a_stream_cut_mid_chunk_keeps_what_arrived(recording, server_a, scorers_
     assert app.streams >= 1
     assert any("broke after 3 tokens" in r.getMessage() for r in caplog.records)
     assert cut.text == whole.text  # greedy: any chunking gives the per-step greedy text
+
+
+def test_a_stream_that_ends_before_its_first_event_is_retried(recording, server_a, scorers_b, tok_a):
+    """A proxy that ends the first two streams cleanly before any event (no finish_reason, no
+    [DONE]): each is a broken stream, retried under the retry policy, not an answer without
+    logprobs (which is asked again only once)."""
+    with ReplayHost(recording) as host, _tuner(host.base_url, scorers_b, tok_a, stream_chunks=False) as t:
+        whole = t.generate(PROMPT, max_tokens=16, strategy="speculative", chunk=16, **RUNS[0])
+    app = StreamFault(create_replay_app(recording, upstream=server_a.base_url), end_first=2)
+    with ServerThread(app) as server, _tuner(server.base_url, scorers_b, tok_a, max_retries=3) as t:
+        t.client.stream_chunks = True
+        got = t.generate(PROMPT, max_tokens=16, strategy="speculative", chunk=16, **RUNS[0])
+    assert app.streams >= 3 and got.text == whole.text
 
 
 def test_a_host_that_streams_no_logprobs_is_asked_whole(recording, scorers_b, tok_a, caplog):

@@ -15,7 +15,8 @@ the next call can start. The call's result is then the answer so far: the positi
   again without streaming; that client streams no more.
 - **Retries**: a failure before the first position is retried like any call (``retry.py``); a
   stream that breaks after some positions keeps them (``finish_reason`` None, as if closed):
-  nothing paid for is thrown away.
+  nothing paid for is thrown away. A stream that ends without a ``finish_reason`` was cut short
+  and is a broken one too.
 - **Cache**: the answer read, finished or closed early, is stored under the request's key like
   a whole answer. A closed one is a shorter chunk: a walk that uses it again from the cache
   (resume, a rerun) either stops inside it, as the first one did, or walks all of it and asks
@@ -125,7 +126,7 @@ def _with_estimated_usage(result: HostedResult, answer: StreamedAnswer, request:
     prompt = result.usage.prompt_tokens
     if not prompt and isinstance(request.prompt, tuple):
         prompt = len(request.prompt)
-    usage = HostedUsage(prompt, max(result.usage.completion_tokens, answer.positions))
+    usage = HostedUsage(prompt, max(result.usage.completion_tokens, answer.positions), result.usage.cached_prompt_tokens)
     return HostedResult(result.text, result.positions, result.finish_reason, usage, result.extra_calls)
 
 
@@ -197,6 +198,15 @@ class Reader:
             raise as_connection_error(exc, self.client.base_url) from exc
         self._keep(type(exc).__name__)
 
+    def ended(self) -> None:
+        """The stream ran out: without a ``finish_reason`` it was cut short (a proxy or the host
+        dropped the rest), which is a broken stream, not an answer without logprobs."""
+        if self.answer.finish is not None or self.answer.closed_early or self.failure is not None:
+            return
+        if self.last is None:
+            raise as_connection_error(EOFError("the stream ended before the host finished"), self.client.base_url)
+        self._keep("it ended before the host finished")
+
     def _keep(self, why: str) -> bool:
         logger.info("the hosted stream broke after %d tokens (%s); they are kept", len(self.last.positions), why)
         self.answer.closed_early = True
@@ -230,26 +240,36 @@ def read(reader: Reader, stream: Any) -> Reader:
     """Read one streamed attempt's ``stream`` (an SDK ``Stream``) into ``reader`` until its watch
     closes it, the host finishes, or the stream breaks (what was walked is kept, see
     :meth:`Reader.broke`); the stream is closed in every case."""
+    ended = False
     try:
         for chunk in stream:
             if reader.feed(chunk):
                 break
+        else:
+            ended = True
     except Exception as exc:
         reader.broke(exc)
     finally:
         stream.close()
+    if ended:
+        reader.ended()
     return reader
 
 
 async def read_async(reader: Reader, opening: Any) -> Reader:
     """The async twin of :func:`read`: ``opening`` is the SDK call that opens the stream."""
     stream = await opening
+    ended = False
     try:
         async for chunk in stream:
             if reader.feed(chunk):
                 break
+        else:
+            ended = True
     except Exception as exc:
         reader.broke(exc)
     finally:
         await stream.close()
+    if ended:
+        reader.ended()
     return reader
