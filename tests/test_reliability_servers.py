@@ -216,32 +216,45 @@ def _limited(client, after, sync):
         if calls[0] > after:
             raise error
 
+    streamed = client.complete_streamed
     if sync:
         def limited(request):
             check()
             return complete(request)
+
+        def limited_streamed(request, watch):
+            check()
+            return streamed(request, watch)
     else:
         async def limited(request):
             check()
             return await complete(request)
-    client.complete = limited
+
+        async def limited_streamed(request, watch):
+            check()
+            return await streamed(request, watch)
+    client.complete, client.complete_streamed = limited, limited_streamed
 
 
-def test_a_hosted_context_limit_mid_generation_ends_with_length(server_a, tok_a, scorers_a):
+@pytest.mark.parametrize("strategy", ["per-step", "speculative"])
+def test_a_hosted_context_limit_mid_generation_ends_with_length(server_a, tok_a, scorers_a, strategy):
     kw = dict(base_url=server_a.base_url, model="tiny", expert=scorers_a[0], anti_expert=scorers_a[1], top_k=8,
               hosted_tokenizer=tok_a, max_retries=0)
-    full = ProxyTuner(**kw).generate("The quick brown", max_tokens=12, temperature=0.0)
+    opts = dict(max_tokens=12, temperature=0.0, strategy=strategy)
+    full = ProxyTuner(**kw).generate("The quick brown", **opts)
     sync = ProxyTuner(**kw)
     _limited(sync.client, 5, sync=True)
-    cut = sync.generate("The quick brown", max_tokens=12, temperature=0.0)
-    # five calls paid: a token each, less greedy's calls beyond the top-k (a step whose probe met the limit is not kept)
+    cut = sync.generate("The quick brown", **opts)
+    # five calls paid, then the limit: the text those calls gave is kept
     assert cut.finish_reason == "length" and cut.usage.api_calls == 5 and full.text.startswith(cut.text)
-    assert cut.usage.generated_tokens + cut.usage.tail_calls in (4, 5) and cut.usage.generated_tokens >= 2
+    assert cut.usage.generated_tokens >= 2
+    if strategy == "per-step":  # a token each, less greedy's calls beyond the top-k (a step whose probe met the limit is not kept)
+        assert cut.usage.generated_tokens + cut.usage.tail_calls in (4, 5)
 
     async def streamed():
         tuner = AsyncProxyTuner(**kw)
         _limited(tuner.client, 5, sync=False)
-        events = [e async for e in tuner.stream("The quick brown", max_tokens=12, temperature=0.0)]
+        events = [e async for e in tuner.stream("The quick brown", **opts)]
         return "".join(e.text for e in events), events[-1].result
 
     text, result = asyncio.run(streamed())
@@ -250,7 +263,7 @@ def test_a_hosted_context_limit_mid_generation_ends_with_length(server_a, tok_a,
     first = ProxyTuner(**kw)
     _limited(first.client, 0, sync=True)
     with pytest.raises(HostedBadRequestError, match="maximum context length"):
-        first.generate("The quick brown", max_tokens=12, temperature=0.0)
+        first.generate("The quick brown", **opts)
 
 
 def test_a_small_model_context_limit_is_a_context_limit_error(tok_a, models_a):
@@ -351,14 +364,19 @@ def test_the_model_server_streams(server_a):
     assert chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
 
 
-def test_a_small_model_context_limit_mid_generation_ends_with_length(server_a, tok_a, scorers_a, monkeypatch):
+@pytest.mark.parametrize("strategy,streamed", [("per-step", False), ("speculative", True),
+                                               ("speculative", False)])
+def test_a_small_model_context_limit_mid_generation_ends_with_length(server_a, tok_a, scorers_a, monkeypatch,
+                                                                     strategy, streamed):
     """A cross-tokenizer small model can need more tokens than the hosted count: its context
-    error in the middle of a generation ends the answer (paid calls are not thrown away)."""
+    error in the middle of a generation ends the answer (paid calls are not thrown away). A
+    speculative chunk keeps the positions that fit, whether streamed or whole, so every strategy
+    ends on the same text: the 4 tokens whose positions fit (prompt + 3 tokens scored)."""
     from blackbox_proxy.local import sessions
 
     kw = dict(base_url=server_a.base_url, model="tiny", expert=scorers_a[0], anti_expert=scorers_a[1], top_k=8,
               hosted_tokenizer=tok_a, max_retries=0)
-    full = ProxyTuner(**kw).generate("The quick brown", max_tokens=10, temperature=0.0)
+    full = ProxyTuner(**kw).generate("The quick brown", max_tokens=10, temperature=0.0, strategy="per-step")
     check, seen = sessions._check_lengths, [0]
 
     def limited(scorer, ids, paths, longest=None):
@@ -368,6 +386,9 @@ def test_a_small_model_context_limit_mid_generation_ends_with_length(server_a, t
         return check(scorer, ids, paths, longest)
 
     monkeypatch.setattr(sessions, "_check_lengths", limited)
-    cut = ProxyTuner(**kw).generate("The quick brown", max_tokens=10, temperature=0.0)
-    assert cut.finish_reason == "length" and 0 < cut.usage.generated_tokens < 10 and seen[0]
-    assert full.text.startswith(cut.text)
+    tuner = ProxyTuner(**kw)
+    tuner.client.stream_chunks = streamed
+    extra = {"drafts": 1} if strategy == "speculative" else {}
+    cut = tuner.generate("The quick brown", max_tokens=10, temperature=0.0, strategy=strategy, **extra)
+    assert cut.finish_reason == "length" and cut.usage.generated_tokens == 4 and seen[0]
+    assert full.text.startswith(cut.text) and cut.text != full.text

@@ -72,7 +72,10 @@ class _Watch:
         self.job: Any = None  # a concurrent.futures.Future or an asyncio future
         self.over = False
 
+    answered = False  # the host's answer began: its call is paid for
+
     def __call__(self, result: Any) -> bool:
+        self.answered = True
         if self.job is not None and self.job.done():
             self.over = bool(self.job.result())  # a failure in the walk is raised here, in the reader
             self.job = None
@@ -90,6 +93,7 @@ def round_sync(client: Any, decoder: Decoder, pool: Executor) -> None:
     """One round with a :class:`~blackbox_proxy.hosts.client.HostedClient`; the prefetch runs in
     ``pool`` (one thread: torch releases the GIL) while this thread waits for the API."""
     paid = decoder.usage.api_calls > 0
+    watch = None
     try:
         request = decoder.request()
         started = time.perf_counter()
@@ -102,7 +106,9 @@ def round_sync(client: Any, decoder: Decoder, pool: Executor) -> None:
             watch.wait()
         paid = True
         decoder.observe(results, time.perf_counter() - started)
-    except (ContextLimitError, HostedBadRequestError) as exc:
+    except ContextLimitError as exc:  # a small model's: raised after this round's call was answered
+        stop_at_context(decoder, exc, paid or (watch is not None and watch.answered))
+    except HostedBadRequestError as exc:
         stop_at_context(decoder, exc, paid)
 
 
@@ -115,6 +121,7 @@ async def round_async(client: Any, decoder: Decoder,
     timing; a repeated batch then sent a request its response cache did not hold. Concurrent
     generations already overlap scoring with each other's API waits."""
     paid = decoder.usage.api_calls > 0
+    watch = None
     try:
         request = decoder.request()
         started = time.perf_counter()
@@ -129,5 +136,7 @@ async def round_async(client: Any, decoder: Decoder,
             results = await client.complete(request)
         paid = True
         await in_thread(decoder.observe, results, time.perf_counter() - started)
-    except (ContextLimitError, HostedBadRequestError) as exc:
+    except ContextLimitError as exc:  # a small model's: raised after this round's call was answered
+        stop_at_context(decoder, exc, paid or (watch is not None and watch.answered))
+    except HostedBadRequestError as exc:
         stop_at_context(decoder, exc, paid)

@@ -240,6 +240,8 @@ class SpeculativeDecoder(Decoder):
             self.append(cand)
             appended += 1
         self._record_steps(chunk, appended)
+        if chunk.context_full and chunk.rejected_at is None and not self.done:
+            self.stop("length")  # every position that fits was accepted (after a rejection the next chunk goes on)
         scoring = chunk.scoring + time.perf_counter() - started
         self.usage = self.usage + Usage(draft_tokens=examined, accepted_drafts=chunk.accepted, scoring_seconds=scoring,
                                         generated_tokens=self.generated - before_generated,

@@ -34,6 +34,7 @@ from typing import Protocol
 
 import torch
 
+from ...errors import ContextLimitError
 from ...maths.rejection import PositionScore
 from ...request import GenerationRequest
 from ...types import Candidate, HostCapabilities, HostedPosition, HostedRequest, HostedResult
@@ -111,6 +112,7 @@ class ChunkWalk:
     replacement: Candidate | None = None
     tail_calls: int = 0
     overlapped: float = 0.0  # scoring done while the chunk still streamed in
+    context_full: bool = False  # a small model's context ends inside this chunk (:func:`context_full`)
 
 
 class ChunkWalker(Protocol):
@@ -174,9 +176,39 @@ def rows(ctx: WalkContext, items: Sequence[tuple[Prefix, Sequence[Candidate]]], 
 def score_draft(ctx: WalkContext, prefix: Prefix, positions: Sequence[HostedPosition]) -> tuple[
         list[tuple[Prefix, Sequence[Candidate]]], list[Offsets]]:
     """Each position's (prefix, candidates) along a draft from ``prefix``, and their offsets, in one
-    batched forward per model."""
+    batched forward per model.
+
+    Near a small model's context limit only the first positions may fit: then only those are
+    returned (fewer items than ``positions``, none when not even the first fits), and the walk
+    ends there with the context full (:func:`context_full`). The longest run that fits is
+    searched by halving; a run that does not fit is refused before any forward, so the search
+    costs one forward per run that fits (at most log2 of the chunk, once per generation)."""
     items = [(before, pos.candidates) for before, pos in zip(prefix.along(p.sampled for p in positions), positions)]
-    return items, ctx.scoring.score(items)
+    try:
+        return items, ctx.scoring.score(items)
+    except ContextLimitError:
+        pass
+    fits, over, offsets = 0, len(items), []
+    while over - fits > 1:
+        middle = (fits + over) // 2
+        try:
+            offsets, fits = ctx.scoring.score(items[:middle]), middle
+        except ContextLimitError:
+            over = middle
+    if len(offsets) != fits:  # the last run tried that fits was a shorter one
+        offsets = ctx.scoring.score(items[:fits]) if fits else []
+    return items[:fits], offsets
+
+
+def context_full(walk: ChunkWalk, scored: int, asked: int) -> bool:
+    """After :func:`score_draft` scored ``scored`` of ``asked`` positions: when some did not fit,
+    say so on ``walk`` (the decoder ends the generation after them, ``finish_reason`` length)."""
+    if scored == asked:
+        return False
+    walk.context_full = True
+    walk.notes.append(f"a small model's context holds {scored} more position(s) of the {asked} asked; the "
+                      "generation ends after them (finish_reason length)")
+    return True
 
 
 def full_distributions(offsets: Sequence[Offsets]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
@@ -194,4 +226,4 @@ def record(walk: ChunkWalk, accept_prob: float, log_z: float, how: str) -> None:
 
 
 __all__ = ["MAX_CHUNK", "MAX_STALLED_CHUNKS", "ChunkWalk", "ChunkWalker", "WalkContext", "adaptive_chunk",
-           "full_distributions", "record", "rows", "score_draft", "unwalkable", "walkable"]
+           "context_full", "full_distributions", "record", "rows", "score_draft", "unwalkable", "walkable"]

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from ...maths.rejection import walk_greedy, walk_sampled
 from ...types import HostedRequest, HostedResult
 from ..prefix import Prefix
-from . import ChunkWalk, WalkContext, rows, score_draft, unwalkable
+from . import ChunkWalk, WalkContext, context_full, rows, score_draft, unwalkable
 
 
 class DraftWalk:
@@ -74,6 +74,10 @@ class DraftWalk:
     def _walk_fresh(self, fresh: list) -> None:
         ctx, walk = self.ctx, self.walk
         items, offsets = score_draft(ctx, self.before, fresh)
+        if context_full(walk, len(items), len(fresh)):
+            self.over, fresh = True, fresh[: len(items)]
+            if not fresh:
+                return
         self.before = items[-1][0].extend(fresh[-1].sampled)
         scored, allowed, notes = rows(ctx, items, offsets, [p.sampled for p in fresh])
         walk.alignment = offsets[0].alignment

@@ -22,7 +22,7 @@ from ...maths.rejection import walk_greedy
 from ...types import HostedRequest, HostedResult
 from .. import tail
 from ..prefix import Prefix
-from . import ChunkWalk, WalkContext, full_distributions, rows, score_draft, unwalkable
+from . import ChunkWalk, WalkContext, context_full, full_distributions, rows, score_draft, unwalkable
 
 
 class GreedyWalk:
@@ -69,6 +69,9 @@ class GreedyWalk:
             fresh.append(pos)
         if fresh:
             items, offsets = score_draft(self.ctx, self.before, fresh)
+            if context_full(walk, len(items), len(fresh)):
+                self.over, fresh = True, fresh[: len(items)]
+        if fresh:
             self.before = items[-1][0].extend(fresh[-1].sampled)
             scored, allowed, notes = rows(self.ctx, items, offsets, [p.sampled for p in fresh])
             walk.alignment = offsets[0].alignment

@@ -27,7 +27,8 @@ from ...maths import tail as tails
 from ...maths.rejection import accept_probability, step_sampled
 from ...types import Candidate, HostedRequest, HostedResult
 from ..prefix import Prefix, is_utf8
-from . import ChunkWalk, WalkContext, full_distributions, record, rows, score_draft, unwalkable, walkable
+from . import (ChunkWalk, WalkContext, context_full, full_distributions, record, rows, score_draft, unwalkable,
+               walkable)
 
 TOP1_TOLERANCE = 0.1  # nats: a probe's top-1 logprob must be the chunk's (the host returns unbiased logprobs)
 
@@ -74,6 +75,10 @@ class ProbeWalk:
             walk.notes.append(unwalkable(stop))
             walk.unresolved = stop.end_unresolved
         walk.items, offsets = score_draft(self.ctx, self.prefix, usable)
+        if context_full(walk, len(walk.items), len(usable)):
+            del usable[len(walk.items):]
+            if not usable:
+                return walk
         walk.rows, walk.allowed, notes = rows(self.ctx, walk.items, offsets, [p.sampled for p in usable])
         walk.notes += notes
         walk.alignment, walk.full = offsets[0].alignment, full_distributions(offsets)
