@@ -2,6 +2,7 @@
 
     python benchmarks/remote.py [--problems 6] [--max-tokens 40] [--alpha 1] [--json]
         [--ttft 0.4] [--per-token 0.015] [--jitter 0.1] [--price-prompt 1.5] [--price-completion 2.0]
+        [--prompt-cache openai|deepseek|exact|none] [--cached-price 0.75]
         [--recording PATH] [--record] [--drafts N] [--no-prefetch] [--no-stream]
 
 A hosted stand-in on the same 2 cores says nothing about a remote API's wall time, so the hosted
@@ -21,7 +22,9 @@ token after the answers arrived, and overlapped with the calls (the prefetch); b
 and completion tokens per generated token; the cost of 1,000 generated
 tokens at --price-prompt / --price-completion ($ per million tokens; default OpenAI's list price
 for gpt-3.5-turbo-instruct, the legacy completions model that returns logprobs) and as a
-multiple of plain generation's cost.
+multiple of plain generation's cost; then the same with the prompt tokens a provider reads from
+its prompt cache (the replay host reports them by ``--prompt-cache``'s rule,
+:mod:`blackbox_proxy.harness.prompt_cache`) at ``--cached-price``.
 
 The first run records (it starts the hosted stand-in; minutes); later runs replay. A request not
 in the recording stops the run with the route it missed: `--record` fills misses from the real
@@ -43,6 +46,7 @@ from blackbox_proxy import ProxyTuner  # noqa: E402
 from blackbox_proxy.errors import ProxyTuningError  # noqa: E402
 from blackbox_proxy.harness.demo import HOSTED_NAME, load_pair, model_server  # noqa: E402
 from blackbox_proxy.harness.embedded import cache_dir, prepare  # noqa: E402
+from blackbox_proxy.harness.prompt_cache import RULES, PromptCache  # noqa: E402
 from blackbox_proxy.harness.replay import LatencyModel, ReplayHost  # noqa: E402
 from blackbox_proxy.evaluation.arithmetic import STOP, problems, score  # noqa: E402
 from blackbox_proxy.types import Usage  # noqa: E402
@@ -89,6 +93,8 @@ def run_workload(base_url: str, args: argparse.Namespace, items: list, pair: tup
                 plain_cost += prompt_tokens[i] * args.price_prompt + r.usage.generated_tokens * args.price_completion
             tokens = max(1, total.generated_tokens)
             cost = total.prompt_tokens * args.price_prompt + total.completion_tokens * args.price_completion
+            # the same bill with the prompt tokens the provider reads from its cache at the cached price
+            cost_cached = cost - total.cached_prompt_tokens * (args.price_prompt - args.cached_price)
             rows.append({
                 "strategy": strategy, "decoding": decoding, "alpha": args.alpha, "tokens": total.generated_tokens,
                 "calls_per_token": total.api_calls / tokens,
@@ -101,6 +107,9 @@ def run_workload(base_url: str, args: argparse.Namespace, items: list, pair: tup
                 "completion_tokens_per_token": total.completion_tokens / tokens,
                 "usd_per_1k_tokens": cost / 1e6 / tokens * 1000,
                 "cost_vs_plain": cost / plain_cost if plain_cost else None,
+                "cached_prompt_tokens_per_token": total.cached_prompt_tokens / tokens,
+                "usd_per_1k_tokens_cached": cost_cached / 1e6 / tokens * 1000,
+                "cost_vs_plain_cached": cost_cached / plain_cost if plain_cost else None,
                 "correct": f"{right}/{len(items)}",
                 "acceptance_rate": total.acceptance_rate,
                 # chunk calls' drafts over all calls but tail probes (a position asked alone has none)
@@ -108,6 +117,7 @@ def run_workload(base_url: str, args: argparse.Namespace, items: list, pair: tup
                 "api_calls": total.api_calls, "api_seconds": total.api_seconds, "wall_seconds": wall,
                 "plain_seconds": plain, "scoring_seconds": total.scoring_seconds,
                 "prompt_tokens": total.prompt_tokens, "completion_tokens": total.completion_tokens,
+                "cached_prompt_tokens": total.cached_prompt_tokens,
             })
     return rows
 
@@ -126,7 +136,8 @@ def measure(args: argparse.Namespace, latency: LatencyModel) -> tuple[list[dict]
         print(f"{host.stats.recorded} answers recorded, {host.stats.replayed} replayed", file=sys.stderr)
         if host.stats.recorded == 0:  # every answer came from the replay: these timings hold
             return rows, f"{len(host.recording)} answers in {path}"
-    with ReplayHost(path, latency=latency, miss_hint=MISS_HINT) as host:
+    cache = None if args.prompt_cache == "none" else PromptCache.named(args.prompt_cache)
+    with ReplayHost(path, latency=latency, miss_hint=MISS_HINT, prompt_cache=cache) as host:
         rows = run_workload(host.base_url, args, items, pair, gemma, latency)
     return rows, f"{len(host.recording)} answers in {path}"
 
@@ -147,6 +158,12 @@ def main() -> None:
                     help=f"$ per million prompt tokens (default {PRICE_PROMPT}: gpt-3.5-turbo-instruct)")
     ap.add_argument("--price-completion", type=float, default=PRICE_COMPLETION,
                     help=f"$ per million completion tokens (default {PRICE_COMPLETION}: gpt-3.5-turbo-instruct)")
+    ap.add_argument("--prompt-cache", choices=[*RULES, "none"], default="openai",
+                    help="the provider's prompt-cache rule for cached input tokens (default openai: from 1,024 tokens, "
+                         "in blocks of 128; deepseek: blocks of 64; exact: every repeated token)")
+    ap.add_argument("--cached-price", type=float, default=None,
+                    help="$ per million cached prompt tokens (default: half of --price-prompt, OpenAI's discount "
+                         "for gpt-4o-class models)")
     ap.add_argument("--recording", default=str(cache_dir() / "replay" / f"{HOSTED_NAME}.jsonl"),
                     help="the recorded answers, JSON lines (default: under the model cache)")
     ap.add_argument("--record", action="store_true", help="fill misses from the hosted stand-in, then measure")
@@ -157,7 +174,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.problems < 1 or args.max_tokens < 1 or args.top_k < 1 or (args.chunk is not None and args.chunk < 1):
         ap.error("--problems, --max-tokens, --top-k and --chunk must be >= 1")
-    if args.price_prompt < 0 or args.price_completion < 0:
+    if args.cached_price is None:
+        args.cached_price = args.price_prompt / 2
+    if args.price_prompt < 0 or args.price_completion < 0 or args.cached_price < 0:
         ap.error("prices must be >= 0")
     if args.no_prefetch:
         from blackbox_proxy.decoding.base import Decoder
@@ -173,11 +192,11 @@ def main() -> None:
         return
     print(f"replayed API: ttft {latency.ttft:g} s ±{latency.jitter:.0%}, {latency.per_token * 1000:g} ms per further "
           f"token ({source}); prices ${args.price_prompt:g} / ${args.price_completion:g} per million prompt / "
-          "completion tokens")
+          f"completion tokens, ${args.cached_price:g} per million cached prompt tokens ({args.prompt_cache} rule)")
     print("| strategy | decoding | alpha | tokens | calls / token | API wait / plain | wall / plain | scoring s / token "
-          "| overlapped s / token "
-          "| billed prompt / token | billed completion / token | $ / 1k tokens | cost / plain | drafts / call | correct |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| overlapped s / token | billed prompt / token (cached) | billed completion / token | $ / 1k tokens "
+          "| cost / plain | cost / plain, cached priced | drafts / call | correct |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     def ratio(value: float | None) -> str:
         return "—" if value is None else f"{value:.1f}"
 
@@ -185,8 +204,9 @@ def main() -> None:
         print(f"| {r['strategy']} | {r['decoding']} | {r['alpha']:g} | {r['tokens']} | {r['calls_per_token']:.2f} "
               f"| {ratio(r['api_wait_vs_plain'])} | {ratio(r['wall_vs_plain'])} | {r['scoring_s_per_token']:.3f} "
               f"| {r['overlapped_s_per_token']:.3f} "
-              f"| {r['prompt_tokens_per_token']:.0f} | {r['completion_tokens_per_token']:.2f} "
-              f"| {r['usd_per_1k_tokens']:.4f} | {ratio(r['cost_vs_plain'])} | {r['drafts_per_call']:.1f} | {r['correct']} |")
+              f"| {r['prompt_tokens_per_token']:.0f} ({r['cached_prompt_tokens_per_token']:.0f}) "
+              f"| {r['completion_tokens_per_token']:.2f} | {r['usd_per_1k_tokens']:.4f} | {ratio(r['cost_vs_plain'])} "
+              f"| {ratio(r['cost_vs_plain_cached'])} | {r['drafts_per_call']:.1f} | {r['correct']} |")
 
 
 if __name__ == "__main__":

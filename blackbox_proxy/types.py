@@ -66,8 +66,13 @@ class EmptyEntry:
 
 @dataclass(frozen=True)
 class HostedUsage:
+    """The token counts the host reported for one call. ``cached_prompt_tokens``: the part of the
+    prompt the host read from its prompt cache (OpenAI's ``usage.prompt_tokens_details.cached_tokens``,
+    DeepSeek's ``prompt_cache_hit_tokens``), billed at a discount; included in ``prompt_tokens``."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -197,7 +202,8 @@ class Usage:
     calls also counted in ``api_calls`` (:mod:`blackbox_proxy.maths.tail`); ``draft_sequences``:
     drafts drawn by chunk calls (n per call, 1 for a single draft; every draft's tokens are billed);
     ``overlapped_seconds``: small-model work done while an API call was in flight (not in
-    ``scoring_seconds``: it adds no wall time when the API is remote)."""
+    ``scoring_seconds``: it adds no wall time when the API is remote); ``cached_prompt_tokens``:
+    the part of ``prompt_tokens`` the host billed as read from its prompt cache."""
 
     api_calls: int = 0
     prompt_tokens: int = 0
@@ -210,9 +216,19 @@ class Usage:
     tail_calls: int = 0
     draft_sequences: int = 0
     overlapped_seconds: float = 0.0
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those the host read from its prompt cache
 
     def __add__(self, other: "Usage") -> "Usage":
         return Usage(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+    @classmethod
+    def of_call(cls, result: "HostedResult", api_seconds: float, **more: Any) -> "Usage":
+        """One answered call: its API calls (with those the client added to complete it), the
+        host's token counts and the seconds waited; ``more``: other fields."""
+        u = result.usage
+        return cls(api_calls=1 + result.extra_calls, prompt_tokens=u.prompt_tokens,
+                   completion_tokens=u.completion_tokens, cached_prompt_tokens=u.cached_prompt_tokens,
+                   api_seconds=api_seconds, **more)
 
     @property
     def calls_per_token(self) -> float:

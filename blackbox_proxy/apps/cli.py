@@ -120,9 +120,10 @@ def _report(result: Any, *, as_json: bool) -> None:
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     probes = f" ({u.tail_calls} beyond the top-k)" if u.tail_calls else ""
+    cached = f" ({u.cached_prompt_tokens} prompt tokens cached)" if u.cached_prompt_tokens else ""
     click.echo(
         f"[{u.generated_tokens} tokens, {u.api_calls} API calls{probes}{accepted}, {u.prompt_tokens}+{u.completion_tokens} "
-        f"billed tokens, {u.api_seconds:.2f} s API, {u.scoring_seconds:.2f} s scoring, finish={result.finish_reason}]",
+        f"billed tokens{cached}, {u.api_seconds:.2f} s API, {u.scoring_seconds:.2f} s scoring, finish={result.finish_reason}]",
         err=True,
     )
 

@@ -54,6 +54,7 @@ import torch
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from openai.types import Completion, CompletionChoice, CompletionUsage, Model
+from openai.types.completion_usage import PromptTokensDetails
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage, ChatCompletionTokenLogprob
 from openai.types.chat.chat_completion import Choice as ChatChoice, ChoiceLogprobs
 from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice, ChoiceDelta
@@ -194,9 +195,14 @@ class ModelService:
 
     @staticmethod
     def usage(prompt_ids: list[int], gens: list[Generation]) -> CompletionUsage:
+        """Token counts, with the prompt tokens read from a kept KV cache as OpenAI reports its
+        prompt cache (``prompt_tokens_details.cached_tokens``; exact here, where OpenAI counts
+        blocks of 128 from 1,024 tokens on)."""
         completion = sum(len(g.tokens) for g in gens)
+        cached = max((g.cached_prompt_tokens for g in gens), default=0)
         return CompletionUsage(prompt_tokens=len(prompt_ids), completion_tokens=completion,
-                               total_tokens=len(prompt_ids) + completion)
+                               total_tokens=len(prompt_ids) + completion,
+                               prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
     def text(self, token_id: int, as_ids: bool) -> str:
         return f"token_id:{token_id}" if as_ids else self.runner.token_text(token_id)

@@ -122,13 +122,7 @@ class Decoder:
                                    n=n, logit_bias=ban, stream=stream)
 
     def _count_call(self, result: HostedResult, api_seconds: float, **more: int) -> None:
-        self.usage = self.usage + Usage(
-            api_calls=1 + result.extra_calls,
-            prompt_tokens=result.usage.prompt_tokens,
-            completion_tokens=result.usage.completion_tokens,
-            api_seconds=api_seconds,
-            **more,
-        )
+        self.usage = self.usage + Usage.of_call(result, api_seconds, **more)
 
     def _ended_without_logprobs(self) -> bool:
         """The API ended and reported nothing for that position. With the hosted end ids known,

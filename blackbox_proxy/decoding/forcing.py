@@ -173,9 +173,7 @@ class TeacherForcing:
             raise ConfigurationError(f"teacher forcing made no progress at reference token {i}")
         self.remaining = self.remaining[len(step.appended.data):]
         self.steps.append(step)
-        self.usage = self.usage + Usage(api_calls=1 + result.extra_calls, prompt_tokens=result.usage.prompt_tokens,
-                                        completion_tokens=result.usage.completion_tokens, api_seconds=api_seconds,
-                                        scoring_seconds=time.perf_counter() - started)
+        self.usage = self.usage + Usage.of_call(result, api_seconds, scoring_seconds=time.perf_counter() - started)
         return step
 
     def result(self) -> ForcedText:

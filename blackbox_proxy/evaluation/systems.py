@@ -48,7 +48,7 @@ class Settings:
 
 def usage_record(usage: Any) -> dict[str, Any]:
     out = {k: getattr(usage, k) for k in ("api_calls", "prompt_tokens", "completion_tokens", "generated_tokens",
-                                          "tail_calls")}
+                                          "tail_calls", "cached_prompt_tokens")}
     out.update(api_seconds=round(usage.api_seconds, 3), scoring_seconds=round(usage.scoring_seconds, 3))
     if usage.acceptance_rate is not None:
         out["acceptance_rate"] = round(usage.acceptance_rate, 4)
@@ -161,7 +161,7 @@ class TunedSystem(System):
         record = loglik_record(forced.logprobs, forced.pieces, forced.misses)
         u = forced.usage
         record["usage"] = {"api_calls": u.api_calls, "prompt_tokens": u.prompt_tokens,
-                           "completion_tokens": u.completion_tokens}
+                           "completion_tokens": u.completion_tokens, "cached_prompt_tokens": u.cached_prompt_tokens}
         return record
 
 
@@ -193,8 +193,7 @@ class HostedSystem(TunedSystem):
         started = time.perf_counter()
         [result] = await client.complete(request)
         cut = cut_at_stop(result.text, task.stop)
-        usage = Usage(api_calls=1 + result.extra_calls, prompt_tokens=result.usage.prompt_tokens,
-                      completion_tokens=result.usage.completion_tokens, api_seconds=time.perf_counter() - started)
+        usage = Usage.of_call(result, time.perf_counter() - started)
         record = usage_record(usage)
         del record["generated_tokens"], record["scoring_seconds"]  # the API's completion_tokens count what it wrote
         return {"output": result.text if cut is None else cut,

@@ -19,8 +19,9 @@ model says a remote API would have finished it::
   that names the route and says how to record it.
 
 Only generation routes (``…/completions``) are delayed; ``/v1/models`` and ``/tokenize`` answer at
-once. Left out: prefill time that grows with the prompt, rate limits and failures
-(``tests/faults.py`` injects those).
+once. With a :class:`~.prompt_cache.PromptCache`, every answer's usage reports the prompt tokens a
+provider would bill as cached. Left out: prefill time that grows with the prompt, rate limits
+and failures (``tests/faults.py`` injects those).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from typing import Any
 
 from ..apps.openai_http import SSE_DONE, ServerThread, sse_event
 from ..errors import ConfigurationError
+from .prompt_cache import PromptCache
 from .recording import STREAM_FIELDS, Answer, Recording, canonical_body, request_key  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
@@ -174,6 +176,7 @@ def stream_events(path: str, answer: dict[str, Any], *, include_usage: bool = Fa
                     for i, (position, part) in enumerate(_choice_deltas(choice, chat, tokens))),
                    key=lambda x: (x[0], x[2]["index"], x[1]))
     prompt_tokens = int((answer.get("usage") or {}).get("prompt_tokens") or 0)
+    details = (answer.get("usage") or {}).get("prompt_tokens_details")
     choices = max(1, len(_choices(answer)))
 
     def chunk(position: int, part: dict[str, Any]) -> dict[str, Any]:
@@ -182,6 +185,8 @@ def stream_events(path: str, answer: dict[str, Any], *, include_usage: bool = Fa
             done = min(tokens, position + 1) * choices
             out["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": done,
                             "total_tokens": prompt_tokens + done}
+            if details is not None:
+                out["usage"]["prompt_tokens_details"] = details
         return out
 
     events = [(position, sse_event(chunk(position, part))) for position, _, part in parts]
@@ -216,9 +221,11 @@ def _error(status: int, message: str, code: str | None = None, type_: str = "inv
 
 
 def create_replay_app(recording: Recording, *, latency: LatencyModel | None = None, upstream: str | None = None,
-                      stats: ReplayStats | None = None, miss_hint: str | None = None) -> Any:
+                      stats: ReplayStats | None = None, miss_hint: str | None = None,
+                      prompt_cache: PromptCache | None = None) -> Any:
     """The replay host's ASGI app (see the module docstring). ``latency`` None: no delay.
-    ``upstream``: the real server's base URL, to record misses from."""
+    ``upstream``: the real server's base URL, to record misses from. ``prompt_cache``: report the
+    cached prompt tokens a provider would bill (:mod:`.prompt_cache`) in every answer's usage."""
     import httpx
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -274,6 +281,8 @@ def create_replay_app(recording: Recording, *, latency: LatencyModel | None = No
             stats.replayed += 1
         generation = request.method == "POST" and request.url.path.endswith("/completions") and answer.status == 200
         delayed = latency is not None and not fresh  # a fresh answer already took the real server's time
+        if generation and prompt_cache is not None:
+            answer = _with_cached_tokens(answer, prompt_cache, parsed)
         if not generation or not (streamed or delayed):
             return Response(answer.body.encode("utf-8"), status_code=answer.status, media_type=answer.content_type)
         recorded = json.loads(answer.body)
@@ -303,6 +312,18 @@ def create_replay_app(recording: Recording, *, latency: LatencyModel | None = No
     return Starlette(routes=[Route("/{path:path}", handle, methods=["GET", "POST"])])
 
 
+def _with_cached_tokens(answer: Answer, cache: PromptCache, body: Any) -> Answer:
+    """``answer`` with the cached prompt tokens ``cache`` gives in its usage (OpenAI's field)."""
+    data = json.loads(answer.body)
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        return answer
+    cached = cache.cached(body, int(usage.get("prompt_tokens") or 0))
+    data["usage"] = dict(usage, prompt_tokens_details=dict(usage.get("prompt_tokens_details") or {},
+                                                           cached_tokens=cached))
+    return Answer(answer.status, answer.content_type, json.dumps(data))
+
+
 class ReplayHost(ServerThread):
     """The replay app on 127.0.0.1 in a background thread; a context manager. ``base_url`` ends
     in ``/v1``; ``stats`` counts what it did.
@@ -316,9 +337,11 @@ class ReplayHost(ServerThread):
     """
 
     def __init__(self, recording: Recording | str | Path, *, latency: LatencyModel | None = None,
-                 upstream: str | None = None, port: int = 0, miss_hint: str | None = None) -> None:
+                 upstream: str | None = None, port: int = 0, miss_hint: str | None = None,
+                 prompt_cache: PromptCache | None = None) -> None:
         self.recording = recording if isinstance(recording, Recording) else Recording(recording)
         self.latency = latency
         self.stats = ReplayStats()
         super().__init__(create_replay_app(self.recording, latency=latency, upstream=upstream, stats=self.stats,
-                                           miss_hint=miss_hint), host="127.0.0.1", port=port)
+                                           miss_hint=miss_hint, prompt_cache=prompt_cache), host="127.0.0.1",
+                         port=port)

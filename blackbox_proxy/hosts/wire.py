@@ -83,20 +83,28 @@ def answer_from_json(endpoint: str, body: "str | dict[str, Any]") -> Any:
 
 
 def usage_of(response: Any) -> HostedUsage:
-    """The token counts of an SDK answer (zeros where the host sends none)."""
+    """The token counts of an SDK answer (zeros where the host sends none), with the prompt tokens
+    read from the host's prompt cache where it says so: OpenAI's (and vLLM's)
+    ``prompt_tokens_details.cached_tokens``, DeepSeek's ``prompt_cache_hit_tokens``."""
     usage = getattr(response, "usage", None)
     if usage is None:
         return HostedUsage()
-    return HostedUsage(int(usage.prompt_tokens or 0), int(usage.completion_tokens or 0))
+    details = getattr(usage, "prompt_tokens_details", None)
+    cached = getattr(details, "cached_tokens", None) if details is not None else None
+    if cached is None:
+        cached = getattr(usage, "prompt_cache_hit_tokens", None)
+    prompt = int(usage.prompt_tokens or 0)
+    return HostedUsage(prompt, int(usage.completion_tokens or 0), min(prompt, int(cached or 0)))
 
 
 def add_usage(a: HostedUsage, b: HostedUsage) -> HostedUsage:
     """Token counts of two calls made for one answer.
 
-    >>> add_usage(HostedUsage(3, 1), HostedUsage(4, 1))
-    HostedUsage(prompt_tokens=7, completion_tokens=2)
+    >>> add_usage(HostedUsage(3, 1), HostedUsage(4, 1, 2))
+    HostedUsage(prompt_tokens=7, completion_tokens=2, cached_prompt_tokens=2)
     """
-    return HostedUsage(a.prompt_tokens + b.prompt_tokens, a.completion_tokens + b.completion_tokens)
+    return HostedUsage(a.prompt_tokens + b.prompt_tokens, a.completion_tokens + b.completion_tokens,
+                       a.cached_prompt_tokens + b.cached_prompt_tokens)
 
 
 def logaddexp(a: float, b: float) -> float:

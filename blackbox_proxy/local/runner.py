@@ -20,7 +20,9 @@ and repetition penalties.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +49,7 @@ class Generation:
     text_ids: tuple[int, ...]  # generated ids that are part of the text (no end token)
     text: str
     finish_reason: str
+    cached_prompt_tokens: int = 0  # prompt tokens read from a kept context's KV cache, not computed
 
 
 class ModelRunner:
@@ -175,6 +178,7 @@ class ModelRunner:
         text_ids: list[int] = []
         finish = "length"
         context = self._context_for(ids)
+        cached = min(_shared(context.ids, ids), len(ids))
         logprobs = self._extend(context, ids)
         for _ in range(max_tokens):
             token = self._step(logprobs, temperature, top_p, top_k, generator, logit_bias, out)
@@ -184,7 +188,7 @@ class ModelRunner:
             ids.append(token)
             if len(out) < max_tokens:
                 logprobs = self._extend(context, ids)
-        return self._generation(out, text_ids, stop, finish)
+        return dataclasses.replace(self._generation(out, text_ids, stop, finish), cached_prompt_tokens=cached)
 
     def _batch(self, prompt_ids, n, max_tokens, temperature, top_p, stop, top_k, generator,
                logit_bias) -> list[Generation]:
@@ -193,6 +197,7 @@ class ModelRunner:
         so no padding or attention mask is needed; a row that ends leaves the batch. Each row's
         draws are those of :meth:`_one` (same transforms, same stop rules), in another order."""
         context = self._context_for(list(prompt_ids))
+        cached = min(_shared(context.ids, prompt_ids), len(prompt_ids))
         first = self._extend(context, list(prompt_ids))
         cache = copy.deepcopy(context.cache)
         extra = cache_length(cache) - len(prompt_ids)
@@ -223,7 +228,8 @@ class ModelRunner:
                 out = self.model(input_ids=torch.tensor(feed, device=device)[:, None], cache=cache, use_cache=True)
             cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
             logprobs = torch.log_softmax(out.logits[:, -1].float(), -1)
-        return [self._generation(steps[i], text_ids[i], stop, finish[i]) for i in range(n)]
+        return [dataclasses.replace(self._generation(steps[i], text_ids[i], stop, finish[i]), cached_prompt_tokens=cached)
+                for i in range(n)]
 
     def _ends(self, token: int, text_ids: list[int], stop: list[str]) -> bool:
         """Take ``token`` into ``text_ids`` unless it is an end token; whether the text ends here
@@ -264,12 +270,7 @@ class ModelRunner:
         room, else the one sharing the longest prefix (cropped). Clients that interleave thus keep
         their own contexts instead of overwriting each other's."""
         def shared(context: CachedContext) -> int:
-            n = 0
-            for a, b in zip(context.ids, ids):
-                if a != b:
-                    break
-                n += 1
-            return n
+            return _shared(context.ids, ids)
 
         extended = [c for c in self.contexts if c.ids and shared(c) == len(c.ids)]
         if extended:
@@ -301,3 +302,13 @@ class ModelRunner:
 def _finite(logprob: float) -> float:
     """JSON has no -inf: impossible tokens get OpenAI's -9999 sentinel."""
     return logprob if math.isfinite(logprob) else -9999.0
+
+
+def _shared(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the common prefix of ``a`` and ``b``."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
