@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from .errors import ConfigurationError
 
-STRATEGIES = ("per-step", "speculative", "resample")
+STRATEGIES = ("auto", "per-step", "speculative", "resample")  # auto: the cheapest exact one the host allows
 # A seed is a 64-bit signed integer: OpenAI's API takes that range, torch.Generator.manual_seed
 # takes more, and a server's n choices (seed + i) stay within what torch takes.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
@@ -163,7 +163,7 @@ class GenerationRequest(BaseModel):
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    strategy: str = "per-step"
+    strategy: str = "auto"
     chunk: int | None = None  # speculative: fixed chunk length; None = adaptive
     samples: int | None = None  # resample: answers drawn; None = the default
     tail_calls: int = 1  # speculative: most tail-probe calls per rejection (0: the candidates-only rule)

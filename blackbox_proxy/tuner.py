@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from . import _constants as C
-from .decoding import Decoder, HostedPrompt, PerStepDecoder, ResampleDecoder, Scoring, SpeculativeDecoder
+from .decoding import DECODERS, Decoder, HostedPrompt, Scoring, choose
 from .decoding.driver import check_fits, round_async, round_sync
 from .decoding.resample import DEFAULT_SAMPLES
 from .errors import ConfigurationError
@@ -37,8 +37,6 @@ from .types import MODES, GenerationResult, HostCapabilities, StreamEvent
 __all__ = ["AsyncProxyTuner", "ProxyTuner", "STRATEGIES"]
 
 logger = logging.getLogger(__name__)
-_DECODERS: dict[str, type] = {"per-step": PerStepDecoder, "speculative": SpeculativeDecoder,
-                              "resample": ResampleDecoder}
 
 
 class _TunerBase:
@@ -203,19 +201,22 @@ class _TunerBase:
 
         Every rule :meth:`generate` applies: those of :class:`GenerationRequest`, then what this
         tuner's mode and host support, k within the host's cap, and a prompt that fits each
-        small model's context. Returns the request.
+        small model's context. Returns the request, its strategy chosen when it asked ``auto``
+        (:func:`~blackbox_proxy.decoding.strategies.choose`).
         """
-        req = self.request_for(prompt, request, **options)
-        self._prepare(req)
-        return req
+        return self._prepare(self.request_for(prompt, request, **options))[0]
 
-    def _prepare(self, req: GenerationRequest, hosted_ids: Any = None) -> tuple[HostCapabilities, HostedPrompt,
-                                                                                 list[list[int]]]:
-        """The checks of :meth:`check_request`, and what they computed on the way: the host's
-        capabilities, the hosted prompt (``hosted_ids``: its ids as a client sent them, after the
-        tokenizer's prefix ids) and each small model's prompt ids."""
+    def _prepare(self, req: GenerationRequest, hosted_ids: Any = None) -> tuple[
+            GenerationRequest, str, HostCapabilities, HostedPrompt, list[list[int]]]:
+        """The checks of :meth:`check_request`, and what they computed on the way: the request with
+        its strategy chosen, why, the host's capabilities, the hosted prompt (``hosted_ids``: its
+        ids as a client sent them, after the tokenizer's prefix ids) and each small model's prompt
+        ids."""
         host = self.client.capabilities(self.top_k)
-        _DECODERS[req.strategy].check(req, host)
+        strategy, why = choose(req, host)
+        if strategy != req.strategy:
+            req = req.model_copy(update={"strategy": strategy})  # choose() keeps what the strategy needs
+        DECODERS[strategy].check(req, host)
         text, messages = self.prompt_text(req), req.message_dicts()
         small_ids = []
         for role, scorer in (("expert", self.expert), ("anti-expert", self.anti_expert)):
@@ -234,7 +235,7 @@ class _TunerBase:
             elif ids is None:
                 ids = vocab.encode_prompt(text or "")
         prompt = HostedPrompt(text=text, messages=req.message_pairs(), ids=tuple(ids) if ids is not None else None)
-        return host, prompt, small_ids
+        return req, why, host, prompt, small_ids
 
     def prompt_text(self, req: GenerationRequest) -> str | None:
         """The text the hosted model continues in completions mode: the prompt, or chat messages
@@ -250,13 +251,14 @@ class _TunerBase:
         """A fresh decoder for one generation (its small models' sessions open: close them with
         ``decoder.scoring.close()``). ``hosted_ids``: the prompt's hosted token ids as a client
         sent them (used as they are when the tuner sends token-id prompts)."""
-        req = self.request_for(prompt, request, **options)
-        host, hosted_prompt, (expert_ids, anti_ids) = self._prepare(req, hosted_ids)
+        req, why, host, hosted_prompt, (expert_ids, anti_ids) = self._prepare(self.request_for(prompt, request, **options),
+                                                                               hosted_ids)
+        logger.info("strategy %s: %s", req.strategy, why)
         expert_session, anti_session = open_sessions(self.expert, expert_ids, self.anti_expert, anti_ids,
                                                      batching=self.batch_scoring)
         scoring = Scoring(expert_session, anti_session, self.aligner, same_vocab=self.same_vocab, alpha=req.alpha)
         settings = {
-            "strategy": req.strategy, "mode": self.mode, "model": self.client.model, "alpha": req.alpha,
+            "strategy": req.strategy, "strategy_reason": why, "mode": self.mode, "model": self.client.model, "alpha": req.alpha,
             "temperature": req.temperature, "top_p": req.top_p, "top_k": host.top_k,
             "max_tokens": req.max_tokens, "seed": req.seed, "expert": self.expert.name,
             "anti_expert": self.anti_expert.name,
@@ -267,7 +269,7 @@ class _TunerBase:
             "chunk": (req.chunk or "adaptive") if req.strategy == "speculative" else None,
             "samples": (req.samples or DEFAULT_SAMPLES) if req.strategy == "resample" else None,
         }
-        return _DECODERS[req.strategy](req, host=host, scoring=scoring, prompt=hosted_prompt, settings=settings)
+        return DECODERS[req.strategy](req, host=host, scoring=scoring, prompt=hosted_prompt, settings=settings)
 
 
 class ProxyTuner(_TunerBase):

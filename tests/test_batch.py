@@ -159,12 +159,13 @@ def test_missing_logprobs_are_asked_again_once_then_reported(tmp_path, faulty_se
     try:
         tuner = ProxyTuner(base_url=faulty_server.base_url, model="tiny", expert=scorers_a[0],
                            anti_expert=scorers_a[1], top_k=8, hosted_tokenizer=tok_a, max_retries=0)
-        reference = tuner.generate("The quick", max_tokens=3)
+        # per-step: whole (not streamed) answers, which is what the fault rewrites
+        reference = tuner.generate("The quick", max_tokens=3, strategy="per-step")
         faulty.script = ["no-logprobs"]
-        assert tuner.generate("The quick", max_tokens=3).text == reference.text
+        assert tuner.generate("The quick", max_tokens=3, strategy="per-step").text == reference.text
         faulty.script = ["no-logprobs", "no-logprobs"]
         with pytest.raises(HostedResponseError) as info:
-            tuner.generate("The quick", max_tokens=3)
+            tuner.generate("The quick", max_tokens=3, strategy="per-step")
         assert "asked 2 times" in str(info.value) and "\n" not in str(info.value)
     finally:
         faulty.rate, faulty.script = saved, []

@@ -143,7 +143,7 @@ def test_async_generations_share_forwards_and_equal_sync(server_a, tok_a, scorer
     kw = dict(base_url=server_a.base_url, model="tiny", expert=scorers_b[0], anti_expert=scorers_b[1], top_k=10,
               hosted_tokenizer=tok_a, max_retries=0)
     sync = ProxyTuner(**kw)
-    want = [sync.generate(p, max_tokens=8).text for p in prompts]
+    want = [sync.generate(p, max_tokens=8, strategy="per-step").text for p in prompts]
     want_spec = [sync.generate(p, max_tokens=8, strategy="speculative", temperature=1.0, seed=i).text
                  for i, p in enumerate(prompts)]
     from blackbox_proxy.local.batching import model_queue
@@ -153,7 +153,7 @@ def test_async_generations_share_forwards_and_equal_sync(server_a, tok_a, scorer
 
     async def main():
         async with AsyncProxyTuner(**kw) as tuner:
-            greedy = await asyncio.gather(*(tuner.generate(p, max_tokens=8) for p in prompts))
+            greedy = await asyncio.gather(*(tuner.generate(p, max_tokens=8, strategy="per-step") for p in prompts))
             spec = await asyncio.gather(*(tuner.generate(p, max_tokens=8, strategy="speculative", temperature=1.0,
                                                          seed=i) for i, p in enumerate(prompts)))
             return [r.text for r in greedy], [r.text for r in spec]

@@ -26,7 +26,9 @@ def test_generate_json_equals_library(server_a, saved_a):
     assert out.exit_code == 0, out.output
     data = json.loads(out.stdout)
     assert set(data) >= {"text", "usage", "trace", "finish_reason", "settings"}
-    assert data["usage"]["api_calls"] == len(data["trace"]) == 6
+    # the default (auto) is speculative on a host that continues: fewer calls, one trace step per token
+    assert data["settings"]["strategy"] == "speculative" and "continues a prefix" in data["settings"]["strategy_reason"]
+    assert len(data["trace"]) == 6 and data["usage"]["api_calls"] < 6
     step = data["trace"][0]
     assert {"hosted_logprob", "delta", "prob"} <= set(step["candidates"][0])
     lib = ProxyTuner(base_url=server_a.base_url, model="tiny", hosted_tokenizer=str(saved_a["L"]), top_k=50,
@@ -37,10 +39,10 @@ def test_generate_json_equals_library(server_a, saved_a):
 
 def test_generate_plain_output_and_usage_line(server_a, saved_a):
     args = ["generate", "--base-url", server_a.base_url, "--model", "tiny", "--expert", str(saved_a["E"]),
-            "--anti-expert", str(saved_a["A"]), "--prompt", "Hi", "--max-tokens", "3"]
+            "--anti-expert", str(saved_a["A"]), "--prompt", "Hi", "--max-tokens", "3", "--strategy", "per-step"]
     out = CliRunner().invoke(main, args)
     assert out.exit_code == 0, out.output
-    # one call per token, and a greedy step's call beyond the top-k where a tail token may win
+    # per-step: one call per token, and a greedy step's call beyond the top-k where a tail token may win
     found = re.search(r"\[3 tokens, (\d+) API calls(?: \((\d+) beyond the top-k\))?,", out.stderr)
     assert found and int(found[1]) - int(found[2] or 0) == 3, out.stderr
 
@@ -154,7 +156,7 @@ def test_generation_flags_are_the_request_objects_fields():
         for name in OPTION_NAMES:
             assert defaults[name] == GenerationRequest.model_fields[name].default, (command.name, name)
     serve_defaults = {p.name: p.default for p in serve.params}
-    assert serve_defaults["max_tokens"] == 256 and serve_defaults["strategy"] == "per-step"
+    assert serve_defaults["max_tokens"] == 256 and serve_defaults["strategy"] == "auto"
     assert "temperature" not in serve_defaults  # a request's own field, not a server default
     assert request_options({"alpha": 2.0, "stop": ("\n",), "verbose": 1}) == {"alpha": 2.0, "stop": ["\n"]}
 

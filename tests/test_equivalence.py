@@ -5,6 +5,8 @@ And with k = 5: how often the top-5 renormalised choice agrees with the white-bo
 teacher-forced text, with a bound that a broken offset does not reach.
 """
 
+import itertools
+
 import pytest
 import torch
 
@@ -45,15 +47,19 @@ def test_black_box_with_full_vocabulary_equals_white_box(server_a, tok_a, models
         top_k=len(tok_a), hosted_tokenizer=tok_a, max_retries=0,
     )
     assert tuner.same_vocab
-    for prompt in PROMPTS:
-        result = tuner.generate(prompt, max_tokens=12, alpha=alpha)
+    for prompt, strategy in itertools.product(PROMPTS, ("per-step", "auto")):
+        result = tuner.generate(prompt, max_tokens=12, alpha=alpha, strategy=strategy)
         assert result.settings["token_prompts"] is True
         expected = white_box_greedy(models_a, tok_a.encode(prompt), alpha, 12)
         got_bytes = result.text.encode("utf-8", "surrogatepass")
         want_text = tok_a.decode([t for t in expected if t != 0])
-        assert result.text == want_text, (prompt, result.text, want_text)
+        assert result.text == want_text, (prompt, strategy, result.text, want_text)
         assert len(result.trace) == len(expected)
-        assert result.usage.api_calls == len(expected)
+        if strategy == "per-step":
+            assert result.usage.api_calls == len(expected)
+        else:  # the default: greedy speculative, the same tokens in at most as many calls (each call
+            # gives at least one token: the accepted drafts, then the tuned choice at the first rejection)
+            assert result.settings["strategy"] == "speculative" and result.usage.api_calls <= len(expected)
         usable = len(tok_a) - 1  # k = V: every token but <|im_start|> (special, not an end)
         for step, token in zip(result.trace, expected):
             assert len(step.candidates) == usable

@@ -70,7 +70,7 @@ def test_alpha_not_finite(server_a, scorers_a, alpha):
         ({"prompt": "Hi", "temperature": -1.0}, "temperature must be"),
         ({"prompt": "Hi", "top_p": 0.0}, "top_p must be in (0, 1]"),
         ({"prompt": "Hi", "max_tokens": 0}, "max_tokens must be an integer >= 1"),
-        ({"prompt": "Hi", "strategy": "beam"}, "strategy must be one of per-step"),
+        ({"prompt": "Hi", "strategy": "beam"}, "strategy must be one of auto, per-step"),
         ({"prompt": "Hi", "tail_calls": 9}, "tail_calls must be an integer from 0 to 8"),
     ],
 )

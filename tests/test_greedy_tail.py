@@ -125,8 +125,9 @@ def test_skipping_the_probe_misses_white_box_greedy(host, tok_a, models_a, score
 def test_with_k_the_vocabulary_or_no_way_to_ask_nothing_is_probed(server_a, tok_a, scorers_a, scorers_b,
                                                                    monkeypatch):
     with _tuner(server_a, tok_a, scorers_a, top_k=len(tok_a)) as t:  # the tail is empty: no suspect, no call
-        result = t.generate(PROMPTS[0], max_tokens=8)
+        result = t.generate(PROMPTS[0], max_tokens=8, strategy="per-step")
         assert result.usage.tail_calls == 0 and result.usage.api_calls == len(result.trace)
+        assert t.generate(PROMPTS[0], max_tokens=8, strategy="speculative").usage.tail_calls == 0
     with ProxyTuner(base_url=server_a.base_url, model="tiny", expert=scorers_b[0], anti_expert=scorers_b[1],
                     hosted_tokenizer=tok_a, top_k=5, max_retries=0) as t:  # across tokenizers: the candidates' argmax
         assert t.generate(PROMPTS[0], max_tokens=8).usage.tail_calls == 0

@@ -114,8 +114,10 @@ def test_cross_tokenizer_generation_matches_reference_offsets(server_a, tok_a, t
 def test_text_prompts_without_hosted_vocabulary(server_a, scorers_b):
     """No hosted vocabulary: text prompts, prefix-cover alignment, never half a character."""
     t = make(server_a, scorers_b, top_k=10)
-    result = t.generate("A café in Zürich", max_tokens=8)
-    assert result.settings["token_prompts"] is False
-    assert "unknown" in result.settings["alignment"]
-    assert "\ufffd" not in result.text
-    assert result.usage.api_calls == len(result.trace)
+    for strategy in ("per-step", "auto"):
+        result = t.generate("A café in Zürich", max_tokens=8, strategy=strategy)
+        assert result.settings["token_prompts"] is False
+        assert "unknown" in result.settings["alignment"]
+        assert "\ufffd" not in result.text
+        if strategy == "per-step":
+            assert result.usage.api_calls == len(result.trace)

@@ -296,7 +296,7 @@ def test_greedy_multidraft_equals_per_step_greedy(server_a, tok_a, scorers_a, sc
     t = make(server_a, scorers, top_k=20, hosted_tokenizer=tok_a)
     trees = 0
     for prompt in ["The quick brown", "A café in Zürich sells", "Numbers: 1 2"]:
-        per_step = t.generate(prompt, max_tokens=16)
+        per_step = t.generate(prompt, max_tokens=16, strategy="per-step")
         spec = t.generate(prompt, max_tokens=16, strategy="speculative", drafts=4)
         assert spec.text == per_step.text
         assert spec.usage.api_calls < per_step.usage.api_calls
@@ -366,7 +366,7 @@ def test_text_prompt_greedy_equals_per_step(server_a, tok_a, scorers_b):
     a text prompt can end on, as per-step greedy does: the same text."""
     t = make(server_a, scorers_b, top_k=20, hosted_tokenizer="none")
     for prompt in ["A café in Zürich sells", "Question: 7", "Numbers: 1 2"]:
-        per_step = t.generate(prompt, max_tokens=10)
+        per_step = t.generate(prompt, max_tokens=10, strategy="per-step")
         for drafts in (1, 4):
             spec = t.generate(prompt, max_tokens=10, strategy="speculative", drafts=drafts)
             assert spec.text == per_step.text, (prompt, drafts)

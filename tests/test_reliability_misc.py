@@ -63,12 +63,19 @@ SECRET = "sk-live-CACHECHECK-29f0c8a1b7e64d35"
 
 
 class EchoKey:
-    """A host that echoes the request's Authorization header (and the key inside a sentence)
-    in every successful completion body."""
+    """A host that echoes the request's Authorization header (and the key inside a sentence, and
+    in the answer's id) in every successful completion body, streamed or not."""
 
     def __init__(self, app):
         self.app = app
         self.echoed = 0
+
+    @staticmethod
+    def echo(data: dict, auth: str) -> dict:
+        key = auth.split()[-1]
+        data["id"] = f"cmpl-{key}"
+        data["debug"] = {"headers": {"Authorization": auth}, "note": f"called with {key}", "x-api-key": key}
+        return data
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != "/v1/completions":
@@ -83,19 +90,27 @@ class EchoKey:
                 captured["body"] += message.get("body", b"")
 
         await self.app(scope, receive, keep)
-        data = json.loads(captured["body"])
-        if captured["status"] == 200:
-            data["debug"] = {"headers": {"Authorization": auth}, "note": f"called with {auth.split()[-1]}",
-                             "x-api-key": auth.split()[-1]}
+        if captured["status"] != 200:
+            body = captured["body"]
+        elif captured["body"].startswith(b"data:"):  # a streamed answer: the key in every event
+            events = []
+            for line in captured["body"].decode().split("\n"):
+                if line.startswith("data: {"):
+                    line = "data: " + json.dumps(self.echo(json.loads(line[6:]), auth))
+                events.append(line)
+            body = "\n".join(events).encode()
             self.echoed += 1
-        body = json.dumps(data).encode()
+        else:
+            body = json.dumps(self.echo(json.loads(captured["body"]), auth)).encode()
+            self.echoed += 1
         headers = [(k, v) for k, v in captured["headers"] if k.lower() != b"content-length"]
         await send({"type": "http.response.start", "status": captured["status"],
                     "headers": headers + [(b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
 
-def test_a_key_echoed_in_a_successful_body_never_reaches_the_cache(tmp_path, tok_a, models_a, scorers_a):
+@pytest.mark.parametrize("strategy", ["per-step", "speculative"])  # whole answers; streamed chunks
+def test_a_key_echoed_in_a_successful_body_never_reaches_the_cache(tmp_path, tok_a, models_a, scorers_a, strategy):
     runner = ModelRunner(models_a[0], tok_a, name="tiny")
     echo = EchoKey(create_app(runner, max_top_logprobs=len(tok_a)))
     cache = tmp_path / "cache.sqlite"
@@ -105,11 +120,11 @@ def test_a_key_echoed_in_a_successful_body_never_reaches_the_cache(tmp_path, tok
                               anti_expert=scorers_a[1], top_k=8, hosted_tokenizer=tok_a, max_retries=0, cache=cache)
 
         first = tuner()
-        text = first.generate("The quick", max_tokens=4).text
+        text = first.generate("The quick", max_tokens=4, strategy=strategy).text
         first.close()
         echoed = echo.echoed
         again = tuner()
-        assert again.generate("The quick", max_tokens=4).text == text  # replayed from the scrubbed cache
+        assert again.generate("The quick", max_tokens=4, strategy=strategy).text == text  # from the scrubbed cache
         again.close()
     assert echoed >= 1 and echo.echoed == echoed  # every answer of the second run came from the cache
     files = [p for p in tmp_path.iterdir() if p.name.startswith("cache.sqlite")]
@@ -118,8 +133,10 @@ def test_a_key_echoed_in_a_successful_body_never_reaches_the_cache(tmp_path, tok
 
     with sqlite3.connect(cache) as db:
         bodies = [json.loads(body) for (body,) in db.execute("SELECT body FROM responses")]
-    assert bodies and all(b["debug"] == {"headers": {"Authorization": "***"}, "note": "called with ***",
-                                         "x-api-key": "***"} for b in bodies)
+    assert bodies and all(b["id"] == "cmpl-***" for b in bodies)
+    if strategy == "per-step":  # a streamed answer is gathered from the fields it needs: no "debug"
+        assert all(b["debug"] == {"headers": {"Authorization": "***"}, "note": "called with ***",
+                                  "x-api-key": "***"} for b in bodies)
 
 
 # ----- a LoRA adapter trained on another base ----------------------------------------------------------

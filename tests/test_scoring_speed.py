@@ -219,7 +219,7 @@ def test_same_tokenizer_path_feeds_one_position_per_call(server_a, tok_a, scorer
     monkeypatch.setattr(sessions, "PROMPTS", PromptStore())  # no cached prompt: the first call feeds it all
     calls = Calls(scorers_a[0].model)
     try:
-        result = tuner.generate("There are many words", max_tokens=8)
+        result = tuner.generate("There are many words", max_tokens=8, strategy="per-step")
     finally:
         calls.handle.remove()
     prompt = len(scorers_a[0].prompt_ids(prompt="There are many words"))

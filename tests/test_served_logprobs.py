@@ -151,7 +151,7 @@ def test_speculative_trace_has_a_step_per_token_equal_to_per_step(kw, scorers_b,
         options.update(expert=scorers_b[0], anti_expert=scorers_b[1])
     tuner = ProxyTuner(**options, stream_chunks=how != "whole")
     for prompt in ("The quick brown", "Numbers: 1 2"):
-        per = tuner.generate(prompt, max_tokens=10, temperature=0, alpha=1.5)
+        per = tuner.generate(prompt, max_tokens=10, temperature=0, alpha=1.5, strategy="per-step")
         spec = tuner.generate(prompt, max_tokens=10, temperature=0, alpha=1.5, strategy="speculative",
                               **({"drafts": 3} if how == "tree" else {}))
         assert spec.text == per.text and spec.usage.api_calls < per.usage.api_calls

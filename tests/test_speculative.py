@@ -273,7 +273,7 @@ def test_greedy_speculative_equals_per_step_greedy(server_a, tok_a, scorers_a, s
     scorers = scorers_a if which == "same" else scorers_b
     t = make(server_a, scorers, top_k=20, hosted_tokenizer=tok_a)
     for prompt in ["The quick brown", "A café in Zürich sells", "Numbers: 1 2"]:
-        per_step = t.generate(prompt, max_tokens=16)
+        per_step = t.generate(prompt, max_tokens=16, strategy="per-step")
         spec_result = t.generate(prompt, max_tokens=16, strategy="speculative")
         assert spec_result.text == per_step.text
         assert spec_result.usage.api_calls < per_step.usage.api_calls

@@ -122,8 +122,10 @@ GENERATION_OPTIONS: dict[str, dict[str, Any]] = {
     "stop": dict(multiple=True, help="stop string (repeatable)"),
     "strategy": dict(
         type=click.Choice([*STRATEGIES, "white-box"]), show_default=True,
-        help="per-step: one API call per token; speculative: API-drawn chunks accepted or resampled; "
-             "resample: whole answers reweighted (chat-only APIs); white-box: exact, base model local (--base)"),
+        help="auto: speculative where the host continues a prefix at temperature 0 or 1, else per-step; "
+             "per-step: one API call per token; speculative: API-drawn chunks accepted or resampled, a fraction "
+             "of a call per token (greedy: exactly per-step's text); resample: whole answers reweighted "
+             "(chat-only APIs); white-box: exact, base model local (--base)"),
     "chunk": dict(type=int, help="speculative: tokens per API call [default: adaptive, 4-32]"),
     "samples": dict(type=int, help="resample: whole answers drawn per prompt [default: 16]"),
     "tail_calls": dict(type=int, show_default=True,

@@ -199,7 +199,7 @@ def create_tuned_app(
     name: str,
     api_key: str | None = None,
     alpha: float = 1.0,
-    strategy: str = "per-step",
+    strategy: str = "auto",
     chunk: int | None = None,
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,

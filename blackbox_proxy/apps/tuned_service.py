@@ -102,9 +102,9 @@ class TunedService:
         the tuner and what this server can return (400/502 if not)."""
         try:
             request = body.to_request(self.defaults, prompt=prompt)
-            check_asks(body, request.strategy, self.tuner)
             await self.tuner.client.check()
-            self.tuner.check_request(request=request)
+            request = self.tuner.check_request(request=request)  # its strategy chosen (auto)
+            check_asks(body, request.strategy, self.tuner)
         except ProxyTuningError as exc:
             raise self.error(exc) from None
         return request
@@ -231,6 +231,7 @@ def proxy_usage(results: list[GenerationResult]) -> dict[str, Any]:
     """What the proxy paid for the answers: hosted calls and tokens, seconds waiting and scoring."""
     u = sum((r.usage for r in results[1:]), results[0].usage)
     return {"api_calls": u.api_calls, "hosted_prompt_tokens": u.prompt_tokens,
+            "hosted_cached_prompt_tokens": u.cached_prompt_tokens,
             "hosted_completion_tokens": u.completion_tokens, "api_seconds": round(u.api_seconds, 4),
             "scoring_seconds": round(u.scoring_seconds, 4), "draft_tokens": u.draft_tokens,
             "accepted_drafts": u.accepted_drafts}

@@ -9,7 +9,8 @@ answer, ``done`` and ``result()`` end it.
 
 ``prefix`` and ``scoring`` are the values every strategy, teacher forcing (``forcing.py``) and
 the fidelity harness share; ``base`` holds the decoder state; ``per_step``, ``speculative`` and
-``resample`` are the strategies; ``walks/`` the ways a speculative chunk is walked. Left out:
+``resample`` are the strategies, ``strategies`` says which one runs (``auto``: the cheapest exact
+one the host allows); ``walks/`` the ways a speculative chunk is walked. Left out:
 the maths they call (:mod:`blackbox_proxy.maths`) and all I/O.
 """
 
@@ -19,6 +20,7 @@ from .prefix import HostedPrompt, Prefix
 from .resample import ResampleDecoder
 from .scoring import Offsets, Scoring
 from .speculative import SpeculativeDecoder
+from .strategies import DECODERS, choose
 
-__all__ = ["Decoder", "HostedPrompt", "Offsets", "PerStepDecoder", "Prefix", "ResampleDecoder", "Scoring",
-           "SpeculativeDecoder"]
+__all__ = ["DECODERS", "Decoder", "HostedPrompt", "Offsets", "PerStepDecoder", "Prefix", "ResampleDecoder", "Scoring",
+           "SpeculativeDecoder", "choose"]
