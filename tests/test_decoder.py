@@ -5,7 +5,7 @@ import math
 import pytest
 
 from decoders import build
-from blackbox_proxy import Candidate, HostedPosition, HostedResponseError, HostedResult
+from blackbox_proxy import Candidate, HostedPosition, HostedResult
 
 from blackbox_proxy.decoding.per_step import PerStepDecoder
 from blackbox_proxy.types import HostedUsage
@@ -55,8 +55,8 @@ def test_greedy_choice_and_end(scorers_a):
 def test_text_prompt_cannot_continue_half_a_character(scorers_a):
     dec = decoder(scorers_a, token_prompts=False, max_tokens=3, top_k=2)
     partial = position(Candidate("bytes:\\xe2", b"\xe2", -0.1), Candidate("bytes:\\xf0", b"\xf0", -0.5))
-    with pytest.raises(HostedResponseError, match="--hosted-tokenizer"):
-        dec.observe([HostedResult("", (partial,), "length", HostedUsage())], 0.0)
+    dec.observe([HostedResult("", (partial,), "length", HostedUsage())], 0.0)
+    assert dec.prefix.data == b"" and dec.request().max_tokens == 4  # the host's own character next (test_speculative)
     dec = decoder(scorers_a, token_prompts=False, max_tokens=3, top_k=2, alpha=0.0)
     mixed = position(Candidate("bytes:\\xe2", b"\xe2", -0.1), Candidate(" a", b" a", -2.0))
     step = dec.observe([HostedResult("", (mixed,), "length", HostedUsage())], 0.0)

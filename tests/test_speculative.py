@@ -13,6 +13,7 @@ from tiny import concentrated  # noqa: F401 - the other statistical tests import
 
 from blackbox_proxy import ConfigurationError, ModeNotSupportedError, ProxyTuner
 from blackbox_proxy.decoding import speculative as spec
+from blackbox_proxy.decoding import PerStepDecoder
 from blackbox_proxy.decoding.speculative import SpeculativeDecoder
 from blackbox_proxy.maths import rejection
 from blackbox_proxy.maths.rejection import PositionScore, walk_greedy, walk_sampled
@@ -381,3 +382,49 @@ def test_a_chunk_whose_first_draw_has_no_text_is_chosen_like_per_step(server_a, 
     result = t.generate(f"{WORDS[131 % len(WORDS)]} 131", strategy="speculative", temperature=1.0, seed=131, max_tokens=6)
     notes = [n for c in result.chunks for n in c.notes] + [n for s in result.trace for n in s.notes]
     assert any("has no text" in n for n in notes), notes
+
+
+# ----- a character a text prompt cannot carry in pieces ------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [PerStepDecoder, SpeculativeDecoder])
+def test_a_position_whose_candidates_all_end_inside_a_character_takes_the_hosts_character(tok_a, models_a, cls):
+    """On a text prompt (chat-prefix, or completions without the hosted tokenizer) a request cannot
+    end inside a UTF-8 character. Where every candidate does (found by fuzzing the server with odd
+    text), the decoder asks the host for its next few tokens and takes them up to the character's
+    end, untuned and said so, then goes on token by token; a host that never finishes the
+    character is an error that says which mode carries any bytes."""
+    from blackbox_proxy.errors import HostedResponseError
+    from blackbox_proxy.tokens.loaders import vocabulary_from_hf
+
+    vocab = vocabulary_from_hf(tok_a)
+    byte = {vocab.token_bytes[i]: i for i in range(len(vocab.token_bytes))}
+    piece = lambda data, lp: Candidate(data.decode("latin-1"), data, lp, byte[data])  # noqa: E731
+    lead, other = piece(b"\xc3", -0.1), piece(b"\xc5", -2.5)
+    prompt = tok_a.encode("Caf")
+    e, a = MemoSession(models_a[1], prompt), MemoSession(models_a[2], prompt)
+
+    def decoder():
+        dec = build(cls, e, a, vocab, prompt=None, mode="chat-prefix", messages=[{"role": "user", "content": "Caf"}],
+                    temperature=0.0, max_tokens=5)
+        first = dec.request()
+        assert first.max_tokens >= 1 and first.assistant_prefix == ""
+        # no drawn text at the first position (as a special token): chosen like per-step
+        dec.observe([HostedResult("", (HostedPosition((lead, other), None if cls is SpeculativeDecoder else lead),),
+                                  "length", HostedUsage())], 0.0)
+        assert dec.prefix.data == b"" and not dec.done
+        asked = dec.request()
+        assert (asked.max_tokens, asked.temperature, asked.assistant_prefix) == (4, 0.0, "")
+        return dec
+
+    dec = decoder()
+    tail = piece(b"\xa9", -0.2)
+    dec.observe([HostedResult("", (HostedPosition((lead, other), lead), HostedPosition((tail,), tail),
+                                   HostedPosition((lead,), lead)), "length", HostedUsage(3, 3))], 0.0)
+    assert dec.prefix.data == "é".encode() and dec.generated == 2 and dec.usage.api_calls == 2
+    assert [s.alignment for s in dec.steps] == ["untuned", "untuned"] and "untuned" in dec.steps[0].notes[-1]
+    assert dec.request().assistant_prefix == "é"  # back to proxy tuning, after the whole character
+
+    dec = decoder()
+    with pytest.raises(HostedResponseError, match="--mode completions with --hosted-tokenizer"):
+        dec.observe([HostedResult("", (HostedPosition((lead,), lead),) * 4, "length", HostedUsage())], 0.0)

@@ -33,7 +33,7 @@ from ..tokens.vocab import split_utf8
 from ..types import (Candidate, CandidateTrace, GenerationResult, HostCapabilities, HostedPosition, HostedRequest,
                      HostedResult, StepTrace, Usage)
 from . import tail
-from .prefix import HostedPrompt, Prefix
+from .prefix import HostedPrompt, Prefix, is_utf8
 from .scoring import Offsets, Scoring
 
 
@@ -59,6 +59,9 @@ class ScoredPosition:
         """This position with one more candidate (a tail token found by a probe)."""
         return ScoredPosition([*self.candidates, token], [*self.expert, expert], [*self.anti_expert, anti_expert],
                               self.offsets, self.dropped, self.seconds)
+
+
+CHARACTER_TOKENS = 4  # tokens asked to finish a character a text prompt cannot carry in pieces (UTF-8: 4 bytes)
 
 
 class Decoder:
@@ -207,6 +210,9 @@ class Decoder:
         may be the argmax (:mod:`.tail`), ask the host first: None, and :meth:`_asking_tail`
         is the next request, :meth:`_settle_tail` takes its answer."""
         scored = self._scored(position, notes)
+        if scored is None:
+            self._character = notes
+            return None
         if temperature == 0:
             best = int(combiner.tuned_distribution(scored.scores(self.params.alpha), 0.0).argmax())
             asking = tail.check(self.prefix, scored.candidates, scored.offsets,
@@ -219,6 +225,52 @@ class Decoder:
         return self._pick(scored, api_seconds, notes, temperature, top_p)
 
     _tail: tuple[tail.TailCheck, "ScoredPosition", list[str], float] | None = None  # a greedy step asking the tail
+    _character: list[str] | None = None  # a position whose candidates all end inside a character
+
+    # ----- a character that a text prompt cannot carry in pieces ------------------------------
+    def _asking_character(self) -> HostedRequest | None:
+        """After a position whose candidates all end inside a UTF-8 character on a text prompt
+        (a request cannot carry half a character, so none can be continued from): the host's own
+        next few tokens, drawn at the generation's temperature, to take up to the character's end."""
+        if self._character is None:
+            return None
+        return self._request(max_tokens=CHARACTER_TOKENS, temperature=self.params.temperature)
+
+    def _settle_character(self, results: Sequence[HostedResult], api_seconds: float) -> None:
+        """Append the host's tokens up to the first point where the text is whole UTF-8 again. They
+        are the host's draw, not tuned (the small models cannot be asked between a character's
+        pieces through a text prompt); their steps say so, with the hosted logprobs as scores."""
+        notes, self._character = self._character, None
+        self._count_call(results[0], api_seconds)
+        taken: list[HostedPosition] = []
+        for position in results[0].positions:
+            if position.sampled is None or position.sampled.is_end:
+                break
+            taken.append(position)
+            if is_utf8(self.prefix.data + b"".join(p.sampled.data for p in taken)):
+                break
+        else:
+            taken = []
+        if not taken or not is_utf8(self.prefix.data + b"".join(p.sampled.data for p in taken)):
+            raise HostedResponseError(
+                f"the hosted model's next token ends inside a UTF-8 character and its next {CHARACTER_TOKENS} did "
+                "not finish it; a text prompt cannot carry half a character: use --mode completions with "
+                "--hosted-tokenizer (token-id prompts carry any bytes)")
+        notes = [*notes, f"every candidate ended inside a character: the host's own {len(taken)} token(s) up to "
+                 "its end were taken, untuned"]
+        for position in taken:
+            candidates = list(position.candidates) or [position.sampled]
+            index = next((i for i, c in enumerate(candidates) if c == position.sampled), None)
+            if index is None:
+                candidates, index = [*candidates, position.sampled], len(candidates)
+            hosted = torch.tensor([c.logprob for c in candidates], dtype=torch.float64)
+            zeros = [0.0] * len(candidates)
+            self.steps.append(self._step_trace(candidates, zeros, zeros, hosted, torch.softmax(hosted, -1), index,
+                                               "untuned", api_seconds, 0.0, position.dropped, notes))
+            api_seconds, notes = 0.0, []
+            self.append(position.sampled)
+            if self.done:
+                return
 
     def _asking_tail(self) -> HostedRequest | None:
         """The tail probe a greedy step waits for, or None."""
@@ -236,8 +288,9 @@ class Decoder:
             scored = scored.with_token(token, *asking.offsets(token))
         return self._pick(scored, first_seconds + api_seconds, notes, 0.0, 1.0)
 
-    def _scored(self, position: HostedPosition, notes: list[str]) -> "ScoredPosition":
-        """One position's candidates a request can carry on from, and their offsets."""
+    def _scored(self, position: HostedPosition, notes: list[str]) -> "ScoredPosition | None":
+        """One position's candidates a request can carry on from, and their offsets; None when a
+        text prompt can carry none of them (every one ends inside a character)."""
         started = time.perf_counter()
         if not position.candidates:
             raise HostedResponseError(
@@ -248,10 +301,7 @@ class Decoder:
         if excluded:
             notes.append(f"{excluded} candidate(s) ending inside a UTF-8 character excluded (text prompt)")
         if not candidates:
-            raise HostedResponseError(
-                "every candidate at this position ends inside a UTF-8 character, which a text prompt "
-                "cannot carry; pass --hosted-tokenizer so the client can send token-id prompts"
-            )
+            return None
         [offsets] = self.scoring.score([(self.prefix, candidates)])
         silent = [c.text for c, e in zip(candidates, offsets.expert) if e == -math.inf]
         if silent:

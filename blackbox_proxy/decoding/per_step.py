@@ -45,16 +45,18 @@ class PerStepDecoder(Decoder):
             )
 
     def request(self) -> HostedRequest:
-        return self._asking_tail() or self._request(max_tokens=1, temperature=0.0)
+        return self._asking_tail() or self._asking_character() or self._request(max_tokens=1, temperature=0.0)
 
     @property
     def prefetch_useful(self) -> bool:
-        return self._tail is None  # a tail probe's answer needs no scoring
+        return self._tail is None and self._character is None  # those answers need no scoring
 
     def observe(self, results: Sequence[HostedResult], api_seconds: float) -> StepTrace | None:
         """Consume the API's answer to :meth:`request`: score, choose (or ask about the tail), append."""
         if self._tail is not None:
             return self._settle_tail(results, api_seconds)
+        if self._character is not None:
+            return self._settle_character(results, api_seconds)
         result = results[0]
         self._count_call(result, api_seconds)
         if not result.positions:

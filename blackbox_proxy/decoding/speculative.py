@@ -93,7 +93,7 @@ class SpeculativeDecoder(Decoder):
 
     # ----- requests -------------------------------------------------------------------------------
     def request(self) -> HostedRequest:
-        asking = self._asking_tail()  # a position chosen like per-step asks about the tail
+        asking = self._asking_tail() or self._asking_character()  # a position chosen like per-step asks more
         if asking is not None:
             return asking
         if self._walker is not None and self._walker.probing:
@@ -139,7 +139,7 @@ class SpeculativeDecoder(Decoder):
 
     @property
     def prefetch_useful(self) -> bool:  # a probe's answer needs no scoring
-        return self._tail is None and (self._walker is None or not self._walker.probing)
+        return self._tail is None and self._character is None and (self._walker is None or not self._walker.probing)
 
     def drafts_next(self) -> int:
         """Drafts the next chunk call asks for (:func:`~.walks.tree.choose_drafts`): 1 where the
@@ -160,6 +160,9 @@ class SpeculativeDecoder(Decoder):
     def observe(self, results: Sequence[HostedResult], api_seconds: float) -> ChunkTrace | None:
         if self._tail is not None:
             self._settle_tail(results, api_seconds)
+            return None
+        if self._character is not None:
+            self._settle_character(results, api_seconds)
             return None
         walker = self._walker
         if walker is not None and walker.probing:
