@@ -108,6 +108,12 @@ class HostedRequest:
     logit_bias: tuple[tuple[int, float], ...] = ()
     stream: bool = False  # a speculative chunk the decoder can walk as it arrives (hosts/streaming.py)
 
+    @property
+    def length(self) -> int:
+        """How long the text sent is, in the units it comes in (ids or characters): the prompt,
+        messages and partial answer. Within one generation it only grows."""
+        return len(self.prompt or ()) + len(self.assistant_prefix) + sum(len(c) for _, c in self.messages)
+
 
 @dataclass(frozen=True)
 class HostCapabilities:

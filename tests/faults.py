@@ -97,3 +97,61 @@ async def _capture(app, scope, receive):
 
     await app(scope, receive, send)
     return out["status"], out["headers"], out["body"]
+
+
+# How hosts word "the text no longer fits" (each as its API returns it), and one that says nothing useful.
+CONTEXT_WORDINGS = {
+    "openai": {"message": "This model's maximum context length is {n} tokens. However, your messages resulted in "
+                          "{m} tokens. Please reduce the length of the messages.",
+               "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"},
+    "vllm": {"message": "The decoder prompt (length {m}) is longer than the maximum model length of {n}. Make sure "
+                        "that `max_model_len` is no smaller than the number of text tokens.",
+             "type": "BadRequestError", "code": 400},
+    "llama.cpp": {"message": "the request exceeds the available context size, try increasing it",
+                  "type": "exceed_context_size_error", "code": 400},
+    "tgi": {"message": "Input validation error: `inputs` tokens + `max_new_tokens` must be <= {n}. Given: {m} "
+                       "`inputs` tokens and 1 `max_new_tokens`", "type": "validation"},
+    "deepseek": {"message": "This model's maximum context length is {n} tokens. However, you requested {m} tokens "
+                            "({m} in the messages, 0 in the completion). Please reduce the length of the messages "
+                            "or completion.", "type": "invalid_request_error"},
+    "gemini": {"message": "The input token count ({m}) exceeds the maximum number of tokens allowed ({n}).",
+               "type": "INVALID_ARGUMENT"},
+    "terse": {"message": "request rejected (E4711)", "type": "invalid_request_error"},
+}
+
+
+class ContextLimited:
+    """A host that hides its context size: requests whose prompt (text, token ids, or messages and
+    the assistant's partial answer, counted in characters or ids) is longer than ``limit`` get
+    the 400 of ``wording`` (:data:`CONTEXT_WORDINGS`); the rest reach the real app."""
+
+    def __init__(self, app, *, limit: int, wording: str = "openai") -> None:
+        self.app, self.limit, self.wording = app, limit, wording
+        self.refused = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in ("/v1/completions", "/v1/chat/completions"):
+            return await self.app(scope, receive, send)
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        raw = b"".join(chunks)
+        body = json.loads(raw)
+        prompt = body.get("prompt") or "".join(str(m.get("content") or "") for m in body.get("messages", []))
+        if len(prompt) > self.limit:
+            self.refused += 1
+            error = {k: (v.format(n=self.limit, m=len(prompt)) if isinstance(v, str) else v)
+                     for k, v in CONTEXT_WORDINGS[self.wording].items()}
+            return await _json(send, 400, {"error": error})
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()  # the client's disconnect, when it comes
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+
+        return await self.app(scope, replay, send)

@@ -266,6 +266,69 @@ def test_a_hosted_context_limit_mid_generation_ends_with_length(server_a, tok_a,
         first.generate("The quick brown", **opts)
 
 
+@pytest.fixture(scope="module")
+def hidden_context(tok_a, models_a):
+    """A host that hides its context (as OpenAI and llama.cpp do): a real model server behind
+    :class:`faults.ContextLimited`, whose wording a test sets."""
+    from faults import ContextLimited
+
+    limited = ContextLimited(create_app(ModelRunner(models_a[0], tok_a, name="tiny"), max_top_logprobs=len(tok_a)),
+                             limit=0)
+    with ServerThread(limited) as server:
+        yield server, limited
+
+
+@pytest.mark.parametrize("wording", ["openai", "vllm", "llama.cpp", "tgi", "deepseek", "gemini", "terse"])
+@pytest.mark.parametrize("strategy,mode", [("per-step", "completions"), ("speculative", "completions"),
+                                           ("speculative", "chat-prefix")])
+def test_a_hidden_hosted_context_ends_the_generation_whatever_its_wording(hidden_context, server_a, tok_a, scorers_a,
+                                                                           wording, strategy, mode):
+    """After paid calls, the host's 400 for a text that no longer fits ends the generation with
+    the text so far and ``length``, however the host words it: a 400 to a request shaped like one
+    it already accepted (only the text is longer) is read as its context. The same 400 before any
+    paid call is the caller's to see."""
+    from faults import CONTEXT_WORDINGS
+
+    server, limited = hidden_context
+    kw = dict(model="tiny", expert=scorers_a[0], anti_expert=scorers_a[1], top_k=8, max_retries=0, mode=mode,
+              hosted_tokenizer=tok_a)
+    if mode == "chat-prefix":
+        kw["expert"], kw["anti_expert"] = (Scorer(m, tok_a, render="chat", name=n) for m, n in
+                                           zip((scorers_a[0].model, scorers_a[1].model), "EA"))
+    opts = dict(max_tokens=12, temperature=0.0, strategy=strategy, chunk=3)
+    full = ProxyTuner(base_url=server_a.base_url, **kw).generate("The quick brown", **opts)
+    prompt = len(tok_a.encode("The quick brown")) if mode == "completions" else len("The quick brown")
+    limited.wording, limited.limit = wording, prompt + (4 if mode == "completions" else len(full.text[:6]))
+    cut = ProxyTuner(base_url=server.base_url, **kw).generate("The quick brown", **opts)
+    assert cut.finish_reason == "length" and 0 < len(cut.text) < len(full.text) and full.text.startswith(cut.text)
+    assert cut.usage.api_calls >= 1 and limited.refused >= 1
+    limited.limit = 3
+    with pytest.raises(HostedBadRequestError, match=CONTEXT_WORDINGS[wording]["message"][:12].replace("(", r"\(")):
+        ProxyTuner(base_url=server.base_url, **kw).generate("The quick brown", **opts)
+
+
+def test_a_400_to_a_text_no_longer_than_one_answered_is_not_read_as_the_context(tok_a, scorers_a):
+    """The other side of the rule above: a host that refuses a request whose text it already
+    answered at that length (a refused ``logit_bias``, say) refused something else; that 400 is
+    raised, not turned into ``length``."""
+    from blackbox_proxy.decoding.driver import stop_at_context
+    from blackbox_proxy.types import HostedRequest
+
+    from decoders import build
+    from blackbox_proxy.decoding import PerStepDecoder
+
+    dec = build(PerStepDecoder, None, None, scorers_a[0].vocab, max_tokens=4)
+    ask = lambda text: HostedRequest(mode="completions", max_tokens=1, top_k=8, prompt=text)  # noqa: E731
+    terse = HostedBadRequestError("the hosted API refused the request (400: request rejected (E4711))", status_code=400)
+    assert not dec.outgrew(ask("The quick"))  # nothing answered yet
+    dec.answered(ask("The quick"))
+    assert dec.outgrew(ask("The quick b")) and not dec.outgrew(ask("The quick")) and not dec.outgrew(ask("The"))
+    with pytest.raises(HostedBadRequestError):
+        stop_at_context(dec, terse, paid=True, outgrew=dec.outgrew(ask("The quick")))
+    stop_at_context(dec, terse, paid=True, outgrew=dec.outgrew(ask("The quick b")))
+    assert dec.finish_reason == "length"
+
+
 def test_a_small_model_context_limit_is_a_context_limit_error(tok_a, models_a):
     from blackbox_proxy.local.sessions import _check_lengths
 

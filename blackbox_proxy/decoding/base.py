@@ -99,6 +99,7 @@ class Decoder:
         self.usage = Usage()
         self.finish_reason: str | None = None
         self._end_hidden = False  # the API ended without logprobs: ask again with the end banned
+        self._longest_answered = -1  # the longest text the host answered a request for
 
     @classmethod
     def check(cls, params: GenerationRequest, host: HostCapabilities) -> None:
@@ -112,6 +113,15 @@ class Decoder:
     def stop(self, reason: str = "length") -> None:
         """End the generation here (a driver that met a context limit after paid calls)."""
         self.finish_reason = reason
+
+    def answered(self, request: HostedRequest) -> None:
+        """The host answered ``request`` (the drivers say so after each call)."""
+        self._longest_answered = max(self._longest_answered, request.length)
+
+    def outgrew(self, request: HostedRequest) -> bool:
+        """Whether ``request`` carries a longer text than any the host answered in this generation:
+        a 400 to it after answered calls is then read as the host's context, however it words it."""
+        return 0 <= self._longest_answered < request.length
 
     # ----- requests ------------------------------------------------------------------------------
     def _request(self, *, max_tokens: int, temperature: float, seed: int | None = None, n: int = 1,

@@ -39,22 +39,29 @@ def check_fits(who: str, prompt_tokens: int, max_tokens: int, context: int | Non
                                  f"the context of {who} ({context} tokens); {fix}")
 
 
+# How hosts word a text that outgrew their context (OpenAI, DeepSeek, Mistral, vLLM, llama.cpp,
+# TGI and Together, Gemini, Anthropic): any one of these, lower-cased, in a 400.
+CONTEXT_WORDS = ("context length", "context size", "context window", "maximum context", "maximum model length",
+                 "max_model_len", "prompt is too long", "too many tokens", "exceeds the maximum number of tokens",
+                 "tokens + `max_new_tokens` must be")
+
+
 def is_context_limit(exc: BaseException) -> bool:
     """Whether ``exc`` says a text outgrew a model's context: a small model's
-    (:class:`ContextLimitError`) or the hosted one's (its 400 "maximum context length...", as
-    OpenAI, vLLM and llama.cpp word it)."""
+    (:class:`ContextLimitError`) or the hosted one's, as hosts word it (:data:`CONTEXT_WORDS`)."""
     if isinstance(exc, ContextLimitError):
         return True
     text = str(exc).lower()
-    return isinstance(exc, HostedBadRequestError) and "context" in text and any(
-        word in text for word in ("maximum", "length", "exceed", "too long", "too many tokens"))
+    return isinstance(exc, HostedBadRequestError) and any(words in text for words in CONTEXT_WORDS)
 
 
-def stop_at_context(decoder: Decoder, exc: BaseException, paid: bool) -> None:
+def stop_at_context(decoder: Decoder, exc: BaseException, paid: bool, outgrew: bool = False) -> None:
     """End ``decoder`` with ``finish_reason="length"`` (the text so far) when ``exc`` is a context
-    limit reached after paid calls; otherwise re-raise it. The decoders change no state before
-    :meth:`observe` appends, so the text so far is consistent."""
-    if not paid or not is_context_limit(exc):
+    limit reached after paid calls; otherwise re-raise it. A host's 400 counts as one when it says
+    so in any known wording, or, whatever it says, when it carried a longer text than any the
+    host answered in this generation (``outgrew``). The decoders change no
+    state before :meth:`observe` appends, so the text so far is consistent."""
+    if not paid or not (is_context_limit(exc) or (outgrew and isinstance(exc, HostedBadRequestError))):
         raise exc
     logger.warning("the generation reached a model's context limit after %d tokens; it stops there "
                    "(finish_reason length): %s", decoder.generated, exc)
@@ -93,7 +100,7 @@ def round_sync(client: Any, decoder: Decoder, pool: Executor) -> None:
     """One round with a :class:`~blackbox_proxy.hosts.client.HostedClient`; the prefetch runs in
     ``pool`` (one thread: torch releases the GIL) while this thread waits for the API."""
     paid = decoder.usage.api_calls > 0
-    watch = None
+    watch = request = None
     try:
         request = decoder.request()
         started = time.perf_counter()
@@ -105,11 +112,12 @@ def round_sync(client: Any, decoder: Decoder, pool: Executor) -> None:
             ahead.result()  # the decoder is touched by one thread at a time
             watch.wait()
         paid = True
+        decoder.answered(request)
         decoder.observe(results, time.perf_counter() - started)
     except ContextLimitError as exc:  # a small model's: raised after this round's call was answered
         stop_at_context(decoder, exc, paid or (watch is not None and watch.answered))
     except HostedBadRequestError as exc:
-        stop_at_context(decoder, exc, paid)
+        stop_at_context(decoder, exc, paid, request is not None and decoder.outgrew(request))
 
 
 async def round_async(client: Any, decoder: Decoder,
@@ -121,7 +129,7 @@ async def round_async(client: Any, decoder: Decoder,
     timing; a repeated batch then sent a request its response cache did not hold. Concurrent
     generations already overlap scoring with each other's API waits."""
     paid = decoder.usage.api_calls > 0
-    watch = None
+    watch = request = None
     try:
         request = decoder.request()
         started = time.perf_counter()
@@ -135,8 +143,9 @@ async def round_async(client: Any, decoder: Decoder,
         else:
             results = await client.complete(request)
         paid = True
+        decoder.answered(request)
         await in_thread(decoder.observe, results, time.perf_counter() - started)
     except ContextLimitError as exc:  # a small model's: raised after this round's call was answered
         stop_at_context(decoder, exc, paid or (watch is not None and watch.answered))
     except HostedBadRequestError as exc:
-        stop_at_context(decoder, exc, paid)
+        stop_at_context(decoder, exc, paid, request is not None and decoder.outgrew(request))
