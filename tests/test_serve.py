@@ -221,3 +221,32 @@ def test_chat_on_a_completions_host(sdk, kw_completions, tok_a):
     assert (text, finish) == (chat.text, chat.finish_reason)
     parts = [{"role": "user", "content": [{"type": "text", "text": "Tell me"}, {"type": "text", "text": "about a café"}]}]
     assert sdk.chat.completions.create(model="tiny-tuned", messages=parts, max_tokens=4, temperature=0).choices[0].message.content
+
+
+@pytest.mark.parametrize("mode", ["completions", "chat-prefix", "chat"])
+def test_chat_with_small_models_that_have_no_chat_template(server_a, tok_a, models_a, mode):
+    """Small models without a chat template: on a completions host they read the hosted rendering
+    of the messages, and the answer's usage counts that (before, a 500 after the paid calls);
+    where the host renders the messages itself (the chat modes) there is no text to give them,
+    and the request is refused with a 400 that says why before anything is paid."""
+    import copy
+
+    bare = copy.deepcopy(tok_a)
+    bare.chat_template = None
+    kw = dict(base_url=server_a.base_url, model="tiny", top_k=8, max_retries=0, mode=mode,
+              expert=Scorer(models_a[1], bare, render="raw", name="E"),
+              anti_expert=Scorer(models_a[2], bare, render="raw", name="A"),
+              hosted_tokenizer=tok_a if mode == "completions" else None)
+    messages = [{"role": "user", "content": "Tell me about a cafe"}]
+    with start(AsyncProxyTuner(**kw)) as server, openai.OpenAI(base_url=server.base_url, api_key=KEY,
+                                                               max_retries=0) as client:
+        ask = dict(model="tiny-tuned", messages=messages, max_tokens=1 if mode == "chat" else 4, temperature=0)
+        if mode != "completions":
+            with pytest.raises(openai.BadRequestError, match="no chat template"):
+                client.chat.completions.create(**ask)
+            return
+        rendered = tok_a.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        resp = client.chat.completions.create(**ask)
+        assert resp.usage.prompt_tokens == len(bare.encode(rendered)) and resp.usage.completion_tokens >= 1
+        text, finish = streamed(client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+        assert text == resp.choices[0].message.content

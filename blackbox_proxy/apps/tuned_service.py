@@ -204,8 +204,11 @@ class TunedService:
 
     # ----- answers ---------------------------------------------------------------------------------------
     def usage(self, request: GenerationRequest, results: list[GenerationResult]) -> CompletionUsage:
-        """The prompt counted with the small models' tokenizer, and the generated tokens."""
-        prompt_tokens = len(self.tuner.expert.prompt_ids(prompt=request.prompt, messages=request.message_dicts()))
+        """The prompt counted with the small models' tokenizer (rendered as the generation rendered
+        it: messages through the hosted rendering where the expert has no chat template), and the
+        generated tokens."""
+        prompt_tokens = len(self.tuner.expert.prompt_ids(prompt=self.tuner.prompt_text(request),
+                                                         messages=request.message_dicts()))
         completion = sum(r.usage.generated_tokens for r in results)
         return CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion,
                                total_tokens=prompt_tokens + completion)
