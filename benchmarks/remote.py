@@ -118,6 +118,8 @@ def run_workload(base_url: str, args: argparse.Namespace, items: list, pair: tup
                 "plain_seconds": plain, "scoring_seconds": total.scoring_seconds,
                 "prompt_tokens": total.prompt_tokens, "completion_tokens": total.completion_tokens,
                 "cached_prompt_tokens": total.cached_prompt_tokens,
+                # tail probes, and those whose answers showed the host ignores logit_bias (probes then stop)
+                "tail_calls": total.tail_calls, "untrusted_tail_calls": total.untrusted_tail_calls,
             })
     return rows
 
@@ -195,8 +197,8 @@ def main() -> None:
           f"completion tokens, ${args.cached_price:g} per million cached prompt tokens ({args.prompt_cache} rule)")
     print("| strategy | decoding | alpha | tokens | calls / token | API wait / plain | wall / plain | scoring s / token "
           "| overlapped s / token | billed prompt / token (cached) | billed completion / token | $ / 1k tokens "
-          "| cost / plain | cost / plain, cached priced | drafts / call | correct |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| cost / plain | cost / plain, cached priced | drafts / call | tail probes (untrusted) | correct |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     def ratio(value: float | None) -> str:
         return "—" if value is None else f"{value:.1f}"
 
@@ -206,7 +208,8 @@ def main() -> None:
               f"| {r['overlapped_s_per_token']:.3f} "
               f"| {r['prompt_tokens_per_token']:.0f} ({r['cached_prompt_tokens_per_token']:.0f}) "
               f"| {r['completion_tokens_per_token']:.2f} | {r['usd_per_1k_tokens']:.4f} | {ratio(r['cost_vs_plain'])} "
-              f"| {ratio(r['cost_vs_plain_cached'])} | {r['drafts_per_call']:.1f} | {r['correct']} |")
+              f"| {ratio(r['cost_vs_plain_cached'])} | {r['drafts_per_call']:.1f} "
+              f"| {r['tail_calls']} ({r['untrusted_tail_calls']}) | {r['correct']} |")
 
 
 if __name__ == "__main__":

@@ -178,6 +178,18 @@ class _TunerBase:
             type(self)._warned_renderings = True
             logger.warning(MISMATCH_WARNING)
 
+    _warned_tail: str | None = None
+
+    def _check_tail(self, decoder: Decoder) -> None:
+        """Warn once per tuner (one host) when tail probes stopped because the host's answers
+        cannot be trusted; every generation also says so in ``usage.untrusted_tail_calls`` and
+        ``settings["tail_off"]``."""
+        if decoder.tail_off and self._warned_tail is None:
+            self._warned_tail = decoder.tail_off
+            logger.warning("tail probes stopped on %s: %s; generations use the candidates-only rule there "
+                           "(usage.untrusted_tail_calls counts the probes; --tail-calls 0 asks none)",
+                           self.client.model, decoder.tail_off)
+
     def top_k_for_mode(self) -> int:
         """The k asked of the API: ``top_k`` if given, else the default for this host."""
         return self.top_k if self.top_k is not None else self.client.default_top_k
@@ -302,6 +314,7 @@ class ProxyTuner(_TunerBase):
         finally:
             decoder.scoring.close()
         self._check_renderings(decoder)
+        self._check_tail(decoder)
         return decoder.result()
 
     def _prefetcher(self) -> Any:
@@ -382,6 +395,7 @@ class AsyncProxyTuner(_TunerBase):
         finally:
             decoder.scoring.close()
         self._check_renderings(decoder)
+        self._check_tail(decoder)
         result = decoder.result()
         # The stable text never changes afterwards, so what was shown is a prefix of the result.
         yield StreamEvent(result.text[len(shown):] if result.text.startswith(shown) else "", result,

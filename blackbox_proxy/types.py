@@ -209,7 +209,9 @@ class Usage:
     drafts drawn by chunk calls (n per call, 1 for a single draft; every draft's tokens are billed);
     ``overlapped_seconds``: small-model work done while an API call was in flight (not in
     ``scoring_seconds``: it adds no wall time when the API is remote); ``cached_prompt_tokens``:
-    the part of ``prompt_tokens`` the host billed as read from its prompt cache."""
+    the part of ``prompt_tokens`` the host billed as read from its prompt cache;
+    ``untrusted_tail_calls``: tail probes whose answers showed that the host does not honour
+    ``logit_bias`` as probes need (probes then stop for the generation: the candidates-only rule)."""
 
     api_calls: int = 0
     prompt_tokens: int = 0
@@ -223,6 +225,7 @@ class Usage:
     draft_sequences: int = 0
     overlapped_seconds: float = 0.0
     cached_prompt_tokens: int = 0  # of prompt_tokens, those the host read from its prompt cache
+    untrusted_tail_calls: int = 0  # of tail_calls, those whose answers showed the host ignores logit_bias
 
     def __add__(self, other: "Usage") -> "Usage":
         return Usage(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))

@@ -132,12 +132,7 @@ class ContextLimited:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] not in ("/v1/completions", "/v1/chat/completions"):
             return await self.app(scope, receive, send)
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        raw = b"".join(chunks)
+        raw, receive = await _read_body(receive)
         body = json.loads(raw)
         prompt = body.get("prompt") or "".join(str(m.get("content") or "") for m in body.get("messages", []))
         if len(prompt) > self.limit:
@@ -145,13 +140,53 @@ class ContextLimited:
             error = {k: (v.format(n=self.limit, m=len(prompt)) if isinstance(v, str) else v)
                      for k, v in CONTEXT_WORDINGS[self.wording].items()}
             return await _json(send, 400, {"error": error})
+        return await self.app(scope, receive, send)
+
+
+async def _read_body(receive):
+    """The request's whole body, and a ``receive`` that hands it to the app underneath (then the
+    client's own messages: its disconnect, when it comes)."""
+    chunks, more = [], True
+    while more:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    raw, sent = b"".join(chunks), False
+
+    async def replay():
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    return raw, replay
+
+
+class IgnoresLogitBias:
+    """A host that accepts ``logit_bias`` and drops it (some OpenAI-compatible servers do): the
+    body reaches the real app without it. ``seen`` counts the requests that carried one."""
+
+    def __init__(self, app) -> None:
+        self.app, self.seen = app, 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in ("/v1/completions", "/v1/chat/completions"):
+            return await self.app(scope, receive, send)
+        raw, _ = await _read_body(receive)
+        body = json.loads(raw)
+        if body.pop("logit_bias", None):
+            self.seen += 1
+        raw = json.dumps(body).encode()
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(raw)).encode()))
         sent = False
 
         async def replay():
             nonlocal sent
             if sent:
-                return await receive()  # the client's disconnect, when it comes
+                return await receive()
             sent = True
             return {"type": "http.request", "body": raw, "more_body": False}
 
-        return await self.app(scope, replay, send)
+        return await self.app(dict(scope, headers=headers), replay, send)

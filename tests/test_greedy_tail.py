@@ -141,3 +141,29 @@ def test_with_k_the_vocabulary_or_no_way_to_ask_nothing_is_probed(server_a, tok_
 def test_a_probe_answer_that_decides_nothing_keeps_the_candidates_argmax():
     probe = GreedyProbe(best=3, asked=(7,), bias={3: 100.0, 7: 95.0})
     assert read_probe(probe, -1.0, None, None, {}).winner is None
+
+
+@pytest.mark.parametrize("how", ["per-step", "whole"])
+def test_a_host_that_drops_logit_bias_is_said_once_counted_and_probed_no_more(tok_a, models_a, scorers_a, caplog,
+                                                                               how):
+    """A host that accepts ``logit_bias`` and drops it picks its own argmax, a banned candidate, in
+    answer to a probe: the position keeps the candidates' argmax, probes stop for the generation,
+    and the user hears of it: one warning per tuner, ``usage.untrusted_tail_calls``, the result's
+    notes and ``settings["tail_off"]`` (before: only a note inside the trace)."""
+    import logging
+
+    from faults import IgnoresLogitBias
+
+    options = dict(strategy="speculative" if how == "whole" else "per-step")
+    dropping = IgnoresLogitBias(create_app(ModelRunner(models_a[0], tok_a, name="tiny"),
+                                           max_top_logprobs=len(tok_a)))
+    with ServerThread(dropping) as server, _tuner(server, tok_a, scorers_a, top_k=5, stream_chunks=False) as t, \
+            caplog.at_level(logging.WARNING, logger="blackbox_proxy"):
+        results = [t.generate(prompt, max_tokens=12, alpha=1.0, **options) for prompt in PROMPTS]
+    untrusted = [r for r in results if r.usage.untrusted_tail_calls]
+    assert untrusted and dropping.seen >= len(untrusted)
+    for r in untrusted:
+        assert r.usage.untrusted_tail_calls == 1  # (an earlier probe may have looked right) no probe after it
+        assert "logit_bias" in r.settings["tail_off"] and any("tail probes stopped" in n for n in r.notes)
+    warnings = [rec for rec in caplog.records if "tail probes stopped" in rec.getMessage()]
+    assert len(warnings) == 1

@@ -123,6 +123,8 @@ def test_a_host_that_breaks_the_probe_turns_probes_off(setup, broken):
     assert dec.tail_off is not None and ("banned" if broken == "ignore_bias" else "biased") in dec.tail_off
     assert sum(bool(r.logit_bias) for r in host.requests) == 1  # one probe, then none
     assert any("tail probes stopped" in n for c in dec.chunks for n in c.notes)
+    result = dec.result()
+    assert result.usage.untrusted_tail_calls == 1 and result.settings["tail_off"] == dec.tail_off and result.notes
 
 
 def test_hosts_that_cap_choices_get_several_calls_within_the_budget(setup):

@@ -237,4 +237,5 @@ def proxy_usage(results: list[GenerationResult]) -> dict[str, Any]:
             "hosted_cached_prompt_tokens": u.cached_prompt_tokens,
             "hosted_completion_tokens": u.completion_tokens, "api_seconds": round(u.api_seconds, 4),
             "scoring_seconds": round(u.scoring_seconds, 4), "draft_tokens": u.draft_tokens,
-            "accepted_drafts": u.accepted_drafts}
+            "accepted_drafts": u.accepted_drafts, "tail_calls": u.tail_calls,
+            "untrusted_tail_calls": u.untrusted_tail_calls}

@@ -99,6 +99,7 @@ class Decoder:
         self.usage = Usage()
         self.finish_reason: str | None = None
         self._end_hidden = False  # the API ended without logprobs: ask again with the end banned
+        self.tail_off: str | None = None  # why tail probes stopped for this generation (an untrusted answer)
         self._longest_answered = -1  # the longest text the host answered a request for
 
     @classmethod
@@ -223,7 +224,7 @@ class Decoder:
         if scored is None:
             self._character = notes
             return None
-        if temperature == 0:
+        if temperature == 0 and self.tail_off is None:
             best = int(combiner.tuned_distribution(scored.scores(self.params.alpha), 0.0).argmax())
             asking = tail.check(self.prefix, scored.candidates, scored.offsets,
                                 self.prompt.allowed(self.prefix, scored.candidates), best, host=self.host,
@@ -291,9 +292,13 @@ class Decoder:
         the probe found."""
         asking, scored, notes, first_seconds = self._tail
         self._tail = None
-        self._count_call(results[0], api_seconds, tail_calls=1)
+        untrusted = asking.distrust(results)
+        self._count_call(results[0], api_seconds, tail_calls=1, untrusted_tail_calls=int(untrusted is not None))
         token, note = asking.decide(results, self.scoring.vocab)
         notes.append(note)
+        if untrusted is not None:
+            self.tail_off = untrusted
+            notes.append(f"tail probes stopped: {untrusted}; the candidates' argmax from here on")
         if token is not None:
             scored = scored.with_token(token, *asking.offsets(token))
         return self._pick(scored, first_seconds + api_seconds, notes, 0.0, 1.0)
@@ -350,5 +355,7 @@ class Decoder:
             finish_reason=self.finish_reason or "length",
             usage=self.usage,
             trace=tuple(self.steps),
-            settings=self.settings,
+            settings={**self.settings, "tail_off": self.tail_off} if self.tail_off else self.settings,
+            notes=(f"tail probes stopped: {self.tail_off}; the candidates-only rule was used from there",)
+            if self.tail_off else (),
         )

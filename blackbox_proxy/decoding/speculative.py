@@ -77,7 +77,6 @@ class SpeculativeDecoder(Decoder):
         self.chunk = params.chunk or adaptive_chunk(0, 0)
         self.chunks: list[ChunkTrace] = []
         self.tree = TreeStats()  # multi-draft walks so far (they choose the next call's drafts)
-        self.tail_off: str | None = None  # why tail probes stopped for this generation
         self._context = WalkContext(params, host, scoring, prompt, self.generator, tail_draws)
         self._walker: ChunkWalker | None = None  # the walk of the chunk call in flight
         self._stalled = 0  # chunks in a row that added nothing
@@ -115,7 +114,9 @@ class SpeculativeDecoder(Decoder):
 
     def _walker_for(self, drafts: int, streamed: bool) -> ChunkWalker:
         if drafts > 1:
-            return TreeWalk(self._context, self.prefix, self.tree)
+            tree = TreeWalk(self._context, self.prefix, self.tree)
+            tree.tail_off = self.tail_off  # no probes after an untrusted answer
+            return tree
         if self.greedy and self._tail_checked():
             return GreedyWalk(self._context, self.prefix)
         if not streamed and not self.greedy and self._probes_allowed():
@@ -127,7 +128,8 @@ class SpeculativeDecoder(Decoder):
 
     def _tail_checked(self) -> bool:
         """Greedy walks check the tail (:mod:`.tail`): one tokenizer, ids known, ``logit_bias`` honoured."""
-        return self.host.logit_bias_cap > 0 and self.scoring.same_vocab and self.prefix.ids is not None
+        return (self.host.logit_bias_cap > 0 and self.scoring.same_vocab and self.prefix.ids is not None
+                and self.tail_off is None)
 
     def _streams_next(self) -> bool:
         """Whether the next chunk call is streamed and walked as it arrives: on a host that streams
@@ -248,7 +250,8 @@ class SpeculativeDecoder(Decoder):
         scoring = chunk.scoring + time.perf_counter() - started
         self.usage = self.usage + Usage(draft_tokens=examined, accepted_drafts=chunk.accepted, scoring_seconds=scoring,
                                         generated_tokens=self.generated - before_generated,
-                                        overlapped_seconds=chunk.overlapped)
+                                        overlapped_seconds=chunk.overlapped,
+                                        untrusted_tail_calls=chunk.untrusted_calls)
         if not chosen and not self.done:
             notes.append("nothing from this chunk could be kept; the next call starts from the same prefix")
             self._stalled += 1
@@ -341,4 +344,4 @@ class SpeculativeDecoder(Decoder):
     def result(self):
         base = super().result()
         return type(base)(text=base.text, finish_reason=base.finish_reason, usage=base.usage, trace=base.trace,
-                          settings=base.settings, chunks=tuple(self.chunks))
+                          settings=base.settings, notes=base.notes, chunks=tuple(self.chunks))

@@ -72,6 +72,15 @@ class TailCheck:
             return None, f"tail probe ({asked}): its pick is just below the best candidate; the candidate stands"
         return token, f"tail probe ({asked}): a token outside the top-k is the argmax (its logprob read {how})"
 
+    def distrust(self, results: Sequence[HostedResult]) -> str | None:
+        """Why the probe's answer cannot be trusted (None: it can): the host picked a token the
+        probe neither lifted nor left as c*, so it does not honour ``logit_bias`` on its draw."""
+        pos = results[0].positions[0] if results and results[0].positions else None
+        picked = pos.sampled.token_id if pos is not None and pos.sampled is not None else None
+        if picked is None or picked == self.probe.best or picked in self.probe.asked:
+            return None
+        return "the host picked a token the tail probe did not lift (it does not honour logit_bias)"
+
     def offsets(self, token: Candidate) -> tuple[float, float]:
         """log P_E and log P_A of a tail token, from the small models' whole distributions."""
         floor = math.log(PROB_FLOOR)

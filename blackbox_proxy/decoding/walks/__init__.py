@@ -111,6 +111,7 @@ class ChunkWalk:
     rejected_at: int | None = None
     replacement: Candidate | None = None
     tail_calls: int = 0
+    untrusted_calls: int = 0  # tail probes whose answers showed the host does not honour logit_bias
     overlapped: float = 0.0  # scoring done while the chunk still streamed in
     context_full: bool = False  # a small model's context ends inside this chunk (:func:`context_full`)
 

@@ -28,7 +28,7 @@ from . import ChunkWalk, WalkContext, context_full, full_distributions, rows, sc
 class GreedyWalk:
     """A greedy single-draft walk that checks the tail (see the module docstring)."""
 
-    tail_off = None
+    tail_off: str | None = None  # set when a probe's answer showed the host ignores logit_bias
 
     def __init__(self, ctx: WalkContext, prefix: Prefix) -> None:
         self.ctx = ctx
@@ -98,9 +98,9 @@ class GreedyWalk:
                 return
             (prefix, cands), best = walk.items[t], (walk.rows[t].draft if decided.rejected_at is None
                                                      else decided.replacement)
-            asking = tail.check(prefix, cands, self.offsets[t], walk.allowed[t], best, host=ctx.host,
-                                prompt=ctx.prompt, vocab=ctx.scoring.vocab, alpha=ctx.alpha,
-                                exhaustive=not walk.usable[t].dropped)
+            asking = None if self.tail_off is not None else tail.check(
+                prefix, cands, self.offsets[t], walk.allowed[t], best, host=ctx.host, prompt=ctx.prompt,
+                vocab=ctx.scoring.vocab, alpha=ctx.alpha, exhaustive=not walk.usable[t].dropped)
             if asking is not None:  # the rest of the chunk is still read: the probe may keep this draft
                 self.asking = asking
                 return
@@ -138,6 +138,10 @@ class GreedyWalk:
         walk.tail_calls += 1
         t = len(walk.probs)
         token, note = asking.decide(results, self.ctx.scoring.vocab)
+        untrusted = asking.distrust(results)
+        if untrusted is not None:
+            walk.untrusted_calls += 1
+            self.tail_off = untrusted
         walk.notes.append(f"position {t}: {note}")
         c_star = asking.candidates[asking.best]
         if token is None and asking.best == walk.rows[t].draft:

@@ -171,6 +171,7 @@ class ProbeWalk:
             walk.notes.append(f"position {t}: {lost} probe draw(s) without a usable token were left out")
         self.paused = None
         if self.tail_off is not None:
+            walk.untrusted_calls += 1
             walk.notes.append(f"position {t}: tail probes stopped: {self.tail_off}; candidates-only rule")
             self._candidates_only(t, tail.u)
             walk.scoring += time.perf_counter() - started

@@ -92,7 +92,7 @@ class TreeWalk:
     every token it knows (the top-k and the drafted ones) and pauses for a tail probe where a
     token outside them may be better."""
 
-    tail_off = None
+    tail_off: str | None = None  # set when a probe's answer showed the host ignores logit_bias
 
     def __init__(self, ctx: WalkContext, prefix: Prefix, stats: TreeStats) -> None:
         self.ctx, self.prefix, self.stats = ctx, prefix, stats
@@ -168,7 +168,7 @@ class TreeWalk:
 
     def _tail_checked(self, node: _Node) -> bool:
         host = self.ctx.host
-        return self.ctx.greedy and host.logit_bias_cap > 0 and node.score.full is not None
+        return self.ctx.greedy and host.logit_bias_cap > 0 and node.score.full is not None and self.tail_off is None
 
     def _verify(self, node: _Node, children: list[Candidate]) -> NodeStep | None:
         """The node's decision (None: paused for a tail probe)."""
@@ -195,6 +195,10 @@ class TreeWalk:
         (asking, node, children, step), self.asking = self.asking, None
         self.walk.tail_calls += 1
         token, note = asking.decide(results, self.ctx.scoring.vocab)
+        untrusted = asking.distrust(results)
+        if untrusted is not None:
+            self.walk.untrusted_calls += 1
+            self.tail_off = untrusted
         self.walk.notes.append(f"position {node.depth}: {note}")
         if token is not None:  # a tail token: every child is rejected, the token replaces them
             step = NodeStep(None, None, (0.0,) * len(children), step.log_z, step.tail)
