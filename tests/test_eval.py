@@ -140,6 +140,30 @@ def test_task_files_are_checked_with_line_numbers(tmp_path):
     assert gsm.items[0].answer == 2.0 and gsm.score(gsm.items[0], "so 1 + 1 = 2")["correct"]
 
 
+def test_eval_refuses_the_lines_batch_refuses_before_anything_is_paid(tmp_path):
+    """One validation for eval's and batch's lines: NaN and Infinity (Python writes them, JSON has
+    none), a number too large for a double, and a line nested 2,000 levels deep (before: taken,
+    or a RecursionError traceback) are refused with their line numbers, before a model loads."""
+    from blackbox_proxy.runs.inputs import parse_line
+
+    deep = '{"question": "q", "answer": 1, "x": ' + "[" * 2000 + "]" * 2000 + "}"
+    lines = ['{"question": "q", "answer": NaN}', '{"question": "q", "answer": Infinity}',
+             '{"question": "q", "answer": -Infinity}', '{"question": "q", "answer": 1e999}', deep,
+             '{"question": "q", "answer": 4}']
+    path = tmp_path / "gsm.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(TaskFileError) as info:
+        load_task("gsm", path)
+    message = str(info.value)
+    for number in range(1, 6):
+        assert f"line {number}:" in message
+    assert "line 6" not in message and "NaN, which is not a JSON value" in message and "nested" in message
+    for raw in lines[:5]:  # batch refuses the same lines with the same words
+        with pytest.raises(ValueError) as batch:
+            parse_line(raw.replace('"question": "q", "answer"', '"prompt": "q", "x"'), 1)
+        assert str(batch.value).split(" ")[0] in message
+
+
 def test_humaneval_reads_the_installed_package(tmp_path, monkeypatch):
     import gzip
     import importlib

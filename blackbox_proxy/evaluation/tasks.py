@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigurationError
+from ..runs.inputs import json_object
 
 TASKS = ("arithmetic", "gsm", "choice", "code", "humaneval", "loglik")
 KIND = {"arithmetic": "generate", "gsm": "generate", "code": "generate", "humaneval": "generate",
@@ -268,16 +269,11 @@ def read_items(path: Path, reader: Callable[[dict[str, Any], Any], EvalItem]) ->
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw)
-            if not isinstance(obj, dict):
-                raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+            obj = json_object(raw)
             ident = obj.get("id", number)
             if isinstance(ident, bool) or not isinstance(ident, (str, int)) or ident == "":
                 raise ValueError(f"id must be a non-empty string or an integer, got {ident!r}")
             item = reader(obj, ident)
-        except json.JSONDecodeError as exc:
-            problems.append(f"line {number}: not valid JSON ({exc.msg}, column {exc.colno})")
-            continue
         except ValueError as exc:
             problems.append(f"line {number}: {exc}")
             continue

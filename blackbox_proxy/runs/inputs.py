@@ -14,6 +14,7 @@ Left out: what is done with the items (``blackbox-proxy batch``: :mod:`blackbox_
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,8 @@ def _check_values(obj: Any) -> None:
             raise ValueError(f"field {where!r} nests deeper than {MAX_DEPTH} levels; flatten it")
         if isinstance(value, _NotJSON):
             raise ValueError(f"field {where!r} is {value}, which is not a JSON value; use null, a number or a string")
+        if isinstance(value, float) and not math.isfinite(value):  # 1e999 reads as infinity
+            raise ValueError(f"field {where!r} is a number too large for a double ({value}); use a smaller one")
         if isinstance(value, str):
             check_text(f"field {where!r}", value)
         elif isinstance(value, dict):
@@ -87,8 +90,17 @@ def _check_values(obj: Any) -> None:
             stack.extend((f"{where}[{i}]", item, depth + 1) for i, item in enumerate(value))
 
 
-def parse_line(raw: str, line: int) -> BatchItem:
-    """One input line as a :class:`BatchItem`, or a ValueError that says what is wrong with it."""
+def json_object(raw: str) -> dict[str, Any]:
+    """One input line's JSON object, or a ValueError that says what is wrong with it: not JSON,
+    not an object, NaN or Infinity (Python writes them, JSON has none), nesting deeper than
+    :data:`MAX_DEPTH`, strings that are not valid Unicode. ``batch`` and ``eval`` read their
+    lines through this, before anything is paid.
+
+    >>> json_object('{"answer": NaN}')
+    Traceback (most recent call last):
+    ...
+    ValueError: field 'answer' is NaN, which is not a JSON value; use null, a number or a string
+    """
     try:
         obj = json.loads(raw, parse_constant=_NotJSON)
     except json.JSONDecodeError as exc:
@@ -100,6 +112,12 @@ def parse_line(raw: str, line: int) -> BatchItem:
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {obj if isinstance(obj, _NotJSON) else type(obj).__name__}")
     _check_values(obj)
+    return obj
+
+
+def parse_line(raw: str, line: int) -> BatchItem:
+    """One input line as a :class:`BatchItem`, or a ValueError that says what is wrong with it."""
+    obj = json_object(raw)
     ident = obj.get("id", line)
     if isinstance(ident, bool) or not isinstance(ident, (str, int)) or ident == "":
         raise ValueError(f"id must be a non-empty string or an integer, got {brief_repr(ident)}")
