@@ -99,12 +99,19 @@ def test_text_parts_are_joined_and_other_parts_refused(local, tuned):
 
 @pytest.mark.parametrize("field,value", [("response_format", {"type": "json_object"}), ("presence_penalty", 0.5),
                                          ("frequency_penalty", -1), ("tools", [{"type": "function"}]),
-                                         ("best_of", 3), ("suffix", "end"), ("logit_bias", {"5": 3})])
+                                         ("best_of", 3), ("suffix", "end"), ("logit_bias", {"5": 3}),
+                                         # vLLM's (before: ignored by serve, issue 32.5)
+                                         ("continue_final_message", True), ("add_generation_prompt", False),
+                                         ("bad_words", ["the"]), ("allowed_token_ids", [5, 6]),
+                                         ("structured_outputs", {"choice": ["a", "b"]}),
+                                         ("include_stop_str_in_output", True), ("stop_token_ids", [5]),
+                                         ("use_beam_search", True), ("length_penalty", 0.5)])
 def test_fields_that_change_the_answer_are_refused_by_name(local, tuned, field, value):
     for client, model, route, extra in ((local, "tiny", "/v1/completions", {"prompt": "Hi"}),
                                         (tuned, "tiny-tuned", "/v1/chat/completions",
-                                         {"messages": [{"role": "user", "content": "Hi"}]})):
-        if client is local and field == "logit_bias":
+                                         {"messages": [{"role": "user", "content": "Hi"}]}),
+                                        (tuned, "tiny-tuned", "/v1/completions", {"prompt": "Hi"})):
+        if client is local and field in ("logit_bias", "continue_final_message", "add_generation_prompt"):
             continue  # honoured there
         resp = client.post(route, json={"model": model, "max_tokens": 2, field: value, **extra})
         assert resp.status_code == 400 and field in _error(resp), resp.text
@@ -113,7 +120,8 @@ def test_fields_that_change_the_answer_are_refused_by_name(local, tuned, field, 
 
 def test_neutral_values_pass(local, tuned):
     neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "response_format": {"type": "text"}, "best_of": 1,
-               "user": "someone", "tool_choice": "none"}
+               "user": "someone", "tool_choice": "none", "continue_final_message": False, "bad_words": [],
+               "include_stop_str_in_output": False, "add_generation_prompt": True}
     assert local.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 2,
                                                **neutral}).status_code == 200
     assert tuned.post("/v1/chat/completions", json={"model": "tiny-tuned", "max_tokens": 2, **neutral,

@@ -28,7 +28,9 @@ Refused with a 400 that names the field, unless given a neutral value (0 penalti
 ``frequency_penalty``, ``repetition_penalty``, ``response_format``, ``tools``, ``tool_choice``,
 ``functions``, ``function_call``, ``best_of``, ``suffix``, ``prediction``, ``audio``,
 ``modalities``, ``web_search_options``, ``reasoning_effort``, vLLM's ``min_tokens``, ``top_k``,
-``min_p``, ``ignore_eos`` and ``guided_*``.
+``min_p``, ``ignore_eos``, ``guided_*``, ``bad_words``, ``allowed_token_ids``, ``structured_outputs``,
+``include_stop_str_in_output``, ``stop_token_ids``, ``use_beam_search``, ``length_penalty``,
+``truncate_prompt_tokens`` and ``logits_processors``.
 Other unknown fields (``user``, ``metadata``...) change nothing and are ignored.
 
 ``echo`` (completions) puts the prompt's text and logprobs before the answer (the first prompt
@@ -74,7 +76,8 @@ DEFAULT_MAX_TOP_LOGPROBS = 20
 MAX_STOP = 16  # stop sequences per request (and 1,024 characters together: BodyLimits.stop_chars)
 # answer-changing fields this server does not honour: a 400 naming them unless neutral
 # (logit_bias, logprobs, top_logprobs and echo are honoured)
-REFUSED = tuple(k for k in NEUTRAL_VALUES if k not in ("logit_bias", "logprobs", "top_logprobs", "echo"))
+REFUSED = tuple(k for k in NEUTRAL_VALUES if k not in ("logit_bias", "logprobs", "top_logprobs", "echo",
+                                                        "continue_final_message", "add_generation_prompt"))
 
 
 @dataclass(frozen=True)

@@ -349,6 +349,11 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "min_tokens": (None, 0), "top_k": (None, -1, 0), "min_p": (None, 0), "ignore_eos": (None, False),
     "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
     "reasoning_effort": (None,),
+    # vLLM's extra sampling and chat fields
+    "continue_final_message": (None, False), "add_generation_prompt": (None, True), "bad_words": (None, []),
+    "allowed_token_ids": (None,), "structured_outputs": (None,), "include_stop_str_in_output": (None, False),
+    "stop_token_ids": (None, []), "use_beam_search": (None, False), "length_penalty": (None, 1),
+    "truncate_prompt_tokens": (None,), "logits_processors": (None,), "guided_whitespace_pattern": (None,),
 }
 
 
