@@ -11,6 +11,7 @@ import json
 import socket
 import time
 
+import httpx
 import openai
 import pytest
 from fastapi.testclient import TestClient
@@ -169,6 +170,43 @@ def test_a_slow_body_gets_a_408(local_app, monkeypatch):
             started = time.monotonic()
             reply = sock.recv(4096)
     assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("which", ["serve-model", "serve"])
+def test_silent_and_trickling_connections_are_closed_while_others_are_answered(local_app, tuner, monkeypatch, which):
+    """A connection that never sends a request, or sends its headers a byte at a time, is closed
+    HEADER_TIMEOUT after it opened (before: open for more than 100 s, uvicorn's keep-alive timer
+    restarting on every byte); a request sent meanwhile is answered at once."""
+    from blackbox_proxy.apps import loopback
+
+    monkeypatch.setattr(loopback, "HEADER_TIMEOUT", 1.0)
+    app = local_app if which == "serve-model" else create_tuned_app(tuner, name="tiny-tuned")
+    with ServerThread(app) as server:
+        silent = socket.create_connection((server.host, server.port), timeout=10)
+        trickle = socket.create_connection((server.host, server.port), timeout=10)
+        started = time.monotonic()
+        with httpx.Client(base_url=f"http://{server.host}:{server.port}") as http:
+            assert http.get("/v1/models").status_code == 200
+        closed_at = None
+        for byte in b"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-slow: " + b"a" * 40:
+            try:
+                trickle.sendall(bytes([byte]))
+            except OSError:
+                closed_at = time.monotonic() - started
+                break
+            time.sleep(0.1)
+            trickle.settimeout(0.001)
+            try:
+                if trickle.recv(1) == b"":
+                    closed_at = time.monotonic() - started
+                    break
+            except (TimeoutError, BlockingIOError, socket.timeout):
+                pass
+        silent.settimeout(5)
+        assert silent.recv(1) == b"" and time.monotonic() - started < 4
+        assert closed_at is not None and closed_at < 4, closed_at
+        silent.close()
+        trickle.close()
 
 
 # ----- 5. abandoned requests ------------------------------------------------------------------------------

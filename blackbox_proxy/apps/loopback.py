@@ -7,20 +7,72 @@ Left out: the routes and bodies (:mod:`.openai_http`, :mod:`.model_server`, :mod
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import socket
 import threading
 import time
 from typing import Any
 
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
 from ..errors import ConfigurationError
 
-# uvicorn's settings for both servers (ServerThread, and the CLI's uvicorn.run): an idle
+HEADER_TIMEOUT = 10.0  # seconds a connection has to send a whole request line and headers, then closed
+
+
+class HeaderDeadline(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on request headers: a connection that sends no
+    request, or trickles its headers, is closed :data:`HEADER_TIMEOUT` seconds after it opened
+    or after its last answer (uvicorn's own keep-alive timer restarts on every byte received, and
+    a new connection has none). Requests being answered are never cut."""
+
+    _header_timer: asyncio.TimerHandle | None = None
+    _timed_cycle: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.cycle is not None and self.cycle is not self._timed_cycle:  # a request's headers are in
+            self._timed_cycle = self.cycle
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        if not self.transport.is_closing():
+            self._header_timer = self.loop.call_later(HEADER_TIMEOUT, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _too_slow(self) -> None:
+        self._header_timer = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            return  # a request is being answered (pipelined after the last one)
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+# uvicorn's settings for both servers (ServerThread, and the CLI's uvicorn.run): a connection
+# must send a request's headers within HEADER_TIMEOUT s (:class:`HeaderDeadline`), an idle
 # keep-alive connection closes after 5 s, a request's headers may hold at most 64 KiB, and at
-# most 256 connections are served at once (503 beyond). uvicorn has no timeout for a request
-# still arriving; :func:`read_json` bounds the body's (BODY_TIMEOUT, 408).
+# most 256 connections are served at once (503 beyond); :func:`read_json` bounds the body's
+# arrival (BODY_TIMEOUT, 408).
 UVICORN_OPTIONS: dict[str, Any] = {"timeout_keep_alive": 5, "h11_max_incomplete_event_size": 64 * 1024,
-                                   "limit_concurrency": 256, "timeout_graceful_shutdown": 5}
+                                   "limit_concurrency": 256, "timeout_graceful_shutdown": 5, "http": HeaderDeadline}
 
 
 
