@@ -363,3 +363,26 @@ def test_a_failed_write_stops_with_one_line_and_keeps_what_was_written(tmp_path,
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"[12 prompts: {12 - len(done)} written, {len(done)} already done" in again.stderr
     assert sorted(results(out)) == sorted(f"p{i}" for i in range(12))
+
+
+def test_output_errors_name_the_real_cause_and_the_commands_own_option(tmp_path):
+    """``--output /proc/version`` was refused as "the disk is full"; a second ``eval`` on one
+    ``--out`` was told of a "batch run" and ``--output``."""
+    import asyncio
+    import os
+
+    from blackbox_proxy.evaluation.runner import RESULTS, arun_eval
+    from blackbox_proxy.evaluation.tasks import load_task
+    from blackbox_proxy.runs.results import BatchOutputError, ResultsFile
+
+    if os.path.exists("/proc/version"):
+        with pytest.raises(BatchOutputError) as info:
+            ResultsFile("/proc/version").open()
+        message = str(info.value)  # (a user other than root may not open it at all)
+        assert ("stores no files" in message or "cannot open" in message) and "full" not in message
+    out = tmp_path / "eval-out"
+    with ResultsFile(out / RESULTS, flag="--out", run="eval run"):
+        with pytest.raises(BatchOutputError) as info:
+            asyncio.run(arun_eval(load_task("arithmetic", None, limit=1), [], out, max_tokens=4))
+    message = str(info.value)
+    assert "in use by another eval run" in message and "--out" in message and "--output" not in message

@@ -119,6 +119,17 @@ def test_fields_that_change_the_answer_are_refused_by_name(local, tuned, field, 
         assert resp.json()["error"]["param"] == field
 
 
+@pytest.mark.parametrize("field,value", [("logprobs", -1), ("logprobs", "false"), ("stream", "no"), ("echo", 2)])
+def test_flags_are_true_or_false_not_truthy(local, tuned, field, value):
+    """Chat's ``logprobs: -1`` was read as true (Python's truthiness), and ``"false"`` too."""
+    route, extra = (("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}) if field != "echo"
+                    else ("/v1/completions", {"prompt": "Hi"}))
+    for client, model in ((local, "tiny"), (tuned, "tiny-tuned")):
+        resp = client.post(route, json={"model": model, "max_tokens": 2, field: value, **extra})
+        assert resp.status_code == 400 and "true or false" in _error(resp), resp.text
+    assert local.post(route, json={"model": "tiny", "max_tokens": 2, field: 0, **extra}).status_code == 200
+
+
 def test_neutral_values_pass(local, tuned):
     neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "response_format": {"type": "text"}, "best_of": 1,
                "user": "someone", "tool_choice": "none", "continue_final_message": False, "bad_words": [],

@@ -15,7 +15,7 @@ import torch
 from test_speculative import MemoSession, chi2_pvalue, concentrated, exact_joint
 
 from decoders import build
-from blackbox_proxy import AsyncProxyTuner, ProxyTuner
+from blackbox_proxy import AsyncProxyTuner, HostedResponseError, ProxyTuner
 from blackbox_proxy.apps.openai_http import ServerThread
 from blackbox_proxy.decoding.speculative import SpeculativeDecoder
 from blackbox_proxy.harness.replay import LatencyModel, Recording, ReplayHost, create_replay_app
@@ -214,10 +214,13 @@ def test_the_async_tuner_streams_chunks_too(recording, scorers_b, tok_a):
 
 class StreamFault:
     """ASGI wrapper of a real app: ``cut_after``: a streamed answer's connection dies after that
-    many events (uvicorn aborts it mid-body); ``strip``: streamed events lose their logprobs."""
+    many events (uvicorn aborts it mid-body); ``strip``: streamed events lose their logprobs;
+    ``end_first``: the first streams end before any event; ``garble_first``: the first streams'
+    first event is not JSON; ``repeat_at``: every stream sends that event twice."""
 
-    def __init__(self, app, *, cut_after=None, strip=False, end_first=0):
+    def __init__(self, app, *, cut_after=None, strip=False, end_first=0, garble_first=0, repeat_at=None):
         self.app, self.cut_after, self.strip, self.end_first = app, cut_after, strip, end_first
+        self.garble_first, self.repeat_at = garble_first, repeat_at
         self.streams = 0
 
     async def __call__(self, scope, receive, send):
@@ -243,6 +246,10 @@ class StreamFault:
                     message = {"type": "http.response.body", "body": b"", "more_body": False}
                 elif self.strip:
                     message = dict(message, body=_without_logprobs(message["body"]))
+                elif events == 1 and self.streams <= self.garble_first:
+                    message = dict(message, body=b'data: {"choices": [{"text": \n\n')
+                elif events == self.repeat_at:
+                    await send(message)
             await send(message)
 
         await self.app(scope, receive, forward)
@@ -287,6 +294,37 @@ def test_a_stream_that_ends_before_its_first_event_is_retried(recording, server_
         t.client.stream_chunks = True
         got = t.generate(PROMPT, max_tokens=16, strategy="speculative", chunk=16, **RUNS[0])
     assert app.streams >= 3 and got.text == whole.text
+
+
+def test_a_repeated_event_is_dropped_not_read_as_another_token(recording, server_a, scorers_b, tok_a, caplog):
+    """A host (or proxy) that sends the same SSE event twice: before, the repeat was read as the
+    next position and changed the greedy text; it is dropped, and said once in the log."""
+    with ReplayHost(recording) as host, _tuner(host.base_url, scorers_b, tok_a, stream_chunks=False) as t:
+        whole = t.generate(PROMPT, max_tokens=16, strategy="speculative", chunk=16, **RUNS[0])
+    app = StreamFault(create_replay_app(recording, upstream=server_a.base_url), repeat_at=2)
+    with ServerThread(app) as server, _tuner(server.base_url, scorers_b, tok_a) as t:
+        t.client.stream_chunks = True
+        with caplog.at_level(logging.WARNING, logger="blackbox_proxy.hosts.streaming"):
+            got = t.generate(PROMPT, max_tokens=16, strategy="speculative", chunk=16, **RUNS[0])
+    assert app.streams >= 1 and got.text == whole.text
+    assert sum("repeated" in r.getMessage() for r in caplog.records) >= 1
+
+
+def test_a_malformed_event_is_not_called_unreachable(recording, server_a, scorers_b, tok_a):
+    """An event that is not JSON before any position: retried like a body cut off, and when it
+    keeps coming, an error about the host's answers, not "cannot reach ... check --base-url"."""
+    with ReplayHost(recording) as host, _tuner(host.base_url, scorers_b, tok_a, stream_chunks=False) as t:
+        whole = t.generate(PROMPT, max_tokens=16, strategy="speculative", chunk=16, **RUNS[0])
+    app = StreamFault(create_replay_app(recording, upstream=server_a.base_url), garble_first=1)
+    with ServerThread(app) as server, _tuner(server.base_url, scorers_b, tok_a, max_retries=2) as t:
+        t.client.stream_chunks = True
+        assert t.generate(PROMPT, max_tokens=16, strategy="speculative", chunk=16, **RUNS[0]).text == whole.text
+    app = StreamFault(create_replay_app(recording, upstream=server_a.base_url), garble_first=100)
+    with ServerThread(app) as server, _tuner(server.base_url, scorers_b, tok_a, max_retries=1) as t:
+        t.client.stream_chunks = True
+        with pytest.raises(HostedResponseError) as info:
+            t.generate(PROMPT, max_tokens=16, strategy="speculative", chunk=16, **RUNS[0])
+    assert "not valid JSON" in str(info.value) and "cannot reach" not in str(info.value)
 
 
 def test_a_host_that_streams_no_logprobs_is_asked_whole(recording, scorers_b, tok_a, caplog):

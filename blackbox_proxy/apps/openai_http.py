@@ -188,7 +188,17 @@ def number(kind: type, low: float | None = None, high: float | None = None) -> A
 
 
 # Flags count by truthiness, as the servers always read them (a client may send 1 or "yes").
-Flag = Annotated[bool, BeforeValidator(bool)]
+def _flag(value: Any) -> bool:
+    """true or false (null, 0 and 1 read as OpenAI's SDKs and vLLM read them); anything else, such
+    as -1 or "false", is refused rather than read by Python's truthiness."""
+    if value is None or value is False or value == 0 and type(value) is int:
+        return False
+    if value is True or value == 1 and type(value) is int:
+        return True
+    raise ValueError(f"must be true or false, got {brief_repr(value)}")
+
+
+Flag = Annotated[bool, BeforeValidator(_flag)]
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,7 @@ async def arun_eval(task: Task, systems: Sequence[System], out_dir: str | os.Pat
     if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
         raise ConfigurationError(f"concurrency must be an integer >= 1, got {concurrency!r}")
     path = Path(out_dir) / RESULTS
-    log = ResultsFile(path).open()  # locked: a second run on the same folder is refused
+    log = ResultsFile(path, flag="--out", run="eval run").open()  # locked: a second run on the folder is refused
     done = {result_key(r["system"], r["item"]) for r in read_results(path)}
     summary = RunSummary()
     try:

@@ -209,7 +209,8 @@ def translate(exc: BaseException, site: Site) -> HostedAPIError:
     where = f"the hosted API at {site.base_url}"
     if isinstance(exc, json.JSONDecodeError):
         return HostedResponseError(
-            f"{where} kept answering with a body that is not valid JSON (cut off?); check the server and its proxies"
+            f"{where} kept answering with a body or streamed event that is not valid JSON (cut off?); check the "
+            "server and its proxies"
         )
     if isinstance(exc, openai.APITimeoutError):
         return HostedConnectionError(

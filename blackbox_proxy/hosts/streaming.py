@@ -65,6 +65,8 @@ class StreamedAnswer:
         self.finish: str | None = None
         self.usage: dict[str, Any] | None = None
         self.closed_early = False
+        self.repeats = 0  # events that repeated the one before, dropped
+        self._last_choice: Any = None
 
     @property
     def positions(self) -> int:
@@ -82,6 +84,13 @@ class StreamedAnswer:
             if choice.get("index", 0) != 0:
                 continue
             logprobs = choice.get("logprobs") or {}
+            if logprobs and choice == self._last_choice:  # the same token with the same logprobs again
+                self.repeats += 1
+                if self.repeats == 1:
+                    logger.warning("the hosted stream repeated an event (the same token and logprobs); the "
+                                   "repeat was dropped")
+                continue
+            self._last_choice = choice
             if self.endpoint == "chat":
                 self.text += (choice.get("delta") or {}).get("content") or ""
                 self.content += logprobs.get("content") or []
@@ -153,7 +162,7 @@ def as_connection_error(exc: BaseException, url: str) -> BaseException:
         import httpx2 as http
     except ImportError:
         import httpx as http
-    if isinstance(exc, openai.APIError):
+    if isinstance(exc, (openai.APIError, json.JSONDecodeError)):  # an event that is not JSON: the answer's fault
         return exc
     return openai.APIConnectionError(message=f"the stream broke ({type(exc).__name__})",
                                      request=http.Request("POST", url))

@@ -130,8 +130,10 @@ class ResultsFile:
     masked once more on the way to disk.
     """
 
-    def __init__(self, path: str | os.PathLike, *, errors: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, *, errors: bool = False, flag: str = "--output",
+                 run: str = "batch run") -> None:
         self.path = Path(path)
+        self.flag, self.run = flag, run  # how errors name the option that chose the file, and the run
         self.errors = errors
         self.errors_path = self.path.with_name(self.path.name + ".errors.jsonl")
         self.what = "errors file" if errors else "results file"
@@ -142,27 +144,31 @@ class ResultsFile:
     def open(self) -> "ResultsFile":
         path = self.path
         if path.is_dir():
-            raise BatchOutputError(f"the output {path} is a folder; pass a file name, e.g. --output {path / 'results.jsonl'}")
+            raise BatchOutputError(f"the output {path} is a folder; pass a file name, e.g. {self.flag} "
+                                   f"{path / 'results.jsonl'}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise BatchOutputError(f"cannot create the folder {path.parent} for the results ({exc.strerror}); "
-                                   "pass another --output") from None
+                                   f"pass another {self.flag}") from None
         self._created = self.errors or not path.exists()
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if self.errors else 0)
         try:
             fd = os.open(path, flags, 0o644)
         except OSError as exc:
             raise BatchOutputError(f"cannot open the {self.what} {path} for writing ({exc.strerror}); fix its "
-                                   "permissions or pass another --output") from None
+                                   f"permissions or pass another {self.flag}") from None
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise BatchOutputError(f"the output {path} is not a regular file; pass a file name with --output")
+                raise BatchOutputError(f"the output {path} is not a regular file; pass a file name with {self.flag}")
             if not self.errors:
                 self._lock(fd)
             space = os.fstatvfs(fd)
+            if space.f_blocks == 0:  # /proc, /sys: files that are not stored anywhere
+                raise BatchOutputError(f"the output {path} is on a file system that stores no files (such as /proc "
+                                       f"or /sys); pass a file on a disk with {self.flag}")
             if space.f_bavail * space.f_frsize < MIN_FREE_BYTES:
-                raise BatchOutputError(f"the disk holding {path} is full; free some space or pass another --output")
+                raise BatchOutputError(f"the disk holding {path} is full; free some space or pass another {self.flag}")
         except BaseException:
             self._close(fd)
             raise
@@ -174,8 +180,8 @@ class ResultsFile:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._created = False  # another run's file
-            raise BatchOutputError(f"the results file {self.path} is in use by another batch run; wait for it to "
-                                   "finish, or pass another --output") from None
+            raise BatchOutputError(f"the results file {self.path} is in use by another {self.run}; wait for it to "
+                                   f"finish, or pass another {self.flag}") from None
         except OSError as exc:  # e.g. a network file system without locks
             logger.warning("cannot lock %s (%s); make sure no other run writes to it", self.path, exc.strerror)
 
