@@ -428,3 +428,30 @@ def test_a_position_whose_candidates_all_end_inside_a_character_takes_the_hosts_
     dec = decoder()
     with pytest.raises(HostedResponseError, match="--mode completions with --hosted-tokenizer"):
         dec.observe([HostedResult("", (HostedPosition((lead,), lead),) * 4, "length", HostedUsage())], 0.0)
+
+
+def test_a_chunk_that_can_keep_nothing_on_a_text_prompt_asks_for_the_character(tok_a, models_a):
+    """A chunk whose first position offers only pieces of a character (a text prompt cannot end
+    inside one): nothing can be kept, and before, each next chunk asked the same and the fourth
+    raised (a 502 from serve, found by fuzzing). Now the next call asks for the host's own
+    tokens up to the character's end."""
+    from blackbox_proxy.tokens.loaders import vocabulary_from_hf
+
+    vocab = vocabulary_from_hf(tok_a)
+    byte = {vocab.token_bytes[i]: i for i in range(len(vocab.token_bytes))}
+    piece = lambda data, lp: Candidate(data.decode("latin-1"), data, lp, byte[data])  # noqa: E731
+    lead, other, tail = piece(b"\xc3", -0.1), piece(b"\xc5", -2.5), piece(b"\xa9", -0.2)
+    prompt = tok_a.encode("Caf")
+    e, a = MemoSession(models_a[1], prompt), MemoSession(models_a[2], prompt)
+    for temperature in (0.0, 1.0):
+        dec = build(SpeculativeDecoder, e, a, vocab, prompt=None, mode="chat-prefix", temperature=temperature,
+                    messages=[{"role": "user", "content": "Caf"}], max_tokens=5, chunk=2, seed=1, tail_calls=0)
+        assert dec.request().max_tokens == 2
+        alone = (HostedPosition((lead, other), lead),)  # the chunk ends there (as a stream closed early does)
+        dec.observe([HostedResult("", alone, "length", HostedUsage(3, 1))], 0.0)
+        assert dec.prefix.data == b"" and not dec.done
+        chunk = (HostedPosition((lead, other), lead), HostedPosition((tail,), tail))
+        asked = dec.request()
+        assert (asked.max_tokens, asked.n) == (4, 1)
+        dec.observe([HostedResult("", chunk, "length", HostedUsage(3, 2))], 0.0)
+        assert dec.prefix.data == "é".encode() and [s.alignment for s in dec.steps] == ["untuned", "untuned"]

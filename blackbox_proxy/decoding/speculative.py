@@ -232,7 +232,8 @@ class SpeculativeDecoder(Decoder):
         chosen: list[Candidate] = [pos.sampled for pos in usable[: chunk.accepted]]
         if chunk.replacement is not None:
             chosen.append(chunk.replacement)
-        if not self.prompt.by_ids(self.prefix):
+        text_prompt = not self.prompt.by_ids(self.prefix)
+        if text_prompt:
             chosen, cut = self._cut_to_characters(chosen)
             if cut:
                 notes.append(f"{cut} token(s) cut to end the chunk on a whole UTF-8 character (text prompt)")
@@ -252,13 +253,18 @@ class SpeculativeDecoder(Decoder):
                                         generated_tokens=self.generated - before_generated,
                                         overlapped_seconds=chunk.overlapped,
                                         untrusted_tail_calls=chunk.untrusted_calls)
-        if not chosen and not self.done:
+        if not chosen and not self.done and text_prompt:
+            # every token that could be kept ends inside a character: the host's own tokens up to its end next
+            notes.append("nothing from this chunk could be kept (it ends inside a character a text prompt cannot "
+                         "carry); the host's own next tokens are taken up to the character's end")
+            self._character = []
+        elif not chosen and not self.done:
             notes.append("nothing from this chunk could be kept; the next call starts from the same prefix")
             self._stalled += 1
             if self._stalled >= MAX_STALLED_CHUNKS:
                 raise HostedResponseError(
-                    f"{self._stalled} chunks in a row ended inside a UTF-8 character, which a text prompt cannot "
-                    "carry; pass --hosted-tokenizer so the client can send token-id prompts"
+                    f"{self._stalled} chunks in a row could not be kept; check that the host returns the drawn "
+                    "tokens' logprobs (or use --strategy per-step with this host)"
                 )
         else:
             self._stalled = 0
