@@ -62,6 +62,7 @@ class ScoredPosition:
 
 
 CHARACTER_TOKENS = 4  # tokens asked to finish a character a text prompt cannot carry in pieces (UTF-8: 4 bytes)
+CHARACTER_TRIES = 4  # draws of them (when sampling) before a generation gives up on one
 
 
 class Decoder:
@@ -79,6 +80,7 @@ class Decoder:
     """
 
     whole_answers = False  # chat mode ends after one token unless a strategy appends whole answers
+    redraws_chunks = False  # a strategy that can draw another chunk where a character was not finished
 
     def __init__(self, params: GenerationRequest, *, host: HostCapabilities, scoring: Scoring,
                  prompt: HostedPrompt, settings: dict[str, Any] | None = None) -> None:
@@ -237,6 +239,7 @@ class Decoder:
 
     _tail: tuple[tail.TailCheck, "ScoredPosition", list[str], float] | None = None  # a greedy step asking the tail
     _character: list[str] | None = None  # a position whose candidates all end inside a character
+    _character_misses = 0  # draws that did not finish one (a generation's total)
 
     # ----- a character that a text prompt cannot carry in pieces ------------------------------
     def _asking_character(self) -> HostedRequest | None:
@@ -263,6 +266,12 @@ class Decoder:
         else:
             taken = []
         if not taken or not is_utf8(self.prefix.data + b"".join(p.sampled.data for p in taken)):
+            self._character_misses += 1
+            if self.params.temperature > 0 and self._character_misses < CHARACTER_TRIES:
+                self._character = notes  # another draw may finish it
+                return
+            if self.redraws_chunks:
+                return  # the next chunk is drawn anew (its own stall count gives up in the end)
             raise HostedResponseError(
                 f"the hosted model's next token ends inside a UTF-8 character and its next {CHARACTER_TOKENS} did "
                 "not finish it; a text prompt cannot carry half a character: use --mode completions with "

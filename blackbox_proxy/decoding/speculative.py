@@ -70,6 +70,8 @@ class SpeculativeDecoder(Decoder):
     ``host.logit_bias_cap`` > 0. ``params.drafts`` caps the drafts per call.
     """
 
+    redraws_chunks = True  # an unfinished character: the next chunk is drawn anew
+
     def __init__(self, params: GenerationRequest, *, host: HostCapabilities, scoring: Scoring,
                  prompt: HostedPrompt, settings: dict[str, Any] | None = None, tail_draws: int = DEFAULT_DRAWS) -> None:
         super().__init__(params, host=host, scoring=scoring, prompt=prompt, settings=settings)
@@ -253,14 +255,17 @@ class SpeculativeDecoder(Decoder):
                                         generated_tokens=self.generated - before_generated,
                                         overlapped_seconds=chunk.overlapped,
                                         untrusted_tail_calls=chunk.untrusted_calls)
-        if not chosen and not self.done and text_prompt:
-            # every token that could be kept ends inside a character: the host's own tokens up to its end next
-            notes.append("nothing from this chunk could be kept (it ends inside a character a text prompt cannot "
-                         "carry); the host's own next tokens are taken up to the character's end")
-            self._character = []
-        elif not chosen and not self.done:
-            notes.append("nothing from this chunk could be kept; the next call starts from the same prefix")
+        if not chosen and not self.done:
             self._stalled += 1
+            first = chunk.allowed[0] if chunk.allowed else None
+            if text_prompt and ((first is not None and not bool(first.any())) or self._stalled >= 2):
+                # what could be kept ends inside a character a text prompt cannot carry (at once when no
+                # candidate of the first position can be carried): the host's own tokens up to its end next
+                notes.append("nothing from this chunk could be kept (it ends inside a character a text prompt "
+                             "cannot carry); the host's own next tokens are taken up to the character's end")
+                self._character = []
+            else:
+                notes.append("nothing from this chunk could be kept; the next call starts from the same prefix")
             if self._stalled >= MAX_STALLED_CHUNKS:
                 raise HostedResponseError(
                     f"{self._stalled} chunks in a row could not be kept; check that the host returns the drawn "
