@@ -76,7 +76,8 @@ class WhiteBoxTuner:
 
     Args:
         base: the large model (name/path or :class:`Scorer`), rendered raw by default.
-        expert, anti_expert: the small models, or ``expert_adapter`` over ``anti_expert``.
+        anti_expert: the small model before tuning (name/path or :class:`Scorer`).
+        expert: the small model after tuning; or ``expert_adapter``, a LoRA over ``anti_expert``.
 
     Example::
 

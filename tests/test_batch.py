@@ -134,6 +134,7 @@ def faulty_server(tok_a, models_a):
         yield server
 
 
+@pytest.mark.slow
 def test_200_prompts_through_20_percent_faults_equal_a_fault_free_run(tmp_path, server_a, faulty_server,
                                                                       scorers_a, tok_a):
     inp = write_prompts(tmp_path / "in.jsonl", 200)
@@ -202,6 +203,7 @@ def _writer(path: str, start: int, count: int) -> None:
     cache.close()
 
 
+@pytest.mark.slow
 def test_cache_is_safe_under_concurrent_writer_processes(tmp_path):
     import multiprocessing
 
@@ -232,6 +234,7 @@ def cli(*args):
     return [sys.executable, "-m", "blackbox_proxy", *args]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_gives_one_result_per_id(tmp_path, server_a, saved_a):
     inp = write_prompts(tmp_path / "in.jsonl", 40)
     out = tmp_path / "out.jsonl"

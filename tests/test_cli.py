@@ -47,6 +47,7 @@ def test_generate_plain_output_and_usage_line(server_a, saved_a):
     assert found and int(found[1]) - int(found[2] or 0) == 3, out.stderr
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(saved_a):
     port = free_port()
     args = ["generate", "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "tiny", "--expert",
@@ -58,6 +59,7 @@ def test_cli_errors_are_one_line(saved_a):
     assert "sk-cli-secret-999" not in out.output
 
 
+@pytest.mark.slow
 def test_serve_model_subprocess(saved_a):
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -100,6 +102,7 @@ def test_generate_speculative_json(server_a, saved_a):
     assert 0 <= data["usage"]["acceptance_rate"] <= 1 and data["usage"]["calls_per_token"] > 0
 
 
+@pytest.mark.slow
 def test_serve_subprocess_with_a_config_file(tmp_path, server_a, saved_a):
     """`blackbox-proxy serve --config FILE` as a real process; flags win over the file; the SDK
     gets the library's answer; the process stops when told."""

@@ -26,6 +26,7 @@ def _generate(server, saved, prompt, alpha, k, *extra):
     return json.loads(out.stdout)
 
 
+@pytest.mark.slow
 def test_cli_without_the_flag_equals_white_box(server_a, saved_a, tok_a, models_a):
     """The CLI, given no --hosted-tokenizer, finds the server's tokenizer through /tokenize, sends
     token ids, and with k = the whole vocabulary equals slow white-box proxy tuning; with text

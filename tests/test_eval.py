@@ -312,6 +312,7 @@ def test_loglik_per_step_at_k_all_equals_white_box_and_coverage_is_reported(tmp_
 # ----- resumption after SIGKILL -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_answers_each_pair_once(tmp_path, server_a, saved_a):
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "blackbox_proxy.apps.eval_command", "--base-url", server_a.base_url, "--model",

@@ -159,6 +159,7 @@ def tree_draws(tok_a, models, n, seed0, drafts=3, chunk=3, alpha=1.0):
     return firsts, (hosted, e, a), calls, sizes
 
 
+@pytest.mark.slow
 def test_multidraft_draws_match_exact_proxy_tuning(tok_a, concentrated_models, monkeypatch):
     models, live = concentrated_models
     prompt = tok_a.encode("The quick brown")

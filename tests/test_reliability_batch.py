@@ -312,6 +312,7 @@ def batch_command(server, saved, inp, out, *extra):
                "--hosted-tokenizer", "none", *extra)
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_output_do_the_work_once(tmp_path, server_a, saved_a):
     """Two `batch` processes on the same output used to both do all the work (40 of 40 ids
     written twice); the second now stops at once, naming the file, and pays nothing."""
@@ -344,6 +345,7 @@ def _file_limit(limit: int):
     return apply
 
 
+@pytest.mark.slow
 def test_a_failed_write_stops_with_one_line_and_keeps_what_was_written(tmp_path, server_a, saved_a):
     inp = write_lines(tmp_path / "in.jsonl", [{"id": f"p{i}", "prompt": f"The quick {i}"} for i in range(12)])
     out = tmp_path / "out.jsonl"

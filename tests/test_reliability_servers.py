@@ -426,12 +426,14 @@ def _fuzz(client, model, body):
             assert "data:" in resp.text
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(body=bodies)
 def test_fuzz_the_model_server(local, body):
     _fuzz(local, "tiny", body)
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(body=bodies)
 def test_fuzz_the_tuned_server(tuned, body):

@@ -47,6 +47,7 @@ def leaks(root: Path, *texts: str) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_no_file_or_console_output_holds_the_key(tmp_path, keyed_server, saved_a):
     runs = tmp_path / "run"
     runs.mkdir()

@@ -239,6 +239,7 @@ def chi2_pvalue(firsts, table):
     return chisquare(observed, expected).pvalue
 
 
+@pytest.mark.slow
 def test_speculative_draws_match_exact_proxy_tuning(tok_a, concentrated_models, monkeypatch):
     models, live = concentrated_models
     prompt = tok_a.encode("The quick brown")

@@ -129,6 +129,7 @@ def test_the_streamed_walk_is_the_whole_chunk_walk_draw_for_draw(tok_a, live_mod
     assert rejected > 20  # the walks did reject mid-chunk (the streamed walk stopped early there)
 
 
+@pytest.mark.slow
 def test_streamed_draws_match_exact_proxy_tuning(tok_a, live_models):
     """The chi-square test of test_speculative, through the streamed walk: k = the vocabulary,
     10,000 draws of the first two tokens against exact proxy tuning."""

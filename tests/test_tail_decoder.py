@@ -175,6 +175,7 @@ def draws(setup, n, **kw):
     return out, calls / tokens
 
 
+@pytest.mark.slow
 def test_probed_draws_match_exact_proxy_tuning_where_the_candidates_only_rule_fails(setup):
     vocab, prompt, sessions, live = setup
     table = exact_joint(sessions, prompt, live)
