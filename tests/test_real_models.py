@@ -180,3 +180,62 @@ def test_plain_prompts_give_text_not_hosted_special_tokens(pair, gemma_server, g
             text = client.completions.create(model="tuned", prompt=prompt, max_tokens=6, temperature=0,
                                              extra_body={"alpha": alpha}).choices[0].text
             assert text.strip() and _readable(text, specials), (prompt, alpha, text)
+
+
+def _readme_block(containing: str) -> str:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    return next(b for b in re.findall(r"^```text\n(.*?)^```", readme, re.S | re.M) if containing in b)
+
+
+def test_the_readmes_generate_run_holds(gemma_server, gemma_dir, smollm2_dir):
+    """The README's `generate` run, as printed there, against the embedded default: the command
+    (its server address and the cache's paths put in) gives the text the README shows."""
+    import codecs
+    import re
+    import shlex
+
+    server, _ = gemma_server
+    block = _readme_block("$ blackbox-proxy generate")
+    prompt = codecs.decode(re.search(r"^\$ PROMPT=\$'(.*)'$", block, re.M).group(1), "unicode_escape")
+    command = re.search(r"^\$ (blackbox-proxy generate .*?)\n(?!\s)", block, re.S | re.M).group(1)
+    command = re.sub(r"\\\n\s*", " ", command).replace("$'\\n\\n'", "'\n\n'").replace('"$PROMPT"', "PROMPT")
+    command = command.replace("http://127.0.0.1:8011/v1", server.base_url)
+    command = command.replace("~/.cache/blackbox_proxy/models/smollm2-135m-instruct", str(smollm2_dir))
+    args = ["\n\n" if a == "\n\n" else prompt if a == "PROMPT" else a for a in shlex.split(command)[1:]]
+    args = [str(adapter_path()) if a == "blackbox_proxy/data/smollm2-arith-lora" else a for a in args]
+    shown = block.split(command.split()[0], 1)[1]
+    want = re.search(r"--stop \$'\\n\\n'\n(.*?)\n\[", shown, re.S).group(1)
+    proc = subprocess.run([sys.executable, "-m", "blackbox_proxy", *args], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == want.strip() == "59 + 87 = 146\n#### 146"
+
+
+def test_the_readmes_serve_client_holds(gemma_server, gemma_dir, pair):
+    """The README's client.py against `serve` on the embedded default prints what the README shows."""
+    import asyncio
+    import contextlib
+    import io
+    import re
+
+    from blackbox_proxy import AsyncProxyTuner
+    from blackbox_proxy.apps.openai_http import ServerThread
+    from blackbox_proxy.apps.tuned_server import create_tuned_app
+
+    server, _ = gemma_server
+    block = _readme_block("$ cat client.py")
+    code = block.split("$ cat client.py\n", 1)[1].split("$ python client.py\n", 1)
+    client_py, shown = code[0], code[1]
+    expert, anti = pair
+    tuner = AsyncProxyTuner(base_url=server.base_url, model="gemma-3-270m", expert=expert, anti_expert=anti,
+                            hosted_tokenizer=str(gemma_dir))
+    with ServerThread(create_tuned_app(tuner, name="gemma-3-270m-proxy-tuned")) as tuned:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(client_py.replace("http://127.0.0.1:8080/v1", tuned.base_url), "client.py", "exec"), {})
+        asyncio.run(tuner.close())
+    got = re.sub(r"\d+ API calls", "N API calls", out.getvalue().strip())
+    assert got == re.sub(r"\d+ API calls", "N API calls", shown.strip())
