@@ -99,7 +99,7 @@ def test_proxy_tuned_generation_over_http(gemma_server, gemma_dir, pair):
                        hosted_tokenizer=str(gemma_dir), top_k=20, max_retries=0)
     tuned_right = hosted_right = 0
     for problem in problems("test", 3)[1:]:
-        result = tuner.generate(problem.hosted_prompt(), max_tokens=30, stop=STOP)
+        result = tuner.generate(problem.hosted_prompt(), max_tokens=30, stop=STOP, strategy="per-step")
         assert "hosted vocabulary" in result.settings["alignment"] and result.settings["token_prompts"]
         assert result.usage.api_calls == len(result.trace)
         alone = tuner.client._client.completions.create(model="gemma-3-270m", prompt=problem.hosted_prompt(),

@@ -18,6 +18,7 @@ scoring (``scoring.py``) and all maths beyond calling :mod:`blackbox_proxy.maths
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -35,6 +36,8 @@ from ..types import (Candidate, CandidateTrace, GenerationResult, HostCapabiliti
 from . import tail
 from .prefix import HostedPrompt, Prefix, is_utf8
 from .scoring import Offsets, Scoring
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -242,6 +245,19 @@ class Decoder:
     _character_misses = 0  # draws that did not finish one (a generation's total)
 
     # ----- a character that a text prompt cannot carry in pieces ------------------------------
+    def give_up_on_character(self) -> None:
+        """End the generation with the text so far (``finish_reason`` length, a note and a
+        warning): the host's next character cannot be carried by a text prompt and its own draws
+        did not finish it. What was paid for is kept, as at a context limit."""
+        why = ("the hosted model's next character could not be carried by a text prompt (its tokens end inside it "
+               "and its own draws did not finish it); the generation ends here: use --mode completions with "
+               "--hosted-tokenizer (token-id prompts carry any bytes)")
+        logger.warning(why)
+        self.ended_because = why
+        self.finish_reason = "length"
+
+    ended_because: str | None = None  # why a generation ended early (a note on the result)
+
     def _asking_character(self) -> HostedRequest | None:
         """After a position whose candidates all end inside a UTF-8 character on a text prompt
         (a request cannot carry half a character, so none can be continued from): the host's own
@@ -272,10 +288,8 @@ class Decoder:
                 return
             if self.redraws_chunks:
                 return  # the next chunk is drawn anew (its own stall count gives up in the end)
-            raise HostedResponseError(
-                f"the hosted model's next token ends inside a UTF-8 character and its next {CHARACTER_TOKENS} did "
-                "not finish it; a text prompt cannot carry half a character: use --mode completions with "
-                "--hosted-tokenizer (token-id prompts carry any bytes)")
+            self.give_up_on_character()
+            return
         notes = [*notes, f"every candidate ended inside a character: the host's own {len(taken)} token(s) up to "
                  "its end were taken, untuned"]
         for position in taken:
@@ -365,6 +379,7 @@ class Decoder:
             usage=self.usage,
             trace=tuple(self.steps),
             settings={**self.settings, "tail_off": self.tail_off} if self.tail_off else self.settings,
-            notes=(f"tail probes stopped: {self.tail_off}; the candidates-only rule was used from there",)
-            if self.tail_off else (),
+            notes=tuple(note for note in (
+                f"tail probes stopped: {self.tail_off}; the candidates-only rule was used from there"
+                if self.tail_off else None, self.ended_because) if note),
         )

@@ -266,7 +266,9 @@ class SpeculativeDecoder(Decoder):
                 self._character = []
             else:
                 notes.append("nothing from this chunk could be kept; the next call starts from the same prefix")
-            if self._stalled >= MAX_STALLED_CHUNKS:
+            if self._stalled >= MAX_STALLED_CHUNKS and text_prompt:
+                self.give_up_on_character()
+            elif self._stalled >= MAX_STALLED_CHUNKS:
                 raise HostedResponseError(
                     f"{self._stalled} chunks in a row could not be kept; check that the host returns the drawn "
                     "tokens' logprobs (or use --strategy per-step with this host)"
