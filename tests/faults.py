@@ -151,7 +151,13 @@ async def _read_body(receive):
         message = await receive()
         chunks.append(message.get("body", b""))
         more = message.get("more_body", False)
-    raw, sent = b"".join(chunks), False
+    raw = b"".join(chunks)
+    return raw, _replaying(raw, receive)
+
+
+def _replaying(raw, receive):
+    """A ``receive`` that hands ``raw`` to the app as the whole body, then the client's messages."""
+    sent = False
 
     async def replay():
         nonlocal sent
@@ -160,7 +166,7 @@ async def _read_body(receive):
         sent = True
         return {"type": "http.request", "body": raw, "more_body": False}
 
-    return raw, replay
+    return replay
 
 
 class IgnoresLogitBias:
@@ -180,13 +186,4 @@ class IgnoresLogitBias:
         raw = json.dumps(body).encode()
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(raw)).encode()))
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if sent:
-                return await receive()
-            sent = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-
-        return await self.app(dict(scope, headers=headers), replay, send)
+        return await self.app(dict(scope, headers=headers), _replaying(raw, receive), send)

@@ -24,7 +24,8 @@ import pytest
 
 from blackbox_proxy.harness.embedded import gguf_file, prepare
 from blackbox_proxy.hosts.client import HostedClient
-from blackbox_proxy.harness.interop import RESAMPLE_SAMPLES, common_prefix, compare, hosted_positions, run_workload
+from blackbox_proxy.harness.interop import RESAMPLE_SAMPLES, compare, hosted_positions, run_workload
+from blackbox_proxy.tokens.vocab import common_prefix
 from blackbox_proxy.harness.launch import find_python, llama_cpp_server, project_server, vllm_server
 from blackbox_proxy.types import HostedRequest
 

@@ -273,15 +273,16 @@ class Decoder:
         notes, self._character = self._character, None
         self._count_call(results[0], api_seconds)
         taken: list[HostedPosition] = []
+        data, finished = self.prefix.data, False
         for position in results[0].positions:
             if position.sampled is None or position.sampled.is_end:
                 break
             taken.append(position)
-            if is_utf8(self.prefix.data + b"".join(p.sampled.data for p in taken)):
+            data += position.sampled.data
+            if is_utf8(data):
+                finished = True
                 break
-        else:
-            taken = []
-        if not taken or not is_utf8(self.prefix.data + b"".join(p.sampled.data for p in taken)):
+        if not finished:
             self._character_misses += 1
             if self.params.temperature > 0 and self._character_misses < CHARACTER_TRIES:
                 self._character = notes  # another draw may finish it
@@ -372,6 +373,14 @@ class Decoder:
         hold = max((len(s) for s in self.params.stop), default=1) - 1
         return text[: max(0, len(text) - hold)]
 
+    def _result_notes(self) -> tuple[str, ...]:
+        notes = []
+        if self.tail_off:
+            notes.append(f"tail probes stopped: {self.tail_off}; the candidates-only rule was used from there")
+        if self.ended_because:
+            notes.append(self.ended_because)
+        return tuple(notes)
+
     def result(self) -> GenerationResult:
         return GenerationResult(
             text=self.prefix.data.decode("utf-8", errors="replace"),
@@ -379,7 +388,5 @@ class Decoder:
             usage=self.usage,
             trace=tuple(self.steps),
             settings={**self.settings, "tail_off": self.tail_off} if self.tail_off else self.settings,
-            notes=tuple(note for note in (
-                f"tail probes stopped: {self.tail_off}; the candidates-only rule was used from there"
-                if self.tail_off else None, self.ended_because) if note),
+            notes=self._result_notes(),
         )

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..errors import ConfigurationError
 from ..hosts.client import HostedClient
+from ..tokens.vocab import common_prefix
 from ..types import HostedRequest
 
 RUNS = ("per-step", "speculative-greedy", "speculative-sampled", "resample", "chat-prefix")
@@ -118,16 +119,6 @@ def run_workload(base_url: str, *, model: str, expert: Any, anti_expert: Any, ho
         except ConfigurationError as exc:
             errors["chat-prefix"] = str(exc)
     return WorkloadResult(detected, positions, results, errors)
-
-
-def common_prefix(a: str, b: str) -> int:
-    """How many leading characters ``a`` and ``b`` share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def compare(reference: WorkloadResult, other: WorkloadResult, *, end_floor: float = -4.0) -> dict[str, Any]:

@@ -24,17 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigurationError
+from ..tokens.vocab import common_prefix
 
 RULES = {"openai": (1024, 128), "deepseek": (64, 64), "exact": (1, 1)}
-
-
-def _common(a: Any, b: Any) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def prompt_units(body: Any) -> tuple[str, Any] | None:
@@ -86,7 +78,7 @@ class PromptCache:
         if found is None or prompt_tokens <= 0:
             return 0
         kind, units = found
-        shared = max((_common(units, earlier) for k, earlier in self._seen if k == kind), default=0)
+        shared = max((common_prefix(units, earlier) for k, earlier in self._seen if k == kind), default=0)
         self._seen.append((kind, units))
         tokens = shared if kind == "ids" else int(shared * prompt_tokens / max(1, len(units)))
         tokens = min(tokens, prompt_tokens)

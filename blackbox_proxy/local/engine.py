@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigurationError
+from ..tokens.vocab import common_prefix
 
 Path_ = tuple[int, ...]
 
@@ -268,11 +269,7 @@ class CachedContext:
                         nodes[key] = len(nodes)  # insertion order puts parents before children
         if self.tree_ok is False and nodes:
             return ForwardPlan(ids, groups, nodes, 0, [], answer=self._sequential_groups(ids, groups))
-        common = 0
-        for a, b in zip(self.ids, ids):
-            if a != b:
-                break
-            common += 1
+        common = common_prefix(self.ids, ids)
         fresh = common == len(ids) == len(self.ids) and self.last_logprobs is not None
         first_anchor = min((anchor for anchor, _ in groups), default=len(ids))
         if fresh and first_anchor == len(ids):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +31,7 @@ from ..errors import ConfigurationError
 from ..maths.combiner import choose, top_p_filter, tuned_distribution
 from ..request import cut_at_stop
 from ..tokens.loaders import vocabulary_from_hf
-from ..tokens.vocab import Vocabulary
+from ..tokens.vocab import Vocabulary, common_prefix
 from .engine import CachedContext, cache_length, model_lock, select_device
 
 
@@ -178,7 +177,7 @@ class ModelRunner:
         text_ids: list[int] = []
         finish = "length"
         context = self._context_for(ids)
-        cached = min(_shared(context.ids, ids), len(ids))
+        cached = min(common_prefix(context.ids, ids), len(ids))
         logprobs = self._extend(context, ids)
         for _ in range(max_tokens):
             token = self._step(logprobs, temperature, top_p, top_k, generator, logit_bias, out)
@@ -197,7 +196,7 @@ class ModelRunner:
         so no padding or attention mask is needed; a row that ends leaves the batch. Each row's
         draws are those of :meth:`_one` (same transforms, same stop rules), in another order."""
         context = self._context_for(list(prompt_ids))
-        cached = min(_shared(context.ids, prompt_ids), len(prompt_ids))
+        cached = min(common_prefix(context.ids, prompt_ids), len(prompt_ids))
         first = self._extend(context, list(prompt_ids))
         cache = copy.deepcopy(context.cache)
         extra = cache_length(cache) - len(prompt_ids)
@@ -270,7 +269,7 @@ class ModelRunner:
         room, else the one sharing the longest prefix (cropped). Clients that interleave thus keep
         their own contexts instead of overwriting each other's."""
         def shared(context: CachedContext) -> int:
-            return _shared(context.ids, ids)
+            return common_prefix(context.ids, ids)
 
         extended = [c for c in self.contexts if c.ids and shared(c) == len(c.ids)]
         if extended:
@@ -302,13 +301,3 @@ class ModelRunner:
 def _finite(logprob: float) -> float:
     """JSON has no -inf: impossible tokens get OpenAI's -9999 sentinel."""
     return logprob if math.isfinite(logprob) else -9999.0
-
-
-def _shared(a: Sequence[int], b: Sequence[int]) -> int:
-    """The length of the common prefix of ``a`` and ``b``."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import ContextLimitError
+from ..tokens.vocab import common_prefix
 from .adapter_rows import check_mixed_batch, forward_setup
 from .batching import model_queue
 from .engine import CachedContext, Path_, cache_from_layers, cache_layers, cache_length
@@ -114,12 +115,8 @@ class PromptStore:
         if entry is None or context.cache is not None:
             return 0
         stored, layers = entry
-        common = 0
-        for a, b in zip(stored, ids):
-            if a != b:
-                break
-            common += 1
-        common = max((end for end in prefill_ends(len(ids)) if end <= common), default=0)
+        shared = common_prefix(stored, ids)
+        common = max((end for end in prefill_ends(len(ids)) if end <= shared), default=0)
         if common == 0:
             return 0
         context.cache = cache_from_layers([(k[:, :, :common].clone(), v[:, :, :common].clone()) for k, v in layers])

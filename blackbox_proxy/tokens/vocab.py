@@ -22,10 +22,25 @@ import codecs
 import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from ..errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
+
+def common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """How many leading items (token ids, characters) ``a`` and ``b`` share.
+
+    >>> common_prefix([1, 2, 3], [1, 2, 4, 5]), common_prefix("abc", "xbc")
+    (2, 0)
+    """
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
 
 def split_utf8(data: bytes) -> tuple[bytes, bytes]:
     """Split ``data`` into what is complete and an incomplete UTF-8 sequence at its very end, as
