@@ -84,6 +84,7 @@ class HostedResult:
     finish_reason: str | None
     usage: HostedUsage
     extra_calls: int = 0  # further API calls the client made to complete this answer (llama.cpp's end)
+    copy_failed: bool = False  # asked to begin with a copy of the answer so far, the host wrote something else
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,9 @@ class HostedRequest:
 
     ``prompt`` is raw text or hosted token ids (``completions`` mode). ``messages`` is the chat
     conversation (chat modes). ``assistant_prefix`` is the partial answer to continue
-    (``chat-prefix`` mode).
+    (``chat-prefix`` mode). ``copy``: the answer so far, which a plain chat host is asked to
+    write first and go on from (continuation by instruction, :mod:`blackbox_proxy.hosts.copying`):
+    the client returns only the positions after it.
     """
 
     mode: str
@@ -107,12 +110,14 @@ class HostedRequest:
     n: int = 1
     logit_bias: tuple[tuple[int, float], ...] = ()
     stream: bool = False  # a speculative chunk the decoder can walk as it arrives (hosts/streaming.py)
+    copy: str = ""
 
     @property
     def length(self) -> int:
         """How long the text sent is, in the units it comes in (ids or characters): the prompt,
         messages and partial answer. Within one generation it only grows."""
-        return len(self.prompt or ()) + len(self.assistant_prefix) + sum(len(c) for _, c in self.messages)
+        return (len(self.prompt or ()) + len(self.assistant_prefix) + len(self.copy)
+                + sum(len(c) for _, c in self.messages))
 
 
 @dataclass(frozen=True)
@@ -139,7 +144,8 @@ class HostCapabilities:
     @property
     def continues_prefix(self) -> bool:
         """The host continues a partial answer (completions, chat-prefix), so a generation can be
-        asked token by token or chunk by chunk; plain chat starts a new answer every call."""
+        asked token by token or chunk by chunk; plain chat starts a new answer every call, and is
+        continued by instruction (:mod:`blackbox_proxy.decoding.instructed`)."""
         return self.mode != "chat"
 
 

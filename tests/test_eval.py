@@ -266,9 +266,10 @@ def test_chat_mode_choices_and_whole_answers(tmp_path, server_a, saved_a):
     out = tmp_path / "gsm-chat"
     done, report = run_eval(server_a, saved_a, out, "--task", "gsm", "--data", str(data), "--mode", "chat",
                             "--max-tokens", "4", "--samples", "2", "--systems", "hosted,per-step,resample")
-    assert "chat mode cannot continue" in report["left_out"]["per-step"] and "per-step left out" in done.output
-    rows = by_system(results(out))
-    assert set(rows) == {"hosted", "resample"} and all("ess" in r["usage"] for r in rows["resample"].values())
+    rows = by_system(results(out))  # per-step goes past the first token by instruction
+    assert set(rows) == {"hosted", "per-step", "resample"} and not report.get("left_out")
+    assert all("ess" in r["usage"] for r in rows["resample"].values())
+    assert all(r["usage"]["api_calls"] >= 2 for r in rows["per-step"].values())
 
 
 def test_code_task_runs_completions_in_the_sandbox(tmp_path, server_a, saved_a):

@@ -11,7 +11,7 @@ from scipy.stats import chisquare
 from decoders import build
 from tiny import concentrated  # noqa: F401 - the other statistical tests import it from here
 
-from blackbox_proxy import ConfigurationError, ModeNotSupportedError, ProxyTuner
+from blackbox_proxy import ConfigurationError, ProxyTuner
 from blackbox_proxy.decoding import speculative as spec
 from blackbox_proxy.decoding import PerStepDecoder
 from blackbox_proxy.decoding.speculative import SpeculativeDecoder
@@ -306,9 +306,6 @@ def test_fixed_chunk_and_refusals(server_a, tok_a, scorers_a):
         t.generate("Hi", temperature=1.0, top_p=0.9, strategy="speculative")
     with pytest.raises(ConfigurationError, match="chunk must be an integer from 1 to 64"):
         t.generate("Hi", strategy="speculative", chunk=0)
-    chat = make(server_a, scorers_a, mode="chat", top_k=10)
-    with pytest.raises(ModeNotSupportedError, match="chat mode cannot"):
-        chat.generate("Hi", max_tokens=1, strategy="speculative")
 
 
 def test_adaptive_chunk_follows_the_acceptance_rate():

@@ -263,11 +263,14 @@ def serve(**o: Any) -> None:
 @click.option("--logprobs-after-bias", is_flag=True,
               help="report the logprobs of the logit_bias-ed distribution, as some hosts do (default: the model's "
                    "own, as OpenAI and vLLM report them); to test clients against both")
+@click.option("--openai-like", is_flag=True,
+              help="behave as OpenAI's chat models: chat completions only, its fields only (others get its 400), "
+                   "a trailing assistant message answered with a new turn; keep --max-top-logprobs 20")
 @click.option("-v", "--verbose", count=True)
 def serve_model(model: str, host: str, port: int, name: str | None, max_top_logprobs: int,
                 max_tokens_limit: int, max_body_bytes: int, server_api_key: str | None,
                 server_api_key_file: str | None, cache_slots: int, device: str | None, logprobs_after_bias: bool,
-                verbose: int) -> None:
+                openai_like: bool, verbose: int) -> None:
     """Serve a local Hugging Face causal LM with OpenAI's API, logprobs included.
 
     \b
@@ -294,7 +297,7 @@ def serve_model(model: str, host: str, port: int, name: str | None, max_top_logp
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot load {model!r} ({type(exc).__name__}); pass a local Hugging Face model folder") from exc
     app = create_app(runner, max_top_logprobs=max_top_logprobs, max_tokens_limit=max_tokens_limit,
-                     api_key=api_key, max_body_bytes=max_body_bytes)
+                     api_key=api_key, max_body_bytes=max_body_bytes, openai_like=openai_like)
     click.echo(f"serving {runner.name} at http://{host}:{port}/v1 (Ctrl-C stops)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning" if verbose == 0 else "info", **UVICORN_OPTIONS)
 

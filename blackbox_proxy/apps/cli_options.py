@@ -57,7 +57,8 @@ def tuner_options(fn: Any, *, hosted_key_flag: str = "--api-key") -> Any:
                      help="API key of the hosted API [env OPENAI_API_KEY, preferred: a flag shows in `ps`]; never logged"),
         click.option("--model", default=None, help="hosted model name (required except with --strategy white-box)"),
         click.option("--mode", type=click.Choice(MODES), default="completions",
-                     show_default=True, help="how the API continues a partial answer"),
+                     show_default=True, help="how the API continues a partial answer (chat: it cannot; "
+                     "it is asked by instruction to copy the answer so far and go on)"),
         click.option("--expert", default=None, help="expert: local HF model folder or name (the tuned small model)"),
         click.option("--expert-adapter", default=None, type=click.Path(exists=True, file_okay=False),
                      help="instead of --expert: a LoRA adapter folder applied over --anti-expert (one model in memory)"),
@@ -122,10 +123,11 @@ GENERATION_OPTIONS: dict[str, dict[str, Any]] = {
     "stop": dict(multiple=True, help="stop string (repeatable)"),
     "strategy": dict(
         type=click.Choice([*STRATEGIES, "white-box"]), show_default=True,
-        help="auto: speculative where the host continues a prefix at temperature 0 or 1, else per-step; "
+        help="auto: speculative where the host continues a prefix at temperature 0 or 1, else per-step (plain "
+             "--mode chat: the answer so far is copied by instruction, greedy speculative, else per-step); "
              "per-step: one API call per token; speculative: API-drawn chunks accepted or resampled, a fraction "
-             "of a call per token (greedy: exactly per-step's text); resample: whole answers reweighted "
-             "(chat-only APIs); white-box: exact, base model local (--base)"),
+             "of a call per token (greedy: exactly per-step's text); resample: whole answers reweighted; "
+             "white-box: exact, base model local (--base)"),
     "chunk": dict(type=int, help="speculative: tokens per API call [default: adaptive, 4-32]"),
     "samples": dict(type=int, help="resample: whole answers drawn per prompt [default: 16]"),
     "tail_calls": dict(type=int, show_default=True,

@@ -150,14 +150,31 @@ class LocalChatBody(_LocalOptions, ChatBody):
     add_generation_prompt: Flag = True
 
 
+# What OpenAI's chat completions take (``--openai-like``): any other field is OpenAI's 400.
+OPENAI_CHAT_FIELDS = frozenset({
+    "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "seed",
+    "logit_bias", "logprobs", "top_logprobs", "stream", "stream_options", "presence_penalty", "frequency_penalty",
+    "user", "response_format", "tools", "tool_choice", "parallel_tool_calls", "service_tier", "store", "metadata",
+    "modalities", "prediction", "reasoning_effort", "audio", "functions", "function_call", "web_search_options",
+})
+
+
 class ModelService:
     """What the model server's routes share: the runner, the body limits, and the pieces of an
-    answer (generations within the context, usage, logprobs in OpenAI's shapes)."""
+    answer (generations within the context, usage, logprobs in OpenAI's shapes). ``openai_like``:
+    behave as OpenAI's chat API does (chat only, its fields only)."""
 
     def __init__(self, runner: ModelRunner, *, limits: _LocalLimits, max_tokens_limit: int,
-                 max_body_bytes: int) -> None:
+                 max_body_bytes: int, openai_like: bool = False) -> None:
         self.runner, self.limits = runner, limits
         self.max_tokens_limit, self.max_body_bytes = max_tokens_limit, max_body_bytes
+        self.openai_like = openai_like
+
+    def chat_only(self, route: str) -> None:
+        """A 404 for routes OpenAI's chat models do not have (``openai_like``)."""
+        if self.openai_like:
+            raise APIError(404, f"This is a chat model and not supported in the {route} endpoint. "
+                                "Did you mean to use v1/chat/completions?", code="not_found")
 
     async def body(self, http: Request, model: type[Any], *, named: bool = True) -> Any:
         """The request's body as ``model``, for this server's model (``named``: the model must be
@@ -168,6 +185,10 @@ class ModelService:
                                 f"`{self.runner.name}`.", code="model_not_found", param="model")
         if not named:
             return parse_body(model, raw, self.limits)
+        if self.openai_like:
+            unknown = sorted(set(raw) - OPENAI_CHAT_FIELDS)
+            if unknown:
+                raise APIError(400, f"Unrecognized request argument supplied: {unknown[0]}")
         refuse_unsupported(raw, REFUSED, server="this model server")
         body = parse_body(model, raw, self.limits)
         options = raw.get("stream_options")
@@ -288,6 +309,7 @@ def _service(http: Request) -> ModelService:
 @router.post("/v1/tokenize")
 async def tokenize(http: Request) -> dict[str, Any]:
     service = _service(http)
+    service.chat_only("v1/tokenize")
     body = await service.body(http, TokenizeBody, named=False)
     runner = service.runner
     ids = runner.encode_prompt(body.prompt) if body.add_special_tokens \
@@ -299,6 +321,7 @@ async def tokenize(http: Request) -> dict[str, Any]:
 @router.post("/v1/detokenize")
 async def detokenize(http: Request) -> dict[str, Any]:
     service = _service(http)
+    service.chat_only("v1/detokenize")
     body = await service.body(http, DetokenizeBody, named=False)
     return {"prompt": service.runner.tokenizer.decode(body.tokens)}
 
@@ -311,6 +334,7 @@ def health() -> dict[str, str]:
 @router.post("/v1/completions")
 async def completions(http: Request) -> JSONResponse:
     service = _service(http)
+    service.chat_only("v1/completions")
     runner = service.runner
     body = await service.body(http, LocalCompletionBody)
     prompt = body.prompt
@@ -386,6 +410,7 @@ def create_app(
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    openai_like: bool = False,
 ) -> Any:
     """A FastAPI app serving ``runner`` under OpenAI's routes (a router over one
     :class:`ModelService`, kept on the app as ``app.state.model``).
@@ -394,16 +419,22 @@ def create_app(
     otherwise). ``max_body_bytes``: larger request bodies get a 413. Every error is OpenAI's
     error JSON with a 4xx status; an unexpected failure is a 500 with the exception's class
     name only (the traceback goes to the server's log, never to the client).
+
+    ``openai_like``: a stand-in for OpenAI's chat models: chat completions only (the other routes
+    404), a field OpenAI does not know gets its 400 ("Unrecognized request argument supplied:
+    ..."), ``top_logprobs`` above ``max_top_logprobs`` (keep it at 20) a 400, a trailing
+    assistant message is answered with a new turn, and ``/v1/models`` says ``owned_by: system``.
     """
     app = FastAPI(title=f"blackbox-proxy model server ({runner.name})")
     limits = _LocalLimits(max_tokens=max_tokens_limit, n=16, top_logprobs=max_top_logprobs, stop=MAX_STOP,
                           vocab_size=runner.vocab.size)
     app.state.model = ModelService(runner, limits=limits, max_tokens_limit=max_tokens_limit,
-                                   max_body_bytes=max_body_bytes)
+                                   max_body_bytes=max_body_bytes, openai_like=openai_like)
     install_openai_plumbing(app, api_key=api_key, max_body_bytes=max_body_bytes)
     # ``root``: where the weights and tokenizer came from, as vLLM reports it (a client may load
     # that tokenizer locally and check it against /tokenize)
-    add_model_routes(app, Model(id=runner.name, object="model", created=int(time.time()), owned_by="blackbox-proxy",
+    owner = "system" if openai_like else "blackbox-proxy"
+    add_model_routes(app, Model(id=runner.name, object="model", created=int(time.time()), owned_by=owner,
                                 root=str(getattr(runner.tokenizer, "name_or_path", "") or runner.name)))
     app.include_router(router)
     return app

@@ -66,6 +66,10 @@ class ScoredPosition:
 
 CHARACTER_TOKENS = 4  # tokens asked to finish a character a text prompt cannot carry in pieces (UTF-8: 4 bytes)
 CHARACTER_TRIES = 4  # draws of them (when sampling) before a generation gives up on one
+# After a plain chat host did not copy the answer so far (:mod:`.instructed`): the position is
+# asked from COPY_DRAWS sampled copies in one call (a host with n choices), then by 'continue'.
+SAMPLED_COPIES, CONTINUE_ASKED = 1, 2
+COPY_DRAWS = 4
 
 
 class Decoder:
@@ -82,7 +86,6 @@ class Decoder:
     Subclasses implement ``request()`` and ``observe(results, api_seconds)``.
     """
 
-    whole_answers = False  # chat mode ends after one token unless a strategy appends whole answers
     redraws_chunks = False  # a strategy that can draw another chunk where a character was not finished
 
     def __init__(self, params: GenerationRequest, *, host: HostCapabilities, scoring: Scoring,
@@ -106,6 +109,8 @@ class Decoder:
         self._end_hidden = False  # the API ended without logprobs: ask again with the end banned
         self.tail_off: str | None = None  # why tail probes stopped for this generation (an untrusted answer)
         self._longest_answered = -1  # the longest text the host answered a request for
+        self._uncopied = 0  # a plain chat host did not copy the answer so far: SAMPLED_COPIES, CONTINUE_ASKED
+        self.copy_misses = 0  # copies a plain chat host did not make (continuation by instruction)
 
     @classmethod
     def check(cls, params: GenerationRequest, host: HostCapabilities) -> None:
@@ -135,10 +140,40 @@ class Decoder:
         """The request continuing the text so far. After the API ended without logprobs, the end
         is banned from its draw: OpenAI reports no logprobs when it samples the end, and banning it
         (logit_bias does not change returned logprobs) brings the position back with the end among
-        the top-k."""
+        the top-k. After a plain chat host did not copy the answer so far (:mod:`.instructed`):
+        that position alone, from several sampled copies, then by the 'continue' instruction."""
         ban = tuple((i, -100.0) for i in self.host.end_ids) if self._end_hidden else ()
+        if self._uncopied == SAMPLED_COPIES:
+            seed = int(torch.randint(0, 2**31 - 1, (), generator=self.generator))
+            return self.prompt.request(self.prefix, self.host, max_tokens=1, temperature=1.0, seed=seed,
+                                       n=min(COPY_DRAWS, self.host.max_choices), logit_bias=ban, copy_bias=True)
         return self.prompt.request(self.prefix, self.host, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                                   n=n, logit_bias=ban, stream=stream)
+                                   n=n, logit_bias=ban, stream=stream, copy=self._uncopied != CONTINUE_ASKED)
+
+    def _not_copied(self, results: Sequence[HostedResult], api_seconds: float) -> bool:
+        """A plain chat host asked to copy the answer so far wrote something else in every choice
+        (:mod:`.instructed`): count the call and ask that position next by the fallback (True);
+        False for any other answer (:meth:`_copied` is the one to read)."""
+        if not results or not all(r.copy_failed for r in results):
+            return False
+        self._count_call(results[0], api_seconds)
+        self.copy_misses += 1
+        self._uncopied = SAMPLED_COPIES if self._uncopied == 0 and self.host.max_choices > 1 else CONTINUE_ASKED
+        return True
+
+    @staticmethod
+    def _copied(results: Sequence[HostedResult]) -> HostedResult:
+        """The first choice that copied the answer so far (any choice, for other requests)."""
+        return next((r for r in results if not r.copy_failed), results[0])
+
+    def _copy_fallback_note(self) -> str:
+        """Said on the position read after a failed copy (and clears the fallback)."""
+        level, self._uncopied = self._uncopied, 0
+        if level == SAMPLED_COPIES:
+            return ("the host did not copy the answer so far greedily; this position is read after one of its "
+                    f"{min(COPY_DRAWS, self.host.max_choices)} sampled copies")
+        return ("the host did not copy the answer so far; this position is its answer to 'continue' "
+                "(continuation by instruction without the copy: an approximation)")
 
     def _count_call(self, result: HostedResult, api_seconds: float, **more: int) -> None:
         self.usage = self.usage + Usage.of_call(result, api_seconds, **more)
@@ -187,8 +222,6 @@ class Decoder:
             return
         if self.generated >= self.params.max_tokens:
             self.finish_reason = "length"
-        elif not self.host.continues_prefix and not self.whole_answers:
-            self.finish_reason = "length"
 
     def _cut_at_stop(self, text: bytes) -> str | None:
         """``text`` cut before the first stop string it holds, or None when it holds none."""
@@ -229,7 +262,7 @@ class Decoder:
         if scored is None:
             self._character = notes
             return None
-        if temperature == 0 and self.tail_off is None:
+        if temperature == 0 and self.tail_off is None and self.host.continues_prefix:
             best = int(combiner.tuned_distribution(scored.scores(self.params.alpha), 0.0).argmax())
             asking = tail.check(self.prefix, scored.candidates, scored.offsets,
                                 self.prompt.allowed(self.prefix, scored.candidates), best, host=self.host,
@@ -264,7 +297,8 @@ class Decoder:
         next few tokens, drawn at the generation's temperature, to take up to the character's end."""
         if self._character is None:
             return None
-        return self._request(max_tokens=CHARACTER_TOKENS, temperature=self.params.temperature)
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=self.generator)) if self.params.temperature > 0 else None
+        return self._request(max_tokens=CHARACTER_TOKENS, temperature=self.params.temperature, seed=seed)
 
     def _settle_character(self, results: Sequence[HostedResult], api_seconds: float) -> None:
         """Append the host's tokens up to the first point where the text is whole UTF-8 again. They
@@ -290,6 +324,9 @@ class Decoder:
             if self.redraws_chunks:
                 return  # the next chunk is drawn anew (its own stall count gives up in the end)
             self.give_up_on_character()
+            return
+        if len(taken) > self.params.max_tokens - self.generated:
+            self.finish_reason = "length"  # the character does not fit in max_tokens: the text ends before it
             return
         notes = [*notes, f"every candidate ended inside a character: the host's own {len(taken)} token(s) up to "
                  "its end were taken, untuned"]
@@ -379,6 +416,10 @@ class Decoder:
             notes.append(f"tail probes stopped: {self.tail_off}; the candidates-only rule was used from there")
         if self.ended_because:
             notes.append(self.ended_because)
+        if self.copy_misses:
+            notes.append(f"continuation by instruction: the host did not copy the answer so far {self.copy_misses} "
+                         "time(s); those positions were read after a sampled copy or from its answer to 'continue' "
+                         "(an approximation; each step's notes say which)")
         return tuple(notes)
 
     def result(self) -> GenerationResult:

@@ -14,6 +14,10 @@ honours ``logit_bias``): where a token outside C may beat C's argmax, one more c
 host which, and the step takes the argmax over the whole vocabulary; ``usage.tail_calls`` counts
 those calls. Sampling renormalises over C.
 
+On a plain chat host, which cannot continue a partial answer, each position after the first is
+asked by instruction (:mod:`.instructed`): the host copies the answer so far and the position
+after the copy is the one tuned.
+
 Per-step requests are made at temperature 0 (the sampled token is then the top-1, already among
 the candidates): per-step decoding needs the candidates' logprobs, not the server's draw.
 
@@ -26,23 +30,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..errors import ModeNotSupportedError
-from ..request import GenerationRequest
-from ..types import HostCapabilities, HostedRequest, HostedResult, StepTrace
+from ..types import HostedRequest, HostedResult, StepTrace
 from .base import Decoder
 
 
 class PerStepDecoder(Decoder):
     """One hosted API call per generated token. See the module docstring."""
-
-    @classmethod
-    def check(cls, params: GenerationRequest, host: HostCapabilities) -> None:
-        if not host.continues_prefix and params.max_tokens > 1:
-            raise ModeNotSupportedError(
-                "chat mode cannot continue a partial answer, so token-by-token proxy tuning applies to the first "
-                "token only: use --strategy resample (whole answers, reweighted), max_tokens=1 (one-token answers), "
-                "or --mode completions / --mode chat-prefix (a host that continues an assistant prefix)"
-            )
 
     def request(self) -> HostedRequest:
         return self._asking_tail() or self._asking_character() or self._request(max_tokens=1, temperature=0.0)
@@ -57,12 +50,14 @@ class PerStepDecoder(Decoder):
             return self._settle_tail(results, api_seconds)
         if self._character is not None:
             return self._settle_character(results, api_seconds)
-        result = results[0]
+        if self._not_copied(results, api_seconds):
+            return None
+        result = self._copied(results)
+        notes: list[str] = [self._copy_fallback_note()] if self._uncopied else []
         self._count_call(result, api_seconds)
         if not result.positions:
             self._ended_without_logprobs()
             return None
-        notes: list[str] = []
         if self._end_hidden:
             notes.append("the API ended without logprobs; re-asked with the end token banned from its draw")
             self._end_hidden = False

@@ -20,6 +20,7 @@ import torch
 
 from ..tokens.vocab import split_utf8
 from ..types import Candidate, HostCapabilities, HostedRequest
+from . import instructed
 
 
 def is_utf8(data: bytes) -> bool:
@@ -89,18 +90,29 @@ class HostedPrompt:
 
     def request(self, prefix: Prefix, host: HostCapabilities, *, max_tokens: int, temperature: float,
                 seed: int | None = None, n: int = 1, top_k: int | None = None,
-                logit_bias: tuple[tuple[int, float], ...] = (), stream: bool = False) -> HostedRequest:
+                logit_bias: tuple[tuple[int, float], ...] = (), stream: bool = False,
+                copy: bool = True, copy_bias: bool | None = None) -> HostedRequest:
         """The request continuing ``prefix``: the prompt's ids and the prefix's (token-id prompts),
-        the prompt's text and the prefix's (completions), or the messages and the prefix as a
-        partial assistant answer (chat modes). ``top_k``: candidates per position (default: the
-        host's)."""
+        the prompt's text and the prefix's (completions), the messages and the prefix as a
+        partial assistant answer (chat-prefix), or on a plain chat host, the messages asking it
+        to copy the prefix first (``copy``; else to continue it: :mod:`.instructed`).
+        ``copy_bias``: raise the copy's tokens (default: on greedy draws). ``top_k``: candidates
+        per position (default: the host's)."""
         common = dict(mode=host.mode, max_tokens=max_tokens, top_k=host.top_k if top_k is None else top_k,
                       temperature=temperature, top_p=1.0, seed=seed, n=n, logit_bias=logit_bias, stream=stream)
         if host.mode == "completions":
             if self.by_ids(prefix):
                 return HostedRequest(prompt=self.ids + prefix.ids, **common)
             return HostedRequest(prompt=(self.text or "") + prefix.text()[0], **common)
-        return HostedRequest(messages=self.messages, assistant_prefix=prefix.text()[0], **common)
+        if host.continues_prefix or not prefix.data:
+            return HostedRequest(messages=self.messages, assistant_prefix=prefix.text()[0], **common)
+        partial = prefix.text()[0]
+        if not copy:
+            return HostedRequest(messages=instructed.continue_messages(self.messages, partial), **common)
+        if copy_bias if copy_bias is not None else temperature == 0:
+            common["logit_bias"] = logit_bias + instructed.copy_bias(prefix.ids, host.logit_bias_cap, logit_bias)
+        common.update(max_tokens=max_tokens + instructed.copy_tokens(prefix.data, prefix.ids), stream=False)
+        return HostedRequest(messages=instructed.copy_messages(self.messages, partial), copy=partial, **common)
 
     def allowed(self, prefix: Prefix, candidates: Sequence[Candidate]) -> torch.Tensor | None:
         """Which candidates a request can carry on from after ``prefix`` (bool ``[C]``), or None

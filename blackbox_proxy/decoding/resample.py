@@ -43,8 +43,6 @@ class ResampleDecoder(Decoder):
     ``host.max_choices`` per call. See the module docstring. ``with_normaliser=False`` weighs
     answers by the wrong rule (no log Z_t: what a test shows is worse)."""
 
-    whole_answers = True  # chat mode: the picked answer is kept whole
-
     def __init__(self, params, *, with_normaliser: bool = True, **kwargs) -> None:
         super().__init__(params, **kwargs)
         self.samples = params.samples or DEFAULT_SAMPLES

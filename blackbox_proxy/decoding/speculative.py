@@ -23,6 +23,11 @@ Each chunk call is walked by a :class:`~.walks.ChunkWalker` chosen for it (:mod:
   ``usage.api_calls`` and ``usage.tail_calls`` and in each chunk's trace;
 - otherwise a whole :class:`~.walks.draft.DraftWalk` (greedy, or the candidates-only rule).
 
+On a plain chat host (no continuation) every chunk after the first is asked by instruction
+(:mod:`.instructed`): the host copies the answer so far and drafts on, and the positions after
+the copy are walked as a continuing host's; such chunks are asked whole, with one draft, and
+greedy walks there do not probe the tail.
+
 What this module adds: the chunk requests (seeded from the decoder's generator) and their length,
 which adapts to the acceptance rate (:func:`~.walks.adaptive_chunk`); a chunk whose first position
 cannot be walked (unknown draft, a possible end of text: that position is asked alone; a draw
@@ -43,7 +48,7 @@ from typing import Any
 import torch
 
 from .._constants import PROB_FLOOR
-from ..errors import HostedResponseError, ModeNotSupportedError
+from ..errors import HostedResponseError
 from ..maths import combiner
 from ..maths.tail import DEFAULT_DRAWS
 from ..request import GenerationRequest
@@ -84,14 +89,6 @@ class SpeculativeDecoder(Decoder):
         self._stalled = 0  # chunks in a row that added nothing
         self._one_step = False  # ask the next position alone (a possible end inside a chunk)
 
-    @classmethod
-    def check(cls, params: GenerationRequest, host: HostCapabilities) -> None:
-        if not host.continues_prefix:
-            raise ModeNotSupportedError(
-                "the speculative strategy continues the text chunk by chunk, which chat mode cannot do: "
-                "use --mode completions or --mode chat-prefix"
-            )
-
     # ----- requests -------------------------------------------------------------------------------
     def request(self) -> HostedRequest:
         asking = self._asking_tail() or self._asking_character()  # a position chosen like per-step asks more
@@ -100,7 +97,7 @@ class SpeculativeDecoder(Decoder):
         if self._walker is not None and self._walker.probing:
             return self._walker.request()
         self._walker = None
-        if self._end_hidden or self._one_step:
+        if self._end_hidden or self._one_step or self._uncopied:
             return self._request(max_tokens=1, temperature=0.0)
         drafts = self.drafts_next()
         streamed = drafts == 1 and self._streams_next()
@@ -126,12 +123,13 @@ class SpeculativeDecoder(Decoder):
         return DraftWalk(self._context, self.prefix)
 
     def _probes_allowed(self) -> bool:
-        return self.tail_off is None and self.params.tail_calls > 0 and self.host.logit_bias_cap > 0
+        return (self.tail_off is None and self.params.tail_calls > 0 and self.host.logit_bias_cap > 0
+                and self.host.continues_prefix)
 
     def _tail_checked(self) -> bool:
         """Greedy walks check the tail (:mod:`.tail`): one tokenizer, ids known, ``logit_bias`` honoured."""
         return (self.host.logit_bias_cap > 0 and self.scoring.same_vocab and self.prefix.ids is not None
-                and self.tail_off is None)
+                and self.tail_off is None and self.host.continues_prefix)
 
     def _streams_next(self) -> bool:
         """Whether the next chunk call is streamed and walked as it arrives: on a host that streams
@@ -173,9 +171,11 @@ class SpeculativeDecoder(Decoder):
             self._count_call(results[0], api_seconds, tail_calls=1)  # one call: n choices share its usage
             return self._walked(walker, walker.observe(results, api_seconds))
         self._walker = None
-        result = results[0]
+        if self._not_copied(results, api_seconds):
+            return None
+        result = self._copied(results)
         self._count_call(result, api_seconds)
-        if self._end_hidden or self._one_step:
+        if self._end_hidden or self._one_step or self._uncopied:
             self._observe_alone(result, api_seconds)
             return None
         self.usage = self.usage + Usage(draft_sequences=len(results))
@@ -187,7 +187,12 @@ class SpeculativeDecoder(Decoder):
     def _observe_alone(self, result: HostedResult, api_seconds: float) -> None:
         """One position asked alone, chosen there like per-step: after the API hid the end (the
         end is now among the candidates), or at an entry that may be the end."""
-        if self._end_hidden:
+        if self._uncopied:
+            note = self._copy_fallback_note()
+            if not result.positions:
+                self._ended_without_logprobs()
+                return
+        elif self._end_hidden:
             self._end_hidden = False
             if not result.positions:
                 self.finish_reason = "stop"

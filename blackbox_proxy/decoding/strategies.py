@@ -8,8 +8,9 @@
   tokens (both take the tuned argmax at every position, the tail included where it can be
   asked about), and sampled speculative draws from the full proxy-tuned distribution;
 - other temperatures or top_p < 1: **per-step** (the only strategy that renormalises them);
-- a host that cannot continue (plain ``chat``): **per-step**, which tunes a one-token answer; a
-  longer answer there is refused with the strategies that can give one.
+- a host that cannot continue (plain ``chat``): answers are continued by instruction
+  (:mod:`.instructed`): greedy, **speculative** over the host's copies-and-drafts; otherwise
+  **per-step**, one position after each copy.
 
 :data:`DECODERS` maps each strategy to its decoder class.
 
@@ -40,7 +41,11 @@ def choose(params: GenerationRequest, host: HostCapabilities) -> tuple[str, str]
     if params.strategy != "auto":
         return params.strategy, "asked"
     if not host.continues_prefix:
-        return "per-step", "the host cannot continue a partial answer: one tuned token"
+        if params.temperature == 0 and params.top_p == 1.0:
+            return "speculative", ("the host cannot continue a partial answer: continued by instruction (it copies "
+                                   "the answer so far, then drafts on), chunks walked greedily")
+        return "per-step", ("the host cannot continue a partial answer: continued by instruction, one tuned "
+                            "position per call (a sampled chunk's copy would need the host's own unbiased draws)")
     if params.temperature in (0.0, 1.0) and params.top_p == 1.0:
         how = "greedy: per-step's tokens" if params.temperature == 0 else "sampling the full tuned distribution"
         return "speculative", f"the host continues a prefix: chunks of drafts, a fraction of a call per token ({how})"

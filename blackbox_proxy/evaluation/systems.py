@@ -4,6 +4,7 @@
 |---|---|---|---|
 | ``hosted`` | one direct API call, greedy, text cut at the task's stop strings | per-step at alpha 0: the hosted top-k renormalised | per-step at alpha 0 |
 | ``expert`` | the expert alone, greedy, locally | its full-vocabulary distribution | one forward, full vocabulary |
+| ``auto`` | the tuner with the default strategy (what ``generate`` runs with no ``--strategy``) | - (per-step's) | - |
 | ``per-step`` | the tuner, per-step | the tuned distribution over the candidates | the tuned distribution over the candidates |
 | ``speculative`` | the tuner, speculative | - (same first-position distribution as per-step) | - |
 | ``resample`` | the tuner, resample (temperature 1) | - | - |
@@ -30,8 +31,8 @@ from typing import Any
 from ..errors import ConfigurationError
 from .tasks import EvalItem, Task
 
-SYSTEMS = ("hosted", "expert", "per-step", "speculative", "resample", "white-box")
-API_SYSTEMS = frozenset({"hosted", "per-step", "speculative", "resample"})
+SYSTEMS = ("hosted", "expert", "auto", "per-step", "speculative", "resample", "white-box")
+API_SYSTEMS = frozenset({"hosted", "auto", "per-step", "speculative", "resample"})
 
 
 @dataclass(frozen=True)
@@ -108,9 +109,6 @@ class TunedSystem(System):
         if kind != "generate" and self.strategy != "per-step":
             return (f"{self.name} draws whole texts; on {kind} items it would read the same first-position "
                     "distribution as per-step: use per-step")
-        if kind == "generate" and self.tuner.mode == "chat" and self.strategy != "resample":
-            return ("chat mode cannot continue a partial answer, so token-by-token tuning stops after one token: use "
-                    "resample, or --mode completions / chat-prefix")
         if kind == "loglik" and self.tuner.mode == "chat":
             return "teacher forcing continues the reference text, which chat mode cannot: use completions or chat-prefix"
         return None

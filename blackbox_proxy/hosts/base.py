@@ -6,8 +6,9 @@ Three modes (DESIGN.md §2.4):
   ``logprobs=k``: OpenAI's legacy models, most self-hosted servers and this project's own.
 - ``chat-prefix``: chat completions that continue a partial assistant message, where the host's
   dialect says how (``hosts/dialects/``).
-- ``chat``: plain chat completions. The API cannot continue a partial answer, so only the first
-  generated position can be tuned.
+- ``chat``: plain chat completions. The API cannot continue a partial answer: after the first
+  position, requests ask it to copy the answer so far and go on (``HostedRequest.copy``), and
+  :mod:`.copying` gives back the positions after the copy.
 
 :class:`HostedBase` holds everything that is not I/O: configuration, dialect detection from
 ``/v1/models`` (``owned_by``) and the host name, request building, parsing into typed
@@ -37,7 +38,7 @@ from ..errors import (ConfigurationError, HostedAPIError, HostedAuthenticationEr
                       HostedModelNotFoundError, HostedResponseError)
 from ..tokens.vocab import Vocabulary
 from ..types import MODES, HostCapabilities, HostedRequest, HostedResult
-from . import dialects, streaming
+from . import copying, dialects, streaming
 from .cache import ResponseCache
 from .dialects import UNKNOWN, Dialect
 from .retry import Site, one_line
@@ -296,12 +297,16 @@ class HostedBase:
             choices = list(response.choices or [])
             if len(choices) < request.n:
                 raise HostedResponseError(f"the hosted API returned {len(choices)} choices; {request.n} were asked")
-            return [self.parse(endpoint, response, i, want_top=request.top_k > 0) for i in range(len(choices))]
+            results = [self.parse(endpoint, response, i, want_top=request.top_k > 0) for i in range(len(choices))]
         except (AttributeError, TypeError, KeyError, IndexError) as exc:
             raise HostedResponseError(
                 f"the hosted API's answer does not have the OpenAI shape ({type(exc).__name__}: "
                 f"{one_line(str(exc), self._api_key)[:120]})"
             ) from None
+        if request.copy:  # continuation by instruction: the positions after the copy
+            copy = request.copy.encode("utf-8")
+            results = [copying.after_copy(r, copy) for r in results]
+        return results
 
     # ----- the one call path ----------------------------------------------------------------
 
