@@ -84,6 +84,22 @@ def test_a_host_that_does_not_copy_falls_back_and_says_so(server_a, tok_a, score
     assert app.state.counts["failed"] == fail_first
 
 
+def test_a_host_that_never_copies_ends_the_generation_with_its_text(server_a, tok_a, scorers_a):
+    app = copier_app(server_a.base_url, tok_a, fail_first=10_000, fail_sampled=True)
+    with ServerThread(app) as server:
+        r = tuner(server, scorers_a, tok_a, mode="chat").generate(messages=MESSAGES, max_tokens=12)
+    # the first chunk (asked plainly), then positions read by 'continue' until one more in a row needed it
+    by_continue = [s for s in r.trace if any("answer to 'continue'" in note for note in s.notes)]
+    assert r.finish_reason == "length" and len(by_continue) == instructed_limit() < r.usage.generated_tokens < 12
+    assert any("positions in a row" in note for note in r.notes)
+
+
+def instructed_limit() -> int:
+    from blackbox_proxy.decoding.base import UNCOPIED_IN_A_ROW
+
+    return UNCOPIED_IN_A_ROW
+
+
 def test_copy_requests_raise_the_copied_tokens_only_on_greedy_draws(tok_a):
     from blackbox_proxy.decoding.prefix import HostedPrompt, Prefix
 
@@ -151,3 +167,23 @@ def test_the_client_proxy_tunes_a_multi_token_answer_from_the_openai_like_host(o
     assert r.usage.generated_tokens > 1 and r.settings["strategy"] == "speculative"
     sampled = t.generate(messages=MESSAGES, max_tokens=6, temperature=1.0, seed=1)
     assert sampled.usage.generated_tokens > 1 and sampled.settings["strategy"] == "per-step"
+
+
+def test_generate_with_no_strategy_flag_gives_a_multi_token_answer_from_a_chat_only_host(openai_like, saved_a,
+                                                                                        caplog):
+    import json
+    import logging
+
+    from click.testing import CliRunner
+
+    from blackbox_proxy.apps.cli import main
+
+    args = ["generate", "--base-url", openai_like.base_url, "--model", "tiny", "--mode", "chat", "--dialect", "openai",
+            "--expert", str(saved_a["E"]), "--anti-expert", str(saved_a["A"]), "--hosted-tokenizer", str(saved_a["L"]),
+            "--prompt", "The quick brown", "--max-tokens", "8", "--json", "-v"]
+    with caplog.at_level(logging.INFO, logger="blackbox_proxy"):
+        out = CliRunner().invoke(main, args)
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.stdout)
+    assert data["usage"]["generated_tokens"] > 1 and data["settings"]["strategy"] == "speculative"
+    assert "strategy speculative: the host cannot continue a partial answer: continued by instruction" in caplog.text

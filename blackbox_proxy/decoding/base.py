@@ -70,6 +70,7 @@ CHARACTER_TRIES = 4  # draws of them (when sampling) before a generation gives u
 # asked from COPY_DRAWS sampled copies in one call (a host with n choices), then by 'continue'.
 SAMPLED_COPIES, CONTINUE_ASKED = 1, 2
 COPY_DRAWS = 4
+UNCOPIED_IN_A_ROW = 2  # positions in a row read by 'continue' before the generation ends with its text
 
 
 class Decoder:
@@ -111,6 +112,7 @@ class Decoder:
         self._longest_answered = -1  # the longest text the host answered a request for
         self._uncopied = 0  # a plain chat host did not copy the answer so far: SAMPLED_COPIES, CONTINUE_ASKED
         self.copy_misses = 0  # copies a plain chat host did not make (continuation by instruction)
+        self._uncopied_in_a_row = 0  # positions in a row read by 'continue'
 
     @classmethod
     def check(cls, params: GenerationRequest, host: HostCapabilities) -> None:
@@ -155,10 +157,20 @@ class Decoder:
         (:mod:`.instructed`): count the call and ask that position next by the fallback (True);
         False for any other answer (:meth:`_copied` is the one to read)."""
         if not results or not all(r.copy_failed for r in results):
+            if self._uncopied == 0:
+                self._uncopied_in_a_row = 0  # copied (or asked plainly)
             return False
         self._count_call(results[0], api_seconds)
         self.copy_misses += 1
         self._uncopied = SAMPLED_COPIES if self._uncopied == 0 and self.host.max_choices > 1 else CONTINUE_ASKED
+        if self._uncopied == CONTINUE_ASKED:
+            self._uncopied_in_a_row += 1
+            if self._uncopied_in_a_row > UNCOPIED_IN_A_ROW:
+                self._uncopied = 0
+                why = (f"the host did not copy the answer so far at {UNCOPIED_IN_A_ROW + 1} positions in a row "
+                       "(continuation by instruction); the generation ends with the text so far")
+                logger.warning(why)
+                self.ended_because, self.finish_reason = why, "length"
         return True
 
     @staticmethod
