@@ -23,7 +23,9 @@ Sampled copy requests carry no bias (their drafts must be the host's own draws).
 When the host does not copy (``copy_failed``), that position is read instead from the host's
 answer to the conversation with the partial answer as an assistant turn and a user turn asking
 it to continue (:func:`continue_messages`): one position, chosen like per-step, noted in the
-trace. The copied tokens are paid for on every call (``usage.completion_tokens``).
+trace; after :data:`~.base.UNCOPIED_IN_A_ROW` such positions in a row, one more ends the
+generation with its text. The copied tokens are paid for on every call
+(``usage.completion_tokens``).
 """
 
 from __future__ import annotations
