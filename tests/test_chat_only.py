@@ -187,3 +187,18 @@ def test_generate_with_no_strategy_flag_gives_a_multi_token_answer_from_a_chat_o
     data = json.loads(out.stdout)
     assert data["usage"]["generated_tokens"] > 1 and data["settings"]["strategy"] == "speculative"
     assert "strategy speculative: the host cannot continue a partial answer: continued by instruction" in caplog.text
+
+
+def test_serve_gives_a_multi_token_answer_from_a_chat_only_host(openai_like, tok_a, scorers_a):
+    import openai
+
+    from blackbox_proxy import AsyncProxyTuner
+    from blackbox_proxy.apps.tuned_server import create_tuned_app
+
+    tuner = AsyncProxyTuner(base_url=openai_like.base_url, model="tiny", expert=scorers_a[0],
+                            anti_expert=scorers_a[1], mode="chat", dialect="openai", hosted_tokenizer=tok_a,
+                            max_retries=0)
+    with ServerThread(create_tuned_app(tuner, name="tiny-tuned")) as served:
+        client = openai.OpenAI(base_url=served.base_url, api_key="unused")
+        answer = client.chat.completions.create(model="tiny-tuned", messages=MESSAGES, max_tokens=6, temperature=0)
+    assert answer.usage.completion_tokens > 1 and answer.choices[0].message.content

@@ -23,7 +23,8 @@ Errors are OpenAI's error JSON: 400 for a request the tuned model cannot serve (
 when the hosted API fails (its reason, never its key). Chat works in every mode: on a
 ``completions`` host the messages are rendered with a chat template (the tuner's ``chat_template``,
 else the hosted tokenizer's, else the expert's; the small models use their own), as Liu et al. did
-for base models; ``chat`` mode gives one-token answers, or whole answers with ``strategy: resample``.
+for base models; a ``chat``-mode host is continued by instruction (:mod:`blackbox_proxy.decoding.instructed`),
+or gives whole answers with ``strategy: resample``.
 
 Also ``GET /v1/models/{id}`` (404 for another id). Chat ``content`` may be a list of text parts
 (joined with newlines); other part types are a 400 naming the type. At most 4 stop sequences.
