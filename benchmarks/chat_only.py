@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -103,8 +104,8 @@ def divergence(items, white: dict, chat_url: str, prefix_url: str, tokenizer_pat
             pe = {c.token_id: c.logprob for c in e.positions[0].candidates}
             counts["top1"] += max(pa, key=pa.get) == max(pe, key=pe.get)
             keys = set(pa) | set(pe)
-            counts["tv"] += 0.5 * sum(abs(torch.tensor(pa.get(k, -1e9)).exp() - torch.tensor(pe.get(k, -1e9)).exp())
-                                      for k in keys).item()
+            gap = (abs(math.exp(pa.get(k, -math.inf)) - math.exp(pe.get(k, -math.inf))) for k in keys)
+            counts["tv"] += 0.5 * sum(gap)
             le, la = next_logprobs(expert, head + ids[:t]), next_logprobs(anti, head + ids[:t])
             want = ids[t]
             for name, top in (("tuned_real", pa), ("tuned_emulated", pe)):

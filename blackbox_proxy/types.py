@@ -115,9 +115,8 @@ class HostedRequest:
     @property
     def length(self) -> int:
         """How long the text sent is, in the units it comes in (ids or characters): the prompt,
-        messages and partial answer. Within one generation it only grows."""
-        return (len(self.prompt or ()) + len(self.assistant_prefix) + len(self.copy)
-                + sum(len(c) for _, c in self.messages))
+        messages (a copy's text among them) and partial answer. Within one generation it only grows."""
+        return len(self.prompt or ()) + len(self.assistant_prefix) + sum(len(c) for _, c in self.messages)
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ def test_a_host_that_never_copies_ends_the_generation_with_its_text(server_a, to
 
 
 def instructed_limit() -> int:
-    from blackbox_proxy.decoding.base import UNCOPIED_IN_A_ROW
+    from blackbox_proxy.decoding.instructed import UNCOPIED_IN_A_ROW
 
     return UNCOPIED_IN_A_ROW
 

@@ -33,7 +33,7 @@ from ..request import GenerationRequest, cut_at_stop
 from ..tokens.vocab import split_utf8
 from ..types import (Candidate, CandidateTrace, GenerationResult, HostCapabilities, HostedPosition, HostedRequest,
                      HostedResult, StepTrace, Usage)
-from . import tail
+from . import instructed, tail
 from .prefix import HostedPrompt, Prefix, is_utf8
 from .scoring import Offsets, Scoring
 
@@ -66,11 +66,6 @@ class ScoredPosition:
 
 CHARACTER_TOKENS = 4  # tokens asked to finish a character a text prompt cannot carry in pieces (UTF-8: 4 bytes)
 CHARACTER_TRIES = 4  # draws of them (when sampling) before a generation gives up on one
-# After a plain chat host did not copy the answer so far (:mod:`.instructed`): the position is
-# asked from COPY_DRAWS sampled copies in one call (a host with n choices), then by 'continue'.
-SAMPLED_COPIES, CONTINUE_ASKED = 1, 2
-COPY_DRAWS = 4
-UNCOPIED_IN_A_ROW = 2  # positions in a row read by 'continue' before the generation ends with its text
 
 
 class Decoder:
@@ -110,9 +105,7 @@ class Decoder:
         self._end_hidden = False  # the API ended without logprobs: ask again with the end banned
         self.tail_off: str | None = None  # why tail probes stopped for this generation (an untrusted answer)
         self._longest_answered = -1  # the longest text the host answered a request for
-        self._uncopied = 0  # a plain chat host did not copy the answer so far: SAMPLED_COPIES, CONTINUE_ASKED
-        self.copy_misses = 0  # copies a plain chat host did not make (continuation by instruction)
-        self._uncopied_in_a_row = 0  # positions in a row read by 'continue'
+        self.copies = instructed.CopyFallback(host.max_choices)  # copies a plain chat host did not make
 
     @classmethod
     def check(cls, params: GenerationRequest, host: HostCapabilities) -> None:
@@ -145,47 +138,25 @@ class Decoder:
         the top-k. After a plain chat host did not copy the answer so far (:mod:`.instructed`):
         that position alone, from several sampled copies, then by the 'continue' instruction."""
         ban = tuple((i, -100.0) for i in self.host.end_ids) if self._end_hidden else ()
-        if self._uncopied == SAMPLED_COPIES:
+        if self.copies.level == instructed.SAMPLED_COPIES:
             seed = int(torch.randint(0, 2**31 - 1, (), generator=self.generator))
             return self.prompt.request(self.prefix, self.host, max_tokens=1, temperature=1.0, seed=seed,
-                                       n=min(COPY_DRAWS, self.host.max_choices), logit_bias=ban, copy_bias=True)
+                                       n=self.copies.draws, logit_bias=ban, copy_bias=True)
         return self.prompt.request(self.prefix, self.host, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                                   n=n, logit_bias=ban, stream=stream, copy=self._uncopied != CONTINUE_ASKED)
+                                   n=n, logit_bias=ban, stream=stream,
+                                   copy=self.copies.level != instructed.CONTINUE_ASKED)
 
     def _not_copied(self, results: Sequence[HostedResult], api_seconds: float) -> bool:
         """A plain chat host asked to copy the answer so far wrote something else in every choice
-        (:mod:`.instructed`): count the call and ask that position next by the fallback (True);
-        False for any other answer (:meth:`_copied` is the one to read)."""
-        if not results or not all(r.copy_failed for r in results):
-            if self._uncopied == 0:
-                self._uncopied_in_a_row = 0  # copied (or asked plainly)
+        (:class:`~.instructed.CopyFallback`): count the call, ask that position next by the
+        fallback or end the generation (True); False for any other answer."""
+        if not self.copies.missed(results):
             return False
         self._count_call(results[0], api_seconds)
-        self.copy_misses += 1
-        self._uncopied = SAMPLED_COPIES if self._uncopied == 0 and self.host.max_choices > 1 else CONTINUE_ASKED
-        if self._uncopied == CONTINUE_ASKED:
-            self._uncopied_in_a_row += 1
-            if self._uncopied_in_a_row > UNCOPIED_IN_A_ROW:
-                self._uncopied = 0
-                why = (f"the host did not copy the answer so far at {UNCOPIED_IN_A_ROW + 1} positions in a row "
-                       "(continuation by instruction); the generation ends with the text so far")
-                logger.warning(why)
-                self.ended_because, self.finish_reason = why, "length"
+        if self.copies.gave_up:
+            logger.warning(self.copies.gave_up)
+            self.ended_because, self.finish_reason = self.copies.gave_up, "length"
         return True
-
-    @staticmethod
-    def _copied(results: Sequence[HostedResult]) -> HostedResult:
-        """The first choice that copied the answer so far (any choice, for other requests)."""
-        return next((r for r in results if not r.copy_failed), results[0])
-
-    def _copy_fallback_note(self) -> str:
-        """Said on the position read after a failed copy (and clears the fallback)."""
-        level, self._uncopied = self._uncopied, 0
-        if level == SAMPLED_COPIES:
-            return ("the host did not copy the answer so far greedily; this position is read after one of its "
-                    f"{min(COPY_DRAWS, self.host.max_choices)} sampled copies")
-        return ("the host did not copy the answer so far; this position is its answer to 'continue' "
-                "(continuation by instruction without the copy: an approximation)")
 
     def _count_call(self, result: HostedResult, api_seconds: float, **more: int) -> None:
         self.usage = self.usage + Usage.of_call(result, api_seconds, **more)
@@ -428,10 +399,8 @@ class Decoder:
             notes.append(f"tail probes stopped: {self.tail_off}; the candidates-only rule was used from there")
         if self.ended_because:
             notes.append(self.ended_because)
-        if self.copy_misses:
-            notes.append(f"continuation by instruction: the host did not copy the answer so far {self.copy_misses} "
-                         "time(s); those positions were read after a sampled copy or from its answer to 'continue' "
-                         "(an approximation; each step's notes say which)")
+        if self.copies.note():
+            notes.append(self.copies.note())
         return tuple(notes)
 
     def result(self) -> GenerationResult:

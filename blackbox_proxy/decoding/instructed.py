@@ -23,7 +23,8 @@ Sampled copy requests carry no bias (their drafts must be the host's own draws).
 When the host does not copy (``copy_failed``), that position is read instead from the host's
 answer to the conversation with the partial answer as an assistant turn and a user turn asking
 it to continue (:func:`continue_messages`): one position, chosen like per-step, noted in the
-trace; after :data:`~.base.UNCOPIED_IN_A_ROW` such positions in a row, one more ends the
+trace (first from a few sampled copies, where the host gives ``n`` choices: :class:`CopyFallback`);
+after :data:`UNCOPIED_IN_A_ROW` such positions in a row, one more ends the
 generation with its text. The copied tokens are paid for on every call
 (``usage.completion_tokens``).
 """
@@ -31,6 +32,8 @@ generation with its text. The copied tokens are paid for on every call
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+from ..types import HostedResult
 
 COPY_INSTRUCTION = "Begin your answer with exactly this text, then continue it:\n"
 CONTINUE_INSTRUCTION = "Continue your answer from exactly where it stops. Reply with the continuation only."
@@ -75,3 +78,63 @@ def copy_bias(ids: Sequence[int] | None, cap: int, taken: Sequence[tuple[int, fl
     if len(raise_) + len(taken) > cap:
         return ()
     return tuple((token, COPY_BIAS) for token in raise_)
+
+
+# After a failed copy the position is asked from COPY_DRAWS sampled copies in one call (a host with
+# n choices), then by 'continue'; UNCOPIED_IN_A_ROW positions read by 'continue' in a row, and one
+# more ends the generation.
+SAMPLED_COPIES, CONTINUE_ASKED = 1, 2
+COPY_DRAWS = 4
+UNCOPIED_IN_A_ROW = 2
+
+
+def first_copied(results: Sequence[HostedResult]) -> HostedResult:
+    """The first choice that copied the answer so far (any choice, for other requests)."""
+    return next((r for r in results if not r.copy_failed), results[0])
+
+
+class CopyFallback:
+    """One generation's copies that a plain chat host did not make: ``level`` is how the next
+    request asks the position where it failed (0: a copy as usual, :data:`SAMPLED_COPIES`,
+    :data:`CONTINUE_ASKED`), ``misses`` how many calls did not copy, ``gave_up`` why the
+    generation ends (None while it goes on)."""
+
+    def __init__(self, max_choices: int) -> None:
+        self.draws = min(COPY_DRAWS, max_choices)
+        self.level = 0
+        self.misses = 0
+        self.in_a_row = 0  # positions in a row read by 'continue'
+        self.gave_up: str | None = None
+
+    def missed(self, results: Sequence[HostedResult]) -> bool:
+        """Whether every choice of an answer failed to copy; if so, the next level is asked."""
+        if not results or not all(r.copy_failed for r in results):
+            if self.level != CONTINUE_ASKED:
+                self.in_a_row = 0  # copied (or asked plainly)
+            return False
+        self.misses += 1
+        self.level = SAMPLED_COPIES if self.level == 0 and self.draws > 1 else CONTINUE_ASKED
+        if self.level == CONTINUE_ASKED:
+            self.in_a_row += 1
+            if self.in_a_row > UNCOPIED_IN_A_ROW:
+                self.level = 0
+                self.gave_up = (f"the host did not copy the answer so far at {UNCOPIED_IN_A_ROW + 1} positions in a "
+                                "row (continuation by instruction); the generation ends with the text so far")
+        return True
+
+    def settle(self) -> str:
+        """Said on the position read by the fallback (which is then over)."""
+        level, self.level = self.level, 0
+        if level == SAMPLED_COPIES:
+            return ("the host did not copy the answer so far greedily; this position is read after one of its "
+                    f"{self.draws} sampled copies")
+        return ("the host did not copy the answer so far; this position is its answer to 'continue' "
+                "(continuation by instruction without the copy: an approximation)")
+
+    def note(self) -> str | None:
+        """The result's note, when any copy was not made."""
+        if not self.misses:
+            return None
+        return (f"continuation by instruction: the host did not copy the answer so far {self.misses} time(s); those "
+                "positions were read after a sampled copy or from its answer to 'continue' (an approximation; "
+                "each step's notes say which)")

@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..types import HostedRequest, HostedResult, StepTrace
+from . import instructed
 from .base import Decoder
 
 
@@ -52,8 +53,8 @@ class PerStepDecoder(Decoder):
             return self._settle_character(results, api_seconds)
         if self._not_copied(results, api_seconds):
             return None
-        result = self._copied(results)
-        notes: list[str] = [self._copy_fallback_note()] if self._uncopied else []
+        result = instructed.first_copied(results)
+        notes: list[str] = [self.copies.settle()] if self.copies.level else []
         self._count_call(result, api_seconds)
         if not result.positions:
             self._ended_without_logprobs()

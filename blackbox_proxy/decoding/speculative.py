@@ -53,6 +53,7 @@ from ..maths import combiner
 from ..maths.tail import DEFAULT_DRAWS
 from ..request import GenerationRequest
 from ..types import Candidate, ChunkTrace, HostCapabilities, HostedRequest, HostedResult, Usage
+from . import instructed
 from .base import Decoder
 from .prefix import HostedPrompt, is_utf8
 from .scoring import Scoring
@@ -97,7 +98,7 @@ class SpeculativeDecoder(Decoder):
         if self._walker is not None and self._walker.probing:
             return self._walker.request()
         self._walker = None
-        if self._end_hidden or self._one_step or self._uncopied:
+        if self._end_hidden or self._one_step or self.copies.level:
             return self._request(max_tokens=1, temperature=0.0)
         drafts = self.drafts_next()
         streamed = drafts == 1 and self._streams_next()
@@ -173,9 +174,9 @@ class SpeculativeDecoder(Decoder):
         self._walker = None
         if self._not_copied(results, api_seconds):
             return None
-        result = self._copied(results)
+        result = instructed.first_copied(results)
         self._count_call(result, api_seconds)
-        if self._end_hidden or self._one_step or self._uncopied:
+        if self._end_hidden or self._one_step or self.copies.level:
             self._observe_alone(result, api_seconds)
             return None
         self.usage = self.usage + Usage(draft_sequences=len(results))
@@ -187,8 +188,8 @@ class SpeculativeDecoder(Decoder):
     def _observe_alone(self, result: HostedResult, api_seconds: float) -> None:
         """One position asked alone, chosen there like per-step: after the API hid the end (the
         end is now among the candidates), or at an entry that may be the end."""
-        if self._uncopied:
-            note = self._copy_fallback_note()
+        if self.copies.level:
+            note = self.copies.settle()
             if not result.positions:
                 self._ended_without_logprobs()
                 return
